@@ -1,0 +1,95 @@
+"""The ``fedckpt`` command: ``ls`` lists checkpoints with their manifest data, ``verify`` re-hashes them."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.table import Table
+
+from fedckpt.storage.atomic import sha256_of_file
+from fedckpt.storage.manifest import iter_entries
+
+
+def _human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{count} B"
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def command_ls(directory: str, as_json: bool) -> int:
+    rows = [
+        {"path": os.path.relpath(path, directory), **asdict(entry), "saved_at_iso": _iso(entry.saved_at)}
+        for path, entry in iter_entries(directory)
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"fedckpt checkpoints in {directory}")
+    for column in ("path", "format", "sequence", "score", "bytes", "sha256", "saved at (UTC)"):
+        table.add_column(column, justify="right" if column in ("bytes", "sequence") else "left")
+    for row in rows:
+        score = "" if row["score"] is None else f"{row['score_name']}={row['score']:.6g}"
+        table.add_row(
+            row["path"], row["format"], str(row["sequence"][1]), score,
+            _human_bytes(row["bytes"]), row["sha256"][:12], row["saved_at_iso"],
+        )  # fmt: skip
+    Console().print(table)
+    if not rows:
+        print(f"No fedckpt checkpoints under {directory}")
+    return 0
+
+
+def command_verify(directory: str) -> int:
+    problems, checked = [], 0
+    for path, entry in iter_entries(directory):
+        checked += 1
+        if not os.path.exists(path):
+            problems.append(f"{path}: missing (the manifest records {entry.bytes} bytes)")
+            continue
+        size = os.path.getsize(path)
+        if size != entry.bytes:
+            problems.append(f"{path}: size {size} bytes, the manifest records {entry.bytes}")
+        elif sha256_of_file(path) != entry.sha256:
+            problems.append(f"{path}: sha256 does not match the manifest")
+    for problem in problems:
+        print(f"CORRUPT {problem}", file=sys.stderr)
+    print(f"verified {checked} checkpoint(s) under {directory}: {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedckpt", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    ls = commands.add_parser("ls", help="list checkpoints with their manifest data")
+    ls.add_argument("directory")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    verify = commands.add_parser("verify", help="re-hash every checkpoint; exit 1 on any mismatch")
+    verify.add_argument("directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not os.path.isdir(args.directory):
+        print(f"fedckpt: {args.directory} is not a directory", file=sys.stderr)
+        return 2
+    if args.command == "ls":
+        return command_ls(args.directory, args.json)
+    return command_verify(args.directory)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

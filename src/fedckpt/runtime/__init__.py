@@ -1,0 +1,1 @@
+"""The asynchronous runtime: caller-side coordinator, writer actors and their lifecycle."""

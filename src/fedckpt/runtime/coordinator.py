@@ -1,0 +1,294 @@
+"""The caller side of the runtime: one per process.
+
+It puts each snapshot into Ray's object store once, sends it to the writer that owns each key,
+waits only for the enqueue acknowledgement, keeps in-flight bytes under the budget, re-sends
+saves whose writer restarted before writing them, and turns writer errors into CheckpointError.
+It never touches the disk.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import ray
+
+from fedckpt.errors import CheckpointError
+from fedckpt.runtime import ray_session
+from fedckpt.runtime.messages import UNKNOWN, SaveRequest
+from fedckpt.runtime.settings import Settings
+from fedckpt.runtime.writer import writer_actor_class
+from fedckpt.snapshot import Snapshot
+
+log = logging.getLogger("fedckpt")
+
+
+def writer_name(index: int) -> str:
+    return f"fedckpt-writer-{index}"
+
+
+def shard_of(key: str, pool_size: int) -> int:
+    """The writer index that owns ``key``: stable across processes and runs."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") % pool_size
+
+
+@dataclass
+class _Save:
+    request: SaveRequest  # with the sequence it was acknowledged with
+    done: ray.ObjectRef  # resolves when the save left the writer's memory
+
+
+@dataclass
+class _Batch:
+    """One snapshot in the object store and the saves (one per key) that use it."""
+
+    payload: ray.ObjectRef
+    nbytes: int
+    saves: list[_Save] = field(default_factory=list)
+
+    def key_set(self) -> set[str]:
+        return {save.request.key for save in self.saves}
+
+
+class _Deadline:
+    def __init__(self, timeout: float | None):
+        self.end = None if timeout is None else time.monotonic() + timeout
+
+    def left(self) -> float | None:
+        return None if self.end is None else max(0.0, self.end - time.monotonic())
+
+
+class Coordinator:
+    """Routes saves to writer actors and tracks what this process has in flight."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings.validated()
+        self.started_ray = False
+        self._writers: list[Any] | None = None
+        self._session: str | None = None
+        self._batches: deque[_Batch] = deque()
+        self._inflight_bytes = 0
+        self._lock = threading.RLock()
+
+    # ---- the pool -------------------------------------------------------------------------
+
+    def writers(self, create: bool = True) -> list[Any] | None:
+        """The writer pool; created on first use. With ``create=False``, None if there is none."""
+        if self._writers is not None and not (ray.is_initialized() and ray_session.session_id() == self._session):
+            self._lost_ray_instance()
+        if self._writers is None:
+            if not create and not ray.is_initialized():
+                return None
+            if create:
+                self.started_ray = ray_session.ensure_ray() or self.started_ray
+            self._writers = self._create_pool() if create else self._find_pool()
+            self._session = ray_session.session_id() if self._writers is not None else None
+            if self._writers is not None:
+                # Re-registered after any ray.init so that it runs before Ray's own exit hook.
+                atexit.unregister(self._flush_at_exit)
+                atexit.register(self._flush_at_exit)
+        return self._writers
+
+    def _flush_at_exit(self) -> None:
+        """A process that exits normally loses nothing it saved."""
+        if self._writers is None or not ray.is_initialized():
+            return
+        try:
+            self.flush()
+        except Exception as error:
+            log.error("fedckpt: saves failed before exit: %s", error)
+            raise
+
+    def _actor_options(self, index: int) -> dict[str, Any]:
+        return {
+            "name": writer_name(index),
+            "namespace": self.settings.namespace,
+            "lifetime": "detached",  # not owned by whichever client process happened to create it
+            "get_if_exists": True,
+        }
+
+    def _create_pool(self) -> list[Any]:
+        actor = writer_actor_class()
+        settings = self.settings
+        first = actor.options(**self._actor_options(0)).remote(
+            0, settings.num_writers, settings.coalesce, settings.io_threads
+        )
+        info = ray.get(first.describe.remote())  # the pool's size is whatever its creator chose
+        if info["pool_size"] != settings.num_writers:
+            log.info("fedckpt: joining an existing pool of %d writers", info["pool_size"])
+        rest = [
+            actor.options(**self._actor_options(index)).remote(
+                index, info["pool_size"], info["coalesce"], info["io_threads"]
+            )
+            for index in range(1, info["pool_size"])
+        ]
+        return [first, *rest]
+
+    def _find_pool(self) -> list[Any] | None:
+        try:
+            first = ray.get_actor(writer_name(0), namespace=self.settings.namespace)
+        except ValueError:
+            return None
+        size = ray.get(first.describe.remote())["pool_size"]
+        return [first] + [
+            ray.get_actor(writer_name(index), namespace=self.settings.namespace) for index in range(1, size)
+        ]
+
+    def _writer_for(self, key: str) -> Any:
+        writers = self.writers()
+        assert writers is not None
+        return writers[shard_of(key, len(writers))]
+
+    def _lost_ray_instance(self) -> None:
+        """Ray was shut down (or replaced) under us: report saves that did not reach the disk."""
+        from fedckpt.storage.manifest import read_entry
+
+        lost = []
+        for batch in self._batches:
+            for save in batch.saves:
+                entry = read_entry(save.request.key)
+                if entry is None or tuple(entry.sequence) < tuple(save.request.sequence):
+                    lost.append(save.request.key)
+        self._batches.clear()
+        self._inflight_bytes = 0
+        self._writers = None
+        self._session = None
+        if lost:
+            raise CheckpointError(
+                "Ray was shut down before these checkpoints were written (call fedckpt.flush() "
+                f"before ray.shutdown()): {sorted(set(lost))}"
+            )
+
+    # ---- saving -----------------------------------------------------------------------------
+
+    def save(self, requests: list[SaveRequest], snapshot: Snapshot) -> None:
+        """Save one snapshot under each request's key. Blocks for the copy and the enqueue acks."""
+        if not requests:
+            return
+        with self._lock:
+            self.writers()
+            self._make_room(snapshot.nbytes)
+            payload = ray.put(snapshot.payload)
+            batch = _Batch(payload, snapshot.nbytes)
+            errors = self._enqueue(batch, requests)
+            if batch.saves:
+                self._batches.append(batch)
+                self._inflight_bytes += batch.nbytes
+        if errors:
+            raise _checkpoint_error("An earlier save failed, so this save was not started", errors)
+
+    def _enqueue(self, batch: _Batch, requests: list[SaveRequest]) -> dict[str, BaseException]:
+        writers = [self._writer_for(request.key) for request in requests]
+        acks = ray.get(
+            [writer.enqueue.remote(req, [batch.payload]) for writer, req in zip(writers, requests, strict=True)]
+        )
+        errors = {}
+        for writer, request, ack in zip(writers, requests, acks, strict=True):
+            if ack.error is not None:
+                errors[request.key] = ack.error
+                continue
+            acknowledged = replace(request, sequence=ack.sequence)
+            batch.saves.append(_Save(acknowledged, writer.wait_saved.remote(request.key, ack.sequence)))
+        return errors
+
+    def _make_room(self, nbytes: int) -> None:
+        """Backpressure: wait for older saves until this snapshot fits in the in-flight budget."""
+        self._release_finished()
+        while self._batches and self._inflight_bytes + nbytes > self.settings.max_inflight_bytes:
+            self._settle(self._batches[0], _Deadline(None))
+            self._release_finished()
+
+    def _release_finished(self) -> None:
+        while self._batches:
+            batch = self._batches[0]
+            ready, _ = ray.wait([save.done for save in batch.saves], num_returns=len(batch.saves), timeout=0)
+            if len(ready) < len(batch.saves):
+                return
+            self._settle(batch, _Deadline(None))
+            self._batches.popleft()
+            self._inflight_bytes -= batch.nbytes
+
+    def _settle(self, batch: _Batch, deadline: _Deadline) -> None:
+        """Wait until every save of ``batch`` left its writer; re-send those a writer restart lost."""
+        while True:
+            outcomes = ray.get([save.done for save in batch.saves], timeout=deadline.left())
+            lost = [save for save, outcome in zip(batch.saves, outcomes, strict=True) if outcome == UNKNOWN]
+            if not lost:
+                return
+            for save in lost:
+                log.warning("fedckpt: writer restarted before writing %s; sending it again", save.request.key)
+                writer = self._writer_for(save.request.key)
+                ack = ray.get(writer.enqueue.remote(save.request, [batch.payload]))
+                if ack.error is not None:
+                    raise _checkpoint_error("Saving failed", {save.request.key: ack.error})
+                save.done = writer.wait_saved.remote(save.request.key, ack.sequence)
+
+    # ---- waiting --------------------------------------------------------------------------
+
+    def inflight_bytes(self) -> int:
+        with self._lock:
+            self._release_finished()
+            return self._inflight_bytes
+
+    def wait_readable(self, key: str) -> None:
+        """Block until every save of ``key`` issued before now (from any process) is on disk."""
+        with self._lock:
+            writers = self.writers(create=False)
+            if writers is None:
+                return
+            self._settle_batches(lambda batch: key in batch.key_set(), _Deadline(None))
+            error = ray.get(writers[shard_of(key, len(writers))].wait_key.remote(key))
+        if error is not None:
+            raise _checkpoint_error("Saving failed", {key: error})
+
+    def flush(self, keys: Iterable[str] | None = None, timeout: float | None = None) -> None:
+        """Wait until saves issued before now are on disk: of ``keys``, or of every process."""
+        deadline = _Deadline(timeout)
+        selected = None if keys is None else set(keys)
+        with self._lock:
+            writers = self.writers(create=False)
+            if writers is None:
+                return
+            self._settle_batches(lambda batch: selected is None or bool(batch.key_set() & selected), deadline)
+            if selected is None:
+                calls = [writer.flush.remote(None) for writer in writers]
+            else:
+                by_writer: dict[int, list[str]] = {}
+                for key in selected:
+                    by_writer.setdefault(shard_of(key, len(writers)), []).append(key)
+                calls = [writers[index].flush.remote(group) for index, group in by_writer.items()]
+            errors: dict[str, BaseException] = {}
+            for result in ray.get(calls, timeout=deadline.left()):
+                errors.update(result)
+            self._release_finished()
+        if errors:
+            raise _checkpoint_error("Saving failed", errors)
+
+    def _settle_batches(self, wanted: Any, deadline: _Deadline) -> None:
+        for batch in list(self._batches):
+            if wanted(batch):
+                self._settle(batch, deadline)
+
+    def forget(self) -> None:
+        """Drop the pool handles (after Ray was shut down on purpose)."""
+        with self._lock:
+            atexit.unregister(self._flush_at_exit)
+            self._writers = None
+            self._session = None
+            self._batches.clear()
+            self._inflight_bytes = 0
+
+
+def _checkpoint_error(what: str, errors: dict[str, BaseException]) -> CheckpointError:
+    details = "; ".join(f"{key}: {type(error).__name__}: {error}" for key, error in sorted(errors.items()))
+    error = CheckpointError(f"{what}. {details}")
+    error.__cause__ = next(iter(errors.values()))
+    error.errors = errors  # type: ignore[attr-defined]
+    return error

@@ -1,0 +1,86 @@
+"""Process-wide runtime lifecycle: ``init``, ``flush``, ``shutdown`` and the flush at exit."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import ray
+
+from fedckpt.runtime.coordinator import Coordinator
+from fedckpt.runtime.settings import Settings
+
+log = logging.getLogger("fedckpt")
+
+_coordinator: Coordinator | None = None
+_lock = threading.Lock()
+
+
+def init(
+    num_writers: int | None = None,
+    namespace: str | None = None,
+    max_inflight_bytes: int | None = None,
+    coalesce: bool | None = None,
+    io_threads: int | None = None,
+) -> None:
+    """Configure the runtime and start (or join) Ray and the writer pool now.
+
+    Optional: without it, the first save does the same with defaults (``FEDCKPT_*`` environment
+    variables override them). ``num_writers``, ``coalesce`` and ``io_threads`` belong to the pool
+    and are set by the first process that creates it; ``max_inflight_bytes`` caps the snapshot
+    bytes this process has in flight before a save waits (backpressure).
+    """
+    global _coordinator
+    defaults = Settings.from_env()
+    settings = Settings(
+        num_writers=defaults.num_writers if num_writers is None else num_writers,
+        namespace=defaults.namespace if namespace is None else namespace,
+        max_inflight_bytes=defaults.max_inflight_bytes if max_inflight_bytes is None else max_inflight_bytes,
+        coalesce=defaults.coalesce if coalesce is None else coalesce,
+        io_threads=defaults.io_threads if io_threads is None else io_threads,
+    ).validated()
+    with _lock:
+        if _coordinator is not None and _coordinator.writers(create=False) is not None:
+            _coordinator.flush()
+        _coordinator = Coordinator(settings)
+    _coordinator.writers()
+
+
+def coordinator() -> Coordinator:
+    """This process's coordinator, created with default settings on first use."""
+    global _coordinator
+    with _lock:
+        if _coordinator is None:
+            _coordinator = Coordinator(Settings.from_env())
+    return _coordinator
+
+
+def active_coordinator() -> Coordinator | None:
+    """The coordinator if this process has one, without creating it."""
+    return _coordinator
+
+
+def flush(timeout: float | None = None) -> None:
+    """Wait until every save issued before this call, by any process, is durable on storage.
+
+    Raises ``CheckpointError`` for saves that failed, and ``TimeoutError`` (Ray's
+    ``GetTimeoutError``) if ``timeout`` seconds pass first.
+    """
+    instance = _coordinator if _coordinator is not None else coordinator()
+    instance.flush(timeout=timeout)
+
+
+def shutdown() -> None:
+    """Flush, then let go of the writer pool; stop Ray if fedckpt started it."""
+    global _coordinator
+    with _lock:
+        instance, _coordinator = _coordinator, None
+    if instance is None:
+        return
+    try:
+        if ray.is_initialized():
+            instance.flush()
+    finally:
+        instance.forget()
+        if instance.started_ray and ray.is_initialized():
+            ray.shutdown()

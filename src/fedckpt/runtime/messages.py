@@ -1,0 +1,35 @@
+"""What the caller side and the writer actors send each other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Outcomes of one save, as the writer reports them.
+SAVED = "saved"
+SUPERSEDED = "superseded"  # a newer save of the same key replaced it before or on disk
+FAILED = "failed"  # the error is held for the next call, flush or load of that key
+UNKNOWN = "unknown"  # issued to an earlier incarnation of a restarted writer: send it again
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    """One save of one checkpoint; the snapshot travels beside it as an ObjectRef."""
+
+    key: str
+    kind: str
+    score: float | None = None
+    score_name: str | None = None
+    # The (writer epoch, number) a save was first acknowledged with; set when it is re-sent
+    # after a writer restart, so that it still loses against anything issued after it.
+    sequence: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Answer to an enqueue: the save's sequence, or the error of an earlier save of that key.
+
+    When ``error`` is set the new save was *not* enqueued: the caller raises, and may call again.
+    """
+
+    sequence: tuple[int, int] | None
+    error: BaseException | None = None

@@ -1,0 +1,47 @@
+"""Joining the Ray instance a program already runs, or starting a local one on loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger("fedckpt")
+
+
+def ensure_ray() -> bool:
+    """Make sure this process is connected to Ray. Returns True if fedckpt connected it.
+
+    Inside Flower (or after the user's own ``ray.init``) Ray is initialized and fedckpt joins it.
+    With ``RAY_ADDRESS`` naming a cluster, fedckpt connects to it. Otherwise it starts a local
+    instance bound to 127.0.0.1, never to the machine's network interface.
+    """
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, include_dashboard=False)
+        return True
+    _start_local_on_loopback()
+    return True
+
+
+def _start_local_on_loopback() -> None:
+    from ray._private import ray_constants
+
+    # Ray reads this switch when it picks the node's address; off means 127.0.0.1
+    # (the same as RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which only counts if set before import).
+    previous = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", include_dashboard=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
+    log.info("fedckpt started a local Ray instance on 127.0.0.1")
+
+
+def session_id() -> str:
+    """Identifies the Ray instance this process is connected to (changes after a restart)."""
+    context = ray.get_runtime_context()
+    return f"{context.gcs_address}/{context.get_job_id()}"

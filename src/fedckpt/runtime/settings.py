@@ -1,0 +1,50 @@
+"""Runtime settings, from ``fedckpt.init`` arguments or ``FEDCKPT_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as error:
+        raise ValueError(f"Environment variable {name}={value!r} is not an integer") from error
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the runtime runs. ``num_writers``, ``coalesce`` and ``io_threads`` are fixed by whichever
+    process creates the writer pool first; ``max_inflight_bytes`` is per process."""
+
+    num_writers: int = 2
+    namespace: str = "fedckpt"
+    max_inflight_bytes: int = 2 << 30
+    coalesce: bool = True
+    io_threads: int = 2
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        base = cls()
+        return replace(
+            base,
+            num_writers=_env_int("FEDCKPT_NUM_WRITERS", base.num_writers),
+            namespace=os.environ.get("FEDCKPT_NAMESPACE") or base.namespace,
+            max_inflight_bytes=_env_int("FEDCKPT_MAX_INFLIGHT_BYTES", base.max_inflight_bytes),
+            io_threads=_env_int("FEDCKPT_IO_THREADS", base.io_threads),
+        )
+
+    def validated(self) -> Settings:
+        if self.num_writers < 1:
+            raise ValueError(f"num_writers must be at least 1, got {self.num_writers}")
+        if self.io_threads < 1:
+            raise ValueError(f"io_threads must be at least 1, got {self.io_threads}")
+        if self.max_inflight_bytes < 1:
+            raise ValueError(f"max_inflight_bytes must be positive, got {self.max_inflight_bytes}")
+        if not self.namespace:
+            raise ValueError("namespace must not be empty")
+        return self

@@ -1,0 +1,179 @@
+"""The writer actor: per-key ordered, coalescing, background persistence of snapshots.
+
+Each checkpoint key is owned by one writer of a fixed pool. For a key, saves are written one at a
+time in the order they were acknowledged; a save not yet started is dropped when a newer one
+arrives (latest wins). File I/O runs on a small thread pool so that the actor keeps answering
+enqueues, reads and flushes while it writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from fedckpt.runtime.messages import FAILED, SAVED, SUPERSEDED, UNKNOWN, Ack, SaveRequest
+from fedckpt.storage.local import persist_checkpoint
+
+log = logging.getLogger("fedckpt.writer")
+
+
+@dataclass
+class _Save:
+    request: SaveRequest
+    sequence: tuple[int, int]
+    payload_ref: ray.ObjectRef
+    outcome: asyncio.Future
+
+
+@dataclass
+class _Key:
+    queue: deque[_Save] = field(default_factory=deque)
+    active: _Save | None = None
+    draining: bool = False
+    error: BaseException | None = None
+
+    def pending(self) -> list[_Save]:
+        return ([self.active] if self.active else []) + list(self.queue)
+
+
+def _transportable(error: BaseException) -> BaseException:
+    """The error itself when Ray can send it to the caller, else a RuntimeError with its text."""
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+class CheckpointWriter:
+    """Ray actor body; see :func:`writer_actor_class` for the options it runs with."""
+
+    def __init__(self, index: int, pool_size: int, coalesce: bool, io_threads: int) -> None:
+        self.index = index
+        self.pool_size = pool_size
+        self.coalesce = coalesce
+        self.io_threads = io_threads
+        # A new epoch per incarnation: sequences of a restarted writer sort after the old ones.
+        self.epoch = time.time_ns()
+        self.number = 0
+        self.keys: dict[str, _Key] = {}
+        self.io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="fedckpt-io")
+        self.name = f"writer-{index}@{os.getpid()}"
+
+    async def describe(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "pool_size": self.pool_size,
+            "coalesce": self.coalesce,
+            "io_threads": self.io_threads,
+            "epoch": self.epoch,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+
+    async def enqueue(self, request: SaveRequest, payload: list[ray.ObjectRef]) -> Ack:
+        """Queue a save and acknowledge at once; the write happens in the background."""
+        state = self.keys.setdefault(request.key, _Key())
+        if state.error is not None:
+            error, state.error = state.error, None
+            return Ack(sequence=None, error=error)
+        if request.sequence is not None:
+            sequence = tuple(request.sequence)
+        else:
+            self.number += 1
+            sequence = (self.epoch, self.number)
+        if self.coalesce:
+            while state.queue:  # not started yet, and older: the new save replaces them
+                state.queue.popleft().outcome.set_result(SUPERSEDED)
+        save = _Save(request, sequence, payload[0], asyncio.get_running_loop().create_future())
+        state.queue.append(save)
+        if not state.draining:
+            state.draining = True
+            asyncio.get_running_loop().create_task(self._drain(request.key, state))
+        return Ack(sequence=sequence)
+
+    async def wait_saved(self, key: str, sequence: tuple[int, int]) -> str:
+        """Wait until one save left memory: saved, superseded or failed (or unknown to this incarnation)."""
+        sequence = tuple(sequence)
+        if sequence[0] != self.epoch:
+            return UNKNOWN
+        state = self.keys.get(key)
+        for save in state.pending() if state else []:
+            if save.sequence == sequence:
+                return await save.outcome
+        return SAVED if state is None or state.error is None else FAILED
+
+    async def wait_key(self, key: str) -> BaseException | None:
+        """Wait for every save of ``key`` issued before this call; return (and clear) its error."""
+        state = self.keys.get(key)
+        if state is None:
+            return None
+        await asyncio.gather(*(save.outcome for save in state.pending()))
+        error, state.error = state.error, None
+        return error
+
+    async def flush(self, keys: list[str] | None = None) -> dict[str, BaseException]:
+        """Wait for every save (of ``keys``, or all) issued before this call; return and clear errors."""
+        selected = list(self.keys) if keys is None else [key for key in keys if key in self.keys]
+        outcomes = [save.outcome for key in selected for save in self.keys[key].pending()]
+        await asyncio.gather(*outcomes)
+        errors = {}
+        for key in selected:
+            state = self.keys[key]
+            if state.error is not None:
+                errors[key], state.error = state.error, None
+        return errors
+
+    async def stats(self) -> dict[str, int]:
+        return {"keys": len(self.keys), "pending": sum(len(state.pending()) for state in self.keys.values())}
+
+    async def _drain(self, key: str, state: _Key) -> None:
+        loop = asyncio.get_running_loop()
+        while state.queue:
+            save = state.queue.popleft()
+            state.active = save
+            outcome = FAILED
+            try:
+                payload = await save.payload_ref
+                request = save.request
+                entry = await loop.run_in_executor(
+                    self.io,
+                    persist_checkpoint,
+                    key,
+                    request.kind,
+                    payload,
+                    save.sequence,
+                    request.score,
+                    request.score_name,
+                    self.name,
+                )
+                del payload
+                outcome = SAVED if entry is not None else SUPERSEDED
+            except Exception as error:  # held for the caller: next call, flush or load
+                log.error("fedckpt: saving %s failed: %s: %s", key, type(error).__name__, error)
+                state.error = _transportable(error)
+            finally:
+                state.active = None
+                save.outcome.set_result(outcome)
+        state.draining = False
+        # Forget idle keys without an error to report: a long run touches many keys.
+        if state.error is None and self.keys.get(key) is state:
+            del self.keys[key]
+
+
+def writer_actor_class() -> Any:
+    """The actor class, built on first use so that importing fedckpt does not touch Ray."""
+    return ray.remote(
+        num_cpus=0,  # never take a CPU slot that Flower's ClientApp pool needs
+        max_restarts=-1,
+        max_task_retries=-1,
+    )(CheckpointWriter)

@@ -1,0 +1,1 @@
+"""Where checkpoints live: file formats, atomic local files and the manifest."""

@@ -1,0 +1,52 @@
+"""Persisting one checkpoint version on a local (or shared, POSIX) file system."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from fedckpt.storage import manifest
+from fedckpt.storage.atomic import publish, remove_quietly, sha256_of_file, write_durable_temp
+from fedckpt.storage.formats import WRITERS
+
+
+def persist_checkpoint(
+    path: str,
+    kind: str,
+    payload: dict[str, Any],
+    sequence: tuple[int, int],
+    score: float | None,
+    score_name: str | None,
+    writer_name: str,
+) -> manifest.ManifestEntry | None:
+    """Write ``payload`` atomically and durably at ``path`` and record it in the manifest.
+
+    Returns None, writing nothing, when the version on disk has a newer sequence (a re-sent save
+    of a restarted writer must never replace a newer checkpoint).
+    """
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    current = manifest.read_entry(path)
+    if current is not None and tuple(current.sequence) > tuple(sequence):
+        return None
+    temp = write_durable_temp(path, lambda target: WRITERS[kind](payload, target))
+    try:
+        entry = manifest.ManifestEntry(
+            name=os.path.basename(path),
+            format=kind,
+            sequence=tuple(sequence),
+            score=score,
+            score_name=score_name,
+            bytes=os.path.getsize(temp),
+            sha256=sha256_of_file(temp),
+            saved_at=time.time(),
+            writer=writer_name,
+        )
+        manifest.stage_entry(path, entry)
+        publish(temp, path)
+    except BaseException:
+        remove_quietly(temp)
+        raise
+    manifest.commit_entry(path)
+    return entry

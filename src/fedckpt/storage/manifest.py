@@ -1,0 +1,108 @@
+"""The manifest: one JSON entry per checkpoint in ``.fedckpt/`` beside it.
+
+An entry records the version of the checkpoint on disk: its sequence (writer epoch, number),
+score, byte size, sha256 and time. Entries are per checkpoint rather than one file per directory
+so that writers of different checkpoints never contend for the same file.
+
+Commit order: the new entry is written durably as ``<entry>.next``, then the checkpoint is renamed
+into place, then ``.next`` over the entry. A crash between the two renames leaves a ``.next`` whose
+sha256 matches the checkpoint; :func:`read_entry` rolls it forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from fedckpt.storage.atomic import fsync_dir, publish, remove_quietly, sha256_of_file, write_durable_temp
+from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, entry_path
+
+NEXT_SUFFIX = ".next"
+
+
+@dataclass
+class ManifestEntry:
+    """What fedckpt knows of the version of one checkpoint on disk."""
+
+    name: str
+    format: str
+    sequence: tuple[int, int]
+    score: float | None
+    score_name: str | None
+    bytes: int
+    sha256: str
+    saved_at: float
+    writer: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), allow_nan=True, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ManifestEntry:
+        data = json.loads(text)
+        data["sequence"] = tuple(data["sequence"])
+        return cls(**data)
+
+
+def _write_json(path: str, text: str) -> str:
+    def write(temp: str) -> None:
+        with open(temp, "w", encoding="utf-8") as file:
+            file.write(text)
+
+    return write_durable_temp(path, write)
+
+
+def stage_entry(checkpoint_path: str, entry: ManifestEntry) -> str:
+    """Write the entry of a version about to be published as ``<entry>.next`` (durably)."""
+    target = entry_path(checkpoint_path) + NEXT_SUFFIX
+    publish(_write_json(target, entry.to_json()), target)
+    return target
+
+
+def commit_entry(checkpoint_path: str) -> None:
+    """Make the staged entry the current one (after the checkpoint itself was published)."""
+    target = entry_path(checkpoint_path)
+    os.replace(target + NEXT_SUFFIX, target)
+    fsync_dir(os.path.dirname(target))
+
+
+def read_entry(checkpoint_path: str) -> ManifestEntry | None:
+    """The current entry of a checkpoint, rolling forward an entry staged before a crash."""
+    current = entry_path(checkpoint_path)
+    staged = current + NEXT_SUFFIX
+    if os.path.exists(staged):
+        try:
+            entry = ManifestEntry.from_json(_read_text(staged))
+            if os.path.exists(checkpoint_path) and sha256_of_file(checkpoint_path) == entry.sha256:
+                commit_entry(checkpoint_path)
+            else:  # the checkpoint rename never happened: the old entry still holds
+                remove_quietly(staged)
+        except (OSError, ValueError, TypeError):
+            remove_quietly(staged)
+    if not os.path.exists(current):
+        return None
+    return ManifestEntry.from_json(_read_text(current))
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as file:
+        return file.read()
+
+
+def iter_entries(root: str) -> Iterator[tuple[str, ManifestEntry]]:
+    """Every (checkpoint path, entry) below ``root``, in path order."""
+    found = []
+    for directory, subdirs, _ in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d != CONTROL_DIR)
+        control = os.path.join(directory, CONTROL_DIR)
+        if not os.path.isdir(control):
+            continue
+        for name in sorted(os.listdir(control)):
+            if name.endswith(ENTRY_SUFFIX):
+                found.append(os.path.join(directory, name[: -len(ENTRY_SUFFIX)]))
+    for checkpoint_path in found:
+        entry = read_entry(checkpoint_path)
+        if entry is not None:
+            yield checkpoint_path, entry

@@ -1,0 +1,53 @@
+"""Names of checkpoint files and of fedckpt's own files beside them."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+CONTROL_DIR = ".fedckpt"
+TEMP_DIR = "tmp"
+ENTRY_SUFFIX = ".json"
+TEMP_SUFFIX = ".tmp"
+
+
+def checkpoint_key(path: str | os.PathLike[str]) -> str:
+    """The runtime's key of a checkpoint: its absolute, normalised path."""
+    return os.path.abspath(os.fspath(path))
+
+
+def checkpoint_path_in(directory: str | os.PathLike[str], name: str) -> str:
+    """``directory/name``, or a ``ValueError`` naming what is wrong with ``name``."""
+    if not isinstance(name, str):
+        raise TypeError(f"A checkpoint name must be a string, got {type(name).__name__}")
+    if name == "" or name.strip() == "":
+        raise ValueError("A checkpoint name must not be empty")
+    if "\x00" in name:
+        raise ValueError(f"Checkpoint name {name!r} contains a NUL character")
+    if os.path.isabs(name):
+        raise ValueError(f"Checkpoint name {name!r} is an absolute path; give a name inside the directory")
+    parts = os.path.normpath(name).split(os.sep)
+    if parts[0] == ".." or name.endswith(("/", os.sep)) or parts == ["."]:
+        raise ValueError(f"Checkpoint name {name!r} escapes the checkpoint directory or names a directory")
+    if CONTROL_DIR in parts:
+        raise ValueError(f"Checkpoint name {name!r} uses {CONTROL_DIR!r}, which fedckpt keeps for itself")
+    if any(len(part.encode()) > 200 for part in parts):
+        raise ValueError(f"Checkpoint name {name[:40]!r}... has a path component longer than 200 bytes")
+    return os.path.join(os.fspath(directory), name)
+
+
+def control_dir(checkpoint_path: str) -> str:
+    """``.fedckpt`` beside the checkpoint (or the one it is already in, for fedckpt's own files)."""
+    directory = os.path.dirname(checkpoint_path)
+    return directory if os.path.basename(directory) == CONTROL_DIR else os.path.join(directory, CONTROL_DIR)
+
+
+def entry_path(checkpoint_path: str) -> str:
+    """Where the manifest entry of a checkpoint lives."""
+    return os.path.join(control_dir(checkpoint_path), os.path.basename(checkpoint_path) + ENTRY_SUFFIX)
+
+
+def temp_path(final_path: str) -> str:
+    """A fresh temporary name on the same file system as the checkpoint, so a rename is atomic."""
+    name = f"{os.path.basename(final_path)}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+    return os.path.join(control_dir(final_path), TEMP_DIR, name)
