@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import pickle
 import warnings
 from typing import Any
@@ -27,8 +28,9 @@ from fedckpt.snapshot import (
     STATE,
 )
 
-FORMAT_KEY = "fedckpt.format"
-SKELETON_KEY = "fedckpt.skeleton"
+# One metadata key: safetensors writes its metadata map in no fixed order, and the same snapshot
+# should give the same bytes (and sha256) whichever writer writes it.
+METADATA_KEY = "fedckpt"
 MODULE_FORMAT_VERSION = "module/1"
 
 
@@ -41,7 +43,8 @@ def write_module_file(payload: dict[str, Any], path: str) -> None:
         )
         for name, array in arrays.items()
     }
-    metadata = {FORMAT_KEY: MODULE_FORMAT_VERSION, SKELETON_KEY: base64.b64encode(payload["skeleton"]).decode()}
+    description = {"format": MODULE_FORMAT_VERSION, "skeleton": base64.b64encode(payload["skeleton"]).decode()}
+    metadata = {METADATA_KEY: json.dumps(description, sort_keys=True)}
     serialize_file(specs, path, metadata=metadata)  # `arrays` stays referenced until this returns
 
 
@@ -74,11 +77,19 @@ def file_format(path: str) -> str:
     if len(head) == 9 and head[8:9] == b"{":
         try:
             with safetensors.safe_open(path, framework="pt") as handle:
-                if (handle.metadata() or {}).get(FORMAT_KEY, "").startswith("module/"):
+                if _description(handle).get("format", "").startswith("module/"):
                     return MODULE
         except Exception:
             return "unknown"
     return "unknown"
+
+
+def _description(handle: Any) -> dict[str, str]:
+    metadata = handle.metadata() or {}
+    try:
+        return json.loads(metadata.get(METADATA_KEY, "{}"))
+    except ValueError:
+        return {}
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -116,8 +127,7 @@ def read_module(path: str) -> nn.Module:
     from safetensors.torch import load_file
 
     with safetensors.safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    skeleton = base64.b64decode(metadata[SKELETON_KEY])
+        skeleton = base64.b64decode(_description(handle)["skeleton"])
     tensors = load_file(path)
     return _SkeletonUnpickler(io.BytesIO(skeleton), tensors).load()
 

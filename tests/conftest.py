@@ -1,0 +1,52 @@
+"""Shared fixtures: one real local Ray instance on loopback for the whole session."""
+
+import os
+
+# Before Ray is imported anywhere: keep Ray on 127.0.0.1 and start a fresh local instance.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_ADDRESS"] = "local"
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fedckpt  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
+    yield
+    fedckpt.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture
+def runtime(ray_instance):
+    """The default writer pool; everything a test saved is flushed (or its error seen) after it."""
+    fedckpt.init()
+    yield
+    fedckpt.flush()
+
+
+class SmallNet(nn.Module):
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 4))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def make_model(seed: int = 0, width: int = 32) -> nn.Module:
+    torch.manual_seed(seed)
+    return SmallNet(width)
+
+
+def assert_same_tensors(left: dict, right: dict) -> None:
+    assert left.keys() == right.keys()
+    for name in left:
+        assert left[name].dtype == right[name].dtype, name
+        assert torch.equal(left[name], right[name]), name
