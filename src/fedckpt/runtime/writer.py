@@ -118,6 +118,9 @@ class CheckpointWriter:
         if state is None:
             return None
         await asyncio.gather(*(save.outcome for save in state.pending()))
+        state = self.keys.get(key)
+        if state is None:
+            return None
         error, state.error = state.error, None
         return error
 
@@ -128,8 +131,8 @@ class CheckpointWriter:
         await asyncio.gather(*outcomes)
         errors = {}
         for key in selected:
-            state = self.keys[key]
-            if state.error is not None:
+            state = self.keys.get(key)  # idle keys without errors are forgotten meanwhile
+            if state is not None and state.error is not None:
                 errors[key], state.error = state.error, None
         return errors
 
