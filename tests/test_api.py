@@ -87,7 +87,10 @@ def test_function_checkpointer_should_checkpoint_and_score_edge_cases(runtime, t
 
 
 def test_client_module_routes_by_mode_and_snapshots_once(runtime, tmp_path):
-    pre = [LatestTorchModuleCheckpointer(str(tmp_path), "pre_latest.pt"), BestLossTorchModuleCheckpointer(str(tmp_path), "pre_best.pt")]
+    pre = [
+        LatestTorchModuleCheckpointer(str(tmp_path), "pre_latest.pt"),
+        BestLossTorchModuleCheckpointer(str(tmp_path), "pre_best.pt"),
+    ]
     post = LatestTorchModuleCheckpointer(str(tmp_path), "post.pt")
     module = ClientCheckpointAndStateModule(pre_aggregation=pre, post_aggregation=post)
     local, global_ = make_model(1), make_model(2)
@@ -162,7 +165,6 @@ class Tied(nn.Module):
         self.f16 = nn.Linear(6, 2).to(torch.float16)
         self.register_buffer("mask", torch.tensor([True, False, True]))
         self.cache = torch.arange(4.0)  # a plain tensor attribute: neither parameter nor buffer
-
 
 
 def test_mixed_dtypes_tied_weights_and_extra_tensors(runtime, tmp_path):
