@@ -276,6 +276,19 @@ class Coordinator:
             if wanted(batch):
                 self._settle(batch, deadline)
 
+    def stop_writers(self) -> None:
+        """Stop the writer pool after its queued saves are written (a later save starts a new one)."""
+        with self._lock:
+            writers = self.writers(create=False)
+            if writers is None:
+                return
+            for writer in writers:
+                try:
+                    ray.get(writer.stop.options(max_task_retries=0).remote())
+                except ray.exceptions.RayActorError:
+                    pass  # exiting is how stop() answers
+            self.forget()
+
     def forget(self) -> None:
         """Drop the pool handles (after Ray was shut down on purpose)."""
         with self._lock:

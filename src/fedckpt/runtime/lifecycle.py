@@ -71,7 +71,11 @@ def flush(timeout: float | None = None) -> None:
 
 
 def shutdown() -> None:
-    """Flush, then let go of the writer pool; stop Ray if fedckpt started it."""
+    """Flush, stop the writer pool, and stop Ray if fedckpt started it.
+
+    Call it from the program that owns the run (a script, a ServerApp), not from a client that
+    shares the pool with others: a later save anywhere starts a new pool.
+    """
     global _coordinator
     with _lock:
         instance, _coordinator = _coordinator, None
@@ -80,6 +84,7 @@ def shutdown() -> None:
     try:
         if ray.is_initialized():
             instance.flush()
+            instance.stop_writers()
     finally:
         instance.forget()
         if instance.started_ray and ray.is_initialized():

@@ -136,6 +136,12 @@ class CheckpointWriter:
                 errors[key], state.error = state.error, None
         return errors
 
+    async def stop(self) -> None:
+        """Finish every queued save, then end this actor (it is not restarted)."""
+        await self.flush()
+        self.io.shutdown(wait=True)
+        ray.actor.exit_actor()
+
     async def stats(self) -> dict[str, int]:
         return {"keys": len(self.keys), "pending": sum(len(state.pending()) for state in self.keys.values())}
 
