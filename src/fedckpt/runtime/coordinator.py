@@ -9,6 +9,7 @@ It never touches the disk.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import logging
 import threading
@@ -195,7 +196,9 @@ class Coordinator:
                 errors[request.key] = ack.error
                 continue
             acknowledged = replace(request, sequence=ack.sequence)
-            batch.saves.append(_Save(acknowledged, writer.wait_saved.remote(request.key, ack.sequence)))
+            batch.saves.append(
+                _Save(acknowledged, writer.wait_saved.remote(request.key, ack.sequence, ack.writer_epoch))
+            )
         return errors
 
     def _make_room(self, nbytes: int) -> None:
@@ -228,7 +231,7 @@ class Coordinator:
                 ack = ray.get(writer.enqueue.remote(save.request, [batch.payload]))
                 if ack.error is not None:
                     raise _checkpoint_error("Saving failed", {save.request.key: ack.error})
-                save.done = writer.wait_saved.remote(save.request.key, ack.sequence)
+                save.done = writer.wait_saved.remote(save.request.key, ack.sequence, ack.writer_epoch)
 
     # ---- waiting --------------------------------------------------------------------------
 
@@ -276,6 +279,11 @@ class Coordinator:
             if wanted(batch):
                 self._settle(batch, deadline)
 
+    def writer_stats(self) -> list[dict[str, int]]:
+        """Each writer's counters (saved, superseded, failed, pending); empty without a pool."""
+        writers = self.writers(create=False)
+        return [] if writers is None else ray.get([writer.stats.remote() for writer in writers])
+
     def stop_writers(self) -> None:
         """Stop the writer pool after its queued saves are written (a later save starts a new one)."""
         with self._lock:
@@ -283,10 +291,8 @@ class Coordinator:
             if writers is None:
                 return
             for writer in writers:
-                try:
+                with contextlib.suppress(ray.exceptions.RayActorError):  # exiting is how stop() answers
                     ray.get(writer.stop.options(max_task_retries=0).remote())
-                except ray.exceptions.RayActorError:
-                    pass  # exiting is how stop() answers
             self.forget()
 
     def forget(self) -> None:

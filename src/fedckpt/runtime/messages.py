@@ -32,4 +32,5 @@ class Ack:
     """
 
     sequence: tuple[int, int] | None
+    writer_epoch: int | None = None  # the incarnation that took the save; it alone can report on it
     error: BaseException | None = None

@@ -66,6 +66,7 @@ class CheckpointWriter:
         self.epoch = time.time_ns()
         self.number = 0
         self.keys: dict[str, _Key] = {}
+        self.counts = {SAVED: 0, SUPERSEDED: 0, FAILED: 0}
         self.io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="fedckpt-io")
         self.name = f"writer-{index}@{os.getpid()}"
 
@@ -91,20 +92,35 @@ class CheckpointWriter:
         else:
             self.number += 1
             sequence = (self.epoch, self.number)
-        if self.coalesce:
-            while state.queue:  # not started yet, and older: the new save replaces them
-                state.queue.popleft().outcome.set_result(SUPERSEDED)
         save = _Save(request, sequence, payload[0], asyncio.get_running_loop().create_future())
-        state.queue.append(save)
+        if self.coalesce:
+            self._coalesce(state, save)
+        else:
+            state.queue.append(save)
         if not state.draining:
             state.draining = True
             asyncio.get_running_loop().create_task(self._drain(request.key, state))
-        return Ack(sequence=sequence)
+        return Ack(sequence=sequence, writer_epoch=self.epoch)
 
-    async def wait_saved(self, key: str, sequence: tuple[int, int]) -> str:
-        """Wait until one save left memory: saved, superseded or failed (or unknown to this incarnation)."""
+    def _coalesce(self, state: _Key, save: _Save) -> None:
+        """Latest wins among saves not yet started. Usually the new save is the latest; a save
+        re-sent after a writer restart can be older than one already queued, and then it loses."""
+        if any(queued.sequence > save.sequence for queued in state.queue):
+            save.outcome.set_result(SUPERSEDED)
+            self.counts[SUPERSEDED] += 1
+            return
+        while state.queue:
+            state.queue.popleft().outcome.set_result(SUPERSEDED)
+            self.counts[SUPERSEDED] += 1
+        state.queue.append(save)
+
+    async def wait_saved(self, key: str, sequence: tuple[int, int], writer_epoch: int) -> str:
+        """Wait until one save left memory: saved, superseded or failed.
+
+        ``UNKNOWN`` when an earlier incarnation of this writer took the save: it died with it.
+        """
         sequence = tuple(sequence)
-        if sequence[0] != self.epoch:
+        if writer_epoch != self.epoch:
             return UNKNOWN
         state = self.keys.get(key)
         for save in state.pending() if state else []:
@@ -143,7 +159,9 @@ class CheckpointWriter:
         ray.actor.exit_actor()
 
     async def stats(self) -> dict[str, int]:
-        return {"keys": len(self.keys), "pending": sum(len(state.pending()) for state in self.keys.values())}
+        """Saves written, superseded and failed by this incarnation; keys and saves still pending."""
+        pending = sum(len(state.pending()) for state in self.keys.values())
+        return {**self.counts, "keys": len(self.keys), "pending": pending, "pid": os.getpid()}
 
     async def _drain(self, key: str, state: _Key) -> None:
         loop = asyncio.get_running_loop()
@@ -172,6 +190,7 @@ class CheckpointWriter:
                 state.error = _transportable(error)
             finally:
                 state.active = None
+                self.counts[outcome] += 1
                 save.outcome.set_result(outcome)
         state.draining = False
         # Forget idle keys without an error to report: a long run touches many keys.

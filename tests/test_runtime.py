@@ -1,0 +1,124 @@
+"""Runtime settings, coalescing on and off, and a writer that dies under a stream of saves."""
+
+import os
+import signal
+import time
+
+import pytest
+import ray
+import torch
+
+import fedckpt
+from fedckpt import PerRoundStateCheckpointer
+from fedckpt.runtime import lifecycle
+from fedckpt.runtime.coordinator import shard_of, writer_name
+from fedckpt.runtime.settings import Settings
+
+MB = 1 << 20
+
+
+def totals(stats: list[dict]) -> dict[str, int]:
+    return {name: sum(item[name] for item in stats) for name in ("saved", "superseded", "failed")}
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_coalescing_switch(ray_instance, tmp_path, coalesce):
+    fedckpt.init(namespace=f"fedckpt-coalesce-{coalesce}", coalesce=coalesce, num_writers=1, io_threads=1)
+    try:
+        checkpointer = PerRoundStateCheckpointer(tmp_path)
+        filler = torch.zeros(4 * MB)  # 16 MB per save: the calls outrun the writes
+        for counter in range(20):
+            checkpointer.save_checkpoint("c.pt", {"counter": counter, "filler": filler})
+        checkpointer.flush()
+        assert checkpointer.load_checkpoint("c.pt")["counter"] == 19
+        counts = totals(lifecycle.coordinator().writer_stats())
+        assert counts["saved"] + counts["superseded"] == 20 and counts["failed"] == 0
+        if coalesce:
+            assert counts["superseded"] > 0
+        else:
+            assert counts == {"saved": 20, "superseded": 0, "failed": 0}
+    finally:
+        lifecycle.coordinator().stop_writers()
+        fedckpt.init()
+
+
+def test_settings_validation_and_environment(monkeypatch):
+    with pytest.raises(ValueError, match="num_writers"):
+        Settings(num_writers=0).validated()
+    with pytest.raises(ValueError, match="io_threads"):
+        Settings(io_threads=0).validated()
+    with pytest.raises(ValueError, match="max_inflight_bytes"):
+        Settings(max_inflight_bytes=0).validated()
+    with pytest.raises(ValueError, match="namespace"):
+        Settings(namespace="").validated()
+    monkeypatch.setenv("FEDCKPT_NUM_WRITERS", "5")
+    monkeypatch.setenv("FEDCKPT_MAX_INFLIGHT_BYTES", "1024")
+    settings = Settings.from_env()
+    assert settings.num_writers == 5 and settings.max_inflight_bytes == 1024
+    monkeypatch.setenv("FEDCKPT_NUM_WRITERS", "many")
+    with pytest.raises(ValueError, match="FEDCKPT_NUM_WRITERS"):
+        Settings.from_env()
+    monkeypatch.delenv("FEDCKPT_NUM_WRITERS")
+    with pytest.raises(ValueError, match="num_writers"):
+        fedckpt.init(num_writers=-1)
+
+
+def test_keys_spread_over_a_fixed_pool():
+    shards = {shard_of(f"/ckpt/client_{i}/state.pt", 4) for i in range(200)}
+    assert shards == {0, 1, 2, 3}
+    assert shard_of("/a/b.pt", 4) == shard_of("/a/b.pt", 4)
+
+
+def test_a_killed_writer_restarts_and_acknowledged_saves_survive(ray_instance, tmp_path):
+    """SIGKILL the writer while saves are queued: after flush, the last save of every key is on disk."""
+    fedckpt.init(namespace="fedckpt-kill", num_writers=1, io_threads=1)
+    try:
+        coordinator = lifecycle.coordinator()
+        writer = ray.get_actor(writer_name(0), namespace="fedckpt-kill")
+        pid = ray.get(writer.stats.remote())["pid"]
+        checkpointer = PerRoundStateCheckpointer(tmp_path)
+        for counter in range(6):
+            for key in range(3):
+                checkpointer.save_checkpoint(f"k{key}.pt", {"counter": counter, "x": torch.full((2 * MB,), counter)})
+        os.kill(pid, signal.SIGKILL)  # with saves still queued in the writer
+        for key in range(3):  # keep saving while it restarts
+            checkpointer.save_checkpoint(f"k{key}.pt", {"counter": 6, "x": torch.full((2 * MB,), 6)})
+        fedckpt.flush()
+        assert ray.get(writer.stats.remote())["pid"] != pid
+        for key in range(3):
+            state = checkpointer.load_checkpoint(f"k{key}.pt")
+            assert state["counter"] == 6 and torch.all(state["x"] == 6)
+        assert coordinator.inflight_bytes() == 0
+    finally:
+        fedckpt.init()
+
+
+def test_flush_timeout(ray_instance, tmp_path):
+    fedckpt.init(namespace="fedckpt-timeout", num_writers=1, io_threads=1)
+    try:
+        checkpointer = PerRoundStateCheckpointer(tmp_path)
+        for index in range(6):
+            checkpointer.save_checkpoint(f"t{index}.pt", {"x": torch.zeros(16 * MB)})  # 64 MB each
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            fedckpt.flush(timeout=0.01)
+        assert time.monotonic() - start < 5
+        fedckpt.flush()
+    finally:
+        fedckpt.init()
+
+
+def test_a_resent_older_save_never_replaces_a_newer_one(runtime, tmp_path):
+    """A save re-sent after a writer restart carries its old sequence and loses to newer saves."""
+    from fedckpt.runtime.messages import SaveRequest
+    from fedckpt.snapshot import snapshot_state
+
+    key = str(tmp_path / "r.pt")
+    writer = lifecycle.coordinator()._writer_for(key)
+    newer = ray.put(snapshot_state({"v": "new", "x": torch.zeros(4 * MB)}).payload)
+    older = ray.put(snapshot_state({"v": "old"}).payload)
+    ack = ray.get(writer.enqueue.remote(SaveRequest(key, "state"), [newer]))
+    stale = SaveRequest(key, "state", sequence=(ack.sequence[0] - 1, 10**6))
+    ray.get(writer.enqueue.remote(stale, [older]))  # queued behind the newer, or after it was written
+    assert ray.get(writer.flush.remote([key])) == {}
+    assert torch.load(key, weights_only=False)["v"] == "new"
