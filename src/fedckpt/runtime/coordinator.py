@@ -130,6 +130,7 @@ class Coordinator:
             )
             for index in range(1, info["pool_size"])
         ]
+        ray.get([writer.describe.remote() for writer in rest])  # started now, not on some later save
         return [first, *rest]
 
     def _find_pool(self) -> list[Any] | None:

@@ -40,8 +40,10 @@ def init(
         io_threads=defaults.io_threads if io_threads is None else io_threads,
     ).validated()
     with _lock:
-        if _coordinator is not None and _coordinator.writers(create=False) is not None:
-            _coordinator.flush()
+        if _coordinator is not None:
+            if _coordinator.writers(create=False) is not None:
+                _coordinator.flush()
+            _coordinator.forget()
         _coordinator = Coordinator(settings)
     _coordinator.writers()
 
