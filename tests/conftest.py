@@ -20,6 +20,10 @@ def ray_instance():
     yield
     fedckpt.shutdown()
     ray.shutdown()
+    # Ray workers that staged snapshots were killed with Ray: remove their segments.
+    from fedckpt.runtime.staging import remove_orphans
+
+    remove_orphans()
 
 
 @pytest.fixture

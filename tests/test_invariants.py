@@ -119,10 +119,16 @@ def test_per_key_order_latest_wins_and_coalesces(runtime, tmp_path):
 def test_no_stale_overwrite_by_an_older_sequence(tmp_path):
     from fedckpt.snapshot import snapshot_state
 
+    def staged(state):
+        snapshot = snapshot_state(state)
+        buffer = np.empty(snapshot.nbytes, dtype=np.uint8)
+        snapshot.copy_into(buffer)
+        return snapshot.layout, memoryview(buffer)
+
     path = str(tmp_path / "seq.pt")
-    newer = persist_checkpoint(path, "state", snapshot_state({"v": "new"}).payload, (2, 1), None, None, "test")
+    newer = persist_checkpoint(path, "state", *staged({"v": "new"}), (2, 1), None, None, "test")
     assert newer is not None
-    older = persist_checkpoint(path, "state", snapshot_state({"v": "old"}).payload, (1, 99), None, None, "test")
+    older = persist_checkpoint(path, "state", *staged({"v": "old"}), (1, 99), None, None, "test")
     assert older is None
     assert torch.load(path, weights_only=False)["v"] == "new"
     assert manifest.read_entry(path).sequence == (2, 1)
@@ -196,11 +202,13 @@ def test_a_script_that_exits_without_flush_loses_nothing(tmp_path):
             for checkpointer in checkpointers:
                 checkpointer.maybe_checkpoint(model, 0.0, {{}})
         PerRoundStateCheckpointer({str(tmp_path)!r}).save_checkpoint("state.pt", {{"round": 3, "w": model.weight}})
-        print("exiting", flush=True)
+        print("pid", os.getpid(), flush=True)
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    child_pid = int(result.stdout.split("pid", 1)[1].split()[0])
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"fedckpt-{child_pid}-")]
     from safetensors.torch import load_file
 
     for index in range(4):

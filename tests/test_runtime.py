@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -110,15 +112,58 @@ def test_flush_timeout(ray_instance, tmp_path):
 
 def test_a_resent_older_save_never_replaces_a_newer_one(runtime, tmp_path):
     """A save re-sent after a writer restart carries its old sequence and loses to newer saves."""
-    from fedckpt.runtime.messages import SaveRequest
+    import numpy as np
+
+    from fedckpt.runtime.messages import OBJECT_STORE, SaveRequest
     from fedckpt.snapshot import snapshot_state
+
+    def staged(state):  # staged in Ray's object store, as for a writer on another node
+        snapshot = snapshot_state(state)
+        array = np.empty(snapshot.nbytes, dtype=np.uint8)
+        snapshot.copy_into(array)
+        return {"layout": snapshot.layout, "data": (OBJECT_STORE, [ray.put(array)], snapshot.nbytes)}
 
     key = str(tmp_path / "r.pt")
     writer = lifecycle.coordinator()._writer_for(key)
-    newer = ray.put(snapshot_state({"v": "new", "x": torch.zeros(4 * MB)}).payload)
-    older = ray.put(snapshot_state({"v": "old"}).payload)
-    ack = ray.get(writer.enqueue.remote(SaveRequest(key, "state"), [newer]))
+    newer = staged({"v": "new", "x": torch.zeros(4 * MB)})
+    older = staged({"v": "old"})
+    ack = ray.get(writer.enqueue.remote(SaveRequest(key, "state"), newer))
     stale = SaveRequest(key, "state", sequence=(ack.sequence[0] - 1, 10**6))
-    ray.get(writer.enqueue.remote(stale, [older]))  # queued behind the newer, or after it was written
+    ray.get(writer.enqueue.remote(stale, older))  # queued behind the newer, or after it was written
     assert ray.get(writer.flush.remote([key])) == {}
     assert torch.load(key, weights_only=False)["v"] == "new"
+
+
+def test_object_store_staging_round_trip(ray_instance, tmp_path):
+    """The transport for writers on another node (or without /dev/shm): Ray's object store."""
+    fedckpt.init(namespace="fedckpt-object-store", shared_memory_staging=False, num_writers=1)
+    try:
+        from fedckpt import LatestTorchModuleCheckpointer
+
+        model = torch.nn.Linear(512, 512)
+        checkpointer = LatestTorchModuleCheckpointer(str(tmp_path), "m.safetensors")
+        checkpointer.maybe_checkpoint(model, 0.0, {})
+        expected = model.weight.detach().clone()
+        with torch.no_grad():
+            model.weight.zero_()  # mutated right after the call: the object store copy is isolated
+        assert torch.equal(checkpointer.load_state_dict()["weight"], expected)
+        PerRoundStateCheckpointer(tmp_path).save_checkpoint("s.pt", {"w": expected})
+        assert torch.equal(PerRoundStateCheckpointer(tmp_path).load_checkpoint("s.pt")["w"], expected)
+        assert not any(name.startswith(f"fedckpt-{os.getpid()}-") for name in os.listdir("/dev/shm"))
+    finally:
+        lifecycle.coordinator().stop_writers()
+        fedckpt.init()
+
+
+def test_segments_of_dead_processes_are_removed(tmp_path):
+    from fedckpt.runtime.staging import PREFIX, remove_orphans
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid that no longer runs
+    dead = tmp_path / f"{PREFIX}{child.pid}-abc"
+    alive = tmp_path / f"{PREFIX}{os.getpid()}-abc"
+    unrelated = tmp_path / "something-else"
+    for path in (dead, alive, unrelated):
+        path.write_bytes(b"x")
+    assert remove_orphans(str(tmp_path)) == 1
+    assert not dead.exists() and alive.exists() and unrelated.exists()

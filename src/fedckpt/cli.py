@@ -1,4 +1,5 @@
-"""The ``fedckpt`` command: ``ls`` lists checkpoints with their manifest data, ``verify`` re-hashes them."""
+"""The ``fedckpt`` command: ``ls`` lists checkpoints with their manifest data, ``verify`` re-hashes them,
+``bench`` compares fedckpt with other ways to save a model."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dataclasses import asdict
 from rich.console import Console
 from rich.table import Table
 
+from fedckpt.bench.cases import DEFAULT_CASES, QUICK_CASES, visible_case_names
+from fedckpt.bench.runner import run_bench
 from fedckpt.storage.atomic import sha256_of_file
 from fedckpt.storage.manifest import iter_entries
 
@@ -78,11 +81,39 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     verify = commands.add_parser("verify", help="re-hash every checkpoint; exit 1 on any mismatch")
     verify.add_argument("directory")
+    bench = commands.add_parser(
+        "bench",
+        help="time fedckpt beside torch.save, a hand-rolled async save and dcp.async_save on the same model",
+        description="Blocking time, time until durable and persist throughput of each save method, per case; "
+        "see benchmarks/README.md.",
+    )
+    bench.add_argument(
+        "--cases", nargs="+", metavar="NAME",
+        help=f"cases to run, of: {' '.join(visible_case_names())} (default: {' '.join(DEFAULT_CASES)}; "
+        f"with --quick: {' '.join(QUICK_CASES)})",
+    )  # fmt: skip
+    bench.add_argument(
+        "--repeats", type=int, metavar="N", help="saves (or loops) per method and case (default 10, 5 with --quick)"
+    )
+    bench.add_argument("--dir", help="make the run's temp directory here (default: the system temp dir)")
+    bench.add_argument("--json", metavar="FILE", help="also write every raw sample to FILE")
+    bench.add_argument("--quick", action="store_true", help="small cases and fewer repeats (a few minutes)")
     return parser
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    try:
+        run_bench(cases=args.cases, repeats=args.repeats, directory=args.dir, json_path=args.json, quick=args.quick)
+    except ValueError as error:
+        print(f"fedckpt bench: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        return command_bench(args)
     if not os.path.isdir(args.directory):
         print(f"fedckpt: {args.directory} is not a directory", file=sys.stderr)
         return 2

@@ -19,16 +19,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import ray
 
 from fedckpt.errors import CheckpointError
 from fedckpt.runtime import ray_session
-from fedckpt.runtime.messages import UNKNOWN, SaveRequest
+from fedckpt.runtime.messages import OBJECT_STORE, SHARED_MEMORY, UNKNOWN, SaveRequest
 from fedckpt.runtime.settings import Settings
+from fedckpt.runtime.staging import Segment, StagingArena, shared_memory_available
 from fedckpt.runtime.writer import writer_actor_class
 from fedckpt.snapshot import Snapshot
 
 log = logging.getLogger("fedckpt")
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
 
 
 def writer_name(index: int) -> str:
@@ -48,10 +54,11 @@ class _Save:
 
 @dataclass
 class _Batch:
-    """One snapshot in the object store and the saves (one per key) that use it."""
+    """One staged snapshot and the saves (one per key) that use it."""
 
-    payload: ray.ObjectRef
+    payload: dict[str, Any]  # {"layout": ..., "data": where the staged bytes are}
     nbytes: int
+    segment: Segment | None  # the staging segment to reuse once every save left its writer
     saves: list[_Save] = field(default_factory=list)
 
     def key_set(self) -> set[str]:
@@ -73,7 +80,10 @@ class Coordinator:
         self.settings = settings.validated()
         self.started_ray = False
         self._writers: list[Any] | None = None
+        self._writer_nodes: list[str] = []
         self._session: str | None = None
+        use_shared_memory = self.settings.shared_memory_staging and shared_memory_available()
+        self._arena = StagingArena(self.settings.max_inflight_bytes) if use_shared_memory else None
         self._batches: deque[_Batch] = deque()
         self._inflight_bytes = 0
         self._lock = threading.RLock()
@@ -106,6 +116,9 @@ class Coordinator:
         except Exception as error:
             log.error("fedckpt: saves failed before exit: %s", error)
             raise
+        finally:
+            if self._arena is not None and not self._batches:
+                self._arena.close()
 
     def _actor_options(self, index: int) -> dict[str, Any]:
         return {
@@ -130,7 +143,8 @@ class Coordinator:
             )
             for index in range(1, info["pool_size"])
         ]
-        ray.get([writer.describe.remote() for writer in rest])  # started now, not on some later save
+        infos = [info, *ray.get([writer.describe.remote() for writer in rest])]  # all started now
+        self._writer_nodes = [item["node_id"] for item in infos]
         return [first, *rest]
 
     def _find_pool(self) -> list[Any] | None:
@@ -139,9 +153,11 @@ class Coordinator:
         except ValueError:
             return None
         size = ray.get(first.describe.remote())["pool_size"]
-        return [first] + [
+        writers = [first] + [
             ray.get_actor(writer_name(index), namespace=self.settings.namespace) for index in range(1, size)
         ]
+        self._writer_nodes = [item["node_id"] for item in ray.get([writer.describe.remote() for writer in writers])]
+        return writers
 
     def _writer_for(self, key: str) -> Any:
         writers = self.writers()
@@ -158,6 +174,7 @@ class Coordinator:
                 entry = read_entry(save.request.key)
                 if entry is None or tuple(entry.sequence) < tuple(save.request.sequence):
                     lost.append(save.request.key)
+            self._release(batch)
         self._batches.clear()
         self._inflight_bytes = 0
         self._writers = None
@@ -175,21 +192,44 @@ class Coordinator:
         if not requests:
             return
         with self._lock:
-            self.writers()
+            writers = self.writers()
             self._make_room(snapshot.nbytes)
-            payload = ray.put(snapshot.payload)
-            batch = _Batch(payload, snapshot.nbytes)
+            shards = {shard_of(request.key, len(writers)) for request in requests}
+            batch = self._stage(snapshot, local=all(self._writer_nodes[shard] == _node_id() for shard in shards))
             errors = self._enqueue(batch, requests)
             if batch.saves:
                 self._batches.append(batch)
                 self._inflight_bytes += batch.nbytes
+            else:
+                self._release(batch)
         if errors:
             raise _checkpoint_error("An earlier save failed, so this save was not started", errors)
+
+    def _stage(self, snapshot: Snapshot, local: bool) -> _Batch:
+        """The blocking copy: into a reused shared-memory segment when the writers share this node."""
+        if local and self._arena is not None:
+            segment = self._arena.acquire(snapshot.nbytes)
+            try:
+                snapshot.copy_into(segment.array)
+            except BaseException:
+                self._arena.release(segment)
+                raise
+            data: tuple = (SHARED_MEMORY, segment.path, snapshot.nbytes)
+            return _Batch({"layout": snapshot.layout, "data": data}, snapshot.nbytes, segment)
+        array = np.empty(snapshot.nbytes, dtype=np.uint8)
+        snapshot.copy_into(array)
+        data = (OBJECT_STORE, [ray.put(array)], snapshot.nbytes)  # nested: the writer fetches it itself
+        return _Batch({"layout": snapshot.layout, "data": data}, snapshot.nbytes, None)
+
+    def _release(self, batch: _Batch) -> None:
+        if batch.segment is not None and self._arena is not None:
+            self._arena.release(batch.segment)
+            batch.segment = None
 
     def _enqueue(self, batch: _Batch, requests: list[SaveRequest]) -> dict[str, BaseException]:
         writers = [self._writer_for(request.key) for request in requests]
         acks = ray.get(
-            [writer.enqueue.remote(req, [batch.payload]) for writer, req in zip(writers, requests, strict=True)]
+            [writer.enqueue.remote(req, batch.payload) for writer, req in zip(writers, requests, strict=True)]
         )
         errors = {}
         for writer, request, ack in zip(writers, requests, acks, strict=True):
@@ -218,6 +258,7 @@ class Coordinator:
             self._settle(batch, _Deadline(None))
             self._batches.popleft()
             self._inflight_bytes -= batch.nbytes
+            self._release(batch)
 
     def _settle(self, batch: _Batch, deadline: _Deadline) -> None:
         """Wait until every save of ``batch`` left its writer; re-send those a writer restart lost."""
@@ -229,7 +270,7 @@ class Coordinator:
             for save in lost:
                 log.warning("fedckpt: writer restarted before writing %s; sending it again", save.request.key)
                 writer = self._writer_for(save.request.key)
-                ack = ray.get(writer.enqueue.remote(save.request, [batch.payload]))
+                ack = ray.get(writer.enqueue.remote(save.request, batch.payload))
                 if ack.error is not None:
                     raise _checkpoint_error("Saving failed", {save.request.key: ack.error})
                 save.done = writer.wait_saved.remote(save.request.key, ack.sequence, ack.writer_epoch)
@@ -304,6 +345,8 @@ class Coordinator:
             self._session = None
             self._batches.clear()
             self._inflight_bytes = 0
+            if self._arena is not None:
+                self._arena.close()
 
 
 def _checkpoint_error(what: str, errors: dict[str, BaseException]) -> CheckpointError:

@@ -22,13 +22,17 @@ def init(
     max_inflight_bytes: int | None = None,
     coalesce: bool | None = None,
     io_threads: int | None = None,
+    shared_memory_staging: bool | None = None,
 ) -> None:
     """Configure the runtime and start (or join) Ray and the writer pool now.
 
     Optional: without it, the first save does the same with defaults (``FEDCKPT_*`` environment
     variables override them). ``num_writers``, ``coalesce`` and ``io_threads`` belong to the pool
     and are set by the first process that creates it; ``max_inflight_bytes`` caps the snapshot
-    bytes this process has in flight before a save waits (backpressure).
+    bytes this process has in flight before a save waits (backpressure). With
+    ``shared_memory_staging`` (the default where ``/dev/shm`` is writable) a save is copied into
+    reused shared memory that writers on the same node read directly; without it, or for a writer
+    on another node, the copy goes into Ray's object store.
     """
     global _coordinator
     defaults = Settings.from_env()
@@ -38,6 +42,9 @@ def init(
         max_inflight_bytes=defaults.max_inflight_bytes if max_inflight_bytes is None else max_inflight_bytes,
         coalesce=defaults.coalesce if coalesce is None else coalesce,
         io_threads=defaults.io_threads if io_threads is None else io_threads,
+        shared_memory_staging=(
+            defaults.shared_memory_staging if shared_memory_staging is None else shared_memory_staging
+        ),
     ).validated()
     with _lock:
         if _coordinator is not None:

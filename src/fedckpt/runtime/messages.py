@@ -10,6 +10,11 @@ SUPERSEDED = "superseded"  # a newer save of the same key replaced it before or 
 FAILED = "failed"  # the error is held for the next call, flush or load of that key
 UNKNOWN = "unknown"  # issued to an earlier incarnation of a restarted writer: send it again
 
+# Where a save's staged bytes are: ("shm", segment path, length) on the writer's node, or
+# ("object", [ObjectRef], length) in Ray's object store (a writer on another node).
+SHARED_MEMORY = "shm"
+OBJECT_STORE = "object"
+
 
 @dataclass(frozen=True)
 class SaveRequest:

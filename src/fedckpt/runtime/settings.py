@@ -26,6 +26,7 @@ class Settings:
     max_inflight_bytes: int = 2 << 30
     coalesce: bool = True
     io_threads: int = 2
+    shared_memory_staging: bool = True  # False: stage snapshots in Ray's object store instead
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -36,6 +37,7 @@ class Settings:
             namespace=os.environ.get("FEDCKPT_NAMESPACE") or base.namespace,
             max_inflight_bytes=_env_int("FEDCKPT_MAX_INFLIGHT_BYTES", base.max_inflight_bytes),
             io_threads=_env_int("FEDCKPT_IO_THREADS", base.io_threads),
+            shared_memory_staging=bool(_env_int("FEDCKPT_SHARED_MEMORY", int(base.shared_memory_staging))),
         )
 
     def validated(self) -> Settings:

@@ -20,7 +20,8 @@ from typing import Any
 
 import ray
 
-from fedckpt.runtime.messages import FAILED, SAVED, SUPERSEDED, UNKNOWN, Ack, SaveRequest
+from fedckpt.runtime.messages import FAILED, SAVED, SHARED_MEMORY, SUPERSEDED, UNKNOWN, Ack, SaveRequest
+from fedckpt.runtime.staging import SegmentReader
 from fedckpt.storage.local import persist_checkpoint
 
 log = logging.getLogger("fedckpt.writer")
@@ -30,7 +31,7 @@ log = logging.getLogger("fedckpt.writer")
 class _Save:
     request: SaveRequest
     sequence: tuple[int, int]
-    payload_ref: ray.ObjectRef
+    payload: dict[str, Any]  # layout, and where the staged bytes are (see Coordinator.save)
     outcome: asyncio.Future
 
 
@@ -68,6 +69,7 @@ class CheckpointWriter:
         self.keys: dict[str, _Key] = {}
         self.counts = {SAVED: 0, SUPERSEDED: 0, FAILED: 0}
         self.io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="fedckpt-io")
+        self.segments = SegmentReader()
         self.name = f"writer-{index}@{os.getpid()}"
 
     async def describe(self) -> dict[str, Any]:
@@ -81,7 +83,7 @@ class CheckpointWriter:
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 
-    async def enqueue(self, request: SaveRequest, payload: list[ray.ObjectRef]) -> Ack:
+    async def enqueue(self, request: SaveRequest, payload: dict[str, Any]) -> Ack:
         """Queue a save and acknowledge at once; the write happens in the background."""
         state = self.keys.setdefault(request.key, _Key())
         if state.error is not None:
@@ -92,7 +94,7 @@ class CheckpointWriter:
         else:
             self.number += 1
             sequence = (self.epoch, self.number)
-        save = _Save(request, sequence, payload[0], asyncio.get_running_loop().create_future())
+        save = _Save(request, sequence, payload, asyncio.get_running_loop().create_future())
         if self.coalesce:
             self._coalesce(state, save)
         else:
@@ -163,6 +165,15 @@ class CheckpointWriter:
         pending = sum(len(state.pending()) for state in self.keys.values())
         return {**self.counts, "keys": len(self.keys), "pending": pending, "pid": os.getpid()}
 
+    async def _staged_bytes(self, where: tuple) -> memoryview:
+        """The staged bytes of a save: a caller's shared-memory segment on this node, or a Ray object."""
+        if where[0] == SHARED_MEMORY:
+            _, path, length = where
+            return self.segments.view(path, length)
+        _, refs, length = where
+        array = await refs[0]
+        return memoryview(array)[:length]
+
     async def _drain(self, key: str, state: _Key) -> None:
         loop = asyncio.get_running_loop()
         while state.queue:
@@ -170,25 +181,28 @@ class CheckpointWriter:
             state.active = save
             outcome = FAILED
             try:
-                payload = await save.payload_ref
+                data = await self._staged_bytes(save.payload["data"])
                 request = save.request
                 entry = await loop.run_in_executor(
                     self.io,
                     persist_checkpoint,
                     key,
                     request.kind,
-                    payload,
+                    save.payload["layout"],
+                    data,
                     save.sequence,
                     request.score,
                     request.score_name,
                     self.name,
                 )
-                del payload
+                del data
                 outcome = SAVED if entry is not None else SUPERSEDED
             except Exception as error:  # held for the caller: next call, flush or load
                 log.error("fedckpt: saving %s failed: %s: %s", key, type(error).__name__, error)
                 state.error = _transportable(error)
             finally:
+                if save.payload["data"][0] == SHARED_MEMORY:
+                    self.segments.finished(save.payload["data"][1])
                 state.active = None
                 self.counts[outcome] += 1
                 save.outcome.set_result(outcome)

@@ -6,10 +6,12 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Callable
+from typing import TypeVar
 
 from fedckpt.storage.paths import temp_path
 
 HASH_CHUNK = 8 << 20
+T = TypeVar("T")
 
 
 def fsync_dir(directory: str) -> None:
@@ -38,20 +40,20 @@ def sha256_of_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def write_durable_temp(final_path: str, write: Callable[[str], None]) -> str:
-    """Run ``write(temp)`` for a new temp file beside ``final_path``, fsync it, return its path.
+def write_durable_temp(final_path: str, write: Callable[[str], T]) -> tuple[str, T]:
+    """Run ``write(temp)`` for a new temp file beside ``final_path`` and fsync it.
 
-    The temp file is removed if anything fails.
+    Returns the temp path and what ``write`` returned. The temp file is removed if anything fails.
     """
     temp = temp_path(final_path)
     os.makedirs(os.path.dirname(temp), exist_ok=True)
     try:
-        write(temp)
+        result = write(temp)
         fsync_file(temp)
     except BaseException:
         remove_quietly(temp)
         raise
-    return temp
+    return temp, result
 
 
 def publish(temp: str, final_path: str) -> None:

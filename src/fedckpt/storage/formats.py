@@ -10,15 +10,15 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import pickle
+import struct
 import warnings
 from typing import Any
 
-import numpy as np
 import safetensors
 import torch
-from safetensors import TensorSpec, serialize_file
 from torch import nn
 
 from fedckpt.snapshot import (
@@ -28,41 +28,90 @@ from fedckpt.snapshot import (
     STATE,
 )
 
-# One metadata key: safetensors writes its metadata map in no fixed order, and the same snapshot
-# should give the same bytes (and sha256) whichever writer writes it.
+# One metadata key holding JSON: the file is the same bytes (and sha256) whoever writes it.
 METADATA_KEY = "fedckpt"
 MODULE_FORMAT_VERSION = "module/1"
 
 
-def write_module_file(payload: dict[str, Any], path: str) -> None:
-    """Write a module snapshot as safetensors, straight from the snapshot's memory (no copy)."""
-    arrays: dict[str, np.ndarray] = payload["arrays"]
-    specs = {
-        name: TensorSpec(
-            dtype=payload["dtypes"][name], shape=array.shape, data_ptr=array.ctypes.data, data_len=array.nbytes
-        )
-        for name, array in arrays.items()
+WRITE_CHUNK = 64 << 20
+
+
+class HashingFile:
+    """A binary file that hashes (sha256) everything written to it, in the same pass."""
+
+    def __init__(self, path: str) -> None:
+        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed by close())
+        self.digest = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), WRITE_CHUNK):
+            chunk = view[start : start + WRITE_CHUNK]
+            self.digest.update(chunk)
+            written = 0
+            while written < len(chunk):
+                written += self.file.write(chunk[written:])
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> str:
+        self.file.close()
+        return self.digest.hexdigest()
+
+
+def safetensors_header(layout: dict[str, Any]) -> bytes:
+    """The safetensors header (length prefix, JSON, space padding to 8 bytes) of a module snapshot."""
+    header: dict[str, Any] = {
+        name: {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
+        for name, code, shape, begin, end in layout["tensors"]
     }
-    description = {"format": MODULE_FORMAT_VERSION, "skeleton": base64.b64encode(payload["skeleton"]).decode()}
-    metadata = {METADATA_KEY: json.dumps(description, sort_keys=True)}
-    serialize_file(specs, path, metadata=metadata)  # `arrays` stays referenced until this returns
+    description = {"format": MODULE_FORMAT_VERSION, "skeleton": base64.b64encode(layout["skeleton"]).decode()}
+    header["__metadata__"] = {METADATA_KEY: json.dumps(description, sort_keys=True)}
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
 
 
-def write_state_file(payload: dict[str, Any], path: str) -> None:
-    """Write the records collected from torch's own pickling as torch's zip format."""
-    with open(path, "wb") as file:
+def write_module_file(layout: dict[str, Any], data: memoryview, path: str) -> str:
+    """Write a module snapshot as one safetensors file: header, then the data region as staged.
+
+    The staged data is already in safetensors order, so this is one sequential write. Returns
+    the file's sha256.
+    """
+    out = HashingFile(path)
+    try:
+        out.write(safetensors_header(layout))
+        out.write(data)
+    finally:
+        sha256 = out.close()
+    return sha256
+
+
+def write_state_file(layout: dict[str, Any], data: memoryview, path: str) -> str:
+    """Write the records collected from torch's own pickling in torch's zip format; return sha256."""
+    out = HashingFile(path)
+    try:
         writer = torch._C.PyTorchFileWriter(
-            file, torch.serialization.get_crc32_options(), torch.serialization._get_storage_alignment()
+            out, torch.serialization.get_crc32_options(), torch.serialization._get_storage_alignment()
         )
-        for name, data in payload["records"]:
-            if isinstance(data, bytes):
-                writer.write_record(name, data, len(data))
-            else:
-                with warnings.catch_warnings():  # the snapshot is read-only shared memory; torch only reads it
-                    warnings.simplefilter("ignore", UserWarning)
-                    storage = torch.from_numpy(data).untyped_storage()
-                writer.write_record(name, storage, data.nbytes)
+        for name, begin, end in layout["records"]:
+            if not name.startswith("data/"):  # data.pkl, version, byteorder...: small
+                writer.write_record(name, bytes(data[begin:end]), end - begin)
+                continue
+            with warnings.catch_warnings():  # the staged bytes are read-only; torch only reads them
+                warnings.simplefilter("ignore", UserWarning)
+                storage = (
+                    torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=begin)
+                    if end > begin
+                    else torch.empty(0, dtype=torch.uint8)
+                )
+            writer.write_record(name, storage.untyped_storage(), end - begin)
         writer.write_end_of_file()
+    finally:
+        sha256 = out.close()
+    return sha256
 
 
 WRITERS = {MODULE: write_module_file, STATE: write_state_file}

@@ -7,20 +7,22 @@ import time
 from typing import Any
 
 from fedckpt.storage import manifest
-from fedckpt.storage.atomic import publish, remove_quietly, sha256_of_file, write_durable_temp
+from fedckpt.storage.atomic import publish, remove_quietly, write_durable_temp
 from fedckpt.storage.formats import WRITERS
 
 
 def persist_checkpoint(
     path: str,
     kind: str,
-    payload: dict[str, Any],
+    layout: dict[str, Any],
+    data: memoryview,
     sequence: tuple[int, int],
     score: float | None,
     score_name: str | None,
     writer_name: str,
 ) -> manifest.ManifestEntry | None:
-    """Write ``payload`` atomically and durably at ``path`` and record it in the manifest.
+    """Write a snapshot (its ``layout`` and staged ``data``) atomically and durably at ``path``,
+    and record it in the manifest.
 
     Returns None, writing nothing, when the version on disk has a newer sequence (a re-sent save
     of a restarted writer must never replace a newer checkpoint).
@@ -30,7 +32,7 @@ def persist_checkpoint(
     current = manifest.read_entry(path)
     if current is not None and tuple(current.sequence) > tuple(sequence):
         return None
-    temp = write_durable_temp(path, lambda target: WRITERS[kind](payload, target))
+    temp, sha256 = write_durable_temp(path, lambda target: WRITERS[kind](layout, data, target))
     try:
         entry = manifest.ManifestEntry(
             name=os.path.basename(path),
@@ -39,7 +41,7 @@ def persist_checkpoint(
             score=score,
             score_name=score_name,
             bytes=os.path.getsize(temp),
-            sha256=sha256_of_file(temp),
+            sha256=sha256,
             saved_at=time.time(),
             writer=writer_name,
         )

@@ -51,7 +51,7 @@ def _write_json(path: str, text: str) -> str:
         with open(temp, "w", encoding="utf-8") as file:
             file.write(text)
 
-    return write_durable_temp(path, write)
+    return write_durable_temp(path, write)[0]
 
 
 def stage_entry(checkpoint_path: str, entry: ManifestEntry) -> str:

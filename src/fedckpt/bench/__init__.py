@@ -1,0 +1,9 @@
+"""``fedckpt bench``: fedckpt beside the usual ways to save a PyTorch model, on the same model, in one run.
+
+``cases`` builds the models, ``methods`` holds the save methods, ``measure`` times them, ``report``
+prints the tables and writes the JSON, and ``runner`` ties them together (``run_bench``).
+"""
+
+from fedckpt.bench.runner import run_bench
+
+__all__ = ["run_bench"]

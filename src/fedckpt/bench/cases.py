@@ -1,0 +1,115 @@
+"""The benchmark's cases: models to save (``kind="save"``) and a training loop to checkpoint (``kind="loop"``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case.
+
+    Args:
+        name: what ``--cases`` calls it.
+        description: one line for the table title.
+        build: returns the model (fp32 on CPU unless the case says otherwise).
+        kind: ``"save"`` times single saves and bursts; ``"loop"`` times a training loop that saves every step.
+        steps: the number of training steps of a loop case.
+        hidden: left out of ``--help`` and of the default run (for the tests).
+    """
+
+    name: str
+    description: str
+    build: Callable[[], nn.Module]
+    kind: str = "save"
+    steps: int = 0
+    hidden: bool = False
+
+
+def linear_stack(megabytes: float, layers: int = 8, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> nn.Module:
+    """``layers`` square bias-free Linear layers adding up to about ``megabytes`` MiB.
+
+    Every layer has the same number of parameters; layer ``i`` has dtype ``dtypes[i % len(dtypes)]``,
+    so ``(float32, bfloat16)`` gives half the parameters in each.
+    """
+    per_layer_dtypes = [dtypes[index % len(dtypes)] for index in range(layers)]
+    bytes_per_parameter = sum(torch.empty((), dtype=dtype).element_size() for dtype in per_layer_dtypes)
+    side = max(1, int(math.sqrt(megabytes * MIB / bytes_per_parameter)))
+    torch.manual_seed(0)
+    return nn.Sequential(*(nn.Linear(side, side, bias=False, dtype=dtype) for dtype in per_layer_dtypes))
+
+
+def many_small(count: int = 1000, width: int = 16) -> nn.Module:
+    """``count`` ``Linear(width, width)`` layers: ``2 * count`` small tensors, for per-save fixed overhead."""
+    torch.manual_seed(0)
+    return nn.Sequential(*(nn.Linear(width, width) for _ in range(count)))
+
+
+class SmallCNN(nn.Module):
+    """A CIFAR-sized CNN in the spirit of FedAvg's: three conv blocks with batch norm, two Linear layers,
+    about 2.2 MiB of state."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+
+        def block(inputs: int, outputs: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(inputs, outputs, 3, padding=1), nn.BatchNorm2d(outputs), nn.ReLU(), nn.MaxPool2d(2)
+            )
+
+        self.features = nn.Sequential(block(3, 32), block(32, 64), block(64, 64))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 512), nn.ReLU(), nn.Linear(512, classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def small_cnn() -> nn.Module:
+    """A freshly initialized ``SmallCNN`` (same seed every time, so every loop starts alike)."""
+    torch.manual_seed(0)
+    return SmallCNN()
+
+
+CASES: dict[str, Case] = {
+    case.name: case
+    for case in (
+        Case("fp32-100mb", "fp32, 8 Linear layers, ~100 MiB", lambda: linear_stack(100)),
+        Case("fp32-400mb", "fp32, 8 Linear layers, ~400 MiB", lambda: linear_stack(400)),
+        Case("fp32-1gb", "fp32, 8 Linear layers, ~1 GiB", lambda: linear_stack(1024)),
+        Case(
+            "mixed-100mb",
+            "half the parameters fp32, half bf16, ~100 MiB",
+            lambda: linear_stack(100, dtypes=(torch.float32, torch.bfloat16)),
+        ),
+        Case("small-2000", "1,000 Linear(16, 16): 2,000 small tensors", many_small),
+        Case(
+            "cnn-loop",
+            "small CNN, SGD, batches of 32 CIFAR-sized images, a save after every step",
+            small_cnn,
+            kind="loop",
+            steps=60,
+        ),  # fmt: skip
+        Case(
+            "tiny",
+            "fp32 and bf16, ~1 MiB (tests)",
+            lambda: linear_stack(1, 4, (torch.float32, torch.bfloat16)),
+            hidden=True,
+        ),  # fmt: skip
+        Case("tiny-loop", "small CNN, 4 steps (tests)", small_cnn, kind="loop", steps=4, hidden=True),
+    )
+}
+# fp32-400mb is the old blocking_time.py default; it is opt-in so the default run stays in ~10 GB.
+DEFAULT_CASES = ("fp32-100mb", "fp32-1gb", "mixed-100mb", "small-2000", "cnn-loop")
+QUICK_CASES = ("fp32-100mb", "mixed-100mb", "small-2000", "cnn-loop")
+
+
+def visible_case_names() -> list[str]:
+    """The case names ``--cases`` offers (hidden test cases left out)."""
+    return [name for name, case in CASES.items() if not case.hidden]

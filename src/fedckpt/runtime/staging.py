@@ -1,0 +1,186 @@
+"""Reused shared-memory staging buffers: the one copy a save makes, into memory already warm.
+
+A snapshot is copied into a staging segment (a file in ``/dev/shm`` mapped by the caller), laid out
+exactly as the checkpoint's data section; the writer actor on the same node maps the same file and
+writes it out. A segment is reused once its save left the writer, so after the first saves the copy
+runs at memcpy speed instead of paying a page fault per 4 KiB, as fresh allocations (``ray.put``
+into a new object) do. Segments outlive a crashed caller, so a writer can finish what was
+acknowledged; whoever finds a segment whose creator died removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SHM_DIR = "/dev/shm"
+PREFIX = "fedckpt-"
+
+
+@dataclass(eq=False)
+class Segment:
+    """One mapped staging file."""
+
+    path: str
+    size: int
+    buffer: mmap.mmap
+    array: np.ndarray = field(init=False)  # a uint8 view of the whole mapping
+
+    def __post_init__(self) -> None:
+        self.array = np.frombuffer(self.buffer, dtype=np.uint8)
+
+    def close(self) -> None:
+        del self.array
+        with contextlib.suppress(BufferError):  # a view still alive elsewhere: the GC unmaps it later
+            self.buffer.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def shared_memory_available(directory: str = SHM_DIR) -> bool:
+    return os.path.isdir(directory) and os.access(directory, os.W_OK)
+
+
+def creator_pid(path: str) -> int | None:
+    """The pid encoded in a segment's name, ``fedckpt-<pid>-<id>``."""
+    name = os.path.basename(path)
+    if not name.startswith(PREFIX):
+        return None
+    try:
+        return int(name[len(PREFIX) :].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphans(directory: str = SHM_DIR) -> int:
+    """Remove segments whose creator process is gone (a caller killed before it cleaned up)."""
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(directory):
+            pid = creator_pid(name)
+            if pid is not None and not process_alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+                    removed += 1
+    return removed
+
+
+class StagingArena:
+    """This process's staging segments: each is either free or holds one save in flight.
+
+    Free segments are kept for reuse while the total stays within ``max_bytes``; a larger need
+    drops free segments first.
+    """
+
+    def __init__(self, max_bytes: int, directory: str = SHM_DIR) -> None:
+        self.max_bytes = max_bytes
+        self.directory = directory
+        self._free: list[Segment] = []
+        self._busy: set[Segment] = set()
+        self._lock = threading.Lock()
+        remove_orphans(directory)
+
+    def total_bytes(self) -> int:
+        return sum(segment.size for segment in self._free) + sum(segment.size for segment in self._busy)
+
+    def acquire(self, nbytes: int) -> Segment:
+        """A segment of at least ``nbytes`` (the smallest free one that fits, or a new one)."""
+        with self._lock:
+            fitting = [segment for segment in self._free if segment.size >= nbytes]
+            if fitting:
+                segment = min(fitting, key=lambda candidate: candidate.size)
+                self._free.remove(segment)
+            else:
+                while self._free and self.total_bytes() + nbytes > self.max_bytes:
+                    self._free.pop(0).close()
+                segment = self._create(nbytes)
+            self._busy.add(segment)
+            return segment
+
+    def release(self, segment: Segment) -> None:
+        with self._lock:
+            self._busy.discard(segment)
+            self._free.append(segment)
+
+    def close(self) -> None:
+        """Unmap and remove every segment (busy ones too: call after a flush)."""
+        with self._lock:
+            for segment in [*self._free, *self._busy]:
+                segment.close()
+            self._free.clear()
+            self._busy.clear()
+
+    def _create(self, nbytes: int) -> Segment:
+        size = max(nbytes, 1)
+        path = os.path.join(self.directory, f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            # Fault the pages in now, in one go, rather than one by one during the first copy.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            buffer = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        return Segment(path, size, buffer)
+
+
+class SegmentReader:
+    """The writer's side: read-only mappings of callers' segments, kept while they are in use."""
+
+    def __init__(self, max_idle_seconds: float = 60.0) -> None:
+        self.max_idle_seconds = max_idle_seconds
+        self._maps: dict[str, tuple[int, mmap.mmap, float]] = {}  # path -> (inode, mapping, last use)
+        self._last_sweep = time.monotonic()
+        remove_orphans()
+
+    def view(self, path: str, length: int) -> memoryview:
+        """The first ``length`` bytes of segment ``path``."""
+        inode = os.stat(path).st_ino
+        cached = self._maps.get(path)
+        if cached is None or cached[0] != inode or len(cached[1]) < length:
+            if cached is not None:
+                self._close(path)
+            with open(path, "rb") as file:
+                mapping = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
+            cached = (inode, mapping, 0.0)
+        self._maps[path] = (cached[0], cached[1], time.monotonic())
+        return memoryview(cached[1])[:length]
+
+    def finished(self, path: str) -> None:
+        """After a save from ``path``: remove the segment if its creator died (nobody else will)."""
+        pid = creator_pid(path)
+        if pid is not None and not process_alive(pid):
+            self._close(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        now = time.monotonic()
+        for idle in [p for p, (_, _, used) in self._maps.items() if now - used > self.max_idle_seconds]:
+            self._close(idle)
+        if now - self._last_sweep > self.max_idle_seconds:
+            self._last_sweep = now
+            remove_orphans()
+
+    def _close(self, path: str) -> None:
+        _, mapping, _ = self._maps.pop(path)
+        with contextlib.suppress(BufferError):  # still viewed: the GC unmaps it later
+            mapping.close()
