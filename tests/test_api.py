@@ -223,3 +223,39 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+class EveryDtype(nn.Module):
+    """One buffer per dtype a model checkpoint can hold, including zero-size and 0-dim ones."""
+
+    def __init__(self):
+        super().__init__()
+        from fedckpt.snapshot import SAFETENSORS_CODES
+
+        generator = torch.Generator().manual_seed(0)
+        for index, name in enumerate(sorted(SAFETENSORS_CODES)):
+            dtype = getattr(torch, name)
+            values = torch.randint(0, 2 if dtype is torch.bool else 100, (3, 5), generator=generator)
+            if dtype is torch.complex64:
+                values = torch.complex(values.float(), -values.float())
+            self.register_buffer(f"b{index}_{name}", values.to(dtype))
+        self.register_buffer("empty", torch.empty(0, 7))
+        self.register_buffer("scalar", torch.tensor(3.5, dtype=torch.float64))
+        self.register_buffer("strided", torch.arange(12.0).reshape(3, 4).t())  # not contiguous
+
+
+def test_every_dtype_round_trips_through_safetensors(runtime, tmp_path):
+    from safetensors import safe_open
+
+    model = EveryDtype()
+    checkpointer = LatestTorchModuleCheckpointer(str(tmp_path), "dtypes.safetensors")
+    checkpointer.maybe_checkpoint(model, 0.0, {})
+    tensors = checkpointer.load_state_dict()
+    for name, expected in model.state_dict().items():
+        assert tensors[name].dtype == expected.dtype, name
+        assert tensors[name].shape == expected.shape, name
+        assert torch.equal(tensors[name].reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
+    with safe_open(checkpointer.checkpoint_path, framework="pt") as handle:  # the library reads our header
+        assert set(handle.keys()) == set(model.state_dict())
+    reloaded = checkpointer.load_checkpoint()
+    assert torch.equal(reloaded.strided, model.strided)
