@@ -259,3 +259,38 @@ def test_every_dtype_round_trips_through_safetensors(runtime, tmp_path):
         assert set(handle.keys()) == set(model.state_dict())
     reloaded = checkpointer.load_checkpoint()
     assert torch.equal(reloaded.strided, model.strided)
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+        self.scale = 1.0
+        self.activation = nn.ReLU()
+
+
+def test_reused_structure_still_sees_every_change_between_saves(runtime, tmp_path):
+    """The pickled structure is reused across saves; any reassigned attribute invalidates it."""
+    model = Scaled()
+    checkpointer = LatestTorchModuleCheckpointer(str(tmp_path), "scaled.safetensors")
+    checkpointer.maybe_checkpoint(model, 0.0, {})
+    assert checkpointer.load_checkpoint().scale == 1.0
+    model.scale = 2.5  # a plain attribute
+    checkpointer.maybe_checkpoint(model, 0.0, {})
+    assert checkpointer.load_checkpoint().scale == 2.5
+    model.eval()  # the training flags
+    checkpointer.maybe_checkpoint(model, 0.0, {})
+    assert checkpointer.load_checkpoint().training is False
+    model.activation = nn.GELU()  # a submodule without parameters
+    checkpointer.maybe_checkpoint(model, 0.0, {})
+    assert isinstance(checkpointer.load_checkpoint().activation, nn.GELU)
+    model.layer.weight = nn.Parameter(torch.full((4, 4), 7.0))  # a new parameter object
+    checkpointer.maybe_checkpoint(model, 0.0, {})
+    assert torch.all(checkpointer.load_checkpoint().layer.weight == 7.0)
+    model.layer.weight.data = torch.full((4, 4), 3.0)  # the same parameter, new memory
+    checkpointer.maybe_checkpoint(model, 0.0, {})
+    assert torch.all(checkpointer.load_state_dict()["layer.weight"] == 3.0)
+    with torch.no_grad():
+        model.layer.weight.mul_(2)  # in place: same memory, new values
+    checkpointer.maybe_checkpoint(model, 0.0, {})
+    assert torch.all(checkpointer.load_state_dict()["layer.weight"] == 6.0)

@@ -1,6 +1,7 @@
 """Runtime settings, coalescing on and off, and a writer that dies under a stream of saves."""
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -121,7 +122,8 @@ def test_a_resent_older_save_never_replaces_a_newer_one(runtime, tmp_path):
         snapshot = snapshot_state(state)
         array = np.empty(snapshot.nbytes, dtype=np.uint8)
         snapshot.copy_into(array)
-        return {"layout": snapshot.layout, "data": (OBJECT_STORE, [ray.put(array)], snapshot.nbytes)}
+        layout = pickle.dumps(snapshot.layout)
+        return {"layout": layout, "data": (OBJECT_STORE, [ray.put(array)], snapshot.nbytes)}
 
     key = str(tmp_path / "r.pt")
     writer = lifecycle.coordinator()._writer_for(key)

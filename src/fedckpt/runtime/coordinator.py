@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import hashlib
 import logging
+import pickle
 import threading
 import time
 from collections import deque
@@ -31,6 +32,11 @@ from fedckpt.runtime.writer import writer_actor_class
 from fedckpt.snapshot import Snapshot
 
 log = logging.getLogger("fedckpt")
+
+
+def _packed(layout: dict[str, Any]) -> bytes:
+    """The layout as one pickle: Ray would otherwise serialize thousands of tuples one by one."""
+    return pickle.dumps(layout, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _node_id() -> str:
@@ -215,11 +221,11 @@ class Coordinator:
                 self._arena.release(segment)
                 raise
             data: tuple = (SHARED_MEMORY, segment.path, snapshot.nbytes)
-            return _Batch({"layout": snapshot.layout, "data": data}, snapshot.nbytes, segment)
+            return _Batch({"layout": _packed(snapshot.layout), "data": data}, snapshot.nbytes, segment)
         array = np.empty(snapshot.nbytes, dtype=np.uint8)
         snapshot.copy_into(array)
         data = (OBJECT_STORE, [ray.put(array)], snapshot.nbytes)  # nested: the writer fetches it itself
-        return _Batch({"layout": snapshot.layout, "data": data}, snapshot.nbytes, None)
+        return _Batch({"layout": _packed(snapshot.layout), "data": data}, snapshot.nbytes, None)
 
     def _release(self, batch: _Batch) -> None:
         if batch.segment is not None and self._arena is not None:

@@ -198,7 +198,7 @@ class CheckpointWriter:
                     persist_checkpoint,
                     key,
                     request.kind,
-                    save.payload["layout"],
+                    pickle.loads(save.payload["layout"]),
                     data,
                     save.sequence,
                     request.score,
