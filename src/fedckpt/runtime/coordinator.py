@@ -201,8 +201,12 @@ class Coordinator:
             writers = self.writers()
             self._make_room(snapshot.nbytes)
             shards = {shard_of(request.key, len(writers)) for request in requests}
-            batch = self._stage(snapshot, local=all(self._writer_nodes[shard] == _node_id() for shard in shards))
-            errors = self._enqueue(batch, requests)
+            local = all(self._writer_nodes[shard] == _node_id() for shard in shards)
+            if local and self._arena is not None:
+                batch, errors = self._stage_in_shared_memory(snapshot, requests)
+            else:
+                batch = self._stage_in_object_store(snapshot)
+                errors = self._acknowledge(batch, requests, self._send(batch, requests, staged=True), staged=True)
             if batch.saves:
                 self._batches.append(batch)
                 self._inflight_bytes += batch.nbytes
@@ -211,42 +215,56 @@ class Coordinator:
         if errors:
             raise _checkpoint_error("An earlier save failed, so this save was not started", errors)
 
-    def _stage(self, snapshot: Snapshot, local: bool) -> _Batch:
-        """The blocking copy: into a reused shared-memory segment when the writers share this node."""
-        if local and self._arena is not None:
-            segment = self._arena.acquire(snapshot.nbytes)
-            try:
-                snapshot.copy_into(segment.array)
-            except BaseException:
-                self._arena.release(segment)
-                raise
-            data: tuple = (SHARED_MEMORY, segment.path, snapshot.nbytes)
-            return _Batch({"layout": _packed(snapshot.layout), "data": data}, snapshot.nbytes, segment)
+    def _stage_in_shared_memory(
+        self, snapshot: Snapshot, requests: list[SaveRequest]
+    ) -> tuple[_Batch, dict[str, BaseException]]:
+        """The blocking copy, into a reused segment that writers on this node read directly.
+
+        The enqueues go out first, so their round trip overlaps the copy; the writers start
+        writing only once told the copy is complete.
+        """
+        assert self._arena is not None
+        segment = self._arena.acquire(snapshot.nbytes)
+        data = (SHARED_MEMORY, segment.path, snapshot.nbytes)
+        batch = _Batch({"layout": _packed(snapshot.layout), "data": data}, snapshot.nbytes, segment)
+        pending = self._send(batch, requests, staged=False)
+        snapshot.copy_into(segment.array)  # if this raised, the writers would time the saves out
+        return batch, self._acknowledge(batch, requests, pending, staged=True)
+
+    def _stage_in_object_store(self, snapshot: Snapshot) -> _Batch:
+        """The blocking copy, into Ray's object store: for writers on other nodes."""
         array = np.empty(snapshot.nbytes, dtype=np.uint8)
         snapshot.copy_into(array)
         data = (OBJECT_STORE, [ray.put(array)], snapshot.nbytes)  # nested: the writer fetches it itself
         return _Batch({"layout": _packed(snapshot.layout), "data": data}, snapshot.nbytes, None)
 
-    def _release(self, batch: _Batch) -> None:
-        if batch.segment is not None and self._arena is not None:
-            self._arena.release(batch.segment)
-            batch.segment = None
-
-    def _enqueue(self, batch: _Batch, requests: list[SaveRequest]) -> dict[str, BaseException]:
+    def _send(self, batch: _Batch, requests: list[SaveRequest], staged: bool) -> list[tuple[Any, Any]]:
+        """Submit one enqueue per request; returns (writer, ack ref) pairs."""
         writers = [self._writer_for(request.key) for request in requests]
-        acks = ray.get(
-            [writer.enqueue.remote(req, batch.payload) for writer, req in zip(writers, requests, strict=True)]
-        )
+        return [
+            (writer, writer.enqueue.remote(req, batch.payload, staged))
+            for writer, req in zip(writers, requests, strict=True)
+        ]
+
+    def _acknowledge(
+        self, batch: _Batch, requests: list[SaveRequest], pending: list[tuple[Any, Any]], staged: bool
+    ) -> dict[str, BaseException]:
+        """Wait for the acks; for each accepted save, ask (without waiting) to hear when it is written."""
+        acks = ray.get([ack for _, ack in pending])
         errors = {}
-        for writer, request, ack in zip(writers, requests, acks, strict=True):
+        for (writer, _), request, ack in zip(pending, requests, acks, strict=True):
             if ack.error is not None:
                 errors[request.key] = ack.error
                 continue
             acknowledged = replace(request, sequence=ack.sequence)
-            batch.saves.append(
-                _Save(acknowledged, writer.wait_saved.remote(request.key, ack.sequence, ack.writer_epoch))
-            )
+            done = writer.wait_saved.remote(request.key, ack.sequence, ack.writer_epoch, staged)
+            batch.saves.append(_Save(acknowledged, done))
         return errors
+
+    def _release(self, batch: _Batch) -> None:
+        if batch.segment is not None and self._arena is not None:
+            self._arena.release(batch.segment)
+            batch.segment = None
 
     def _make_room(self, nbytes: int) -> None:
         """Backpressure: wait for older saves until this snapshot fits in the in-flight budget."""
@@ -276,7 +294,7 @@ class Coordinator:
             for save in lost:
                 log.warning("fedckpt: writer restarted before writing %s; sending it again", save.request.key)
                 writer = self._writer_for(save.request.key)
-                ack = ray.get(writer.enqueue.remote(save.request, batch.payload))
+                ack = ray.get(writer.enqueue.remote(save.request, batch.payload, True))
                 if ack.error is not None:
                     raise _checkpoint_error("Saving failed", {save.request.key: ack.error})
                 save.done = writer.wait_saved.remote(save.request.key, ack.sequence, ack.writer_epoch)

@@ -27,6 +27,9 @@ from fedckpt.storage.local import persist_checkpoint
 
 log = logging.getLogger("fedckpt.writer")
 
+# How long a save acknowledged before its snapshot was copied waits for the copy to complete.
+STAGING_TIMEOUT_SECONDS = 120.0
+
 
 @dataclass
 class _Save:
@@ -34,6 +37,7 @@ class _Save:
     sequence: tuple[int, int]
     payload: dict[str, Any]  # layout, and where the staged bytes are (see Coordinator.save)
     outcome: asyncio.Future
+    staged: asyncio.Event  # set once the caller finished copying the snapshot
 
 
 @dataclass
@@ -93,8 +97,12 @@ class CheckpointWriter:
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 
-    async def enqueue(self, request: SaveRequest, payload: dict[str, Any]) -> Ack:
-        """Queue a save and acknowledge at once; the write happens in the background."""
+    async def enqueue(self, request: SaveRequest, payload: dict[str, Any], staged: bool = True) -> Ack:
+        """Queue a save and acknowledge at once; the write happens in the background.
+
+        With ``staged=False`` the caller is still copying into the staging segment (the round trip
+        overlaps the copy); the write starts when ``wait_saved(..., staged=True)`` says it is done.
+        """
         state = self.keys.setdefault(request.key, _Key())
         if state.error is not None:
             error, state.error = state.error, None
@@ -104,7 +112,9 @@ class CheckpointWriter:
         else:
             self.number += 1
             sequence = (self.epoch, self.number)
-        save = _Save(request, sequence, payload, asyncio.get_running_loop().create_future())
+        save = _Save(request, sequence, payload, asyncio.get_running_loop().create_future(), asyncio.Event())
+        if staged:
+            save.staged.set()
         if self.coalesce:
             self._coalesce(state, save)
         else:
@@ -126,8 +136,9 @@ class CheckpointWriter:
             self.counts[SUPERSEDED] += 1
         state.queue.append(save)
 
-    async def wait_saved(self, key: str, sequence: tuple[int, int], writer_epoch: int) -> str:
-        """Wait until one save left memory: saved, superseded or failed.
+    async def wait_saved(self, key: str, sequence: tuple[int, int], writer_epoch: int, staged: bool = False) -> str:
+        """Wait until one save left memory: saved, superseded or failed (``staged``: the caller's
+        copy is complete, the write may start).
 
         ``UNKNOWN`` when an earlier incarnation of this writer took the save: it died with it.
         """
@@ -137,6 +148,8 @@ class CheckpointWriter:
         state = self.keys.get(key)
         for save in state.pending() if state else []:
             if save.sequence == sequence:
+                if staged:
+                    save.staged.set()
                 return await save.outcome
         return SAVED if state is None or state.error is None else FAILED
 
@@ -191,6 +204,13 @@ class CheckpointWriter:
             state.active = save
             outcome = FAILED
             try:
+                try:
+                    await asyncio.wait_for(save.staged.wait(), STAGING_TIMEOUT_SECONDS)
+                except TimeoutError:
+                    raise RuntimeError(
+                        f"the caller did not finish copying this snapshot within {STAGING_TIMEOUT_SECONDS} s "
+                        "(did it die?); the checkpoint on disk is unchanged"
+                    ) from None
                 data = await self._staged_bytes(save.payload["data"])
                 request = save.request
                 entry = await loop.run_in_executor(
