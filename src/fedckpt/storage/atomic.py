@@ -14,15 +14,8 @@ HASH_CHUNK = 8 << 20
 T = TypeVar("T")
 
 
-def fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """fsync a file's data, or a directory's entries (what makes a rename in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -49,7 +42,7 @@ def write_durable_temp(final_path: str, write: Callable[[str], T]) -> tuple[str,
     os.makedirs(os.path.dirname(temp), exist_ok=True)
     try:
         result = write(temp)
-        fsync_file(temp)
+        fsync_path(temp)
     except BaseException:
         remove_quietly(temp)
         raise
@@ -59,7 +52,7 @@ def write_durable_temp(final_path: str, write: Callable[[str], T]) -> tuple[str,
 def publish(temp: str, final_path: str) -> None:
     """Atomically move a durable temp file into place and make the rename durable."""
     os.replace(temp, final_path)
-    fsync_dir(os.path.dirname(final_path) or ".")
+    fsync_path(os.path.dirname(final_path) or ".")
 
 
 def remove_quietly(path: str) -> None:

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from fedckpt.storage.atomic import fsync_dir, publish, remove_quietly, sha256_of_file, write_durable_temp
+from fedckpt.storage.atomic import fsync_path, publish, remove_quietly, sha256_of_file, write_durable_temp
 from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, entry_path
 
 NEXT_SUFFIX = ".next"
@@ -65,7 +65,7 @@ def commit_entry(checkpoint_path: str) -> None:
     """Make the staged entry the current one (after the checkpoint itself was published)."""
     target = entry_path(checkpoint_path)
     os.replace(target + NEXT_SUFFIX, target)
-    fsync_dir(os.path.dirname(target))
+    fsync_path(os.path.dirname(target))
 
 
 def read_entry(checkpoint_path: str) -> ManifestEntry | None:
