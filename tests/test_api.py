@@ -294,3 +294,24 @@ def test_reused_structure_still_sees_every_change_between_saves(runtime, tmp_pat
         model.layer.weight.mul_(2)  # in place: same memory, new values
     checkpointer.maybe_checkpoint(model, 0.0, {})
     assert torch.all(checkpointer.load_state_dict()["layer.weight"] == 6.0)
+
+
+class BelowOneCheckpointer(TorchModuleCheckpointer):
+    """A user subclass with its own rule, saving through ``save_model``."""
+
+    def maybe_checkpoint(self, model, loss, metrics):
+        if loss < 1.0:
+            self.save_model(model, score=loss, score_name="loss")
+
+
+def test_user_subclass_saves_through_save_model(runtime, tmp_path):
+    checkpointer = BelowOneCheckpointer(str(tmp_path), "custom.safetensors")
+    module = ClientCheckpointAndStateModule(pre_aggregation=checkpointer)
+    module.maybe_checkpoint(make_model(1), 2.0, {}, CheckpointMode.PRE_AGGREGATION)
+    module.flush()
+    assert not os.path.exists(checkpointer.checkpoint_path)
+    kept = make_model(2)
+    module.maybe_checkpoint(kept, 0.5, {}, CheckpointMode.PRE_AGGREGATION)
+    assert_same_tensors(checkpointer.load_state_dict(), kept.state_dict())
+    module.flush()
+    assert read_entry(checkpointer.checkpoint_path).score == 0.5

@@ -64,11 +64,6 @@ def coordinator() -> Coordinator:
     return _coordinator
 
 
-def active_coordinator() -> Coordinator | None:
-    """The coordinator if this process has one, without creating it."""
-    return _coordinator
-
-
 def flush(timeout: float | None = None) -> None:
     """Wait until every save issued before this call, by any process, is durable on storage.
 
