@@ -52,11 +52,8 @@ class Snapshot:
         numpy, not torch: a torch copy wakes the OpenMP pool, whose threads then spin for a while
         and starve the writer and Ray's RPC threads of the CPUs (measured: +5-15 ms per save on 2 cores).
         """
-        offset = 0
-        for source in self.sources:
-            end = offset + source.size
-            np.copyto(buffer[offset:end], source)
-            offset = end
+        if self.sources:
+            np.concatenate(self.sources, out=buffer[: self.nbytes])  # one call, however many tensors
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -111,12 +108,19 @@ class _ModulePlan:
 
     pickled: bytes
     extras: dict[str, torch.Tensor]
-    attributes: list[tuple]  # each submodule's attribute values; held so their ids cannot be reused
+    attributes: list[tuple]  # each submodule's attributes and tensors; held so their ids cannot be reused
+    tensors: dict[str, torch.Tensor]  # the state dict this plan was made from
+    modules: list[nn.Module]  # the module tree this plan was made from
     views: dict[str, tuple[torch.Tensor, int, torch.Size, np.ndarray]] = field(default_factory=dict)
+    last: Snapshot | None = None  # the last snapshot, reusable when no tensor moved
 
 
-def _module_attributes(model: nn.Module) -> list[tuple]:
-    return [tuple(module.__dict__.values()) for module in model.modules()]
+def _module_attributes(modules: list[nn.Module]) -> list[tuple]:
+    """Each module's attribute values, parameters, buffers and children (the contents of those
+    dicts matter: replacing a parameter or a child keeps the dict but changes the model)."""
+    return [
+        (*m.__dict__.values(), *m._parameters.values(), *m._buffers.values(), *m._modules.values()) for m in modules
+    ]
 
 
 def _unchanged(old: list[tuple], new: list[tuple]) -> bool:
@@ -135,16 +139,22 @@ def _unchanged(old: list[tuple], new: list[tuple]) -> bool:
 _plans: weakref.WeakKeyDictionary[nn.Module, _ModulePlan] = weakref.WeakKeyDictionary()
 
 
-def _plan_of(model: nn.Module, tensors: dict[str, torch.Tensor]) -> _ModulePlan:
-    """Pickle the module's structure, or reuse the last pickle when no attribute changed since.
+def _plan_of(model: nn.Module) -> _ModulePlan:
+    """Pickle the module's structure, or reuse the last plan when no attribute changed since.
 
-    Pickling a module tree costs ~20 us per submodule (25 ms for 1,000 layers), which would
-    dominate the save of many small tensors. Tensor values never come from the cache.
+    Pickling a module tree costs ~20 us per submodule (25 ms for 1,000 layers), and walking it
+    for the state dict a few more: both would dominate the save of many small tensors. Tensor
+    values never come from the plan.
     """
-    attributes = _module_attributes(model)
     cached = _plans.get(model)
-    if cached is not None and not cached.extras and _unchanged(cached.attributes, attributes):
+    # Walking the cached module list is enough: a replaced child shows in its parent's attributes.
+    if cached is not None and not cached.extras and _unchanged(cached.attributes, _module_attributes(cached.modules)):
         return cached
+    modules = list(model.modules())
+    attributes = _module_attributes(modules)
+    tensors = {
+        name: value for name, value in model.state_dict(keep_vars=True).items() if isinstance(value, torch.Tensor)
+    }
     names_by_id: dict[int, str] = {}
     for name, tensor in tensors.items():
         names_by_id.setdefault(id(tensor), name)
@@ -154,7 +164,7 @@ def _plan_of(model: nn.Module, tensors: dict[str, torch.Tensor]) -> _ModulePlan:
         _SkeletonPickler(buffer, names_by_id, extras).dump(model)
     except Exception as error:
         raise TypeError(f"The model of type {type(model).__name__} cannot be pickled: {error}") from error
-    plan = _ModulePlan(buffer.getvalue(), extras, attributes)
+    plan = _ModulePlan(buffer.getvalue(), extras, attributes, {**tensors, **extras}, modules)
     _plans[model] = plan
     return plan
 
@@ -175,12 +185,16 @@ def snapshot_module(model: nn.Module) -> Snapshot:
     """The model's tensors by state-dict name, and its pickled structure without tensor data."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected a torch.nn.Module to checkpoint, got {type(model).__name__}")
-    tensors = {
-        name: value for name, value in model.state_dict(keep_vars=True).items() if isinstance(value, torch.Tensor)
-    }
-    plan = _plan_of(model, tensors)
-    tensors.update(plan.extras)
-    views = {name: _byte_view_of(plan, name, tensor) for name, tensor in tensors.items()}
+    plan = _plan_of(model)
+    tensors = plan.tensors
+    reused = len(plan.views) == len(tensors)
+    views = {}
+    for name, tensor in tensors.items():
+        cached = plan.views.get(name)
+        views[name] = _byte_view_of(plan, name, tensor)
+        reused = reused and cached is not None and views[name] is cached[3]
+    if reused and plan.last is not None:
+        return plan.last  # same tensors in the same memory: the same byte views and layout
     # Widest dtypes first, as safetensors lays them out: every tensor stays naturally aligned.
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
     entries, sources, offset = [], [], 0
@@ -190,7 +204,9 @@ def snapshot_module(model: nn.Module) -> Snapshot:
         entries.append((name, code, tuple(tensor.shape), offset, offset + view.size))
         sources.append(view)
         offset += view.size
-    return Snapshot(MODULE, offset, sources, {"tensors": entries, "skeleton": plan.pickled})
+    snapshot = Snapshot(MODULE, offset, sources, {"tensors": entries, "skeleton": plan.pickled})
+    plan.last = snapshot if len(plan.views) == len(tensors) else None
+    return snapshot
 
 
 class _RecordCollector:
