@@ -281,6 +281,9 @@ def test_reused_structure_still_sees_every_change_between_saves(runtime, tmp_pat
     model.eval()  # the training flags
     checkpointer.maybe_checkpoint(model, 0.0, {})
     assert checkpointer.load_checkpoint().training is False
+    model.layer.bias.requires_grad_(False)  # freezing a parameter
+    checkpointer.maybe_checkpoint(model, 0.0, {})
+    assert checkpointer.load_checkpoint().layer.bias.requires_grad is False
     model.activation = nn.GELU()  # a submodule without parameters
     checkpointer.maybe_checkpoint(model, 0.0, {})
     assert isinstance(checkpointer.load_checkpoint().activation, nn.GELU)

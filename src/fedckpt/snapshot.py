@@ -116,10 +116,18 @@ class _ModulePlan:
 
 
 def _module_attributes(modules: list[nn.Module]) -> list[tuple]:
-    """Each module's attribute values, parameters, buffers and children (the contents of those
-    dicts matter: replacing a parameter or a child keeps the dict but changes the model)."""
+    """Each module's attribute values, parameters (and whether they require grad: freezing a layer
+    changes the pickled structure), buffers and children. The contents of those dicts matter:
+    replacing a parameter or a child keeps the dict but changes the model."""
     return [
-        (*m.__dict__.values(), *m._parameters.values(), *m._buffers.values(), *m._modules.values()) for m in modules
+        (
+            *m.__dict__.values(),
+            *m._parameters.values(),
+            *[p is not None and p.requires_grad for p in m._parameters.values()],
+            *m._buffers.values(),
+            *m._modules.values(),
+        )
+        for m in modules
     ]
 
 
