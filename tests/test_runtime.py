@@ -169,3 +169,27 @@ def test_segments_of_dead_processes_are_removed(tmp_path):
         path.write_bytes(b"x")
     assert remove_orphans(str(tmp_path)) == 1
     assert not dead.exists() and alive.exists() and unrelated.exists()
+
+
+def test_writer_waits_for_the_copy_before_writing(runtime, tmp_path):
+    """An enqueue sent before the caller's copy finished is written only after 'staged' arrives."""
+    from fedckpt.runtime.messages import SaveRequest
+    from fedckpt.runtime.staging import StagingArena
+    from fedckpt.snapshot import snapshot_state
+
+    key = str(tmp_path / "pipelined.pt")
+    writer = lifecycle.coordinator()._writer_for(key)
+    snapshot = snapshot_state({"v": 1, "x": torch.ones(1024)})
+    arena = StagingArena(max_bytes=1 << 20)
+    try:
+        segment = arena.acquire(snapshot.nbytes)
+        payload = {"layout": pickle.dumps(snapshot.layout), "data": ("shm", segment.path, snapshot.nbytes)}
+        ack = ray.get(writer.enqueue.remote(SaveRequest(key, "state"), payload, False))
+        time.sleep(0.5)
+        assert not os.path.exists(key)  # nothing written from a segment still being filled
+        snapshot.copy_into(segment.array)
+        outcome = ray.get(writer.wait_saved.remote(key, ack.sequence, ack.writer_epoch, True))
+        assert outcome == "saved"
+        assert torch.load(key, weights_only=False)["v"] == 1
+    finally:
+        arena.close()
