@@ -8,6 +8,7 @@ copy is the moment the state is frozen, and the only part of a save the caller w
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import weakref
@@ -45,6 +46,12 @@ class Snapshot:
     nbytes: int
     sources: list[np.ndarray]  # flat uint8 views of live memory, in file order
     layout: dict[str, Any]
+
+    @functools.cached_property
+    def packed_layout(self) -> bytes:
+        """The layout as one pickle (Ray would serialize thousands of tuples one by one), made
+        once per snapshot: a reused snapshot reuses it too."""
+        return pickle.dumps(self.layout, protocol=pickle.HIGHEST_PROTOCOL)
 
     def copy_into(self, buffer: np.ndarray) -> None:
         """Copy every byte into ``buffer`` (uint8, at least ``nbytes`` long): the blocking copy.
@@ -177,16 +184,16 @@ def _plan_of(model: nn.Module) -> _ModulePlan:
     return plan
 
 
-def _byte_view_of(plan: _ModulePlan, name: str, tensor: torch.Tensor) -> np.ndarray:
-    """The tensor's bytes, reusing the last view while it is the same tensor in the same memory."""
+def _byte_view_of(plan: _ModulePlan, name: str, tensor: torch.Tensor) -> tuple[np.ndarray, bool]:
+    """The tensor's bytes, and whether they are the last save's view (same tensor, same memory)."""
     cached = plan.views.get(name)
     if cached is not None and cached[0] is tensor and cached[1] == tensor.data_ptr() and cached[2] == tensor.shape:
-        return cached[3]
+        return cached[3], True
     host = host_tensor(tensor, name)
     view = byte_view(host)
     if host.data_ptr() == tensor.data_ptr() and not host.is_neg() and not host.is_conj():  # not a copy
         plan.views[name] = (tensor, tensor.data_ptr(), tensor.shape, view)
-    return view
+    return view, False
 
 
 def snapshot_module(model: nn.Module) -> Snapshot:
@@ -195,12 +202,10 @@ def snapshot_module(model: nn.Module) -> Snapshot:
         raise TypeError(f"Expected a torch.nn.Module to checkpoint, got {type(model).__name__}")
     plan = _plan_of(model)
     tensors = plan.tensors
-    reused = len(plan.views) == len(tensors)
-    views = {}
+    views, reused = {}, True
     for name, tensor in tensors.items():
-        cached = plan.views.get(name)
-        views[name] = _byte_view_of(plan, name, tensor)
-        reused = reused and cached is not None and views[name] is cached[3]
+        views[name], from_cache = _byte_view_of(plan, name, tensor)
+        reused = reused and from_cache
     if reused and plan.last is not None:
         return plan.last  # same tensors in the same memory: the same byte views and layout
     # Widest dtypes first, as safetensors lays them out: every tensor stays naturally aligned.

@@ -1,9 +1,9 @@
 """The caller side of the runtime: one per process.
 
-It puts each snapshot into Ray's object store once, sends it to the writer that owns each key,
-waits only for the enqueue acknowledgement, keeps in-flight bytes under the budget, re-sends
-saves whose writer restarted before writing them, and turns writer errors into CheckpointError.
-It never touches the disk.
+It copies each snapshot once into staging memory (a reused shared-memory segment, or Ray's object
+store for writers on other nodes), sends it to the writer that owns each key, waits only for the
+enqueue acknowledgement, keeps in-flight bytes under the budget, re-sends saves whose writer
+restarted before writing them, and turns writer errors into CheckpointError. It writes no files.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import atexit
 import contextlib
 import hashlib
 import logging
-import pickle
 import threading
 import time
 from collections import deque
@@ -32,11 +31,6 @@ from fedckpt.runtime.writer import writer_actor_class
 from fedckpt.snapshot import Snapshot
 
 log = logging.getLogger("fedckpt")
-
-
-def _packed(layout: dict[str, Any]) -> bytes:
-    """The layout as one pickle: Ray would otherwise serialize thousands of tuples one by one."""
-    return pickle.dumps(layout, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _node_id() -> str:
@@ -149,9 +143,9 @@ class Coordinator:
             )
             for index in range(1, info["pool_size"])
         ]
-        infos = [info, *ray.get([writer.describe.remote() for writer in rest])]  # all started now
-        self._writer_nodes = [item["node_id"] for item in infos]
-        return [first, *rest]
+        writers = [first, *rest]
+        self._writer_nodes = self._node_ids(writers)  # also waits until every writer has started
+        return writers
 
     def _find_pool(self) -> list[Any] | None:
         try:
@@ -162,8 +156,12 @@ class Coordinator:
         writers = [first] + [
             ray.get_actor(writer_name(index), namespace=self.settings.namespace) for index in range(1, size)
         ]
-        self._writer_nodes = [item["node_id"] for item in ray.get([writer.describe.remote() for writer in writers])]
+        self._writer_nodes = self._node_ids(writers)
         return writers
+
+    @staticmethod
+    def _node_ids(writers: list[Any]) -> list[str]:
+        return [info["node_id"] for info in ray.get([writer.describe.remote() for writer in writers])]
 
     def _writer_for(self, key: str) -> Any:
         writers = self.writers()
@@ -206,7 +204,7 @@ class Coordinator:
                 batch, errors = self._stage_in_shared_memory(snapshot, requests)
             else:
                 batch = self._stage_in_object_store(snapshot)
-                errors = self._acknowledge(batch, requests, self._send(batch, requests, staged=True), staged=True)
+                errors = self._acknowledge(batch, requests, self._send(batch, requests, staged=True))
             if batch.saves:
                 self._batches.append(batch)
                 self._inflight_bytes += batch.nbytes
@@ -226,17 +224,17 @@ class Coordinator:
         assert self._arena is not None
         segment = self._arena.acquire(snapshot.nbytes)
         data = (SHARED_MEMORY, segment.path, snapshot.nbytes)
-        batch = _Batch({"layout": _packed(snapshot.layout), "data": data}, snapshot.nbytes, segment)
+        batch = _Batch({"layout": snapshot.packed_layout, "data": data}, snapshot.nbytes, segment)
         pending = self._send(batch, requests, staged=False)
         snapshot.copy_into(segment.array)  # if this raised, the writers would time the saves out
-        return batch, self._acknowledge(batch, requests, pending, staged=True)
+        return batch, self._acknowledge(batch, requests, pending)
 
     def _stage_in_object_store(self, snapshot: Snapshot) -> _Batch:
         """The blocking copy, into Ray's object store: for writers on other nodes."""
         array = np.empty(snapshot.nbytes, dtype=np.uint8)
         snapshot.copy_into(array)
         data = (OBJECT_STORE, [ray.put(array)], snapshot.nbytes)  # nested: the writer fetches it itself
-        return _Batch({"layout": _packed(snapshot.layout), "data": data}, snapshot.nbytes, None)
+        return _Batch({"layout": snapshot.packed_layout, "data": data}, snapshot.nbytes, None)
 
     def _send(self, batch: _Batch, requests: list[SaveRequest], staged: bool) -> list[tuple[Any, Any]]:
         """Submit one enqueue per request; returns (writer, ack ref) pairs."""
@@ -247,9 +245,10 @@ class Coordinator:
         ]
 
     def _acknowledge(
-        self, batch: _Batch, requests: list[SaveRequest], pending: list[tuple[Any, Any]], staged: bool
+        self, batch: _Batch, requests: list[SaveRequest], pending: list[tuple[Any, Any]]
     ) -> dict[str, BaseException]:
-        """Wait for the acks; for each accepted save, ask (without waiting) to hear when it is written."""
+        """Wait for the acks; for each accepted save, say its bytes are staged and ask (without
+        waiting) to hear when it is written."""
         acks = ray.get([ack for _, ack in pending])
         errors = {}
         for (writer, _), request, ack in zip(pending, requests, acks, strict=True):
@@ -257,7 +256,7 @@ class Coordinator:
                 errors[request.key] = ack.error
                 continue
             acknowledged = replace(request, sequence=ack.sequence)
-            done = writer.wait_saved.remote(request.key, ack.sequence, ack.writer_epoch, staged)
+            done = writer.wait_saved.remote(request.key, ack.sequence, ack.writer_epoch, True)
             batch.saves.append(_Save(acknowledged, done))
         return errors
 

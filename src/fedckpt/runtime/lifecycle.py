@@ -70,8 +70,7 @@ def flush(timeout: float | None = None) -> None:
     Raises ``CheckpointError`` for saves that failed, and ``TimeoutError`` (Ray's
     ``GetTimeoutError``) if ``timeout`` seconds pass first.
     """
-    instance = _coordinator if _coordinator is not None else coordinator()
-    instance.flush(timeout=timeout)
+    coordinator().flush(timeout=timeout)
 
 
 def shutdown() -> None:
