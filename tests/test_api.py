@@ -101,7 +101,7 @@ def test_client_module_routes_by_mode_and_snapshots_once(runtime, tmp_path):
     assert_same_tensors(pre[1].load_state_dict(), local.state_dict())
     assert_same_tensors(post.load_state_dict(), global_.state_dict())
     # One snapshot served both pre-aggregation checkpointers: same bytes on disk.
-    assert read_entry(pre[0].checkpoint_path).sha256 == read_entry(pre[1].checkpoint_path).sha256
+    assert read_entry(pre[0].checkpoint_path).checksum == read_entry(pre[1].checkpoint_path).checksum
     with pytest.raises(ValueError, match="Unrecognized mode"):
         module.maybe_checkpoint(local, 0.3, {}, "mid_aggregation")
     empty = ClientCheckpointAndStateModule()

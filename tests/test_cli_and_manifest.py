@@ -12,7 +12,7 @@ from conftest import make_model
 from fedckpt import BestLossTorchModuleCheckpointer, PerRoundStateCheckpointer
 from fedckpt.cli import main
 from fedckpt.storage import manifest
-from fedckpt.storage.atomic import sha256_of_file
+from fedckpt.storage.checksum import checksum_of_file
 from fedckpt.storage.paths import entry_path
 
 
@@ -32,7 +32,7 @@ def test_manifest_records_sequence_score_size_hash_and_time(runtime, tmp_path):
     entry = manifest.read_entry(best.checkpoint_path)
     assert entry.format == "module" and entry.score == 0.42 and entry.score_name == "Loss"
     assert entry.bytes == os.path.getsize(best.checkpoint_path)
-    assert entry.sha256 == sha256_of_file(best.checkpoint_path)
+    assert entry.checksum == checksum_of_file(best.checkpoint_path) and entry.checksum.startswith("crc32:")
     assert started - 1 <= entry.saved_at <= time.time() + 1
     assert len(entry.sequence) == 2 and entry.sequence[1] >= 1
 
@@ -43,7 +43,7 @@ def test_ls_json_lists_every_checkpoint(runtime, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [row["path"] for row in rows] == ["best.pt", os.path.join("round", "state.pt")]
     for row in rows:
-        assert {"sequence", "score", "bytes", "sha256", "saved_at", "saved_at_iso", "format"} <= set(row)
+        assert {"sequence", "score", "bytes", "checksum", "saved_at", "saved_at_iso", "format"} <= set(row)
     assert main(["ls", str(tmp_path)]) == 0
     assert "best.pt" in capsys.readouterr().out
 
@@ -61,7 +61,7 @@ def test_verify_passes_then_names_a_corrupted_file(runtime, tmp_path):
         file.write(bytes([byte[0] ^ 0xFF]))
     bad = subprocess.run(command, capture_output=True, text=True)
     assert bad.returncode == 1
-    assert best.checkpoint_path in bad.stderr and "sha256" in bad.stderr
+    assert best.checkpoint_path in bad.stderr and "checksum does not match" in bad.stderr
     os.remove(best.checkpoint_path)
     missing = subprocess.run(command, capture_output=True, text=True)
     assert missing.returncode == 1 and "missing" in missing.stderr
@@ -77,10 +77,28 @@ def test_an_entry_staged_before_a_crash_is_rolled_forward(runtime, tmp_path):
     best = write_some(tmp_path)
     old = manifest.read_entry(best.checkpoint_path)
     new = manifest.ManifestEntry(**{**old.__dict__, "sequence": (old.sequence[0], old.sequence[1] + 1), "score": 0.1})
-    manifest.stage_entry(best.checkpoint_path, new)  # file unchanged, so sha256 still matches
+    manifest.stage_entry(best.checkpoint_path, new)  # file unchanged, so the checksum still matches
     assert manifest.read_entry(best.checkpoint_path).score == 0.1
     assert not os.path.exists(entry_path(best.checkpoint_path) + manifest.NEXT_SUFFIX)
     # A staged entry whose file never arrived is dropped.
-    stale = manifest.ManifestEntry(**{**new.__dict__, "sha256": "0" * 64, "score": 9.0})
+    stale = manifest.ManifestEntry(**{**new.__dict__, "checksum": "crc32:00000000", "score": 9.0})
     manifest.stage_entry(best.checkpoint_path, stale)
     assert manifest.read_entry(best.checkpoint_path).score == 0.1
+
+
+def test_entries_of_fedckpt_0_1_with_sha256_still_verify(runtime, tmp_path, capsys):
+    best = write_some(tmp_path)
+    entry = manifest.read_entry(best.checkpoint_path)
+    old = {**entry.__dict__, "sha256": checksum_of_file(best.checkpoint_path, "sha256").split(":")[1]}
+    del old["checksum"]
+    with open(entry_path(best.checkpoint_path), "w") as file:
+        json.dump(old, file)
+    assert manifest.read_entry(best.checkpoint_path).checksum.startswith("sha256:")
+    assert main(["verify", str(tmp_path)]) == 0
+    with open(best.checkpoint_path, "r+b") as file:
+        file.seek(-1, os.SEEK_END)
+        last = file.read(1)[0]
+        file.seek(-1, os.SEEK_END)
+        file.write(bytes([last ^ 0xFF]))  # one flipped byte
+    assert main(["verify", str(tmp_path)]) == 1
+    assert "checksum does not match" in capsys.readouterr().err

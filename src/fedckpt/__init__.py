@@ -15,6 +15,7 @@ from fedckpt.client_module import ClientCheckpointAndStateModule
 from fedckpt.errors import CheckpointError
 from fedckpt.modes import CheckpointMode
 from fedckpt.runtime.lifecycle import flush, init, shutdown
+from fedckpt.server_module import ServerCheckpointAndStateModule
 from fedckpt.state import PerRoundStateCheckpointer
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "FunctionTorchModuleCheckpointer",
     "LatestTorchModuleCheckpointer",
     "PerRoundStateCheckpointer",
+    "ServerCheckpointAndStateModule",
     "TorchModuleCheckpointer",
     "flush",
     "init",

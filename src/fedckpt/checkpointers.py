@@ -26,15 +26,15 @@ from fedckpt.policies import (
 from fedckpt.runtime import lifecycle
 from fedckpt.runtime.messages import SaveRequest
 from fedckpt.snapshot import MODULE, snapshot_module
-from fedckpt.storage import formats
+from fedckpt.storage import formats, manifest
 from fedckpt.storage.paths import checkpoint_key, checkpoint_path_in
 
 log = logging.getLogger("fedckpt")
 
 
-def wait_until_readable(path: str) -> None:
-    """Wait for pending saves of ``path`` (from any process) if a runtime may hold some."""
-    lifecycle.coordinator().wait_readable(checkpoint_key(path))
+def wait_until_readable(*paths: str) -> None:
+    """Wait for pending saves of ``paths`` (from any process) if a runtime may hold some."""
+    lifecycle.coordinator().wait_readable(*(checkpoint_key(path) for path in paths))
 
 
 class TorchModuleCheckpointer(ABC):
@@ -133,6 +133,20 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
         self.best_score = score
         return self.save_request(score, self.checkpoint_score_name)
 
+    def resume_best_score(self) -> float | None:
+        """Take ``best_score`` from the checkpoint on disk (after its pending saves), if it has one.
+
+        A checkpointer built anew (a new run, or a Flower ClientApp, which is rebuilt every round)
+        otherwise starts with no best score, and its first save would replace a better model.
+        Returns the best score now in force.
+        """
+        wait_until_readable(self.checkpoint_path)
+        entry = manifest.read_entry(self.checkpoint_path)
+        on_disk = entry.score if entry is not None and entry.score_name == self.checkpoint_score_name else None
+        if on_disk is not None and is_improvement(on_disk, self.best_score, self.maximize):
+            self.best_score = on_disk
+        return self.best_score
+
     def maybe_checkpoint(self, model: nn.Module, loss: float, metrics: Mapping[str, Scalar]) -> None:
         """Save ``model`` in the background if its score is the best so far."""
         request = self.decide(loss, metrics)
@@ -145,6 +159,9 @@ class LatestTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
 
     def __init__(self, checkpoint_dir: str, checkpoint_name: str) -> None:
         super().__init__(checkpoint_dir, checkpoint_name, latest_score, "Latest", False)
+
+    def resume_best_score(self) -> float | None:
+        return None  # it has no bar to resume
 
     def decide(self, loss: float, metrics: Mapping[str, Scalar]) -> SaveRequest | None:
         log.info("Saving latest checkpoint %s", self.checkpoint_path)

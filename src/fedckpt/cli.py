@@ -15,7 +15,7 @@ from rich.table import Table
 
 from fedckpt.bench.cases import DEFAULT_CASES, QUICK_CASES, visible_case_names
 from fedckpt.bench.runner import run_bench
-from fedckpt.storage.atomic import sha256_of_file
+from fedckpt.storage.checksum import file_matches
 from fedckpt.storage.manifest import iter_entries
 
 
@@ -41,13 +41,13 @@ def command_ls(directory: str, as_json: bool) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     table = Table(title=f"fedckpt checkpoints in {directory}")
-    for column in ("path", "format", "sequence", "score", "bytes", "sha256", "saved at (UTC)"):
+    for column in ("path", "format", "sequence", "score", "bytes", "checksum", "saved at (UTC)"):
         table.add_column(column, justify="right" if column in ("bytes", "sequence") else "left")
     for row in rows:
         score = "" if row["score"] is None else f"{row['score_name']}={row['score']:.6g}"
         table.add_row(
             row["path"], row["format"], str(row["sequence"][1]), score,
-            _human_bytes(row["bytes"]), row["sha256"][:12], row["saved_at_iso"],
+            _human_bytes(row["bytes"]), row["checksum"][:14], row["saved_at_iso"],
         )  # fmt: skip
     Console().print(table)
     if not rows:
@@ -65,8 +65,8 @@ def command_verify(directory: str) -> int:
         size = os.path.getsize(path)
         if size != entry.bytes:
             problems.append(f"{path}: size {size} bytes, the manifest records {entry.bytes}")
-        elif sha256_of_file(path) != entry.sha256:
-            problems.append(f"{path}: sha256 does not match the manifest")
+        elif not file_matches(path, entry.checksum):
+            problems.append(f"{path}: checksum does not match the manifest ({entry.checksum})")
     for problem in problems:
         print(f"CORRUPT {problem}", file=sys.stderr)
     print(f"verified {checked} checkpoint(s) under {directory}: {len(problems)} problem(s)")

@@ -3,61 +3,24 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
-from fedckpt.checkpointers import FunctionTorchModuleCheckpointer, TorchModuleCheckpointer
+from fedckpt.checkpoint_module import (
+    CheckpointAndStateModule,
+    ModelCheckpointers,
+    as_checkpointer_list,
+    check_unique_paths,
+    checkpoint_model,
+)
+from fedckpt.checkpointers import TorchModuleCheckpointer
 from fedckpt.modes import CheckpointMode
 from fedckpt.policies import Scalar
-from fedckpt.runtime import lifecycle
-from fedckpt.snapshot import snapshot_module
 from fedckpt.state import PerRoundStateCheckpointer
-from fedckpt.storage.paths import checkpoint_key
-
-ModelCheckpointers = TorchModuleCheckpointer | Sequence[TorchModuleCheckpointer] | None
 
 log = logging.getLogger("fedckpt")
-
-
-def as_checkpointer_list(checkpointers: ModelCheckpointers) -> list[TorchModuleCheckpointer] | None:
-    if checkpointers is None:
-        return None
-    if isinstance(checkpointers, TorchModuleCheckpointer):
-        return [checkpointers]
-    listed = list(checkpointers)
-    for checkpointer in listed:
-        if not isinstance(checkpointer, TorchModuleCheckpointer):
-            raise TypeError(f"Expected TorchModuleCheckpointer instances, got {type(checkpointer).__name__}")
-    return listed
-
-
-def check_unique_paths(*groups: list[TorchModuleCheckpointer] | None) -> None:
-    """``ValueError`` if two checkpointers would write the same file (compared as absolute paths)."""
-    paths = [checkpointer.checkpoint_path for group in groups if group for checkpointer in group]
-    if len({checkpoint_key(path) for path in paths}) != len(paths):
-        formatted = "\n".join(paths)
-        raise ValueError(
-            "The paths of all of your checkpointers should be unique otherwise overwrites are possible and data "
-            f"will be lost. The current paths are:\n{formatted}"
-        )
-
-
-def checkpoint_model(
-    checkpointers: list[TorchModuleCheckpointer], model: nn.Module, loss: float, metrics: Mapping[str, Scalar]
-) -> None:
-    """Let each checkpointer decide, then snapshot ``model`` once for all that want it."""
-    requests = []
-    for checkpointer in checkpointers:
-        if type(checkpointer).maybe_checkpoint is FunctionTorchModuleCheckpointer.maybe_checkpoint:
-            request = checkpointer.decide(loss, metrics)  # type: ignore[attr-defined]
-            if request is not None:
-                requests.append(request)
-        else:  # a user subclass with its own logic
-            checkpointer.maybe_checkpoint(model, loss, metrics)
-    if requests:
-        lifecycle.coordinator().save(requests, snapshot_module(model))
 
 
 def parse_mode(mode: Any) -> CheckpointMode:
@@ -67,7 +30,7 @@ def parse_mode(mode: Any) -> CheckpointMode:
         raise ValueError(f"Unrecognized mode for checkpointing: {mode!s}") from None
 
 
-class ClientCheckpointAndStateModule:
+class ClientCheckpointAndStateModule(CheckpointAndStateModule):
     """Holds a client's pre-aggregation and post-aggregation model checkpointers and its state checkpointer.
 
     Args:
@@ -98,29 +61,5 @@ class ClientCheckpointAndStateModule:
             return
         checkpoint_model(checkpointers, model, loss, metrics)
 
-    def save_state(self, state_checkpoint_name: str, state: dict[str, Any]) -> None:
-        """Save ``state`` under ``state_checkpoint_name`` in the state checkpointer's directory."""
-        if self.state_checkpointer is None:
-            raise ValueError("Attempting to save state but no state checkpointer is specified")
-        self.state_checkpointer.save_checkpoint(state_checkpoint_name, state)
-
-    def maybe_load_state(self, state_checkpoint_name: str) -> dict[str, Any] | None:
-        """The saved state, or None if there is none (saves issued earlier, anywhere, count)."""
-        if self.state_checkpointer is None:
-            raise ValueError("Attempting to load state, but no state checkpointer is specified")
-        if self.state_checkpointer.checkpoint_exists(state_checkpoint_name):
-            return self.state_checkpointer.load_checkpoint(state_checkpoint_name)
-        log.info("State checkpointer is defined but no state checkpoint exists.")
-        return None
-
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until every save of this module's checkpointers is durable; raise if one failed."""
-        keys = [
-            checkpoint_key(checkpointer.checkpoint_path)
-            for group in (self.pre_aggregation, self.post_aggregation)
-            if group
-            for checkpointer in group
-        ]
-        if self.state_checkpointer is not None:
-            keys.extend(self.state_checkpointer._saved_keys)
-        lifecycle.coordinator().flush(keys, timeout=timeout)
+    def model_checkpointers_in_use(self) -> list[TorchModuleCheckpointer]:
+        return [*(self.pre_aggregation or ()), *(self.post_aggregation or ())]

@@ -5,17 +5,26 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedckpt.checkpointers import wait_until_readable
 from fedckpt.runtime import lifecycle
 from fedckpt.runtime.messages import SaveRequest
-from fedckpt.snapshot import STATE, snapshot_state
+from fedckpt.snapshot import STATE, Snapshot, snapshot_state
 from fedckpt.storage import formats
 from fedckpt.storage.paths import checkpoint_key, checkpoint_path_in
 
 log = logging.getLogger("fedckpt")
+
+
+@dataclass(frozen=True)
+class StateSnapshot:
+    """A state taken by :meth:`PerRoundStateCheckpointer.snapshot_checkpoint`, not yet saved."""
+
+    path: str
+    snapshot: Snapshot
 
 
 class PerRoundStateCheckpointer:
@@ -31,28 +40,50 @@ class PerRoundStateCheckpointer:
     def _path(self, checkpoint_name: str) -> str:
         return checkpoint_path_in(self.checkpoint_dir, checkpoint_name)
 
+    def existing(self, *checkpoint_names: str) -> list[str]:
+        """Those of ``checkpoint_names`` that exist, after their pending saves (one round trip for all)."""
+        paths = [self._path(name) for name in checkpoint_names]
+        wait_until_readable(*paths)
+        return [name for name, path in zip(checkpoint_names, paths, strict=True) if os.path.exists(path)]
+
     def save_checkpoint(self, checkpoint_name: str, checkpoint_dict: Mapping[str, Any]) -> None:
         """Snapshot ``checkpoint_dict`` now and write it in the background."""
+        self.save_snapshot(self.snapshot_checkpoint(checkpoint_name, checkpoint_dict))
+
+    def snapshot_checkpoint(self, checkpoint_name: str, checkpoint_dict: Mapping[str, Any]) -> StateSnapshot:
+        """The first half of :meth:`save_checkpoint`: take the snapshot now, save it later.
+
+        For a save that must wait for something (the server's round commit waits until the
+        round's other saves are durable) while the state goes on changing.
+        """
         path = self._path(checkpoint_name)
         if not isinstance(checkpoint_dict, Mapping):
             raise TypeError(f"State for {path} must be a dict, got {type(checkpoint_dict).__name__}")
         try:
-            snapshot = snapshot_state(checkpoint_dict)
+            return StateSnapshot(path, snapshot_state(checkpoint_dict))
         except TypeError as error:
             raise TypeError(f"State for {path} cannot be saved: {error}") from error
-        log.info("Saving state as %s", path)
-        key = checkpoint_key(path)
-        self._saved_keys.add(key)
-        lifecycle.coordinator().save([SaveRequest(key, STATE)], snapshot)
 
-    def load_checkpoint(self, checkpoint_name: str) -> dict[str, Any]:
-        """The saved state (waits for pending saves of it). Raises ``FileNotFoundError`` if absent."""
+    def save_snapshot(self, state: StateSnapshot) -> None:
+        """The second half of :meth:`save_checkpoint`: write a snapshot taken earlier, in the background."""
+        log.info("Saving state as %s", state.path)
+        key = checkpoint_key(state.path)
+        self._saved_keys.add(key)
+        lifecycle.coordinator().save([SaveRequest(key, STATE)], state.snapshot)
+
+    def load_checkpoint(self, checkpoint_name: str, mmap: bool = False, wait: bool = True) -> dict[str, Any]:
+        """The saved state (waits for pending saves of it). Raises ``FileNotFoundError`` if absent.
+
+        ``mmap=True`` maps tensor data instead of reading it; ``wait=False`` skips the wait, for a
+        caller that just waited (:meth:`existing`).
+        """
         path = self._path(checkpoint_name)
-        wait_until_readable(path)
+        if wait:
+            wait_until_readable(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"No state checkpoint at {path}")
         log.info("Loading state from checkpoint at %s", path)
-        return formats.read_state(path)
+        return formats.read_state(path, mmap=mmap)
 
     def checkpoint_exists(self, checkpoint_name: str, **kwargs: Any) -> bool:
         """Whether the checkpoint exists, counting saves already issued but not yet written."""

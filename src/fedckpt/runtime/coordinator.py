@@ -26,7 +26,7 @@ from fedckpt.errors import CheckpointError
 from fedckpt.runtime import ray_session
 from fedckpt.runtime.messages import OBJECT_STORE, SHARED_MEMORY, UNKNOWN, SaveRequest
 from fedckpt.runtime.settings import Settings
-from fedckpt.runtime.staging import Segment, StagingArena, shared_memory_available
+from fedckpt.runtime.staging import Segment, StagingArena, remove_orphans, shared_memory_available
 from fedckpt.runtime.writer import writer_actor_class
 from fedckpt.snapshot import Snapshot
 
@@ -107,18 +107,27 @@ class Coordinator:
                 atexit.register(self._flush_at_exit)
         return self._writers
 
+    def start_writers(self) -> None:
+        """Create (or find) the writer pool now rather than at the first save."""
+        with self._lock:
+            self.writers()
+
     def _flush_at_exit(self) -> None:
-        """A process that exits normally loses nothing it saved."""
-        if self._writers is None or not ray.is_initialized():
-            return
+        """A process that exits normally loses nothing it saved, and leaves no staging memory behind."""
         try:
-            self.flush()
-        except Exception as error:
-            log.error("fedckpt: saves failed before exit: %s", error)
-            raise
+            if self._writers is not None and ray.is_initialized():
+                try:
+                    self.flush()
+                except Exception as error:
+                    log.error("fedckpt: saves failed before exit: %s", error)
+                    raise
         finally:
-            if self._arena is not None and not self._batches:
+            if self._arena is not None and (not self._batches or not ray.is_initialized()):
                 self._arena.close()
+            if not ray.is_initialized():
+                # Ray was shut down under this process (Flower does, after a simulation): its workers
+                # were killed without cleaning up, so remove their staging segments now.
+                remove_orphans(settle_seconds=1.0)
 
     def _actor_options(self, index: int) -> dict[str, Any]:
         return {
@@ -305,16 +314,18 @@ class Coordinator:
             self._release_finished()
             return self._inflight_bytes
 
-    def wait_readable(self, key: str) -> None:
-        """Block until every save of ``key`` issued before now (from any process) is on disk."""
+    def wait_readable(self, *keys: str) -> None:
+        """Block until every save of ``keys`` issued before now (from any process) is on disk."""
+        wanted = set(keys)
         with self._lock:
             writers = self.writers(create=False)
             if writers is None:
                 return
-            self._settle_batches(lambda batch: key in batch.key_set(), _Deadline(None))
-            error = ray.get(writers[shard_of(key, len(writers))].wait_key.remote(key))
-        if error is not None:
-            raise _checkpoint_error("Saving failed", {key: error})
+            self._settle_batches(lambda batch: bool(batch.key_set() & wanted), _Deadline(None))
+            errors = ray.get([writers[shard_of(key, len(writers))].wait_key.remote(key) for key in keys])
+        failed = {key: error for key, error in zip(keys, errors, strict=True) if error is not None}
+        if failed:
+            raise _checkpoint_error("Saving failed", failed)
 
     def flush(self, keys: Iterable[str] | None = None, timeout: float | None = None) -> None:
         """Wait until saves issued before now are on disk: of ``keys``, or of every process."""

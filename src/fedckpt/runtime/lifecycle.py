@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import ray
 
@@ -62,6 +63,30 @@ def coordinator() -> Coordinator:
         if _coordinator is None:
             _coordinator = Coordinator(Settings.from_env())
     return _coordinator
+
+
+def start_writers_when_ray_is_up(within: float = 300.0) -> threading.Thread:
+    """Create the writer pool in the background as soon as this process is connected to Ray.
+
+    For a Flower ServerApp: its ``main()`` starts before the simulation starts Ray, and without
+    this the first client to save would wait for the writers to start. Gives up after ``within``
+    seconds; a save creates the pool itself anyway.
+    """
+
+    def start() -> None:
+        deadline = time.monotonic() + within
+        while not ray.is_initialized():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        try:
+            coordinator().start_writers()
+        except Exception as error:  # the first save will try again and raise
+            log.warning("fedckpt: starting the writer pool in the background failed: %s", error)
+
+    thread = threading.Thread(target=start, name="fedckpt-start-writers", daemon=True)
+    thread.start()
+    return thread
 
 
 def flush(timeout: float | None = None) -> None:

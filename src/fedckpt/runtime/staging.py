@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedckpt.storage.atomic import process_alive
+
 SHM_DIR = "/dev/shm"
 PREFIX = "fedckpt-"
 
@@ -59,27 +61,33 @@ def creator_pid(path: str) -> int | None:
         return None
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def remove_orphans(directory: str = SHM_DIR, settle_seconds: float = 0.0) -> int:
+    """Remove segments whose creator process is gone (a caller killed before it cleaned up).
 
-
-def remove_orphans(directory: str = SHM_DIR) -> int:
-    """Remove segments whose creator process is gone (a caller killed before it cleaned up)."""
+    With ``settle_seconds``, keep sweeping that long while other processes' segments remain: for
+    a driver that just shut Ray down, whose workers (Flower's ClientApp actors) are still exiting.
+    """
     removed = 0
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(directory):
-            pid = creator_pid(name)
-            if pid is not None and not process_alive(pid):
+    deadline = time.monotonic() + settle_seconds
+    while True:
+        remaining = 0
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(directory):
+                pid = creator_pid(name)
+                if pid is None or pid == os.getpid():
+                    continue
+                if process_alive(pid):
+                    remaining += 1
+                    continue
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(directory, name))
                     removed += 1
-    return removed
+        if remaining == 0 or time.monotonic() >= deadline:
+            return removed
+        time.sleep(0.05)
+
+
+SEGMENT_GRANULARITY = 2 << 20
 
 
 class StagingArena:
@@ -128,7 +136,9 @@ class StagingArena:
             self._busy.clear()
 
     def _create(self, nbytes: int) -> Segment:
-        size = max(nbytes, 1)
+        # Room to spare, so that saves whose sizes differ a little (a model and its optimizer state,
+        # a model with one buffer more) reuse each other's segments instead of mapping new memory.
+        size = -(-(nbytes + nbytes // 64 + 1) // SEGMENT_GRANULARITY) * SEGMENT_GRANULARITY
         path = os.path.join(self.directory, f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Callable
 from typing import TypeVar
 
-from fedckpt.storage.paths import temp_path
+from fedckpt.storage.paths import temp_file_owner, temp_owner, temp_path
 
-HASH_CHUNK = 8 << 20
 T = TypeVar("T")
+
+_swept_dirs: set[str] = set()  # temp directories this process already cleaned
 
 
 def fsync_path(path: str) -> None:
@@ -23,16 +23,6 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def sha256_of_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as file:
-        buffer = bytearray(HASH_CHUNK)
-        view = memoryview(buffer)
-        while count := file.readinto(buffer):
-            digest.update(view[:count])
-    return digest.hexdigest()
-
-
 def write_durable_temp(final_path: str, write: Callable[[str], T]) -> tuple[str, T]:
     """Run ``write(temp)`` for a new temp file beside ``final_path`` and fsync it.
 
@@ -40,6 +30,9 @@ def write_durable_temp(final_path: str, write: Callable[[str], T]) -> tuple[str,
     """
     temp = temp_path(final_path)
     os.makedirs(os.path.dirname(temp), exist_ok=True)
+    if os.path.dirname(temp) not in _swept_dirs:
+        remove_stale_temps(os.path.dirname(temp))
+        _swept_dirs.add(os.path.dirname(temp))
     try:
         result = write(temp)
         fsync_path(temp)
@@ -58,3 +51,31 @@ def publish(temp: str, final_path: str) -> None:
 def remove_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
+
+
+def remove_stale_temps(temp_dir: str) -> list[str]:
+    """Remove the temp files in ``temp_dir`` left by writers on this host that no longer run.
+
+    A writer killed mid-write (SIGKILL, a lost node) leaves its temp file behind; the checkpoint
+    itself is untouched. Files of live processes, other hosts or unknown names are kept.
+    """
+    host = temp_owner().rpartition("-")[0]
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(temp_dir):
+            owner = temp_file_owner(name)
+            if owner is not None and owner[0] == host and not process_alive(owner[1]):
+                remove_quietly(os.path.join(temp_dir, name))
+                removed.append(name)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

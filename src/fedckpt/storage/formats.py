@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import pickle
 import struct
@@ -27,42 +26,15 @@ from fedckpt.snapshot import (
     SKELETON_TENSOR_TAG,
     STATE,
 )
+from fedckpt.storage.direct import BLOCK, HashingFile
 
-# One metadata key holding JSON: the file is the same bytes (and sha256) whoever writes it.
+# One metadata key holding JSON: the file is the same bytes (and checksum) whoever writes it.
 METADATA_KEY = "fedckpt"
 MODULE_FORMAT_VERSION = "module/1"
 
 
-WRITE_CHUNK = 64 << 20
-
-
-class HashingFile:
-    """A binary file that hashes (sha256) everything written to it, in the same pass."""
-
-    def __init__(self, path: str) -> None:
-        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed by close())
-        self.digest = hashlib.sha256()
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), WRITE_CHUNK):
-            chunk = view[start : start + WRITE_CHUNK]
-            self.digest.update(chunk)
-            written = 0
-            while written < len(chunk):
-                written += self.file.write(chunk[written:])
-        return len(view)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> str:
-        self.file.close()
-        return self.digest.hexdigest()
-
-
 def safetensors_header(layout: dict[str, Any]) -> bytes:
-    """The safetensors header (length prefix, JSON, space padding to 8 bytes) of a module snapshot."""
+    """The safetensors header (length prefix, JSON, space padding to a block) of a module snapshot."""
     header: dict[str, Any] = {
         name: {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
         for name, code, shape, begin, end in layout["tensors"]
@@ -70,7 +42,9 @@ def safetensors_header(layout: dict[str, Any]) -> bytes:
     description = {"format": MODULE_FORMAT_VERSION, "skeleton": base64.b64encode(layout["skeleton"]).decode()}
     header["__metadata__"] = {METADATA_KEY: json.dumps(description, sort_keys=True)}
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
+    # Spaces pad the header so that the data section starts on a block boundary: the writer can then
+    # send the staged data to disk as it is (direct I/O). JSON ignores them; safetensors allows them.
+    text += b" " * (-(len(text) + 8) % BLOCK)
     return struct.pack("<Q", len(text)) + text
 
 
@@ -78,20 +52,24 @@ def write_module_file(layout: dict[str, Any], data: memoryview, path: str) -> st
     """Write a module snapshot as one safetensors file: header, then the data region as staged.
 
     The staged data is already in safetensors order, so this is one sequential write. Returns
-    the file's sha256.
+    the file's checksum.
     """
     out = HashingFile(path)
     try:
         out.write(safetensors_header(layout))
         out.write(data)
     finally:
-        sha256 = out.close()
-    return sha256
+        checksum = out.close()
+    return checksum
 
 
 def write_state_file(layout: dict[str, Any], data: memoryview, path: str) -> str:
-    """Write the records collected from torch's own pickling in torch's zip format; return sha256."""
-    out = HashingFile(path)
+    """Write the records collected from torch's own pickling in torch's zip format; return its checksum.
+
+    Buffered, unlike model files: a state is read back soon (a Flower client restores it at the
+    start of its next round), and from the page cache that read is a memory copy, not a disk read.
+    """
+    out = HashingFile(path, direct=False)
     try:
         writer = torch._C.PyTorchFileWriter(
             out, torch.serialization.get_crc32_options(), torch.serialization._get_storage_alignment()
@@ -110,8 +88,8 @@ def write_state_file(layout: dict[str, Any], data: memoryview, path: str) -> str
             writer.write_record(name, storage.untyped_storage(), end - begin)
         writer.write_end_of_file()
     finally:
-        sha256 = out.close()
-    return sha256
+        checksum = out.close()
+    return checksum
 
 
 WRITERS = {MODULE: write_module_file, STATE: write_state_file}
@@ -181,6 +159,6 @@ def read_module(path: str) -> nn.Module:
     return _SkeletonUnpickler(io.BytesIO(skeleton), tensors).load()
 
 
-def read_state(path: str) -> Any:
-    """Load a state checkpoint (runs pickle: load only files you trust)."""
-    return torch.load(path, weights_only=False)
+def read_state(path: str, mmap: bool = False) -> Any:
+    """Load a state checkpoint (runs pickle: load only files you trust); ``mmap`` maps tensor data."""
+    return torch.load(path, weights_only=False, mmap=mmap)

@@ -32,7 +32,7 @@ def persist_checkpoint(
     current = manifest.read_entry(path)
     if current is not None and tuple(current.sequence) > tuple(sequence):
         return None
-    temp, sha256 = write_durable_temp(path, lambda target: WRITERS[kind](layout, data, target))
+    temp, checksum = write_durable_temp(path, lambda target: WRITERS[kind](layout, data, target))
     try:
         entry = manifest.ManifestEntry(
             name=os.path.basename(path),
@@ -41,7 +41,7 @@ def persist_checkpoint(
             score=score,
             score_name=score_name,
             bytes=os.path.getsize(temp),
-            sha256=sha256,
+            checksum=checksum,
             saved_at=time.time(),
             writer=writer_name,
         )

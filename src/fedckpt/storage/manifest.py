@@ -1,12 +1,12 @@
 """The manifest: one JSON entry per checkpoint in ``.fedckpt/`` beside it.
 
 An entry records the version of the checkpoint on disk: its sequence (writer epoch, number),
-score, byte size, sha256 and time. Entries are per checkpoint rather than one file per directory
+score, byte size, checksum and time. Entries are per checkpoint rather than one file per directory
 so that writers of different checkpoints never contend for the same file.
 
 Commit order: the new entry is written durably as ``<entry>.next``, then the checkpoint is renamed
 into place, then ``.next`` over the entry. A crash between the two renames leaves a ``.next`` whose
-sha256 matches the checkpoint; :func:`read_entry` rolls it forward.
+checksum matches the checkpoint; :func:`read_entry` rolls it forward.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from fedckpt.storage.atomic import fsync_path, publish, remove_quietly, sha256_of_file, write_durable_temp
+from fedckpt.storage.atomic import fsync_path, publish, remove_quietly, write_durable_temp
+from fedckpt.storage.checksum import file_matches
 from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, entry_path
 
 NEXT_SUFFIX = ".next"
@@ -32,7 +33,7 @@ class ManifestEntry:
     score: float | None
     score_name: str | None
     bytes: int
-    sha256: str
+    checksum: str  # "<algorithm>:<hex>", see fedckpt.storage.checksum
     saved_at: float
     writer: str
 
@@ -43,6 +44,8 @@ class ManifestEntry:
     def from_json(cls, text: str) -> ManifestEntry:
         data = json.loads(text)
         data["sequence"] = tuple(data["sequence"])
+        if "sha256" in data:  # written by fedckpt 0.1
+            data["checksum"] = "sha256:" + data.pop("sha256")
         return cls(**data)
 
 
@@ -75,7 +78,7 @@ def read_entry(checkpoint_path: str) -> ManifestEntry | None:
     if os.path.exists(staged):
         try:
             entry = ManifestEntry.from_json(_read_text(staged))
-            if os.path.exists(checkpoint_path) and sha256_of_file(checkpoint_path) == entry.sha256:
+            if os.path.exists(checkpoint_path) and file_matches(checkpoint_path, entry.checksum):
                 commit_entry(checkpoint_path)
             else:  # the checkpoint rename never happened: the old entry still holds
                 remove_quietly(staged)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 
 CONTROL_DIR = ".fedckpt"
@@ -47,7 +48,25 @@ def entry_path(checkpoint_path: str) -> str:
     return os.path.join(control_dir(checkpoint_path), os.path.basename(checkpoint_path) + ENTRY_SUFFIX)
 
 
+def temp_owner() -> str:
+    """``<host>-<pid>`` of this process: the part of a temp file's name that tells whose it is."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
 def temp_path(final_path: str) -> str:
-    """A fresh temporary name on the same file system as the checkpoint, so a rename is atomic."""
-    name = f"{os.path.basename(final_path)}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+    """A fresh temporary name on the same file system as the checkpoint, so a rename is atomic.
+
+    ``<checkpoint>.<host>-<pid>.<random>.tmp``: the owner lets a later process remove the temp files
+    of writers that died mid-write (:func:`fedckpt.storage.atomic.remove_stale_temps`).
+    """
+    name = f"{os.path.basename(final_path)}.{temp_owner()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
     return os.path.join(control_dir(final_path), TEMP_DIR, name)
+
+
+def temp_file_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of a temp file's writer, from its name; None for a name fedckpt did not make."""
+    parts = name.rsplit(".", 3)
+    if len(parts) != 4 or "." + parts[3] != TEMP_SUFFIX:
+        return None
+    host, _, pid = parts[1].rpartition("-")
+    return (host, int(pid)) if host and pid.isdigit() else None

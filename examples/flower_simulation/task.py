@@ -1,0 +1,70 @@
+"""The learning task of the example: an MLP on synthetic, non-identically distributed client data."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NUM_FEATURES = 32
+NUM_CLASSES = 10
+
+
+class Net(nn.Module):
+    """An MLP: ``depth`` hidden layers of ``width`` units (4 * width**2 * depth bytes of fp32 weights)."""
+
+    def __init__(self, width: int, depth: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(NUM_FEATURES, width), nn.ReLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(width, width), nn.ReLU()]
+        layers.append(nn.Linear(width, NUM_CLASSES))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def model_bytes(model: nn.Module) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+
+
+def client_data(partition: int, seed: int, samples: int = 320) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's samples: shared class means, a skewed label mix and an input shift per client."""
+    shared = torch.Generator().manual_seed(seed)
+    class_means = torch.randn(NUM_CLASSES, NUM_FEATURES, generator=shared) * 2.0
+    own = torch.Generator().manual_seed(seed * 100_003 + partition + 1)
+    label_mix = torch.softmax(torch.randn(NUM_CLASSES, generator=own) * 2.0, 0)  # skewed: a few classes dominate
+    labels = torch.multinomial(label_mix, samples, replacement=True, generator=own)
+    shift = torch.randn(NUM_FEATURES, generator=own) * 0.5
+    features = class_means[labels] + torch.randn(samples, NUM_FEATURES, generator=own) + shift
+    return features, labels
+
+
+def split(data: tuple[torch.Tensor, torch.Tensor], validation: float = 0.2) -> tuple[tuple, tuple]:
+    features, labels = data
+    cut = int(len(labels) * (1 - validation))
+    return (features[:cut], labels[:cut]), (features[cut:], labels[cut:])
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple, steps: int, batch_size: int) -> float:
+    """``steps`` SGD steps on random batches; returns the mean training loss."""
+    features, labels = data
+    model.train()
+    total = 0.0
+    for _ in range(steps):
+        batch = torch.randint(0, len(labels), (batch_size,))
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(features[batch]), labels[batch])
+        loss.backward()
+        optimizer.step()
+        total += float(loss)
+    return total / max(steps, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: tuple) -> tuple[float, float]:
+    """(loss, accuracy) on ``data``."""
+    features, labels = data
+    model.eval()
+    logits = model(features)
+    return float(nn.functional.cross_entropy(logits, labels)), float((logits.argmax(1) == labels).float().mean())

@@ -1,0 +1,101 @@
+"""What the client and server modules share: checkpointer lists, one snapshot per call, state access."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from fedckpt.checkpointers import FunctionTorchModuleCheckpointer, TorchModuleCheckpointer
+from fedckpt.policies import Scalar
+from fedckpt.runtime import lifecycle
+from fedckpt.snapshot import snapshot_module
+from fedckpt.state import PerRoundStateCheckpointer
+from fedckpt.storage.paths import checkpoint_key
+
+ModelCheckpointers = TorchModuleCheckpointer | Sequence[TorchModuleCheckpointer] | None
+
+log = logging.getLogger("fedckpt")
+
+
+def as_checkpointer_list(checkpointers: ModelCheckpointers) -> list[TorchModuleCheckpointer] | None:
+    if checkpointers is None:
+        return None
+    if isinstance(checkpointers, TorchModuleCheckpointer):
+        return [checkpointers]
+    listed = list(checkpointers)
+    for checkpointer in listed:
+        if not isinstance(checkpointer, TorchModuleCheckpointer):
+            raise TypeError(f"Expected TorchModuleCheckpointer instances, got {type(checkpointer).__name__}")
+    return listed
+
+
+def check_unique_paths(*groups: list[TorchModuleCheckpointer] | None) -> None:
+    """``ValueError`` if two checkpointers would write the same file (compared as absolute paths)."""
+    paths = [checkpointer.checkpoint_path for group in groups if group for checkpointer in group]
+    if len({checkpoint_key(path) for path in paths}) != len(paths):
+        formatted = "\n".join(paths)
+        raise ValueError(
+            "The paths of all of your checkpointers should be unique otherwise overwrites are possible and data "
+            f"will be lost. The current paths are:\n{formatted}"
+        )
+
+
+def checkpoint_model(
+    checkpointers: list[TorchModuleCheckpointer], model: nn.Module, loss: float, metrics: Mapping[str, Scalar]
+) -> None:
+    """Let each checkpointer decide, then snapshot ``model`` once for all that want it."""
+    requests = []
+    for checkpointer in checkpointers:
+        if type(checkpointer).maybe_checkpoint is FunctionTorchModuleCheckpointer.maybe_checkpoint:
+            request = checkpointer.decide(loss, metrics)  # type: ignore[attr-defined]
+            if request is not None:
+                requests.append(request)
+        else:  # a user subclass with its own logic
+            checkpointer.maybe_checkpoint(model, loss, metrics)
+    if requests:
+        lifecycle.coordinator().save(requests, snapshot_module(model))
+
+
+class CheckpointAndStateModule:
+    """Base of the client and server modules: state saves and loads, best-score resumption, flush."""
+
+    state_checkpointer: PerRoundStateCheckpointer | None
+
+    def model_checkpointers_in_use(self) -> list[TorchModuleCheckpointer]:
+        """Every model checkpointer of this module."""
+        raise NotImplementedError
+
+    def save_state(self, state_checkpoint_name: str, state: dict[str, Any]) -> None:
+        """Save ``state`` under ``state_checkpoint_name`` in the state checkpointer's directory."""
+        if self.state_checkpointer is None:
+            raise ValueError("Attempting to save state but no state checkpointer is specified")
+        self.state_checkpointer.save_checkpoint(state_checkpoint_name, state)
+
+    def maybe_load_state(self, state_checkpoint_name: str) -> dict[str, Any] | None:
+        """The saved state, or None if there is none (saves issued earlier, anywhere, count)."""
+        if self.state_checkpointer is None:
+            raise ValueError("Attempting to load state, but no state checkpointer is specified")
+        if self.state_checkpointer.checkpoint_exists(state_checkpoint_name):
+            return self.state_checkpointer.load_checkpoint(state_checkpoint_name)
+        log.info("State checkpointer is defined but no state checkpoint exists.")
+        return None
+
+    def resume_best_scores(self) -> None:
+        """Let each best-score checkpointer compare against the checkpoint it already has on disk.
+
+        For code that builds its checkpointers anew in every process or run (a Flower ClientApp
+        each round, a resumed server): without it a fresh checkpointer's first score always saves.
+        """
+        for checkpointer in self.model_checkpointers_in_use():
+            if isinstance(checkpointer, FunctionTorchModuleCheckpointer):
+                checkpointer.resume_best_score()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every save of this module's checkpointers is durable; raise if one failed."""
+        keys = [checkpoint_key(checkpointer.checkpoint_path) for checkpointer in self.model_checkpointers_in_use()]
+        if self.state_checkpointer is not None:
+            keys.extend(self.state_checkpointer._saved_keys)
+        lifecycle.coordinator().flush(keys, timeout=timeout)

@@ -1,0 +1,139 @@
+"""``ClientCheckpoints``: a Flower ClientApp's checkpoints and state, for one node.
+
+A ClientApp keeps nothing between rounds, and each round may run in another Ray worker. So the
+helper is built anew in every handler: it takes the best scores of its checkpointers from the
+checkpoints on disk, and restores the client's state from the state file the previous round saved
+(read-your-writes: a load waits for that save wherever it was issued).
+
+State is kept in two slots that saves alternate between. A restore takes the newest state from a
+round *before* the current one, so a round that a crash interrupted, and that runs again after a
+resume, starts from the same state as the first time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedckpt.checkpoint_module import ModelCheckpointers
+from fedckpt.client_module import ClientCheckpointAndStateModule
+from fedckpt.flower.timing import BlockedTime
+from fedckpt.modes import CheckpointMode
+from fedckpt.policies import Scalar
+from fedckpt.state import PerRoundStateCheckpointer
+
+SLOTS = (0, 1)
+ROUND_KEY = "server_round"
+
+
+def client_checkpoint_dir(root: str | Path, context: Any) -> str:
+    """``root/client_<partition-id>`` for a simulated node (``client_<node-id>`` elsewhere)."""
+    node = context.node_config.get("partition-id", context.node_id)
+    return os.path.join(os.fspath(root), f"client_{node}")
+
+
+class ClientCheckpoints:
+    """The checkpoints of one Flower client, built in each ``@app.train()`` / ``@app.evaluate()`` call.
+
+    Args:
+        checkpoint_dir: this client's directory (see :func:`client_checkpoint_dir`); the state
+            files go there.
+        pre_aggregation: checkpointer(s) of the local model after local training.
+        post_aggregation: checkpointer(s) of the global model the client received.
+        state_name: base name of the state files (``<state_name>.0.pt`` and ``.1.pt``).
+
+    ``blocked_seconds`` adds up the time the calls below kept the client waiting.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        pre_aggregation: ModelCheckpointers = None,
+        post_aggregation: ModelCheckpointers = None,
+        state_name: str = "client_state",
+    ) -> None:
+        self.blocked = BlockedTime()
+        self.module = ClientCheckpointAndStateModule(
+            pre_aggregation, post_aggregation, PerRoundStateCheckpointer(checkpoint_dir)
+        )
+        self.state_name = state_name
+        self._states: dict[int, dict[str, Any]] | None = None
+        with self.blocked.measure():
+            self.module.resume_best_scores()
+
+    @property
+    def blocked_seconds(self) -> float:
+        return self.blocked.seconds
+
+    def after_local_training(self, model: nn.Module, loss: float, metrics: Mapping[str, Scalar]) -> None:
+        """Pre-aggregation checkpoints of the locally trained ``model`` (background save)."""
+        with self.blocked.measure():
+            self.module.maybe_checkpoint(model, loss, metrics, CheckpointMode.PRE_AGGREGATION)
+
+    def after_receiving_global_model(self, model: nn.Module, loss: float, metrics: Mapping[str, Scalar]) -> None:
+        """Post-aggregation checkpoints of the global ``model`` this client received (background save)."""
+        with self.blocked.measure():
+            self.module.maybe_checkpoint(model, loss, metrics, CheckpointMode.POST_AGGREGATION)
+
+    def restore_state(self, server_round: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any] | None:
+        """The state saved in the newest earlier round, loaded into ``optimizer``; None if none.
+
+        Returns the whole saved dict (``server_round``, ``optimizer`` and the extras given to
+        :meth:`save_state`).
+        """
+        with self.blocked.measure():
+            slot = self._slot_to_restore(server_round)
+            if slot is None:
+                return None
+            # Read in full: the slots were only mapped to find the round, and tensors left mapped
+            # would fault pages in (copy-on-write) while the optimizer trains on them.
+            assert self.module.state_checkpointer is not None
+            state = self.module.state_checkpointer.load_checkpoint(self._slot_name(slot), wait=False)
+            if optimizer is not None and "optimizer" in state:
+                optimizer.load_state_dict(state["optimizer"])
+        return state
+
+    def save_state(self, server_round: int, optimizer: torch.optim.Optimizer | None = None, **extra: Any) -> None:
+        """Save this round's state (background save): ``optimizer``'s state dict and ``extra``."""
+        state: dict[str, Any] = {ROUND_KEY: server_round, **extra}
+        if optimizer is not None:
+            state["optimizer"] = optimizer.state_dict()
+        with self.blocked.measure():
+            keep = self._slot_to_restore(server_round)
+            slot = next(s for s in SLOTS if s != keep)
+            self.module.save_state(self._slot_name(slot), state)
+            self._slot_states()[slot] = state
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until this client's saves are durable (not needed per round: the server flushes)."""
+        with self.blocked.measure():
+            self.module.flush(timeout)
+
+    def _slot_name(self, slot: int) -> str:
+        return f"{self.state_name}.{slot}.pt"
+
+    def _slot_states(self) -> dict[int, dict[str, Any]]:
+        """The state in each slot, tensors memory-mapped (read once, after pending saves of both)."""
+        if self._states is None:
+            checkpointer = self.module.state_checkpointer
+            assert checkpointer is not None
+            names = {self._slot_name(slot): slot for slot in SLOTS}
+            self._states = {
+                names[name]: checkpointer.load_checkpoint(name, mmap=True, wait=False)
+                for name in checkpointer.existing(*names)
+            }
+        return self._states
+
+    def _slot_to_restore(self, server_round: int) -> int | None:
+        """The slot holding the newest state from a round before ``server_round``."""
+        earlier = [
+            (state[ROUND_KEY], slot)
+            for slot, state in self._slot_states().items()
+            if isinstance(state.get(ROUND_KEY), int) and state[ROUND_KEY] < server_round
+        ]
+        return max(earlier)[1] if earlier else None

@@ -1,0 +1,137 @@
+"""The example Flower simulation end to end: real Flower, real Ray (its own, on 127.0.0.1), real files."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from conftest import assert_same_tensors
+
+from fedckpt.cli import main as fedckpt_cli
+from fedckpt.storage.formats import read_state_dict
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flower_simulation" / "run.py"
+ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": "local"}
+SMALL = ["--width", "64", "--local-steps", "3"]
+
+
+def example_command(directory, *options):
+    return [sys.executable, str(EXAMPLE), "--checkpoint-dir", str(directory), *options]
+
+
+def run_example(directory, *options, timeout=420):
+    completed = subprocess.run(
+        example_command(directory, *options), capture_output=True, text=True, env=ENV, timeout=timeout
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def client_states(directory, client):
+    """The client's state slots, by the round that saved them."""
+    folder = Path(directory) / "clients" / f"client_{client}"
+    states = [torch.load(folder / f"client_state.{slot}.pt", weights_only=False) for slot in (0, 1)]
+    return {state["server_round"]: state for state in states}
+
+
+def test_simulation_writes_every_checkpoint_and_carries_client_state(tmp_path):
+    clients, rounds, steps = 4, 3, 3
+    summary = run_example(tmp_path, "--num-clients", str(clients), "--num-rounds", str(rounds), *SMALL)
+    assert summary["rounds_completed"] == rounds and summary["resumed_from_round"] == 0
+    assert summary["blocked_seconds"] > 0 and summary["sync_seconds_estimate"] > 0
+    # Per client and round: pre, state, post; the server: latest and state per round, best when it improved.
+    assert clients * rounds * 3 + rounds * 2 <= summary["checkpoints_written"] <= clients * rounds * 3 + rounds * 3
+
+    server = read_state_dict(str(tmp_path / "server" / "global_latest.safetensors"))
+    server_state = torch.load(tmp_path / "server" / "server_state.pt", weights_only=False)
+    assert server_state["server_round"] == rounds
+    assert_same_tensors(server_state["arrays"], server)
+    assert sorted(server_state["history"]["train_metrics_clientapp"]) == list(range(1, rounds + 1))
+    assert (tmp_path / "server" / "global_best.safetensors").exists()
+    for client in range(clients):
+        folder = tmp_path / "clients" / f"client_{client}"
+        # The post-aggregation checkpoint is the global model the client received in the last round.
+        assert_same_tensors(read_state_dict(str(folder / "post_latest.safetensors")), server)
+        assert read_state_dict(str(folder / "pre_latest.safetensors")).keys() == server.keys()
+        states = client_states(tmp_path, client)
+        assert sorted(states) == [rounds - 1, rounds]
+        # Each round restored the previous round's state, in whichever Ray worker it ran.
+        assert states[rounds]["local_steps"] == rounds * steps
+        momentum = states[rounds]["optimizer"]["state"]
+        assert len(momentum) == len(server) and all("momentum_buffer" in entry for entry in momentum.values())
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0
+
+
+def session_processes(session):
+    """PIDs of the running processes in a session (the example and the Ray it started), zombies left out."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    running = stat.read().rpartition(")")[2].split()[0] != "Z"
+                if running and os.getsid(int(entry)) == session:
+                    found.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass
+    return found
+
+
+def kill_session(session):
+    for _ in range(50):
+        pids = session_processes(session)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    raise AssertionError(f"processes of session {session} survived SIGKILL: {session_processes(session)}")
+
+
+def durable_round(directory):
+    path = Path(directory) / "server" / "server_state.pt"
+    return torch.load(path, weights_only=False)["server_round"] if path.exists() else 0
+
+
+def test_simulation_killed_with_sigkill_resumes_from_the_last_durable_round(tmp_path):
+    clients, rounds, steps = 4, 6, 3
+    options = ["--num-clients", str(clients), "--num-rounds", str(rounds), *SMALL]
+    process = subprocess.Popen(
+        example_command(tmp_path, *options),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+        start_new_session=True,  # its own session: the kill takes the example and the Ray it started
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while durable_round(tmp_path) < 2:
+            assert process.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline, "no round became durable in time"
+            time.sleep(0.05)
+    finally:
+        kill_session(process.pid)  # SIGKILL: no flush, no exit handlers
+        process.wait()
+    killed_at = durable_round(tmp_path)
+    assert 2 <= killed_at < rounds
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0  # nothing torn on disk
+
+    summary = run_example(tmp_path, *options)
+    assert summary["resumed_from_round"] == killed_at
+    assert summary["rounds_completed"] == rounds
+    server_state = torch.load(tmp_path / "server" / "server_state.pt", weights_only=False)
+    assert server_state["server_round"] == rounds
+    assert sorted(server_state["history"]["train_metrics_clientapp"]) == list(range(1, rounds + 1))
+    for client in range(clients):
+        # The resumed rounds started from the state each client had at the durable round: no step lost or repeated.
+        assert client_states(tmp_path, client)[rounds]["local_steps"] == rounds * steps
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0
+    leftovers = [name for name in os.listdir("/dev/shm") if name.startswith("fedckpt-")]
+    dead = [name for name in leftovers if not os.path.exists(f"/proc/{name.split('-')[1]}")]
+    assert dead == [], "staging segments of killed processes were not removed"

@@ -1,0 +1,156 @@
+"""The server module, best scores carried across runs, client state slots and stale temp files."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same_tensors, make_model
+from flwr.app import ArrayRecord
+from flwr.common import ndarrays_to_parameters
+
+from fedckpt import (
+    BestLossTorchModuleCheckpointer,
+    LatestTorchModuleCheckpointer,
+    PerRoundStateCheckpointer,
+    ServerCheckpointAndStateModule,
+)
+from fedckpt.flower import ClientCheckpoints
+from fedckpt.storage import atomic
+from fedckpt.storage.formats import read_state_dict
+from fedckpt.storage.paths import temp_file_owner, temp_path
+
+
+def server_module(directory, model=None):
+    return ServerCheckpointAndStateModule(
+        model=model if model is not None else make_model(0),
+        model_checkpointers=[
+            LatestTorchModuleCheckpointer(str(directory), "latest.safetensors"),
+            BestLossTorchModuleCheckpointer(str(directory), "best.safetensors"),
+        ],
+        state_checkpointer=PerRoundStateCheckpointer(str(directory)),
+    )
+
+
+@pytest.mark.parametrize("kind", ["ArrayRecord", "Parameters", "list", "state_dict"])
+def test_server_checkpoints_every_kind_of_flower_parameters(runtime, tmp_path, kind):
+    source = make_model(7)
+    expected = {name: tensor.clone() for name, tensor in source.state_dict().items()}
+    ndarrays = [tensor.numpy() for tensor in expected.values()]
+    parameters = {
+        "ArrayRecord": lambda: ArrayRecord(source.state_dict()),
+        "Parameters": lambda: ndarrays_to_parameters(ndarrays),
+        "list": lambda: ndarrays,
+        "state_dict": lambda: expected,
+    }[kind]()
+    module = server_module(tmp_path)
+    module.maybe_checkpoint(parameters, loss=0.5, metrics={})
+    module.flush()
+    for name in ("latest.safetensors", "best.safetensors"):
+        assert_same_tensors(read_state_dict(str(tmp_path / name)), expected)
+    assert module.model_checkpointers[1].best_score == 0.5
+
+
+def test_server_module_rejects_bad_setups_and_parameters(runtime, tmp_path):
+    with pytest.raises(ValueError, match="no model"):
+        ServerCheckpointAndStateModule(model_checkpointers=LatestTorchModuleCheckpointer(str(tmp_path), "a"))
+    with pytest.raises(ValueError, match="should be unique"):
+        ServerCheckpointAndStateModule(
+            model=make_model(0),
+            model_checkpointers=[
+                LatestTorchModuleCheckpointer(str(tmp_path), "same"),
+                BestLossTorchModuleCheckpointer(str(tmp_path), "same"),
+            ],
+        )
+    stateless = ServerCheckpointAndStateModule(model=make_model(0))
+    with pytest.raises(ValueError, match="no state checkpointer"):
+        stateless.save_state("s.pt", {"round": 1})
+    with pytest.raises(ValueError, match="no state checkpointer"):
+        stateless.maybe_load_state("s.pt")
+    stateless.maybe_checkpoint([np.zeros(1)], 1.0, {})  # no checkpointers: nothing to do, no error
+    module = server_module(tmp_path)
+    with pytest.raises(ValueError, match="Got 1 arrays for a model with 5 state-dict entries"):
+        module.maybe_checkpoint([np.zeros(3)], 1.0, {})
+    with pytest.raises(TypeError, match="got str"):
+        module.maybe_checkpoint("weights", 1.0, {})
+    assert not os.path.exists(tmp_path / "latest.safetensors")
+
+
+def test_server_state_round_trip(runtime, tmp_path):
+    module = server_module(tmp_path)
+    assert module.maybe_load_state("server.pt") is None
+    arrays = {"w": torch.arange(6.0).reshape(2, 3)}
+    module.save_state("server.pt", {"server_round": 4, "arrays": arrays, "history": {1: {"loss": 0.3}}})
+    loaded = module.maybe_load_state("server.pt")  # read-your-writes: no flush needed
+    assert loaded["server_round"] == 4 and loaded["history"] == {1: {"loss": 0.3}}
+    assert_same_tensors(loaded["arrays"], arrays)
+
+
+def test_a_new_best_loss_checkpointer_resumes_the_bar_from_disk(runtime, tmp_path):
+    first = BestLossTorchModuleCheckpointer(str(tmp_path), "best.safetensors")
+    first.maybe_checkpoint(make_model(1), loss=0.5, metrics={})
+    # A new process, round or run builds the checkpointer anew: it must not replace the better model.
+    second = BestLossTorchModuleCheckpointer(str(tmp_path), "best.safetensors")
+    assert second.best_score is None
+    assert second.resume_best_score() == 0.5
+    second.maybe_checkpoint(make_model(2), loss=0.7, metrics={})
+    assert_same_tensors(second.load_state_dict(), make_model(1).state_dict())
+    second.maybe_checkpoint(make_model(3), loss=0.4, metrics={})
+    assert_same_tensors(second.load_state_dict(), make_model(3).state_dict())
+    # A checkpoint of another score (or none yet) leaves the bar alone.
+    fresh = BestLossTorchModuleCheckpointer(str(tmp_path), "other.safetensors")
+    assert fresh.resume_best_score() is None
+    assert LatestTorchModuleCheckpointer(str(tmp_path), "best.safetensors").resume_best_score() is None
+
+
+def test_client_state_slots_restore_the_newest_earlier_round(runtime, tmp_path):
+    def optimizer_with_momentum(value):
+        parameter = torch.nn.Parameter(torch.zeros(4))
+        optimizer = torch.optim.SGD([parameter], lr=0.1, momentum=0.9)
+        parameter.grad = torch.full((4,), float(value))
+        optimizer.step()
+        return optimizer
+
+    def momentum(optimizer):
+        return optimizer.state_dict()["state"][0]["momentum_buffer"]
+
+    directory = str(tmp_path / "client_0")
+    assert ClientCheckpoints(directory).restore_state(1) is None
+    for server_round in (1, 2):  # each round a new helper, as in a ClientApp
+        ClientCheckpoints(directory).save_state(server_round, optimizer_with_momentum(server_round), steps=server_round)
+    fresh = optimizer_with_momentum(0)
+    state = ClientCheckpoints(directory).restore_state(3, fresh)
+    assert state["server_round"] == 2 and state["steps"] == 2
+    assert torch.equal(momentum(fresh), torch.full((4,), 2.0))
+    # Round 3 was interrupted after its save; the run resumes at round 3: it starts from round 2 again.
+    ClientCheckpoints(directory).save_state(3, optimizer_with_momentum(3), steps=3)
+    again = ClientCheckpoints(directory)
+    assert again.restore_state(3)["server_round"] == 2
+    again.save_state(3, optimizer_with_momentum(33), steps=3)  # overwrites the abandoned round 3
+    assert ClientCheckpoints(directory).restore_state(4)["steps"] == 3
+    restored = optimizer_with_momentum(0)
+    ClientCheckpoints(directory).restore_state(4, restored)
+    assert torch.equal(momentum(restored), torch.full((4,), 33.0))
+    assert ClientCheckpoints(directory).restore_state(3)["server_round"] == 2  # round 2 was kept
+    assert ClientCheckpoints(directory).blocked_seconds > 0
+
+
+def test_temp_files_of_dead_writers_are_removed(tmp_path):
+    final = str(tmp_path / "model.safetensors")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    mine = temp_path(final)
+    stale = mine.replace(f"-{os.getpid()}.", f"-{dead_pid}.")
+    foreign = os.path.join(os.path.dirname(mine), "notes.txt")
+    other_host = os.path.join(os.path.dirname(mine), f"model.safetensors.elsewhere-{dead_pid}.0123456789ab.tmp")
+    os.makedirs(os.path.dirname(mine))
+    for path in (mine, stale, foreign, other_host):
+        open(path, "w").close()
+    assert temp_file_owner(os.path.basename(stale))[1] == dead_pid
+    assert temp_file_owner("notes.txt") is None
+    assert atomic.remove_stale_temps(os.path.dirname(mine)) == [os.path.basename(stale)]
+    assert sorted(os.listdir(os.path.dirname(mine))) == sorted(
+        os.path.basename(path) for path in (mine, foreign, other_host)
+    )

@@ -1,0 +1,100 @@
+"""A full file system: a clear error in the caller, the writer keeps running, older checkpoints intact."""
+
+import os
+import subprocess
+
+import pytest
+import torch
+from conftest import assert_same_tensors, make_model
+
+import fedckpt
+from fedckpt import LatestTorchModuleCheckpointer, PerRoundStateCheckpointer
+from fedckpt.runtime import lifecycle
+
+MB = 1 << 20
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 3 MiB tmpfs mounted for the test (needs the right to mount, as root in CI has)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def fill_up(directory):
+    """A file that takes every free byte of the file system."""
+    path = directory / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for size in (MB, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return path
+
+
+def writer_pids():
+    return sorted(stats["pid"] for stats in lifecycle.coordinator().writer_stats())
+
+
+@pytest.mark.parametrize("kind", ["state", "model"])
+def test_a_full_file_system_is_reported_and_saving_resumes_once_there_is_room(runtime, small_filesystem, kind):
+    if kind == "state":
+        checkpointer = PerRoundStateCheckpointer(small_filesystem)
+
+        def save(megabytes, value):
+            checkpointer.save_checkpoint("state.pt", {"x": torch.full((megabytes * MB // 4,), value)})
+
+        def load():
+            return checkpointer.load_checkpoint("state.pt")["x"]
+    else:
+        checkpointer = LatestTorchModuleCheckpointer(str(small_filesystem), "model.safetensors")
+
+        def save(megabytes, value):
+            model = torch.nn.Linear(megabytes * MB // 4 // 64, 64, bias=False)
+            torch.nn.init.constant_(model.weight, value)
+            checkpointer.maybe_checkpoint(model, 0.0, {})
+
+        def load():
+            return checkpointer.load_state_dict()["weight"]
+
+    save(1, 1.0)
+    checkpointer.flush()
+    pids = writer_pids()
+    save(4, 4.0)  # does not fit next to the first
+    with pytest.raises(fedckpt.CheckpointError) as raised:
+        checkpointer.flush()
+    message = str(raised.value)
+    assert "No space left on device" in message and str(small_filesystem) in message
+    filler = fill_up(small_filesystem)  # now not even the small parts of a file fit
+    save(1, 3.0)
+    with pytest.raises(fedckpt.CheckpointError, match="No space left on device"):
+        checkpointer.flush()
+    assert writer_pids() == pids, "the writer crashed instead of reporting the error"
+    assert torch.all(load() == 1.0)  # the earlier checkpoint is intact
+    assert os.listdir(small_filesystem / ".fedckpt" / "tmp") == []  # the failed temp files were removed
+    os.remove(filler)
+    save(1, 2.0)  # fits again: the failed saves left nothing behind
+    checkpointer.flush()
+    assert torch.all(load() == 2.0)
+
+
+def test_a_state_write_error_keeps_the_model_checkpoint_of_the_same_directory(runtime, small_filesystem):
+    model = make_model(1, width=16)
+    model_checkpointer = LatestTorchModuleCheckpointer(str(small_filesystem), "model.safetensors")
+    model_checkpointer.maybe_checkpoint(model, 0.0, {})
+    model_checkpointer.flush()
+    state = PerRoundStateCheckpointer(small_filesystem)
+    state.save_checkpoint("huge.pt", {"x": torch.zeros(8 * MB // 4)})
+    with pytest.raises(fedckpt.CheckpointError):
+        state.flush()
+    assert_same_tensors(model_checkpointer.load_state_dict(), model.state_dict())
