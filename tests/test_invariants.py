@@ -351,3 +351,21 @@ def test_subdirectories_inside_the_checkpoint_dir_are_allowed(runtime, tmp_path)
     checkpointer = PerRoundStateCheckpointer(tmp_path)
     checkpointer.save_checkpoint("client_3/round_2.pt", {"x": np.arange(3)})
     assert list(checkpointer.load_checkpoint("client_3/round_2.pt")["x"]) == [0, 1, 2]
+
+
+def test_a_saved_model_is_not_kept_alive(runtime, tmp_path):
+    """A Flower ClientApp builds a new model every round: fedckpt must let each one go."""
+    import gc
+    import weakref
+
+    checkpointer = LatestTorchModuleCheckpointer(str(tmp_path), "m.safetensors")
+    alive = []
+    for seed in range(3):
+        model = make_model(seed)
+        checkpointer.maybe_checkpoint(model, 0.0, {})
+        checkpointer.maybe_checkpoint(model, 0.0, {})  # the second save reuses the cached plan
+        alive.append(weakref.ref(model))
+        del model
+    checkpointer.flush()
+    gc.collect()
+    assert [ref() for ref in alive] == [None, None, None]

@@ -117,7 +117,7 @@ class _ModulePlan:
     extras: dict[str, torch.Tensor]
     attributes: list[tuple]  # each submodule's attributes and tensors; held so their ids cannot be reused
     tensors: dict[str, torch.Tensor]  # the state dict this plan was made from
-    modules: list[nn.Module]  # the module tree this plan was made from
+    submodules: list[nn.Module]  # the module tree below the model (never the model: see _plans)
     views: dict[str, tuple[torch.Tensor, int, torch.Size, np.ndarray]] = field(default_factory=dict)
     last: Snapshot | None = None  # the last snapshot, reusable when no tensor moved
 
@@ -150,7 +150,9 @@ def _unchanged(old: list[tuple], new: list[tuple]) -> bool:
         return False
 
 
-# model -> its last plan; weak, so a checkpointer never keeps a model alive.
+# model -> its last plan; weak, so a checkpointer never keeps a model alive. A plan must not refer to
+# its model: a value that refers to its weak key keeps it alive for good (a Flower ClientApp builds
+# a new model every round, and each would stay in memory).
 _plans: weakref.WeakKeyDictionary[nn.Module, _ModulePlan] = weakref.WeakKeyDictionary()
 
 
@@ -163,8 +165,9 @@ def _plan_of(model: nn.Module) -> _ModulePlan:
     """
     cached = _plans.get(model)
     # Walking the cached module list is enough: a replaced child shows in its parent's attributes.
-    if cached is not None and not cached.extras and _unchanged(cached.attributes, _module_attributes(cached.modules)):
-        return cached
+    if cached is not None and not cached.extras:
+        if _unchanged(cached.attributes, _module_attributes([model, *cached.submodules])):
+            return cached
     modules = list(model.modules())
     attributes = _module_attributes(modules)
     tensors = {
@@ -179,7 +182,7 @@ def _plan_of(model: nn.Module) -> _ModulePlan:
         _SkeletonPickler(buffer, names_by_id, extras).dump(model)
     except Exception as error:
         raise TypeError(f"The model of type {type(model).__name__} cannot be pickled: {error}") from error
-    plan = _ModulePlan(buffer.getvalue(), extras, attributes, {**tensors, **extras}, modules)
+    plan = _ModulePlan(buffer.getvalue(), extras, attributes, {**tensors, **extras}, modules[1:])
     _plans[model] = plan
     return plan
 
