@@ -165,9 +165,12 @@ def _plan_of(model: nn.Module) -> _ModulePlan:
     """
     cached = _plans.get(model)
     # Walking the cached module list is enough: a replaced child shows in its parent's attributes.
-    if cached is not None and not cached.extras:
-        if _unchanged(cached.attributes, _module_attributes([model, *cached.submodules])):
-            return cached
+    if (
+        cached is not None
+        and not cached.extras
+        and _unchanged(cached.attributes, _module_attributes([model, *cached.submodules]))
+    ):
+        return cached
     modules = list(model.modules())
     attributes = _module_attributes(modules)
     tensors = {
