@@ -12,7 +12,7 @@ from fedckpt.checkpointers import (
     TorchModuleCheckpointer,
 )
 from fedckpt.client_module import ClientCheckpointAndStateModule
-from fedckpt.errors import CheckpointError
+from fedckpt.errors import CheckpointError, ScoreError
 from fedckpt.modes import CheckpointMode
 from fedckpt.runtime.lifecycle import flush, init, shutdown
 from fedckpt.server_module import ServerCheckpointAndStateModule
@@ -29,6 +29,7 @@ __all__ = [
     "FunctionTorchModuleCheckpointer",
     "LatestTorchModuleCheckpointer",
     "PerRoundStateCheckpointer",
+    "ScoreError",
     "ServerCheckpointAndStateModule",
     "TorchModuleCheckpointer",
     "flush",

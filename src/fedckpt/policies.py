@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
+from fedckpt.errors import ScoreError
+
 Scalar = bool | bytes | float | int | str
 CheckpointScoreFunctionType = Callable[[float, Mapping[str, Scalar]], float]
 
@@ -29,7 +31,7 @@ def metric_score_function(metric_key: str) -> CheckpointScoreFunctionType:
         try:
             return float(value)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"Metric '{metric_key}' has value {value!r}, which is not a number") from error
+            raise ScoreError(f"Metric '{metric_key}' has value {value!r}, which is not a number") from error
 
     metric_score.__name__ = f"metric_score[{metric_key}]"
     return metric_score
@@ -40,7 +42,7 @@ def as_score(value: object, score_name: str) -> float:
     try:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError) as error:
-        raise TypeError(f"The {score_name} score must be a number, got {value!r}") from error
+        raise ScoreError(f"The {score_name} score must be a number, got {value!r}") from error
 
 
 def is_improvement(score: float, best_score: float | None, maximize: bool) -> bool:

@@ -34,7 +34,9 @@ def checkpoint_path_in(directory: str | os.PathLike[str], name: str) -> str:
         raise ValueError(f"Checkpoint name {name!r} uses {CONTROL_DIR!r}, which fedckpt keeps for itself")
     if any(len(part.encode()) > 200 for part in parts):
         raise ValueError(f"Checkpoint name {name[:40]!r}... has a path component longer than 200 bytes")
-    return os.path.join(os.fspath(directory), name)
+    # Normalized, so that the writer (which keys by absolute path) and a loader name the same file:
+    # "a/../b" would otherwise need a directory "a" to exist to be read back.
+    return os.path.join(os.fspath(directory), os.path.normpath(name))
 
 
 def control_dir(checkpoint_path: str) -> str:
