@@ -15,7 +15,8 @@ ROUNDS = int(os.environ.get("FEDCKPT_STRESS_ROUNDS", "3"))
 
 
 def test_every_final_checkpoint_is_the_newest_and_the_pool_stays_small(runtime, tmp_path):
-    result = run_stress(str(tmp_path), clients=CLIENTS, rounds=ROUNDS, workers=2, budget=64 << 10)  # small enough that backpressure engages
+    # A budget small enough that backpressure engages.
+    result = run_stress(str(tmp_path), clients=CLIENTS, rounds=ROUNDS, workers=2, budget=64 << 10)
     print(json.dumps(result.as_dict()))
     assert result.wrong_checkpoints == 0
     assert result.writer_counts["failed"] == 0

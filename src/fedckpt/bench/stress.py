@@ -88,7 +88,14 @@ def run_stress(root: str, clients: int, rounds: int, workers: int, budget: int =
     from fedckpt.runtime import lifecycle
     from fedckpt.storage.formats import read_state, read_state_dict
 
+    lifecycle.coordinator().start_writers()
+
+    def writer_counts() -> dict[str, int]:
+        stats = lifecycle.coordinator().writer_stats()
+        return {key: sum(s[key] for s in stats) for key in ("saved", "superseded", "failed")}
+
     shards = [list(range(start, clients, workers)) for start in range(workers)]
+    before = writer_counts()  # the pool may have served others before: count this run's saves only
     started = time.perf_counter()
     reports = ray.get([_run_shard.remote(root, shard, rounds, budget) for shard in shards if shard])
     seconds = time.perf_counter() - started
@@ -103,8 +110,8 @@ def run_stress(root: str, clients: int, rounds: int, workers: int, budget: int =
         state = read_state(os.path.join(directory, "state.pt"))
         if state["client"] != client or state["round"] != last:
             wrong += 1
-    stats = lifecycle.coordinator().writer_stats()
-    counts = {key: sum(s[key] for s in stats) for key in ("saved", "superseded", "failed")}
+    after = writer_counts()
+    counts = {key: after[key] - before[key] for key in after}
     saves = clients * rounds * 3
     return StressResult(
         clients=clients,
@@ -117,6 +124,6 @@ def run_stress(root: str, clients: int, rounds: int, workers: int, budget: int =
         peak_inflight_bytes=max(report["peak_inflight"] for report in reports),
         inflight_budget_bytes=budget,
         peak_worker_rss_bytes=max(report["rss"] for report in reports),
-        writers=len(stats),
+        writers=len(lifecycle.coordinator().writer_stats()),
         writer_counts=counts,
     )
