@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,14 +60,14 @@ def checkpoint_model(
         lifecycle.coordinator().save(requests, snapshot_module(model))
 
 
-class CheckpointAndStateModule:
+class CheckpointAndStateModule(ABC):
     """Base of the client and server modules: state saves and loads, best-score resumption, flush."""
 
     state_checkpointer: PerRoundStateCheckpointer | None
 
+    @abstractmethod
     def model_checkpointers_in_use(self) -> list[TorchModuleCheckpointer]:
         """Every model checkpointer of this module."""
-        raise NotImplementedError
 
     def save_state(self, state_checkpoint_name: str, state: dict[str, Any]) -> None:
         """Save ``state`` under ``state_checkpoint_name`` in the state checkpointer's directory."""
