@@ -14,6 +14,7 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -24,7 +25,7 @@ import ray
 
 from fedckpt.errors import CheckpointError
 from fedckpt.runtime import ray_session
-from fedckpt.runtime.messages import OBJECT_STORE, SHARED_MEMORY, UNKNOWN, SaveRequest
+from fedckpt.runtime.messages import ABANDONED, OBJECT_STORE, SHARED_MEMORY, UNKNOWN, SaveRequest
 from fedckpt.runtime.settings import Settings
 from fedckpt.runtime.staging import Segment, StagingArena, remove_orphans, shared_memory_available
 from fedckpt.runtime.writer import writer_actor_class
@@ -232,10 +233,12 @@ class Coordinator:
         """
         assert self._arena is not None
         segment = self._arena.acquire(snapshot.nbytes)
-        data = (SHARED_MEMORY, segment.path, snapshot.nbytes)
+        token = uuid.uuid4().bytes
+        data = (SHARED_MEMORY, segment.path, snapshot.nbytes, token)
         batch = _Batch({"layout": snapshot.packed_layout, "data": data}, snapshot.nbytes, segment)
         pending = self._send(batch, requests, staged=False)
         snapshot.copy_into(segment.array)  # if this raised, the writers would time the saves out
+        segment.mark_staged(token)  # tells the writers the copy is complete, should this process die
         return batch, self._acknowledge(batch, requests, pending)
 
     def _stage_in_object_store(self, snapshot: Snapshot) -> _Batch:
@@ -296,7 +299,9 @@ class Coordinator:
         """Wait until every save of ``batch`` left its writer; re-send those a writer restart lost."""
         while True:
             outcomes = ray.get([save.done for save in batch.saves], timeout=deadline.left())
-            lost = [save for save, outcome in zip(batch.saves, outcomes, strict=True) if outcome == UNKNOWN]
+            lost = [
+                save for save, outcome in zip(batch.saves, outcomes, strict=True) if outcome in (UNKNOWN, ABANDONED)
+            ]
             if not lost:
                 return
             for save in lost:

@@ -9,9 +9,12 @@ SAVED = "saved"
 SUPERSEDED = "superseded"  # a newer save of the same key replaced it before or on disk
 FAILED = "failed"  # the error is held for the next call, flush or load of that key
 UNKNOWN = "unknown"  # issued to an earlier incarnation of a restarted writer: send it again
+# Its caller died before the snapshot was staged (its call never returned), or, for a writer on
+# another node, before the writer fetched it: there is nothing left to write.
+ABANDONED = "abandoned"
 
-# Where a save's staged bytes are: ("shm", segment path, length) on the writer's node, or
-# ("object", [ObjectRef], length) in Ray's object store (a writer on another node).
+# Where a save's staged bytes are: ("shm", segment path, length, staged token) on the writer's
+# node, or ("object", [ObjectRef], length) in Ray's object store (a writer on another node).
 SHARED_MEMORY = "shm"
 OBJECT_STORE = "object"
 

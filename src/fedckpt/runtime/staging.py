@@ -6,6 +6,11 @@ writes it out. A segment is reused once its save left the writer, so after the f
 runs at memcpy speed instead of paying a page fault per 4 KiB, as fresh allocations (``ray.put``
 into a new object) do. Segments outlive a crashed caller, so a writer can finish what was
 acknowledged; whoever finds a segment whose creator died removes it.
+
+The last ``STAGED_MARK_BYTES`` of a segment hold the token of the save whose copy into it is
+complete. The caller also sends that news as a message; the mark is what lets a writer tell, when
+the caller died before the message went out, a save whose copy was complete (write it) from one
+whose copy was cut short (drop it: its call never returned).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from fedckpt.storage.atomic import process_alive
 
 SHM_DIR = "/dev/shm"
 PREFIX = "fedckpt-"
+STAGED_MARK_BYTES = 16
 
 
 @dataclass(eq=False)
@@ -37,6 +43,10 @@ class Segment:
 
     def __post_init__(self) -> None:
         self.array = np.frombuffer(self.buffer, dtype=np.uint8)
+
+    def mark_staged(self, token: bytes) -> None:
+        """Record in the segment itself that the copy of the save ``token`` is complete."""
+        self.array[-STAGED_MARK_BYTES:] = np.frombuffer(token, dtype=np.uint8)
 
     def close(self) -> None:
         del self.array
@@ -109,7 +119,8 @@ class StagingArena:
         return sum(segment.size for segment in self._free) + sum(segment.size for segment in self._busy)
 
     def acquire(self, nbytes: int) -> Segment:
-        """A segment of at least ``nbytes`` (the smallest free one that fits, or a new one)."""
+        """A segment for ``nbytes`` of data (the smallest free one that fits, or a new one)."""
+        nbytes += STAGED_MARK_BYTES
         with self._lock:
             fitting = [segment for segment in self._free if segment.size >= nbytes]
             if fitting:
@@ -163,18 +174,19 @@ class SegmentReader:
         self._last_sweep = time.monotonic()
         remove_orphans()
 
-    def view(self, path: str, length: int) -> memoryview:
-        """The first ``length`` bytes of segment ``path``."""
+    def open(self, path: str) -> memoryview:
+        """The whole of segment ``path``, mapped: the view keeps it readable even after the
+        segment is removed (its creator died and another process swept it up)."""
         inode = os.stat(path).st_ino
         cached = self._maps.get(path)
-        if cached is None or cached[0] != inode or len(cached[1]) < length:
+        if cached is None or cached[0] != inode:
             if cached is not None:
                 self._close(path)
             with open(path, "rb") as file:
                 mapping = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
             cached = (inode, mapping, 0.0)
         self._maps[path] = (cached[0], cached[1], time.monotonic())
-        return memoryview(cached[1])[:length]
+        return memoryview(cached[1])
 
     def finished(self, path: str) -> None:
         """After a save from ``path``: remove the segment if its creator died (nobody else will)."""
@@ -189,6 +201,11 @@ class SegmentReader:
         if now - self._last_sweep > self.max_idle_seconds:
             self._last_sweep = now
             remove_orphans()
+
+    @staticmethod
+    def staged_mark(segment: memoryview) -> bytes:
+        """The token of the last save whose copy into this segment completed."""
+        return bytes(segment[-STAGED_MARK_BYTES:])
 
     def _close(self, path: str) -> None:
         _, mapping, _ = self._maps.pop(path)

@@ -1,14 +1,16 @@
 """The writer actor: per-key ordered, coalescing, background persistence of snapshots.
 
 Each checkpoint key is owned by one writer of a fixed pool. For a key, saves are written one at a
-time in the order they were acknowledged; a save not yet started is dropped when a newer one
-arrives (latest wins). File I/O runs on a small thread pool so that the actor keeps answering
-enqueues, reads and flushes while it writes.
+time in the order they were acknowledged; a save not yet started is dropped once a newer one is
+staged (latest wins). Not when the newer one merely arrives: its caller may still die before its
+copy is complete, and then the older save is the one to write. File I/O runs on a small thread
+pool so that the actor keeps answering enqueues, reads and flushes while it writes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import os
@@ -21,23 +23,47 @@ from typing import Any
 
 import ray
 
-from fedckpt.runtime.messages import FAILED, SAVED, SHARED_MEMORY, SUPERSEDED, UNKNOWN, Ack, SaveRequest
-from fedckpt.runtime.staging import SegmentReader
+from fedckpt.runtime.messages import (
+    ABANDONED,
+    FAILED,
+    SAVED,
+    SHARED_MEMORY,
+    SUPERSEDED,
+    UNKNOWN,
+    Ack,
+    SaveRequest,
+)
+from fedckpt.runtime.staging import SegmentReader, creator_pid
+from fedckpt.storage.atomic import process_alive
 from fedckpt.storage.local import persist_checkpoint
 
 log = logging.getLogger("fedckpt.writer")
 
-# How long a save acknowledged before its snapshot was copied waits for the copy to complete.
+# How long a save acknowledged before its snapshot was copied waits for the copy to complete,
+# and how often meanwhile it checks whether its caller died.
 STAGING_TIMEOUT_SECONDS = 120.0
+STAGING_CHECK_SECONDS = 0.5
 
 
-@dataclass
+class _CallerDied(Exception):
+    """The snapshot of a save is gone with the process that staged it.
+
+    ``acknowledged``: whether the caller had been told the save was accepted (its call returned).
+    """
+
+    def __init__(self, reason: str, acknowledged: bool) -> None:
+        super().__init__(reason)
+        self.acknowledged = acknowledged
+
+
+@dataclass(eq=False)
 class _Save:
     request: SaveRequest
     sequence: tuple[int, int]
     payload: dict[str, Any]  # layout, and where the staged bytes are (see Coordinator.save)
     outcome: asyncio.Future
     staged: asyncio.Event  # set once the caller finished copying the snapshot
+    segment: memoryview | None = None  # the caller's staging segment, mapped when the save arrived
 
 
 @dataclass
@@ -79,7 +105,7 @@ class CheckpointWriter:
         self.epoch = time.time_ns()
         self.number = 0
         self.keys: dict[str, _Key] = {}
-        self.counts = {SAVED: 0, SUPERSEDED: 0, FAILED: 0}
+        self.counts = {SAVED: 0, SUPERSEDED: 0, FAILED: 0, ABANDONED: 0}
         self.io = ThreadPoolExecutor(
             max_workers=io_threads, thread_name_prefix="fedckpt-io", initializer=_lower_priority
         )
@@ -113,28 +139,32 @@ class CheckpointWriter:
             self.number += 1
             sequence = (self.epoch, self.number)
         save = _Save(request, sequence, payload, asyncio.get_running_loop().create_future(), asyncio.Event())
+        if payload["data"][0] == SHARED_MEMORY:
+            # Mapped now, before the ack: a save whose call returned stays readable even if its
+            # caller dies and another process removes the segment file.
+            save.segment = self.segments.open(payload["data"][1])
         if staged:
             save.staged.set()
-        if self.coalesce:
-            self._coalesce(state, save)
-        else:
-            state.queue.append(save)
+        bisect.insort(state.queue, save, key=lambda queued: queued.sequence)  # a re-sent save can be older
+        if staged:
+            self._coalesce(state)
         if not state.draining:
             state.draining = True
             asyncio.get_running_loop().create_task(self._drain(request.key, state))
         return Ack(sequence=sequence, writer_epoch=self.epoch)
 
-    def _coalesce(self, state: _Key, save: _Save) -> None:
-        """Latest wins among saves not yet started. Usually the new save is the latest; a save
-        re-sent after a writer restart can be older than one already queued, and then it loses."""
-        if any(queued.sequence > save.sequence for queued in state.queue):
-            save.outcome.set_result(SUPERSEDED)
-            self.counts[SUPERSEDED] += 1
+    def _coalesce(self, state: _Key) -> None:
+        """Latest wins: the queued saves older than the newest staged one will never be needed.
+
+        Called when a save becomes staged. A save re-sent after a writer restart can be the older one.
+        """
+        staged = [queued.sequence for queued in state.queue if queued.staged.is_set()]
+        if not self.coalesce or not staged:
             return
-        while state.queue:
-            state.queue.popleft().outcome.set_result(SUPERSEDED)
+        for queued in [queued for queued in state.queue if queued.sequence < max(staged)]:
+            state.queue.remove(queued)
+            queued.outcome.set_result(SUPERSEDED)
             self.counts[SUPERSEDED] += 1
-        state.queue.append(save)
 
     async def wait_saved(self, key: str, sequence: tuple[int, int], writer_epoch: int, staged: bool = False) -> str:
         """Wait until one save left memory: saved, superseded or failed (``staged``: the caller's
@@ -150,6 +180,7 @@ class CheckpointWriter:
             if save.sequence == sequence:
                 if staged:
                     save.staged.set()
+                    self._coalesce(state)
                 return await save.outcome
         return SAVED if state is None or state.error is None else FAILED
 
@@ -188,14 +219,42 @@ class CheckpointWriter:
         pending = sum(len(state.pending()) for state in self.keys.values())
         return {**self.counts, "keys": len(self.keys), "pending": pending, "pid": os.getpid()}
 
-    async def _staged_bytes(self, where: tuple) -> memoryview:
+    async def _staged_bytes(self, save: _Save) -> memoryview:
         """The staged bytes of a save: a caller's shared-memory segment on this node, or a Ray object."""
+        where = save.payload["data"]
         if where[0] == SHARED_MEMORY:
-            _, path, length = where
-            return self.segments.view(path, length)
+            assert save.segment is not None
+            if not await self._copy_complete(save):
+                raise _CallerDied("its caller died before it finished copying the snapshot", acknowledged=False)
+            return save.segment[: where[2]]
         _, refs, length = where
-        array = await refs[0]
+        try:
+            array = await refs[0]
+        except ray.exceptions.ObjectLostError as error:  # OwnerDiedError among them
+            reason = f"its snapshot was lost with its caller before this writer fetched it ({type(error).__name__})"
+            raise _CallerDied(reason, acknowledged=True) from error
         return memoryview(array)[:length]
+
+    async def _copy_complete(self, save: _Save) -> bool:
+        """Wait until the caller's copy into the segment is complete (True), or it died first (False)."""
+        _, path, _, token = save.payload["data"]
+        waited = 0.0
+        while True:
+            try:
+                await asyncio.wait_for(save.staged.wait(), STAGING_CHECK_SECONDS)
+                return True
+            except TimeoutError:
+                waited += STAGING_CHECK_SECONDS
+            if SegmentReader.staged_mark(save.segment) == token:  # the message died with the caller
+                return True
+            pid = creator_pid(path)
+            if pid is not None and not process_alive(pid):
+                return False
+            if waited >= STAGING_TIMEOUT_SECONDS:
+                raise RuntimeError(
+                    f"the caller did not finish copying this snapshot within {STAGING_TIMEOUT_SECONDS} s; "
+                    "the checkpoint on disk is unchanged"
+                )
 
     async def _drain(self, key: str, state: _Key) -> None:
         loop = asyncio.get_running_loop()
@@ -204,14 +263,7 @@ class CheckpointWriter:
             state.active = save
             outcome = FAILED
             try:
-                try:
-                    await asyncio.wait_for(save.staged.wait(), STAGING_TIMEOUT_SECONDS)
-                except TimeoutError:
-                    raise RuntimeError(
-                        f"the caller did not finish copying this snapshot within {STAGING_TIMEOUT_SECONDS} s "
-                        "(did it die?); the checkpoint on disk is unchanged"
-                    ) from None
-                data = await self._staged_bytes(save.payload["data"])
+                data = await self._staged_bytes(save)
                 request = save.request
                 entry = await loop.run_in_executor(
                     self.io,
@@ -227,10 +279,15 @@ class CheckpointWriter:
                 )
                 del data
                 outcome = SAVED if entry is not None else SUPERSEDED
+            except _CallerDied as reason:  # nobody is left to hear of it
+                level = logging.ERROR if reason.acknowledged else logging.WARNING
+                log.log(level, "fedckpt: dropped a save of %s: %s; the checkpoint on disk is unchanged", key, reason)
+                outcome = ABANDONED
             except Exception as error:  # held for the caller: next call, flush or load
                 log.error("fedckpt: saving %s failed: %s: %s", key, type(error).__name__, error)
                 state.error = _transportable(error)
             finally:
+                save.segment = None
                 if save.payload["data"][0] == SHARED_MEMORY:
                     self.segments.finished(save.payload["data"][1])
                 state.active = None

@@ -1,0 +1,317 @@
+"""Processes killed at random points: a writer mid-stream, and the caller mid-stream.
+
+Nothing acknowledged is lost, no reader ever sees a partial file or an older checkpoint after a
+newer one, and what a dead caller left behind does not trouble the next run.
+"""
+
+import itertools
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import ray
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from torch import nn
+
+import fedckpt
+from fedckpt import LatestTorchModuleCheckpointer, PerRoundStateCheckpointer
+from fedckpt.cli import main as fedckpt_cli
+from fedckpt.runtime import lifecycle
+from fedckpt.runtime.coordinator import writer_name
+from fedckpt.runtime.messages import SaveRequest
+from fedckpt.runtime.staging import PREFIX, SHM_DIR
+from fedckpt.snapshot import snapshot_state
+
+KIB = 1 << 10
+STATE_KEYS = ("state_a.pt", "state_b.pt")
+MODEL_KEYS = ("model_a.safetensors", "model_b.safetensors")
+CHAOS_NAMESPACE = "fedckpt-chaos"
+
+
+def leftover_temp_files(directory) -> list[str]:
+    """Temp files anywhere below ``directory``, the manifest's hidden folder included."""
+    return [name for _, _, names in os.walk(directory) for name in names if name.endswith(".tmp")]
+
+
+def counter_on_disk(path: str) -> int | None:
+    """The counter a checkpoint file holds, read straight from the disk; checks it is whole."""
+    if not os.path.exists(path):
+        return None
+    if path.endswith(".pt"):
+        state = torch.load(path, weights_only=False)
+        assert torch.all(state["x"] == state["counter"]), f"{path} mixes two saves"
+        return state["counter"]
+    tensors = load_file(path)
+    values = {float(tensor.reshape(-1)[0]) for tensor in tensors.values()}
+    assert len(values) == 1 and all(torch.all(t == t.reshape(-1)[0]) for t in tensors.values()), f"{path} mixed"
+    return int(values.pop())
+
+
+class DiskWatcher(threading.Thread):
+    """Reads every checkpoint file over and over while saves and kills go on."""
+
+    def __init__(self, paths: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.paths = paths
+        self.stop = threading.Event()
+        self.seen: dict[str, list[int]] = {path: [] for path in paths}
+        self.problems: list[str] = []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for path in self.paths:
+                try:
+                    counter = counter_on_disk(path)
+                except Exception as error:  # a partial or corrupt file
+                    self.problems.append(f"{path}: {type(error).__name__}: {error}")
+                    continue
+                if counter is not None:
+                    self.seen[path].append(counter)
+            time.sleep(0.002)  # leave the saving thread most of the GIL
+
+    def regressions(self) -> list[str]:
+        return [
+            f"{path}: {before} then {after}"
+            for path, counters in self.seen.items()
+            for before, after in itertools.pairwise(counters)
+            if after < before
+        ]
+
+
+class Wide(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(width, width)
+
+
+@pytest.fixture(scope="module")
+def chaos_pool(ray_instance):
+    """A pool of its own, so that killing its writers disturbs no other test."""
+    fedckpt.init(namespace=CHAOS_NAMESPACE, num_writers=2, io_threads=2)
+    yield [ray.get_actor(writer_name(index), namespace=CHAOS_NAMESPACE) for index in range(2)]
+    lifecycle.coordinator().stop_writers()
+    fedckpt.init()
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kills=st.lists(st.tuples(st.integers(0, 23), st.floats(0.0, 0.05), st.integers(0, 1)), min_size=1, max_size=2),
+    state_kib=st.integers(64, 4096),
+    width=st.integers(64, 768),
+)
+def test_a_writer_killed_at_random_points_loses_nothing_acknowledged(chaos_pool, tmp_path_factory, kills, state_kib,
+                                                                      width):  # fmt: skip
+    """SIGKILL writers at random moments of a stream of saves (mid-write, mid-rename, idle, ...).
+
+    After the flush, every key holds the last save issued for it; while it ran, no file was ever
+    partial and no key ever went back to an older save; the writers restarted; no temp file is left.
+    """
+    directory = tmp_path_factory.mktemp("chaos")
+    states = PerRoundStateCheckpointer(directory)
+    models = {name: LatestTorchModuleCheckpointer(str(directory), name) for name in MODEL_KEYS}
+    model = Wide(width)
+    watcher = DiskWatcher([str(directory / name) for name in (*STATE_KEYS, *MODEL_KEYS)])
+    watcher.start()
+    issued = 0
+    kill_at = {after: (delay, writer) for after, delay, writer in kills}
+    killed_pids = []
+
+    def kill(delay: float, writer: int) -> None:
+        time.sleep(delay)  # lands anywhere in the write path of the saves in flight
+        pid = ray.get(chaos_pool[writer].stats.remote())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        killed_pids.append(pid)
+
+    killers = []
+    for counter in range(24):
+        if counter in kill_at:
+            killers.append(threading.Thread(target=kill, args=kill_at[counter]))
+            killers[-1].start()
+        for name in STATE_KEYS:
+            states.save_checkpoint(name, {"counter": counter, "x": torch.full((state_kib * KIB // 8,), counter)})
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.fill_(counter)
+        for checkpointer in models.values():
+            checkpointer.maybe_checkpoint(model, 0.0, {})
+        issued = counter
+    for killer in killers:
+        killer.join()
+    fedckpt.flush()
+    watcher.stop.set()
+    watcher.join()
+
+    assert watcher.problems == [] and watcher.regressions() == []
+    for name in (*STATE_KEYS, *MODEL_KEYS):
+        assert counter_on_disk(str(directory / name)) == issued, name
+    assert states.load_checkpoint(STATE_KEYS[0])["counter"] == issued
+    assert models[MODEL_KEYS[0]].load_checkpoint().layer.weight[0, 0] == issued
+    live = {ray.get(writer.stats.remote())["pid"] for writer in chaos_pool}
+    assert not live & set(killed_pids)  # every killed writer came back as a new process
+    assert fedckpt_cli(["verify", str(directory)]) == 0
+    assert leftover_temp_files(directory) == []
+
+
+CALLER = """
+import os, signal, sys, torch, fedckpt, ray
+from fedckpt.runtime.staging import Segment
+from fedckpt.snapshot import Snapshot
+ray.init(address={address!r}, include_dashboard=False, log_to_driver=False)
+copies = 0
+copy_into, mark_staged = Snapshot.copy_into, Segment.mark_staged
+
+def copy_and_maybe_die(snapshot, destination):  # dies halfway through its copy
+    global copies
+    copies += 1
+    if copies == {die_mid_copy}:
+        destination[: snapshot.nbytes // 2] = 0xAB
+        os.kill(os.getpid(), signal.SIGKILL)
+    copy_into(snapshot, destination)
+
+def mark_and_maybe_die(segment, token):  # dies before it tells the writer the copy is complete
+    mark_staged(segment, token)
+    if copies == {die_after_copy}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+Snapshot.copy_into, Segment.mark_staged = copy_and_maybe_die, mark_and_maybe_die
+states = fedckpt.PerRoundStateCheckpointer({directory!r})
+model = torch.nn.Linear(512, 512)
+x = torch.empty({numel}, dtype=torch.int64)
+latest = fedckpt.LatestTorchModuleCheckpointer({directory!r}, "model.safetensors")
+for counter in range({rounds}):
+    for name in {keys!r}:
+        states.save_checkpoint(name, {{"counter": counter, "x": x.fill_(counter)}})
+        print("acked", name, counter, flush=True)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(counter)
+    latest.maybe_checkpoint(model, 0.0, {{}})
+    print("acked model.safetensors", counter, flush=True)
+fedckpt.flush()
+print("done", flush=True)
+"""
+
+
+def start_caller(directory, rounds: int, die_mid_copy: int = 0, die_after_copy: int = 0) -> subprocess.Popen:
+    """A separate driver on the test's Ray cluster, saving into the default writer pool; it kills
+    itself in the middle of its ``die_mid_copy``-th snapshot copy, or right after its
+    ``die_after_copy``-th (before the writer hears of it), if told to."""
+    address = ray.get_runtime_context().gcs_address
+    script = CALLER.format(address=address, directory=str(directory), rounds=rounds, keys=STATE_KEYS,
+                           numel=4096 * KIB, die_mid_copy=die_mid_copy, die_after_copy=die_after_copy)  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": address}
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
+
+
+def acknowledged(caller: subprocess.Popen, acked: dict[str, int]) -> int:
+    """Read the caller's acks until it dies; returns how many were read."""
+    count = 0
+    for line in caller.stdout:
+        _, name, counter = line.split()
+        acked[name] = int(counter)
+        count += 1
+    return count
+
+
+def abandoned_saves() -> int:
+    return sum(stats["abandoned"] for stats in lifecycle.coordinator().writer_stats())
+
+
+@pytest.mark.parametrize("moment", ["mid-copy", "after-copy", "any"])
+def test_a_caller_killed_mid_stream_leaves_loadable_checkpoints_and_a_clean_start(runtime, tmp_path, moment):
+    """SIGKILL a saving process: halfway through a snapshot copy, between the copy and telling the
+    writer, or at a random moment.
+
+    Every save it saw acknowledged is written (or a newer one) and what is on disk verifies. A save
+    cut short is dropped at once rather than held (neither the flush nor the next run waits on it
+    or sees a stale error); a save whose copy completed is written even though its call never
+    returned. The next run leaves nothing of the dead caller behind.
+    """
+    abandoned_before = abandoned_saves()
+    acked: dict[str, int] = {}
+    if moment == "any":
+        caller = start_caller(tmp_path, rounds=1000)
+        for _ in range(5 + int.from_bytes(os.urandom(1)) % 20):
+            _, name, counter = caller.stdout.readline().split()
+            acked[name] = int(counter)
+        time.sleep(int.from_bytes(os.urandom(1)) / 255 * 0.05)
+        caller.send_signal(signal.SIGKILL)
+    else:  # the 5th save (of state_b.pt, counter 1) is the one it dies in
+        die = {"mid-copy": {"die_mid_copy": 5}, "after-copy": {"die_after_copy": 5}}[moment]
+        caller = start_caller(tmp_path, rounds=1000, **die)
+    acknowledged(caller, acked)
+    assert caller.wait() == -signal.SIGKILL, caller.stderr.read()[-3000:]
+
+    fedckpt.flush(timeout=60)  # waits for the dead caller's saves too; none is an error for us
+    for name, counter in acked.items():
+        assert counter_on_disk(str(tmp_path / name)) >= counter, name
+    if moment == "mid-copy":
+        assert acked["state_b.pt"] == 0 and counter_on_disk(str(tmp_path / "state_b.pt")) == 0
+        assert abandoned_saves() == abandoned_before + 1
+    if moment == "after-copy":
+        assert acked["state_b.pt"] == 0 and counter_on_disk(str(tmp_path / "state_b.pt")) == 1
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0
+    assert leftover_temp_files(tmp_path) == []
+
+    next_run = start_caller(tmp_path, rounds=2)
+    out, err = next_run.communicate(timeout=90)
+    assert next_run.returncode == 0, err[-3000:]
+    assert out.strip().endswith("done")
+    for name in (*STATE_KEYS, "model.safetensors"):
+        assert counter_on_disk(str(tmp_path / name)) == 1, name
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0
+    assert not [name for name in os.listdir(SHM_DIR) if name.startswith(f"{PREFIX}{caller.pid}-")]
+
+
+def dead_callers_segment(snapshot, copy_complete: bool) -> str:
+    """A staging segment as a caller leaves it when killed: copied and marked, or cut short."""
+    script = textwrap.dedent(
+        f"""
+        import os, pickle, sys
+        from fedckpt.runtime.staging import StagingArena
+        snapshot = pickle.loads(sys.stdin.buffer.read())
+        segment = StagingArena(1 << 24).acquire(snapshot.nbytes)
+        if {copy_complete}:
+            snapshot.copy_into(segment.array)
+            segment.mark_staged(b"t" * 16)
+        print(segment.path, flush=True)
+        os._exit(0)  # killed: nothing is cleaned up
+        """
+    )
+    child = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(snapshot), capture_output=True,
+                           check=True)  # fmt: skip
+    return child.stdout.decode().strip()
+
+
+@pytest.mark.parametrize("copy_complete", [True, False])
+def test_a_save_whose_caller_died_before_saying_staged(runtime, tmp_path, copy_complete):
+    """The writer tells the two cases apart by the mark in the segment: a complete copy is written
+    (its call may have returned), a copy cut short is dropped at once, not held as an error, and the
+    key takes new saves. The writer maps the segment on arrival, so removing its file changes nothing."""
+    key = str(tmp_path / "orphan.pt")
+    snapshot = snapshot_state({"v": "from the dead caller", "x": torch.arange(1000)})
+    path = dead_callers_segment(snapshot, copy_complete)
+    payload = {"layout": pickle.dumps(snapshot.layout), "data": ("shm", path, snapshot.nbytes, b"t" * 16)}
+    writer = lifecycle.coordinator()._writer_for(key)
+    ack = ray.get(writer.enqueue.remote(SaveRequest(key, "state"), payload, False))
+    os.unlink(path)  # another process swept the dead caller's segment away
+    outcome = ray.get(writer.wait_saved.remote(key, ack.sequence, ack.writer_epoch), timeout=30)
+    if copy_complete:
+        assert outcome == "saved"
+        state = torch.load(key, weights_only=False)
+        assert state["v"] == "from the dead caller" and torch.equal(state["x"], torch.arange(1000))
+    else:
+        assert outcome == "abandoned" and not os.path.exists(key)
+    checkpointer = PerRoundStateCheckpointer(tmp_path)
+    checkpointer.save_checkpoint("orphan.pt", {"v": "next"})  # no stale error for the next caller
+    assert checkpointer.load_checkpoint("orphan.pt")["v"] == "next"
