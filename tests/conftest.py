@@ -14,6 +14,11 @@ from torch import nn  # noqa: E402
 import fedckpt  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Run test_multinode.py last: it shuts down the session's Ray instance to start a cluster of its own."""
+    items.sort(key=lambda item: item.path.name == "test_multinode.py")  # stable: keeps the order otherwise
+
+
 @pytest.fixture(scope="session")
 def ray_instance():
     ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)

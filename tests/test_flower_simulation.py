@@ -135,3 +135,19 @@ def test_simulation_killed_with_sigkill_resumes_from_the_last_durable_round(tmp_
     leftovers = [name for name in os.listdir("/dev/shm") if name.startswith("fedckpt-")]
     dead = [name for name in leftovers if not os.path.exists(f"/proc/{name.split('-')[1]}")]
     assert dead == [], "staging segments of killed processes were not removed"
+
+
+def test_a_server_app_that_never_flushes_still_gets_every_client_save(tmp_path):
+    """Flower shuts Ray down as soon as the ServerApp returns; the clients' last-round saves, still
+    in the writers' queues then, are on disk afterwards (fedckpt flushes inside ``ray.shutdown``)."""
+    clients, rounds, copies = 4, 2, 4
+    app = Path(__file__).resolve().parent / "flower_app_without_flush.py"
+    command = [sys.executable, str(app), str(tmp_path), str(clients), str(rounds), "2048", str(copies)]
+    completed = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=420)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert completed.stdout.strip().splitlines()[-1] == "simulation returned"
+    for client in range(clients):
+        for copy in range(copies):
+            weight = read_state_dict(str(tmp_path / f"client_{client}" / f"model_{copy}.pt"))["weight"]
+            assert torch.all(weight == rounds), (client, copy)
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0
