@@ -301,7 +301,8 @@ def test_a_save_whose_caller_died_before_saying_staged(runtime, tmp_path, copy_c
     key = str(tmp_path / "orphan.pt")
     snapshot = snapshot_state({"v": "from the dead caller", "x": torch.arange(1000)})
     path = dead_callers_segment(snapshot, copy_complete)
-    payload = {"layout": pickle.dumps(snapshot.layout), "data": ("shm", path, snapshot.nbytes, b"t" * 16)}
+    node = ray.get_runtime_context().get_node_id()
+    payload = {"layout": pickle.dumps(snapshot.layout), "data": ("shm", path, snapshot.nbytes, b"t" * 16, node)}
     writer = lifecycle.coordinator()._writer_for(key)
     ack = ray.get(writer.enqueue.remote(SaveRequest(key, "state"), payload, False))
     os.unlink(path)  # another process swept the dead caller's segment away

@@ -356,12 +356,6 @@ def test_saves_on_every_node_are_read_right_after_on_every_other_node(cluster, t
         lifecycle.coordinator().stop_writers()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a coordinator learns its writers' nodes once, when it finds the pool, and keeps staging in "
-    "/dev/shm for a writer that Ray restarted on another node (on separate machines it cannot read it)",
-)
 def test_a_writer_restarted_on_another_node_is_sent_saves_through_the_object_store(cluster, tmp_path):
     """A client beside its writer stages in /dev/shm; once the writer process died and Ray restarted it
     on another node, the client's saves reach it through the object store: it maps no /dev/shm segment."""

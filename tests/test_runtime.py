@@ -183,7 +183,9 @@ def test_writer_waits_for_the_copy_before_writing(runtime, tmp_path):
     arena = StagingArena(max_bytes=1 << 20)
     try:
         segment = arena.acquire(snapshot.nbytes)
-        payload = {"layout": pickle.dumps(snapshot.layout), "data": ("shm", segment.path, snapshot.nbytes, b"t" * 16)}
+        node = ray.get_runtime_context().get_node_id()
+        data = ("shm", segment.path, snapshot.nbytes, b"t" * 16, node)
+        payload = {"layout": pickle.dumps(snapshot.layout), "data": data}
         ack = ray.get(writer.enqueue.remote(SaveRequest(key, "state"), payload, False))
         time.sleep(0.5)
         assert not os.path.exists(key)  # nothing written from a segment still being filled

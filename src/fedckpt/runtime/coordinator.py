@@ -51,6 +51,7 @@ def shard_of(key: str, pool_size: int) -> int:
 class _Save:
     request: SaveRequest  # with the sequence it was acknowledged with
     done: ray.ObjectRef  # resolves when the save left the writer's memory
+    payload: dict[str, Any]  # how it was sent: the batch's payload, or its portable copy
 
 
 @dataclass
@@ -61,6 +62,7 @@ class _Batch:
     nbytes: int
     segment: Segment | None  # the staging segment to reuse once every save left its writer
     saves: list[_Save] = field(default_factory=list)
+    portable: dict[str, Any] | None = None  # the same bytes in Ray's object store, made on demand
 
     def key_set(self) -> set[str]:
         return {save.request.key for save in self.saves}
@@ -234,7 +236,7 @@ class Coordinator:
         assert self._arena is not None
         segment = self._arena.acquire(snapshot.nbytes)
         token = uuid.uuid4().bytes
-        data = (SHARED_MEMORY, segment.path, snapshot.nbytes, token)
+        data = (SHARED_MEMORY, segment.path, snapshot.nbytes, token, _node_id())
         batch = _Batch({"layout": snapshot.packed_layout, "data": data}, snapshot.nbytes, segment)
         pending = self._send(batch, requests, staged=False)
         snapshot.copy_into(segment.array)  # if this raised, the writers would time the saves out
@@ -245,8 +247,30 @@ class Coordinator:
         """The blocking copy, into Ray's object store: for writers on other nodes."""
         array = np.empty(snapshot.nbytes, dtype=np.uint8)
         snapshot.copy_into(array)
-        data = (OBJECT_STORE, [ray.put(array)], snapshot.nbytes)  # nested: the writer fetches it itself
-        return _Batch({"layout": snapshot.packed_layout, "data": data}, snapshot.nbytes, None)
+        batch = _Batch(_object_store_payload(snapshot.packed_layout, array), snapshot.nbytes, None)
+        batch.portable = batch.payload
+        return batch
+
+    def _portable_payload(self, batch: _Batch) -> dict[str, Any]:
+        """The batch's bytes in Ray's object store, for a writer that moved to another node."""
+        if batch.portable is None:
+            assert batch.segment is not None
+            array = np.array(batch.segment.array[: batch.nbytes])  # a copy: the segment gets reused
+            batch.portable = _object_store_payload(batch.payload["layout"], array)
+        return batch.portable
+
+    def _writer_moved(self, batch: _Batch, key: str, node_id: str) -> dict[str, Any]:
+        """Note that the writer of ``key`` now runs on ``node_id``; the payload to send it instead."""
+        self._writer_nodes[shard_of(key, len(self._writer_nodes))] = node_id
+        return self._portable_payload(batch)
+
+    def _enqueue_where_it_runs(self, batch: _Batch, save: _Save, writer: Any) -> Any:
+        """Re-send one save (staged); if its writer now runs on another node, through the object store."""
+        ack = ray.get(writer.enqueue.remote(save.request, save.payload, True))
+        if ack.moved_to is not None:
+            save.payload = self._writer_moved(batch, save.request.key, ack.moved_to)
+            ack = ray.get(writer.enqueue.remote(save.request, save.payload, True))
+        return ack
 
     def _send(self, batch: _Batch, requests: list[SaveRequest], staged: bool) -> list[tuple[Any, Any]]:
         """Submit one enqueue per request; returns (writer, ack ref) pairs."""
@@ -264,12 +288,16 @@ class Coordinator:
         acks = ray.get([ack for _, ack in pending])
         errors = {}
         for (writer, _), request, ack in zip(pending, requests, acks, strict=True):
+            payload = batch.payload
+            if ack.moved_to is not None:  # Ray restarted this writer on another node
+                payload = self._writer_moved(batch, request.key, ack.moved_to)
+                ack = ray.get(writer.enqueue.remote(request, payload, True))
             if ack.error is not None:
                 errors[request.key] = ack.error
                 continue
             acknowledged = replace(request, sequence=ack.sequence)
             done = writer.wait_saved.remote(request.key, ack.sequence, ack.writer_epoch, True)
-            batch.saves.append(_Save(acknowledged, done))
+            batch.saves.append(_Save(acknowledged, done, payload))
         return errors
 
     def _release(self, batch: _Batch) -> None:
@@ -307,7 +335,7 @@ class Coordinator:
             for save in lost:
                 log.warning("fedckpt: writer restarted before writing %s; sending it again", save.request.key)
                 writer = self._writer_for(save.request.key)
-                ack = ray.get(writer.enqueue.remote(save.request, batch.payload, True))
+                ack = self._enqueue_where_it_runs(batch, save, writer)
                 if ack.error is not None:
                     raise _checkpoint_error("Saving failed", {save.request.key: ack.error})
                 save.done = writer.wait_saved.remote(save.request.key, ack.sequence, ack.writer_epoch)
@@ -386,6 +414,11 @@ class Coordinator:
             self._inflight_bytes = 0
             if self._arena is not None:
                 self._arena.close()
+
+
+def _object_store_payload(layout: bytes, array: np.ndarray) -> dict[str, Any]:
+    # The ref is nested in a list so that Ray does not fetch it before the writer's method runs.
+    return {"layout": layout, "data": (OBJECT_STORE, [ray.put(array)], array.nbytes)}
 
 
 def _checkpoint_error(what: str, errors: dict[str, BaseException]) -> CheckpointError:

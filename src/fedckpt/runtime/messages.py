@@ -13,8 +13,9 @@ UNKNOWN = "unknown"  # issued to an earlier incarnation of a restarted writer: s
 # another node, before the writer fetched it: there is nothing left to write.
 ABANDONED = "abandoned"
 
-# Where a save's staged bytes are: ("shm", segment path, length, staged token) on the writer's
-# node, or ("object", [ObjectRef], length) in Ray's object store (a writer on another node).
+# Where a save's staged bytes are: ("shm", segment path, length, staged token, caller's node id)
+# on the writer's node, or ("object", [ObjectRef], length) in Ray's object store (a writer on
+# another node).
 SHARED_MEMORY = "shm"
 OBJECT_STORE = "object"
 
@@ -37,8 +38,12 @@ class Ack:
     """Answer to an enqueue: the save's sequence, or the error of an earlier save of that key.
 
     When ``error`` is set the new save was *not* enqueued: the caller raises, and may call again.
+    When ``moved_to`` is set it was not enqueued either: the caller staged it in shared memory for
+    a writer on its node, but the writer now runs on node ``moved_to`` (Ray restarted it there);
+    the caller sends it again through the object store.
     """
 
     sequence: tuple[int, int] | None
     writer_epoch: int | None = None  # the incarnation that took the save; it alone can report on it
     error: BaseException | None = None
+    moved_to: str | None = None

@@ -111,6 +111,7 @@ class CheckpointWriter:
         )
         self.segments = SegmentReader()
         self.name = f"writer-{index}@{os.getpid()}"
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     async def describe(self) -> dict[str, Any]:
         return {
@@ -120,7 +121,7 @@ class CheckpointWriter:
             "io_threads": self.io_threads,
             "epoch": self.epoch,
             "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_id": self.node_id,
         }
 
     async def enqueue(self, request: SaveRequest, payload: dict[str, Any], staged: bool = True) -> Ack:
@@ -129,6 +130,9 @@ class CheckpointWriter:
         With ``staged=False`` the caller is still copying into the staging segment (the round trip
         overlaps the copy); the write starts when ``wait_saved(..., staged=True)`` says it is done.
         """
+        where = payload["data"]
+        if where[0] == SHARED_MEMORY and where[4] != self.node_id:  # not this node's shared memory
+            return Ack(sequence=None, moved_to=self.node_id)
         state = self.keys.setdefault(request.key, _Key())
         if state.error is not None:
             error, state.error = state.error, None
@@ -237,7 +241,7 @@ class CheckpointWriter:
 
     async def _copy_complete(self, save: _Save) -> bool:
         """Wait until the caller's copy into the segment is complete (True), or it died first (False)."""
-        _, path, _, token = save.payload["data"]
+        _, path, _, token, _ = save.payload["data"]
         waited = 0.0
         while True:
             try:
