@@ -1,6 +1,8 @@
-"""A full file system: a clear error in the caller, the writer keeps running, older checkpoints intact."""
+"""Storage faults (a full or read-only file system, a directory replaced by a file): a clear error in the caller,
+the writer keeps running, older checkpoints intact, saving resumes once the cause is gone."""
 
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -9,6 +11,7 @@ from conftest import assert_same_tensors, make_model
 
 import fedckpt
 from fedckpt import LatestTorchModuleCheckpointer, PerRoundStateCheckpointer
+from fedckpt.cli import main as fedckpt_cli
 from fedckpt.runtime import lifecycle
 
 MB = 1 << 20
@@ -98,3 +101,45 @@ def test_a_state_write_error_keeps_the_model_checkpoint_of_the_same_directory(ru
     with pytest.raises(fedckpt.CheckpointError):
         state.flush()
     assert_same_tensors(model_checkpointer.load_state_dict(), model.state_dict())
+
+
+def test_a_read_only_file_system_is_reported_and_saving_resumes_when_writable(runtime, small_filesystem):
+    """EROFS (a file system remounted read-only, as after disk errors): a CheckpointError naming the
+    checkpoint and the cause, the last good version intact, and saving resumes once it is writable."""
+    checkpointer = PerRoundStateCheckpointer(small_filesystem)
+    checkpointer.save_checkpoint("state.pt", {"round": 1})
+    checkpointer.flush()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_filesystem)], check=True)
+    try:
+        checkpointer.save_checkpoint("state.pt", {"round": 2})
+        with pytest.raises(fedckpt.CheckpointError) as raised:
+            checkpointer.flush()
+        assert "Read-only file system" in str(raised.value) and str(small_filesystem / "state.pt") in str(raised.value)
+        assert checkpointer.load_checkpoint("state.pt")["round"] == 1
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_filesystem)], check=True)
+    checkpointer.save_checkpoint("state.pt", {"round": 3})
+    assert checkpointer.load_checkpoint("state.pt")["round"] == 3
+    assert fedckpt_cli(["verify", str(small_filesystem)]) == 0
+
+
+def test_a_directory_replaced_by_a_file_is_reported_and_saving_resumes_when_it_is_back(runtime, tmp_path):
+    """The checkpoint directory deleted and a file put in its place: a clear error for the save, the
+    other checkpoints untouched, and saving resumes once the directory is back."""
+    other = LatestTorchModuleCheckpointer(str(tmp_path / "other"), "model.safetensors")
+    model = make_model(2, width=16)
+    other.maybe_checkpoint(model, 0.0, {})
+    client = PerRoundStateCheckpointer(tmp_path / "client")
+    client.save_checkpoint("state.pt", {"round": 1})
+    client.flush()
+    shutil.rmtree(tmp_path / "client")
+    (tmp_path / "client").write_text("not a directory")
+    client.save_checkpoint("state.pt", {"round": 2})
+    with pytest.raises(fedckpt.CheckpointError) as raised:
+        client.flush()
+    assert str(tmp_path / "client" / "state.pt") in str(raised.value)
+    assert "Not a directory" in str(raised.value) or "File exists" in str(raised.value)
+    assert_same_tensors(other.load_state_dict(), model.state_dict())
+    (tmp_path / "client").unlink()
+    client.save_checkpoint("state.pt", {"round": 3})
+    assert client.load_checkpoint("state.pt")["round"] == 3
