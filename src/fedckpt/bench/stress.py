@@ -9,6 +9,8 @@ size whatever the number of clients. Reports saves per second and peak memory.
 from __future__ import annotations
 
 import os
+import re
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,6 +33,7 @@ class StressResult:
     peak_inflight_bytes: int
     inflight_budget_bytes: int
     peak_worker_rss_bytes: int
+    peak_object_store_bytes: int  # Ray's plasma use, sampled while the load ran
     writers: int
     writer_counts: dict[str, int]
 
@@ -83,6 +86,27 @@ def _run_shard(root: str, clients: list[int], rounds: int, budget: int) -> dict[
     return {"peak_inflight": peak, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+class _ObjectStoreSampler(threading.Thread):
+    """Samples the cluster's object-store (plasma) use every ``period`` seconds; keeps the peak."""
+
+    def __init__(self, period: float = 0.5) -> None:
+        super().__init__(daemon=True, name="fedckpt-object-store-sampler")
+        self.period = period
+        self.stop = threading.Event()
+        self.peak_bytes = 0
+
+    def run(self) -> None:
+        from ray._private.internal_api import memory_summary  # Ray's own `ray memory --stats-only`
+
+        address = ray.get_runtime_context().gcs_address
+        while not self.stop.is_set():
+            summary = memory_summary(address=address, stats_only=True)
+            used = re.search(r"Plasma memory usage (\d+) MiB", summary)
+            if used:
+                self.peak_bytes = max(self.peak_bytes, int(used.group(1)) << 20)
+            self.stop.wait(self.period)
+
+
 def run_stress(root: str, clients: int, rounds: int, workers: int, budget: int = 64 << 20) -> StressResult:
     """Run the load on the current Ray instance; checkpoints go under ``root``."""
     from fedckpt.runtime import lifecycle
@@ -96,9 +120,15 @@ def run_stress(root: str, clients: int, rounds: int, workers: int, budget: int =
 
     shards = [list(range(start, clients, workers)) for start in range(workers)]
     before = writer_counts()  # the pool may have served others before: count this run's saves only
+    sampler = _ObjectStoreSampler()
+    sampler.start()
     started = time.perf_counter()
-    reports = ray.get([_run_shard.remote(root, shard, rounds, budget) for shard in shards if shard])
-    seconds = time.perf_counter() - started
+    try:
+        reports = ray.get([_run_shard.remote(root, shard, rounds, budget) for shard in shards if shard])
+    finally:
+        seconds = time.perf_counter() - started
+        sampler.stop.set()
+        sampler.join()
     wrong = 0
     last = rounds - 1
     for client in range(clients):
@@ -124,6 +154,7 @@ def run_stress(root: str, clients: int, rounds: int, workers: int, budget: int =
         peak_inflight_bytes=max(report["peak_inflight"] for report in reports),
         inflight_budget_bytes=budget,
         peak_worker_rss_bytes=max(report["rss"] for report in reports),
+        peak_object_store_bytes=sampler.peak_bytes,
         writers=len(lifecycle.coordinator().writer_stats()),
         writer_counts=counts,
     )
