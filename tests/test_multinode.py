@@ -407,6 +407,8 @@ def test_a_node_with_writers_removed_mid_run_loses_no_acknowledged_save(cluster,
     late_names = names_owned_by(on_victim, len(writers), tmp_path / "late", "late", 16)
     ray.get(late.save_late.remote(late_names, 7))
     cluster.remove(victim)
+    # Right away: the late client re-sends what the dead writers held as soon as they restart.
+    lost = [name for name in late_names if state_counter_on_disk(str(tmp_path / "late" / name)) != 7]
     progress_at_removal = ray.get([saver.progress.remote() for saver in savers])
     assert ray.get(runs) == [rounds - 1, rounds - 1]
     assert max(progress_at_removal) < rounds  # the clients kept saving after the node was gone
@@ -416,7 +418,6 @@ def test_a_node_with_writers_removed_mid_run_loses_no_acknowledged_save(cluster,
     for old, new in zip(before_removal, after_removal, strict=True):
         assert new["node_id"] in alive
         assert (new["epoch"] != old["epoch"]) == (old["index"] in on_victim)  # only the victim's writers restarted
-    lost = [name for name in late_names if state_counter_on_disk(str(tmp_path / "late" / name)) != 7]
     assert lost, "every late save was written before the node went: nothing was re-sent"
 
     ray.get([client.flush.remote() for client in [*savers, late]])
@@ -440,29 +441,20 @@ def test_a_node_with_writers_removed_mid_run_loses_no_acknowledged_save(cluster,
         ray.kill(client)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a restarted writer knows nothing of the saves its dead incarnation held; only the process that "
-    "issued them re-sends them, at its own next call, so a flush in another process returns without them",
-)
 def test_a_flush_in_another_process_covers_saves_a_dead_writer_held(cluster, tmp_path):
     """``fedckpt.flush()`` waits for every save issued before it by any process (README): also for saves
-    a client had acknowledged by a writer that then died with its node, while the client stays idle."""
+    a client had acknowledged by a writer that then died with its node, while the client stays idle
+    (its coordinator re-sends them in the background; the restarted writer waits for them)."""
     namespace, writers, victim = pool_with_a_writer_on_a_worker_node(cluster, "fedckpt-multinode-flush", 1)
     client = client_on("head", tmp_path, namespace)
     names = [f"late_{index}.pt" for index in range(16)]
     ray.get(client.save_late.remote(names, 7))
     cluster.remove(victim)
-    ray.get(writers[0].describe.remote())  # answers once the writer restarted elsewhere
     lost = [name for name in names if state_counter_on_disk(str(tmp_path / name)) != 7]
-    if lost:
-        fedckpt.flush()
-        missing = [name for name in lost if state_counter_on_disk(str(tmp_path / name)) != 7]
-    ray.get(client.flush.remote())  # the client itself re-sends them
-    if [state_counter_on_disk(str(tmp_path / name)) for name in names] != [7] * len(names):
-        pytest.fail("the client's own flush did not re-send the saves the dead writer held")
-    ray.kill(client)
-    if not lost:
-        pytest.skip("every save was written before the node went")
+    assert lost, "every late save was written before the node went: nothing was re-sent"
+    fedckpt.flush()  # the client makes no call meanwhile
+    missing = [name for name in lost if state_counter_on_disk(str(tmp_path / name)) != 7]
     assert missing == [], f"fedckpt.flush() returned, but {len(missing)} acknowledged saves are not on disk"
+    assert cluster.name_of(writer_nodes(writers)[0]) != victim
+    ray.get(client.flush.remote())
+    ray.kill(client)

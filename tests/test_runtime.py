@@ -96,6 +96,47 @@ def test_a_killed_writer_restarts_and_acknowledged_saves_survive(ray_instance, t
         fedckpt.init()
 
 
+def test_a_flush_in_another_process_covers_saves_a_killed_writer_held(ray_instance, tmp_path):
+    """README: ``fedckpt.flush()`` waits for every save issued before it, by any process. A saver
+    process acknowledges saves, then stays idle; the writer holding them is SIGKILLed; a flush in this
+    process (not the saver) returns only once the latest save of every key is on disk again."""
+    namespace = "fedckpt-kill-idle"
+    fedckpt.init(namespace=namespace, num_writers=1, io_threads=1)
+
+    @ray.remote(num_cpus=0)
+    class Saver:
+        def __init__(self, directory: str) -> None:
+            fedckpt.init(namespace=namespace)  # joins the pool this process created
+            self.states = PerRoundStateCheckpointer(directory)
+
+        def save(self, names: list[str], counter: int, numel: int) -> None:
+            for name in names:
+                self.states.save_checkpoint(name, {"counter": counter, "x": torch.full((numel,), counter)})
+
+    def counter_on_disk(name: str) -> int | None:
+        path = tmp_path / name
+        return torch.load(path, weights_only=True)["counter"] if path.exists() else None
+
+    saver = Saver.remote(str(tmp_path))
+    try:
+        writer = ray.get_actor(writer_name(0), namespace=namespace)
+        pid = ray.get(writer.stats.remote())["pid"]
+        names = [f"idle_{index}.pt" for index in range(8)]
+        ray.get(saver.save.remote(names, 0, MB))
+        ray.get(saver.save.remote(names, 1, 8 * MB))  # 32 MB each, queued behind one I/O thread
+        os.kill(pid, signal.SIGKILL)
+        lost = [name for name in names if counter_on_disk(name) != 1]
+        assert lost, "every save was written before the writer was killed: nothing to re-send"
+        fedckpt.flush()  # the saver makes no call meanwhile
+        assert {name: counter_on_disk(name) for name in names} == dict.fromkeys(names, 1)
+        info = ray.get(writer.describe.remote())
+        assert info["pid"] != pid and info["restarted"]
+        assert ray.get(writer.stats.remote())["awaiting_resend"] == 0
+    finally:
+        ray.kill(saver)
+        fedckpt.init()
+
+
 def test_flush_timeout(ray_instance, tmp_path):
     fedckpt.init(namespace="fedckpt-timeout", num_writers=1, io_threads=1)
     try:
@@ -134,6 +175,42 @@ def test_a_resent_older_save_never_replaces_a_newer_one(runtime, tmp_path):
     ray.get(writer.enqueue.remote(stale, older))  # queued behind the newer, or after it was written
     assert ray.get(writer.flush.remote([key])) == {}
     assert torch.load(key, weights_only=False)["v"] == "new"
+
+
+def test_a_restarted_writer_waits_for_the_saves_its_predecessor_lost(runtime, tmp_path):
+    """A ``wait_saved`` naming an earlier incarnation tells the writer of a save it lost: flushes and
+    reads of that key wait until it is sent again, or until its grace period runs out."""
+    import numpy as np
+
+    from fedckpt.runtime.messages import OBJECT_STORE, UNKNOWN, SaveRequest
+    from fedckpt.snapshot import snapshot_state
+
+    snapshot = snapshot_state({"v": "re-sent"})
+    array = np.empty(snapshot.nbytes, dtype=np.uint8)
+    snapshot.copy_into(array)
+    payload = {"layout": pickle.dumps(snapshot.layout), "data": (OBJECT_STORE, [ray.put(array)], snapshot.nbytes)}
+    key, ghost = str(tmp_path / "lost.pt"), str(tmp_path / "ghost.pt")
+    writer = lifecycle.coordinator()._writer_for(key)
+    old_epoch = 1  # an incarnation long gone
+    assert ray.get(writer.wait_saved.remote(key, (old_epoch, 7), old_epoch)) == UNKNOWN
+    flushed, read = writer.flush.remote([key]), writer.wait_key.remote(key)
+    assert ray.wait([flushed, read], num_returns=2, timeout=1.0)[0] == []  # both wait for the re-send
+    ray.get(writer.enqueue.remote(SaveRequest(key, "state", sequence=(old_epoch, 7)), payload))
+    assert ray.get(flushed, timeout=30) == {} and ray.get(read, timeout=30) is None
+    assert torch.load(key, weights_only=False)["v"] == "re-sent"
+
+    # Its caller never sends it again: after the grace period the flush stops waiting for it.
+    grace = ray.get(writer.__ray_call__.remote(lambda actor: actor.resend_grace_seconds))
+    ray.get(writer.__ray_call__.remote(lambda actor: setattr(actor, "resend_grace_seconds", 3.0)))
+    try:
+        ray.get(writer.wait_saved.remote(ghost, (old_epoch, 8), old_epoch))
+        assert ray.get(writer.stats.remote())["awaiting_resend"] == 1
+        flushed = writer.flush.remote(None)
+        assert ray.wait([flushed], timeout=1.0)[0] == []
+        assert ray.get(flushed, timeout=30) == {} and not os.path.exists(ghost)
+        assert ray.get(writer.stats.remote())["awaiting_resend"] == 0
+    finally:
+        ray.get(writer.__ray_call__.remote(lambda actor: setattr(actor, "resend_grace_seconds", grace)))
 
 
 def test_object_store_staging_round_trip(ray_instance, tmp_path):

@@ -4,6 +4,10 @@ It copies each snapshot once into staging memory (a reused shared-memory segment
 store for writers on other nodes), sends it to the writer that owns each key, waits only for the
 enqueue acknowledgement, keeps in-flight bytes under the budget, re-sends saves whose writer
 restarted before writing them, and turns writer errors into CheckpointError. It writes no files.
+
+Re-sending does not wait for this process's next call: a background thread watches the saves in
+flight and re-sends the lost ones at once, because a flush in any other process (a server's round
+commit) waits for them, and this process may stay idle for a long time.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ from fedckpt.snapshot import Snapshot
 
 log = logging.getLogger("fedckpt")
 
+# How long the background re-sender blocks in one ``ray.wait`` before it looks for newer saves (and
+# how long it may take to notice it was told to stop).
+RESEND_POLL_SECONDS = 0.5
+
 
 def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
@@ -52,6 +60,7 @@ class _Save:
     request: SaveRequest  # with the sequence it was acknowledged with
     done: ray.ObjectRef  # resolves when the save left the writer's memory
     payload: dict[str, Any]  # how it was sent: the batch's payload, or its portable copy
+    settled: bool = False  # the re-sender saw ``done`` resolve to an outcome that needs no re-send
 
 
 @dataclass
@@ -90,6 +99,10 @@ class Coordinator:
         self._batches: deque[_Batch] = deque()
         self._inflight_bytes = 0
         self._lock = threading.RLock()
+        # Errors the background re-sender was answered with, for the next call on their key or flush.
+        self._held_errors: dict[str, BaseException] = {}
+        self._resender: threading.Thread | None = None
+        self._stop_resender = threading.Event()
 
     # ---- the pool -------------------------------------------------------------------------
 
@@ -105,6 +118,7 @@ class Coordinator:
             self._writers = self._create_pool() if create else self._find_pool()
             self._session = ray_session.session_id() if self._writers is not None else None
             if self._writers is not None:
+                self._start_resender()
                 # Re-registered after any ray.init so that it runs before Ray's own exit hook.
                 atexit.unregister(self._flush_at_exit)
                 atexit.register(self._flush_at_exit)
@@ -125,6 +139,7 @@ class Coordinator:
                     log.error("fedckpt: saves failed before exit: %s", error)
                     raise
         finally:
+            self.stop_resender()  # before Ray's own exit hook disconnects this process
             if self._arena is not None and (not self._batches or not ray.is_initialized()):
                 self._arena.close()
             if not ray.is_initialized():
@@ -195,6 +210,7 @@ class Coordinator:
         self._inflight_bytes = 0
         self._writers = None
         self._session = None
+        self._stop_resender.set()  # its refs belong to the lost instance; a new pool starts a new one
         if lost:
             raise CheckpointError(
                 "Ray was shut down before these checkpoints were written (call fedckpt.flush() "
@@ -208,6 +224,9 @@ class Coordinator:
         if not requests:
             return
         with self._lock:
+            held = self._take_held_errors({request.key for request in requests})
+            if held:
+                raise _checkpoint_error("An earlier save failed, so this save was not started", held)
             writers = self.writers()
             self._make_room(snapshot.nbytes)
             shards = {shard_of(request.key, len(writers)) for request in requests}
@@ -333,12 +352,111 @@ class Coordinator:
             if not lost:
                 return
             for save in lost:
-                log.warning("fedckpt: writer restarted before writing %s; sending it again", save.request.key)
-                writer = self._writer_for(save.request.key)
-                ack = self._enqueue_where_it_runs(batch, save, writer)
-                if ack.error is not None:
-                    raise _checkpoint_error("Saving failed", {save.request.key: ack.error})
-                save.done = writer.wait_saved.remote(save.request.key, ack.sequence, ack.writer_epoch)
+                error = self._resend(batch, save)
+                if error is not None:
+                    raise _checkpoint_error("Saving failed", {save.request.key: error})
+
+    def _resend(self, batch: _Batch, save: _Save) -> BaseException | None:
+        """Send a save again that a writer restart lost; returns the error the writer answered with.
+
+        On an error the save stays lost (``done`` unchanged): the next settle sends it again.
+        """
+        log.warning("fedckpt: writer restarted before writing %s; sending it again", save.request.key)
+        writer = self._writer_for(save.request.key)
+        ack = self._enqueue_where_it_runs(batch, save, writer)
+        if ack.error is not None:
+            return ack.error
+        save.done = writer.wait_saved.remote(save.request.key, ack.sequence, ack.writer_epoch)
+        save.settled = False
+        return None
+
+    # ---- the background re-sender -------------------------------------------------------------
+
+    def _start_resender(self) -> None:
+        """Start the thread that re-sends lost saves, unless one runs already (called with the pool)."""
+        if self._resender is not None and self._resender.is_alive() and not self._stop_resender.is_set():
+            return
+        self._stop_resender = threading.Event()  # a thread still stopping keeps its own, set, event
+        self._resender = threading.Thread(
+            target=self._resend_in_background, args=(self._stop_resender,), name="fedckpt-resender", daemon=True
+        )
+        self._resender.start()
+
+    def stop_resender(self, wait: float = 2 * RESEND_POLL_SECONDS) -> None:
+        """Stop the re-sender thread (before Ray disconnects); the next pool starts a new one."""
+        self._stop_resender.set()
+        thread = self._resender
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(wait)  # never called with self._lock held by this thread: the thread takes it
+
+    def _resend_in_background(self, stop: threading.Event) -> None:
+        """Re-send the saves a writer restart lost as soon as their ``wait_saved`` says so.
+
+        A restarted writer answers the outstanding ``wait_saved`` of each save its predecessor held
+        with UNKNOWN, and a flush anywhere waits until the save arrives again: without this thread
+        it would arrive only at this process's next call. The lock is taken only to look at the
+        batches and to re-send, never while blocking in ``ray.wait``; ``save()`` holds it during its
+        copy, and then this thread simply waits its turn.
+        """
+        while not stop.is_set():
+            with self._lock:
+                watched = [
+                    (batch, save, save.done) for batch in self._batches for save in batch.saves if not save.settled
+                ]
+            if not watched:
+                stop.wait(RESEND_POLL_SECONDS)
+                continue
+            if not ray.is_initialized():
+                # Ray went down under this process. Stop here: any ray.* call would start a new Ray
+                # instance (auto-init). The next pool starts a new thread; the next call reports
+                # what was lost (_lost_ray_instance).
+                return
+            refs = [ref for _, _, ref in watched]
+            try:
+                ready, _ = ray.wait(refs, num_returns=1, timeout=RESEND_POLL_SECONDS)
+                if ready:
+                    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            except Exception as error:  # Ray shut down or replaced under this process
+                if not stop.wait(RESEND_POLL_SECONDS):
+                    log.debug("fedckpt: re-sender waiting: %s", error)
+                continue
+            resolved = set(ready)
+            with self._lock:
+                if stop.is_set():
+                    return
+                connected = self._writers is not None and ray.is_initialized()
+                if connected and ray_session.session_id() == self._session:
+                    for batch, save, ref in watched:
+                        if ref in resolved and save.done is ref:  # else re-sent by a call meanwhile
+                            self._check_in_background(batch, save)
+                    continue
+            # Ray went away under this process: the next call reports what was lost (_lost_ray_instance).
+            stop.wait(RESEND_POLL_SECONDS)
+
+    def _check_in_background(self, batch: _Batch, save: _Save) -> None:
+        """Re-send one save if its writer lost it; errors are held for the next call on its key."""
+        try:
+            outcome = ray.get(save.done, timeout=RESEND_POLL_SECONDS)
+        except Exception:  # the writer stopped, Ray went down...: the next settle raises it
+            save.settled = True
+            return
+        if outcome not in (UNKNOWN, ABANDONED):
+            save.settled = True
+            return
+        try:
+            error = self._resend(batch, save)
+        except Exception as failure:  # e.g. Ray going down: leave it to the next settle
+            log.debug("fedckpt: re-sending %s in the background failed: %s", save.request.key, failure)
+            save.settled = True
+            return
+        if error is not None:
+            self._held_errors[save.request.key] = error
+            save.settled = True  # not again in the background; the next settle re-sends it
+
+    def _take_held_errors(self, keys: set[str] | None) -> dict[str, BaseException]:
+        """Errors the re-sender got for ``keys`` (or all), cleared: each is reported once."""
+        chosen = [key for key in self._held_errors if keys is None or key in keys]
+        return {key: self._held_errors.pop(key) for key in chosen}
 
     # ---- waiting --------------------------------------------------------------------------
 
@@ -356,7 +474,8 @@ class Coordinator:
                 return
             self._settle_batches(lambda batch: bool(batch.key_set() & wanted), _Deadline(None))
             errors = ray.get([writers[shard_of(key, len(writers))].wait_key.remote(key) for key in keys])
-        failed = {key: error for key, error in zip(keys, errors, strict=True) if error is not None}
+            failed = self._take_held_errors(wanted)
+        failed.update({key: error for key, error in zip(keys, errors, strict=True) if error is not None})
         if failed:
             raise _checkpoint_error("Saving failed", failed)
 
@@ -376,8 +495,9 @@ class Coordinator:
                 for key in selected:
                     by_writer.setdefault(shard_of(key, len(writers)), []).append(key)
                 calls = [writers[index].flush.remote(group) for index, group in by_writer.items()]
-            errors: dict[str, BaseException] = {}
-            for result in ray.get(calls, timeout=deadline.left()):
+            results = ray.get(calls, timeout=deadline.left())
+            errors = self._take_held_errors(selected)
+            for result in results:
                 errors.update(result)
             self._release_finished()
         if errors:
@@ -402,12 +522,14 @@ class Coordinator:
             for writer in writers:
                 with contextlib.suppress(ray.exceptions.RayActorError):  # exiting is how stop() answers
                     ray.get(writer.stop.options(max_task_retries=0).remote())
-            self.forget()
+        self.forget()  # not under the lock: it waits for the re-sender thread, which takes it
 
     def forget(self) -> None:
         """Drop the pool handles (after Ray was shut down on purpose)."""
+        self.stop_resender()  # not under the lock: the thread may be waiting for it
         with self._lock:
             atexit.unregister(self._flush_at_exit)
+            self._held_errors.clear()
             self._writers = None
             self._session = None
             self._batches.clear()

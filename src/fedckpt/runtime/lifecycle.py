@@ -142,6 +142,7 @@ def _flush_first(shutdown: Callable[..., Any]) -> Callable[..., Any]:
             except Exception as error:  # Ray still goes down; the caller hears of it afterwards
                 log.error("fedckpt: saves pending at ray.shutdown() failed or timed out: %s", error)
                 failure = error
+            coordinator().stop_resender()  # not in ray.wait while Ray disconnects; a new pool restarts it
         result = shutdown(*args, **kwargs)
         if failure is not None:
             raise failure

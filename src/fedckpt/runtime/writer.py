@@ -5,6 +5,12 @@ time in the order they were acknowledged; a save not yet started is dropped once
 staged (latest wins). Not when the newer one merely arrives: its caller may still die before its
 copy is complete, and then the older save is the one to write. File I/O runs on a small thread
 pool so that the actor keeps answering enqueues, reads and flushes while it writes.
+
+A writer that dies loses the saves queued in its memory; only their callers hold the snapshots and
+can send them again. Every acknowledged save has an outstanding ``wait_saved`` call from its caller,
+and Ray delivers those again to the restarted incarnation, which so learns which saves its
+predecessor lost. It answers UNKNOWN (the caller sends the save again) and remembers them, so that
+a flush or read from any process waits for those saves too, not only for what is in its queue.
 """
 
 from __future__ import annotations
@@ -43,6 +49,13 @@ log = logging.getLogger("fedckpt.writer")
 # and how often meanwhile it checks whether its caller died.
 STAGING_TIMEOUT_SECONDS = 120.0
 STAGING_CHECK_SECONDS = 0.5
+# How long a restarted writer waits for a save its predecessor lost to be sent again, before a
+# flush or read stops waiting for it (its caller presumably died too) and a warning names it.
+RESEND_GRACE_SECONDS = 60.0
+# Ray delivers the callers' outstanding calls to a restarted writer in no particular order: a flush
+# or read that arrives this soon after the restart waits until this age, so that the ``wait_saved``
+# calls naming the lost saves arrive first.
+RESTART_SETTLE_SECONDS = 2.0
 
 
 class _CallerDied(Exception):
@@ -112,6 +125,13 @@ class CheckpointWriter:
         self.segments = SegmentReader()
         self.name = f"writer-{index}@{os.getpid()}"
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.started = time.monotonic()
+        self.restarted = _was_restarted()
+        # Saves an earlier incarnation acknowledged and lost: key -> sequence -> a future resolved
+        # once the save was sent again and left memory, was replaced on disk by a newer save of its
+        # key, or its grace period ran out.
+        self.awaiting_resend: dict[str, dict[tuple[int, int], asyncio.Future]] = {}
+        self.resend_grace_seconds = RESEND_GRACE_SECONDS
 
     async def describe(self) -> dict[str, Any]:
         return {
@@ -120,6 +140,7 @@ class CheckpointWriter:
             "coalesce": self.coalesce,
             "io_threads": self.io_threads,
             "epoch": self.epoch,
+            "restarted": self.restarted,
             "pid": os.getpid(),
             "node_id": self.node_id,
         }
@@ -134,8 +155,12 @@ class CheckpointWriter:
         if where[0] == SHARED_MEMORY and where[4] != self.node_id:  # not this node's shared memory
             return Ack(sequence=None, moved_to=self.node_id)
         state = self.keys.setdefault(request.key, _Key())
+        # A save sent again after a restart of this writer: nobody waits for its arrival any longer.
+        awaited = None if request.sequence is None else self._stop_awaiting(request.key, tuple(request.sequence))
         if state.error is not None:
             error, state.error = state.error, None
+            if awaited is not None:
+                awaited.set_result(None)  # its caller hears of the error instead
             return Ack(sequence=None, error=error)
         if request.sequence is not None:
             sequence = tuple(request.sequence)
@@ -149,6 +174,8 @@ class CheckpointWriter:
             save.segment = self.segments.open(payload["data"][1])
         if staged:
             save.staged.set()
+        if awaited is not None:  # from now on, waiting for the save itself covers it
+            save.outcome.add_done_callback(lambda _: awaited.done() or awaited.set_result(None))
         bisect.insort(state.queue, save, key=lambda queued: queued.sequence)  # a re-sent save can be older
         if staged:
             self._coalesce(state)
@@ -177,7 +204,8 @@ class CheckpointWriter:
         ``UNKNOWN`` when an earlier incarnation of this writer took the save: it died with it.
         """
         sequence = tuple(sequence)
-        if writer_epoch != self.epoch:
+        if writer_epoch != self.epoch:  # an earlier incarnation took the save, and died with it
+            self._await_resend(key, sequence)
             return UNKNOWN
         state = self.keys.get(key)
         for save in state.pending() if state else []:
@@ -189,11 +217,12 @@ class CheckpointWriter:
         return SAVED if state is None or state.error is None else FAILED
 
     async def wait_key(self, key: str) -> BaseException | None:
-        """Wait for every save of ``key`` issued before this call; return (and clear) its error."""
+        """Wait for every save of ``key`` issued before this call, also those an earlier incarnation
+        lost (until they are sent again); return (and clear) its error."""
+        await self._settle_after_restart()
         state = self.keys.get(key)
-        if state is None:
-            return None
-        await asyncio.gather(*(save.outcome for save in state.pending()))
+        resends = list(self.awaiting_resend.get(key, {}).values())
+        await asyncio.gather(*(save.outcome for save in (state.pending() if state else [])), *resends)
         state = self.keys.get(key)
         if state is None:
             return None
@@ -202,9 +231,12 @@ class CheckpointWriter:
 
     async def flush(self, keys: list[str] | None = None) -> dict[str, BaseException]:
         """Wait for every save (of ``keys``, or all) issued before this call; return and clear errors."""
-        selected = list(self.keys) if keys is None else [key for key in keys if key in self.keys]
-        outcomes = [save.outcome for key in selected for save in self.keys[key].pending()]
-        await asyncio.gather(*outcomes)
+        await self._settle_after_restart()
+        known = self.keys.keys() | self.awaiting_resend.keys()
+        selected = list(known) if keys is None else [key for key in keys if key in known]
+        outcomes = [save.outcome for key in selected if key in self.keys for save in self.keys[key].pending()]
+        resends = [awaited for key in selected for awaited in self.awaiting_resend.get(key, {}).values()]
+        await asyncio.gather(*outcomes, *resends)
         errors = {}
         for key in selected:
             state = self.keys.get(key)  # idle keys without errors are forgotten meanwhile
@@ -219,9 +251,64 @@ class CheckpointWriter:
         ray.actor.exit_actor()
 
     async def stats(self) -> dict[str, int]:
-        """Saves written, superseded and failed by this incarnation; keys and saves still pending."""
+        """Saves written, superseded and failed by this incarnation; keys and saves still pending;
+        saves an earlier incarnation lost that have not been sent again yet."""
         pending = sum(len(state.pending()) for state in self.keys.values())
-        return {**self.counts, "keys": len(self.keys), "pending": pending, "pid": os.getpid()}
+        awaiting = sum(len(sequences) for sequences in self.awaiting_resend.values())
+        return {
+            **self.counts,
+            "keys": len(self.keys),
+            "pending": pending,
+            "awaiting_resend": awaiting,
+            "pid": os.getpid(),
+        }
+
+    # ---- saves an earlier incarnation lost ------------------------------------------------
+
+    async def _settle_after_restart(self) -> None:
+        """Right after a restart, give the callers' redelivered ``wait_saved`` calls time to arrive."""
+        if self.restarted:
+            left = RESTART_SETTLE_SECONDS - (time.monotonic() - self.started)
+            if left > 0:
+                await asyncio.sleep(left)
+
+    def _await_resend(self, key: str, sequence: tuple[int, int]) -> None:
+        """Remember a lost save until its caller sends it again (bounded by the grace period)."""
+        awaited = self.awaiting_resend.setdefault(key, {})
+        if sequence in awaited:
+            return
+        loop = asyncio.get_running_loop()
+        awaited[sequence] = loop.create_future()
+        loop.call_later(self.resend_grace_seconds, self._give_up_resend, key, sequence)
+
+    def _stop_awaiting(self, key: str, sequence: tuple[int, int]) -> asyncio.Future | None:
+        """Forget one awaited save; returns its future (not resolved yet) if it was awaited."""
+        awaited = self.awaiting_resend.get(key, {})
+        future = awaited.pop(sequence, None)
+        if not awaited:
+            self.awaiting_resend.pop(key, None)
+        return future
+
+    def _give_up_resend(self, key: str, sequence: tuple[int, int]) -> None:
+        future = self._stop_awaiting(key, sequence)
+        if future is not None and not future.done():
+            log.warning(
+                "fedckpt: a save of %s (sequence %s) that an earlier incarnation of %s lost was not sent "
+                "again within %.0f s (its caller presumably died too); flushes no longer wait for it, "
+                "and the checkpoint on disk stays at its last written version",
+                key,
+                sequence,
+                self.name,
+                self.resend_grace_seconds,
+            )
+            future.set_result(None)
+
+    def _superseded_on_disk(self, key: str, sequence: tuple[int, int]) -> None:
+        """A save of ``key`` is on disk: lost saves older than it need not be waited for."""
+        for older in [awaited for awaited in self.awaiting_resend.get(key, {}) if awaited < sequence]:
+            future = self._stop_awaiting(key, older)
+            if future is not None and not future.done():
+                future.set_result(None)
 
     async def _staged_bytes(self, save: _Save) -> memoryview:
         """The staged bytes of a save: a caller's shared-memory segment on this node, or a Ray object."""
@@ -283,6 +370,7 @@ class CheckpointWriter:
                 )
                 del data
                 outcome = SAVED if entry is not None else SUPERSEDED
+                self._superseded_on_disk(key, save.sequence)  # this save or a newer one is on disk
             except _CallerDied as reason:  # nobody is left to hear of it
                 level = logging.ERROR if reason.acknowledged else logging.WARNING
                 log.log(level, "fedckpt: dropped a save of %s: %s; the checkpoint on disk is unchanged", key, reason)
@@ -301,6 +389,14 @@ class CheckpointWriter:
         # Forget idle keys without an error to report: a long run touches many keys.
         if state.error is None and self.keys.get(key) is state:
             del self.keys[key]
+
+
+def _was_restarted() -> bool:
+    """Whether Ray restarted this actor (False where that cannot be told, as outside Ray)."""
+    try:
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:
+        return False
 
 
 def writer_actor_class() -> Any:
