@@ -316,3 +316,45 @@ def test_a_save_whose_caller_died_before_saying_staged(runtime, tmp_path, copy_c
     checkpointer = PerRoundStateCheckpointer(tmp_path)
     checkpointer.save_checkpoint("orphan.pt", {"v": "next"})  # no stale error for the next caller
     assert checkpointer.load_checkpoint("orphan.pt")["v"] == "next"
+
+
+def publish_every_other_version(path: str, parity: int, versions: int) -> None:
+    """One incarnation of a writer: publishes the versions of one parity, as fast as it can."""
+    import numpy as np
+
+    from fedckpt.storage.local import persist_checkpoint
+
+    for number in range(parity, versions, 2):
+        snapshot = snapshot_state({"n": number, "x": torch.full((1000 + 997 * (number % 13),), number)})
+        data = np.empty(snapshot.nbytes, dtype=np.uint8)
+        snapshot.copy_into(data)
+        persist_checkpoint(path, "state", snapshot.layout, memoryview(data), (1, number), None, None, f"w{parity}")
+
+
+def test_two_incarnations_of_a_writer_publishing_at_once_keep_file_and_manifest_a_pair(tmp_path):
+    """A writer on a node being lost still runs while Ray's restarted copy writes the same checkpoint:
+    the newest version wins, the entry always describes the file beside it (``verify`` runs all along),
+    and the version on disk never goes back."""
+    import multiprocessing
+
+    from fedckpt.storage.manifest import read_entry
+
+    path = str(tmp_path / "contested.pt")
+    versions = 300
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=publish_every_other_version, args=(path, p, versions)) for p in (0, 1)]
+    for writer in writers:
+        writer.start()
+    seen, problems = [], 0
+    while any(writer.is_alive() for writer in writers):
+        entry = read_entry(path)
+        if entry is not None:
+            seen.append(entry.sequence[1])
+        problems += fedckpt_cli(["verify", str(tmp_path)])
+    for writer in writers:
+        writer.join()
+        assert writer.exitcode == 0
+    assert problems == 0 and len(seen) > 10
+    assert all(after >= before for before, after in itertools.pairwise(seen))
+    assert torch.load(path, weights_only=False)["n"] == versions - 1 == read_entry(path).sequence[1]
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0

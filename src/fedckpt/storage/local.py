@@ -31,24 +31,31 @@ def persist_checkpoint(
     os.makedirs(directory, exist_ok=True)
     current = manifest.read_entry(path)
     if current is not None and tuple(current.sequence) > tuple(sequence):
-        return None
+        return None  # checked first without writing anything, and again before publishing
     temp, checksum = write_durable_temp(path, lambda target: WRITERS[kind](layout, data, target))
     try:
-        entry = manifest.ManifestEntry(
-            name=os.path.basename(path),
-            format=kind,
-            sequence=tuple(sequence),
-            score=score,
-            score_name=score_name,
-            bytes=os.path.getsize(temp),
-            checksum=checksum,
-            saved_at=time.time(),
-            writer=writer_name,
-        )
-        manifest.stage_entry(path, entry)
-        publish(temp, path)
+        with manifest.publishing_lock(path):
+            # Again, under the lock: another incarnation of this writer (Ray restarted it while the
+            # old one, on a node being lost, still ran) may have published a newer version meanwhile.
+            current = manifest.read_entry_locked(path)
+            if current is not None and tuple(current.sequence) > tuple(sequence):
+                remove_quietly(temp)
+                return None
+            entry = manifest.ManifestEntry(
+                name=os.path.basename(path),
+                format=kind,
+                sequence=tuple(sequence),
+                score=score,
+                score_name=score_name,
+                bytes=os.path.getsize(temp),
+                checksum=checksum,
+                saved_at=time.time(),
+                writer=writer_name,
+            )
+            manifest.stage_entry(path, entry)
+            publish(temp, path)
+            manifest.commit_entry(path)
     except BaseException:
         remove_quietly(temp)
         raise
-    manifest.commit_entry(path)
     return entry

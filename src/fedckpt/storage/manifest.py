@@ -7,10 +7,18 @@ so that writers of different checkpoints never contend for the same file.
 Commit order: the new entry is written durably as ``<entry>.next``, then the checkpoint is renamed
 into place, then ``.next`` over the entry. A crash between the two renames leaves a ``.next`` whose
 checksum matches the checkpoint; :func:`read_entry` rolls it forward.
+
+Publishing a version (the sequence check, ``.next``, the rename, the commit) holds a per-checkpoint
+lock file, ``<entry>.lock``, and so do readers of the entry. Two incarnations of a writer can both
+be alive for a moment (one on a node that is being lost), and a reader (``fedckpt verify`` on a live
+run) must neither roll a half-published version back nor pair an entry with the wrong file. The
+locks are POSIX record locks, which NFS v4 and the cluster file systems honour across hosts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -71,8 +79,38 @@ def commit_entry(checkpoint_path: str) -> None:
     fsync_path(os.path.dirname(target))
 
 
+LOCK_SUFFIX = ".lock"
+
+
+@contextlib.contextmanager
+def publishing_lock(checkpoint_path: str) -> Iterator[None]:
+    """Hold the checkpoint's publishing lock (exclusive across processes and hosts).
+
+    Not re-entrant: closing any descriptor of the lock file drops a POSIX lock, so code that holds
+    it calls :func:`read_entry_locked`, not :func:`read_entry`.
+    """
+    lock = entry_path(checkpoint_path) + LOCK_SUFFIX
+    try:
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a read-only copy of the checkpoints: nobody publishes there
+        yield
+        return
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def read_entry(checkpoint_path: str) -> ManifestEntry | None:
     """The current entry of a checkpoint, rolling forward an entry staged before a crash."""
+    with publishing_lock(checkpoint_path):
+        return read_entry_locked(checkpoint_path)
+
+
+def read_entry_locked(checkpoint_path: str) -> ManifestEntry | None:
+    """:func:`read_entry`, for a caller that holds :func:`publishing_lock`."""
     current = entry_path(checkpoint_path)
     staged = current + NEXT_SUFFIX
     if os.path.exists(staged):
@@ -106,6 +144,7 @@ def iter_entries(root: str) -> Iterator[tuple[str, ManifestEntry]]:
             if name.endswith(ENTRY_SUFFIX):
                 found.append(os.path.join(directory, name[: -len(ENTRY_SUFFIX)]))
     for checkpoint_path in found:
-        entry = read_entry(checkpoint_path)
-        if entry is not None:
-            yield checkpoint_path, entry
+        with publishing_lock(checkpoint_path):  # the entry and the file stay a pair while the caller looks
+            entry = read_entry_locked(checkpoint_path)
+            if entry is not None:
+                yield checkpoint_path, entry
