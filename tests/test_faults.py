@@ -162,7 +162,7 @@ def test_a_writer_killed_at_random_points_loses_nothing_acknowledged(chaos_pool,
 
 
 CALLER = """
-import os, signal, sys, torch, fedckpt, ray
+import os, signal, sys, time, torch, fedckpt, ray
 from fedckpt.runtime.staging import Segment
 from fedckpt.snapshot import Snapshot
 ray.init(address={address!r}, include_dashboard=False, log_to_driver=False)
@@ -174,12 +174,14 @@ def copy_and_maybe_die(snapshot, destination):  # dies halfway through its copy
     copies += 1
     if copies == {die_mid_copy}:
         destination[: snapshot.nbytes // 2] = 0xAB
+        time.sleep(1)  # the enqueue sent before the copy reaches the writer (else there is nothing to see)
         os.kill(os.getpid(), signal.SIGKILL)
     copy_into(snapshot, destination)
 
 def mark_and_maybe_die(segment, token):  # dies before it tells the writer the copy is complete
     mark_staged(segment, token)
     if copies == {die_after_copy}:
+        time.sleep(1)  # as above; the message that the copy is complete is never sent
         os.kill(os.getpid(), signal.SIGKILL)
 
 Snapshot.copy_into, Segment.mark_staged = copy_and_maybe_die, mark_and_maybe_die
