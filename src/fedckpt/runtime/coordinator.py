@@ -278,18 +278,16 @@ class Coordinator:
             batch.portable = _object_store_payload(batch.payload["layout"], array)
         return batch.portable
 
-    def _writer_moved(self, batch: _Batch, key: str, node_id: str) -> dict[str, Any]:
-        """Note that the writer of ``key`` now runs on ``node_id``; the payload to send it instead."""
-        self._writer_nodes[shard_of(key, len(self._writer_nodes))] = node_id
-        return self._portable_payload(batch)
-
-    def _enqueue_where_it_runs(self, batch: _Batch, save: _Save, writer: Any) -> Any:
-        """Re-send one save (staged); if its writer now runs on another node, through the object store."""
-        ack = ray.get(writer.enqueue.remote(save.request, save.payload, True))
-        if ack.moved_to is not None:
-            save.payload = self._writer_moved(batch, save.request.key, ack.moved_to)
-            ack = ray.get(writer.enqueue.remote(save.request, save.payload, True))
-        return ack
+    def _follow_moved_writer(
+        self, batch: _Batch, request: SaveRequest, writer: Any, ack: Any, payload: dict[str, Any]
+    ) -> tuple[Any, dict[str, Any]]:
+        """The ack and payload of a save, sent again through the object store if ``ack`` says that
+        Ray restarted its writer on another node (which cannot read this node's shared memory)."""
+        if ack.moved_to is None:
+            return ack, payload
+        self._writer_nodes[shard_of(request.key, len(self._writer_nodes))] = ack.moved_to
+        portable = self._portable_payload(batch)
+        return ray.get(writer.enqueue.remote(request, portable, True)), portable
 
     def _send(self, batch: _Batch, requests: list[SaveRequest], staged: bool) -> list[tuple[Any, Any]]:
         """Submit one enqueue per request; returns (writer, ack ref) pairs."""
@@ -307,10 +305,7 @@ class Coordinator:
         acks = ray.get([ack for _, ack in pending])
         errors = {}
         for (writer, _), request, ack in zip(pending, requests, acks, strict=True):
-            payload = batch.payload
-            if ack.moved_to is not None:  # Ray restarted this writer on another node
-                payload = self._writer_moved(batch, request.key, ack.moved_to)
-                ack = ray.get(writer.enqueue.remote(request, payload, True))
+            ack, payload = self._follow_moved_writer(batch, request, writer, ack, batch.payload)
             if ack.error is not None:
                 errors[request.key] = ack.error
                 continue
@@ -363,7 +358,8 @@ class Coordinator:
         """
         log.warning("fedckpt: writer restarted before writing %s; sending it again", save.request.key)
         writer = self._writer_for(save.request.key)
-        ack = self._enqueue_where_it_runs(batch, save, writer)
+        ack = ray.get(writer.enqueue.remote(save.request, save.payload, True))
+        ack, save.payload = self._follow_moved_writer(batch, save.request, writer, ack, save.payload)
         if ack.error is not None:
             return ack.error
         save.done = writer.wait_saved.remote(save.request.key, ack.sequence, ack.writer_epoch)

@@ -24,19 +24,17 @@ def persist_checkpoint(
     """Write a snapshot (its ``layout`` and staged ``data``) atomically and durably at ``path``,
     and record it in the manifest.
 
-    Returns None, writing nothing, when the version on disk has a newer sequence (a re-sent save
+    Returns None, leaving the checkpoint untouched, when the version on disk has a newer sequence (a re-sent save
     of a restarted writer must never replace a newer checkpoint).
     """
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    current = manifest.read_entry(path)
-    if current is not None and tuple(current.sequence) > tuple(sequence):
-        return None  # checked first without writing anything, and again before publishing
     temp, checksum = write_durable_temp(path, lambda target: WRITERS[kind](layout, data, target))
     try:
         with manifest.publishing_lock(path):
-            # Again, under the lock: another incarnation of this writer (Ray restarted it while the
+            # Checked under the lock: another incarnation of this writer (Ray restarted it while the
             # old one, on a node being lost, still ran) may have published a newer version meanwhile.
+            # A stale save (a rare re-send) thus costs a discarded temp file, not a read on every save.
             current = manifest.read_entry_locked(path)
             if current is not None and tuple(current.sequence) > tuple(sequence):
                 remove_quietly(temp)
