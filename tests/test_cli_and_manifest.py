@@ -32,7 +32,7 @@ def test_manifest_records_sequence_score_size_hash_and_time(runtime, tmp_path):
     entry = manifest.read_entry(best.checkpoint_path)
     assert entry.format == "module" and entry.score == 0.42 and entry.score_name == "Loss"
     assert entry.bytes == os.path.getsize(best.checkpoint_path)
-    assert entry.checksum == checksum_of_file(best.checkpoint_path) and entry.checksum.startswith("crc32:")
+    assert entry.checksum == checksum_of_file(best.checkpoint_path) and entry.checksum.startswith("xxh3:")
     assert started - 1 <= entry.saved_at <= time.time() + 1
     assert len(entry.sequence) == 2 and entry.sequence[1] >= 1
 
@@ -81,7 +81,7 @@ def test_an_entry_staged_before_a_crash_is_rolled_forward(runtime, tmp_path):
     assert manifest.read_entry(best.checkpoint_path).score == 0.1
     assert not os.path.exists(entry_path(best.checkpoint_path) + manifest.NEXT_SUFFIX)
     # A staged entry whose file never arrived is dropped.
-    stale = manifest.ManifestEntry(**{**new.__dict__, "checksum": "crc32:00000000", "score": 9.0})
+    stale = manifest.ManifestEntry(**{**new.__dict__, "checksum": "xxh3:" + "0" * 32, "score": 9.0})
     manifest.stage_entry(best.checkpoint_path, stale)
     assert manifest.read_entry(best.checkpoint_path).score == 0.1
 

@@ -237,10 +237,10 @@ def test_failed_save_raises_at_next_call_flush_and_load_then_recovers(runtime, t
 
     # Next call: the background failure of the first save surfaces there (once it has happened).
     coordinator = lifecycle.coordinator()
-    failed_before = sum(stats["failed"] for stats in coordinator.writer_stats())
+    failed_before = sum(stats.failed for stats in coordinator.writer_stats())
     checkpointer.maybe_checkpoint(make_model(2), 0.0, {})
     deadline = time.monotonic() + 60
-    while sum(stats["failed"] for stats in coordinator.writer_stats()) == failed_before:
+    while sum(stats.failed for stats in coordinator.writer_stats()) == failed_before:
         assert time.monotonic() < deadline, "the save into a file-for-a-directory never failed"
         time.sleep(0.01)
     with pytest.raises(CheckpointError, match="model.pt") as raised:

@@ -26,7 +26,7 @@ import fedckpt
 from fedckpt import LatestTorchModuleCheckpointer, PerRoundStateCheckpointer
 from fedckpt.cli import main as fedckpt_cli
 from fedckpt.runtime import lifecycle
-from fedckpt.runtime.coordinator import shard_of
+from fedckpt.runtime.pool import shard_of
 from fedckpt.runtime.staging import PREFIX, SHM_DIR, remove_orphans
 from fedckpt.storage.paths import checkpoint_key
 
@@ -226,7 +226,7 @@ def client_on(name: str, directory, namespace: str):
 
 
 def writer_nodes(writers: list) -> list[str]:
-    return [info["node_id"] for info in ray.get([writer.describe.remote() for writer in writers])]
+    return [info.node_id for info in ray.get([writer.describe.remote() for writer in writers])]
 
 
 def pool_with_a_writer_on_a_worker_node(cluster: ClusterNodes, namespace: str, num_writers: int):
@@ -369,7 +369,7 @@ def test_a_writer_restarted_on_another_node_is_sent_saves_through_the_object_sto
         if not ray.get(client.staged_in_shared_memory.remote()):
             pytest.fail("a client beside its writer did not stage in /dev/shm")
         for _ in range(20):  # Ray restarts the writer on a random node
-            os.kill(ray.get(writer.describe.remote())["pid"], signal.SIGKILL)
+            os.kill(ray.get(writer.describe.remote()).pid, signal.SIGKILL)
             if writer_nodes([writer])[0] != home:
                 break
         else:
@@ -377,7 +377,7 @@ def test_a_writer_restarted_on_another_node_is_sent_saves_through_the_object_sto
         ray.get(client.save_states.remote(["s.pt"], 2, MB))
         if ray.get(client.load_state.remote("s.pt"))[1] != 2:
             pytest.fail("the save to the restarted writer was not read back")
-        mapped = ray.get(writer.__ray_call__.remote(lambda writer: sorted(writer.segments._maps)))
+        mapped = ray.get(writer.__ray_call__.remote(lambda writer: sorted(writer.staged.segments._maps)))
         ray.kill(client)
     finally:
         lifecycle.coordinator().stop_writers()
@@ -392,7 +392,7 @@ def test_a_node_with_writers_removed_mid_run_loses_no_acknowledged_save(cluster,
     namespace, writers, victim = pool_with_a_writer_on_a_worker_node(cluster, "fedckpt-multinode-removal", 2)
     survivor = next(name for name in cluster.alive() if name not in ("head", victim))
     before_removal = ray.get([writer.describe.remote() for writer in writers])
-    on_victim = {info["index"] for info in before_removal if info["node_id"] == cluster.ids[victim]}
+    on_victim = {info.index for info in before_removal if info.node_id == cluster.ids[victim]}
     savers = [client_on(survivor, tmp_path / f"client_{index}", namespace) for index in range(2)]
     late = client_on(survivor, tmp_path / "late", namespace)
     ray.get([client.node_id.remote() for client in [*savers, late]])
@@ -416,8 +416,8 @@ def test_a_node_with_writers_removed_mid_run_loses_no_acknowledged_save(cluster,
     after_removal = ray.get([writer.describe.remote() for writer in writers])
     alive = {cluster.ids[name] for name in cluster.alive()}
     for old, new in zip(before_removal, after_removal, strict=True):
-        assert new["node_id"] in alive
-        assert (new["epoch"] != old["epoch"]) == (old["index"] in on_victim)  # only the victim's writers restarted
+        assert new.node_id in alive
+        assert (new.epoch != old.epoch) == (old.index in on_victim)  # only the victim's writers restarted
     assert lost, "every late save was written before the node went: nothing was re-sent"
 
     ray.get([client.flush.remote() for client in [*savers, late]])

@@ -14,14 +14,15 @@ import torch
 import fedckpt
 from fedckpt import PerRoundStateCheckpointer
 from fedckpt.runtime import lifecycle
-from fedckpt.runtime.coordinator import shard_of, writer_name
+from fedckpt.runtime.messages import UNKNOWN, ObjectStorePayload, SaveRequest
+from fedckpt.runtime.pool import shard_of, writer_name
 from fedckpt.runtime.settings import Settings
 
 MB = 1 << 20
 
 
 def totals(stats: list[dict]) -> dict[str, int]:
-    return {name: sum(item[name] for item in stats) for name in ("saved", "superseded", "failed")}
+    return {name: sum(getattr(item, name) for item in stats) for name in ("saved", "superseded", "failed")}
 
 
 @pytest.mark.parametrize("coalesce", [True, False])
@@ -78,7 +79,7 @@ def test_a_killed_writer_restarts_and_acknowledged_saves_survive(ray_instance, t
     try:
         coordinator = lifecycle.coordinator()
         writer = ray.get_actor(writer_name(0), namespace="fedckpt-kill")
-        pid = ray.get(writer.stats.remote())["pid"]
+        pid = ray.get(writer.stats.remote()).pid
         checkpointer = PerRoundStateCheckpointer(tmp_path)
         for counter in range(6):
             for key in range(3):
@@ -87,7 +88,7 @@ def test_a_killed_writer_restarts_and_acknowledged_saves_survive(ray_instance, t
         for key in range(3):  # keep saving while it restarts
             checkpointer.save_checkpoint(f"k{key}.pt", {"counter": 6, "x": torch.full((2 * MB,), 6)})
         fedckpt.flush()
-        assert ray.get(writer.stats.remote())["pid"] != pid
+        assert ray.get(writer.stats.remote()).pid != pid
         for key in range(3):
             state = checkpointer.load_checkpoint(f"k{key}.pt")
             assert state["counter"] == 6 and torch.all(state["x"] == 6)
@@ -120,7 +121,7 @@ def test_a_flush_in_another_process_covers_saves_a_killed_writer_held(ray_instan
     saver = Saver.remote(str(tmp_path))
     try:
         writer = ray.get_actor(writer_name(0), namespace=namespace)
-        pid = ray.get(writer.stats.remote())["pid"]
+        pid = ray.get(writer.stats.remote()).pid
         names = [f"idle_{index}.pt" for index in range(8)]
         ray.get(saver.save.remote(names, 0, MB))
         ray.get(saver.save.remote(names, 1, 8 * MB))  # 32 MB each, queued behind one I/O thread
@@ -130,8 +131,8 @@ def test_a_flush_in_another_process_covers_saves_a_killed_writer_held(ray_instan
         fedckpt.flush()  # the saver makes no call meanwhile
         assert {name: counter_on_disk(name) for name in names} == dict.fromkeys(names, 1)
         info = ray.get(writer.describe.remote())
-        assert info["pid"] != pid and info["restarted"]
-        assert ray.get(writer.stats.remote())["awaiting_resend"] == 0
+        assert info.pid != pid and info.restarted
+        assert ray.get(writer.stats.remote()).awaiting_resend == 0
     finally:
         ray.kill(saver)
         fedckpt.init()
@@ -152,24 +153,29 @@ def test_flush_timeout(ray_instance, tmp_path):
         fedckpt.init()
 
 
-def test_a_resent_older_save_never_replaces_a_newer_one(runtime, tmp_path):
-    """A save re-sent after a writer restart carries its old sequence and loses to newer saves."""
+def _object_store_payload(state) -> ObjectStorePayload:
+    """A snapshot staged in Ray's object store, as for a writer on another node."""
     import numpy as np
 
-    from fedckpt.runtime.messages import OBJECT_STORE, SaveRequest
     from fedckpt.snapshot import snapshot_state
 
-    def staged(state):  # staged in Ray's object store, as for a writer on another node
-        snapshot = snapshot_state(state)
-        array = np.empty(snapshot.nbytes, dtype=np.uint8)
-        snapshot.copy_into(array)
-        layout = pickle.dumps(snapshot.layout)
-        return {"layout": layout, "data": (OBJECT_STORE, [ray.put(array)], snapshot.nbytes)}
+    snapshot = snapshot_state(state)
+    array = np.empty(snapshot.nbytes, dtype=np.uint8)
+    snapshot.copy_into(array)
+    return ObjectStorePayload([ray.put(array)], snapshot.nbytes, pickle.dumps(snapshot.layout))
 
+
+def _writer_of(key: str):
+    pool = lifecycle.coordinator().pool()
+    return pool.handles[pool.owner_of(key)]
+
+
+def test_a_resent_older_save_never_replaces_a_newer_one(runtime, tmp_path):
+    """A save re-sent after a writer restart carries its old sequence and loses to newer saves."""
     key = str(tmp_path / "r.pt")
-    writer = lifecycle.coordinator()._writer_for(key)
-    newer = staged({"v": "new", "x": torch.zeros(4 * MB)})
-    older = staged({"v": "old"})
+    writer = _writer_of(key)
+    newer = _object_store_payload({"v": "new", "x": torch.zeros(4 * MB)})
+    older = _object_store_payload({"v": "old"})
     ack = ray.get(writer.enqueue.remote(SaveRequest(key, "state"), newer))
     stale = SaveRequest(key, "state", sequence=(ack.sequence[0] - 1, 10**6))
     ray.get(writer.enqueue.remote(stale, older))  # queued behind the newer, or after it was written
@@ -180,17 +186,9 @@ def test_a_resent_older_save_never_replaces_a_newer_one(runtime, tmp_path):
 def test_a_restarted_writer_waits_for_the_saves_its_predecessor_lost(runtime, tmp_path):
     """A ``wait_saved`` naming an earlier incarnation tells the writer of a save it lost: flushes and
     reads of that key wait until it is sent again, or until its grace period runs out."""
-    import numpy as np
-
-    from fedckpt.runtime.messages import OBJECT_STORE, UNKNOWN, SaveRequest
-    from fedckpt.snapshot import snapshot_state
-
-    snapshot = snapshot_state({"v": "re-sent"})
-    array = np.empty(snapshot.nbytes, dtype=np.uint8)
-    snapshot.copy_into(array)
-    payload = {"layout": pickle.dumps(snapshot.layout), "data": (OBJECT_STORE, [ray.put(array)], snapshot.nbytes)}
+    payload = _object_store_payload({"v": "re-sent"})
     key, ghost = str(tmp_path / "lost.pt"), str(tmp_path / "ghost.pt")
-    writer = lifecycle.coordinator()._writer_for(key)
+    writer = _writer_of(key)
     old_epoch = 1  # an incarnation long gone
     assert ray.get(writer.wait_saved.remote(key, (old_epoch, 7), old_epoch)) == UNKNOWN
     flushed, read = writer.flush.remote([key]), writer.wait_key.remote(key)
@@ -200,17 +198,17 @@ def test_a_restarted_writer_waits_for_the_saves_its_predecessor_lost(runtime, tm
     assert torch.load(key, weights_only=False)["v"] == "re-sent"
 
     # Its caller never sends it again: after the grace period the flush stops waiting for it.
-    grace = ray.get(writer.__ray_call__.remote(lambda actor: actor.resend_grace_seconds))
-    ray.get(writer.__ray_call__.remote(lambda actor: setattr(actor, "resend_grace_seconds", 3.0)))
+    grace = ray.get(writer.__ray_call__.remote(lambda actor: actor.lost.grace_seconds))
+    ray.get(writer.__ray_call__.remote(lambda actor: setattr(actor.lost, "grace_seconds", 3.0)))
     try:
         ray.get(writer.wait_saved.remote(ghost, (old_epoch, 8), old_epoch))
-        assert ray.get(writer.stats.remote())["awaiting_resend"] == 1
+        assert ray.get(writer.stats.remote()).awaiting_resend == 1
         flushed = writer.flush.remote(None)
         assert ray.wait([flushed], timeout=1.0)[0] == []
         assert ray.get(flushed, timeout=30) == {} and not os.path.exists(ghost)
-        assert ray.get(writer.stats.remote())["awaiting_resend"] == 0
+        assert ray.get(writer.stats.remote()).awaiting_resend == 0
     finally:
-        ray.get(writer.__ray_call__.remote(lambda actor: setattr(actor, "resend_grace_seconds", grace)))
+        ray.get(writer.__ray_call__.remote(lambda actor: setattr(actor.lost, "grace_seconds", grace)))
 
 
 def test_object_store_staging_round_trip(ray_instance, tmp_path):
@@ -248,27 +246,36 @@ def test_segments_of_dead_processes_are_removed(tmp_path):
     assert not dead.exists() and alive.exists() and unrelated.exists()
 
 
-def test_writer_waits_for_the_copy_before_writing(runtime, tmp_path):
-    """An enqueue sent before the caller's copy finished is written only after 'staged' arrives."""
-    from fedckpt.runtime.messages import SaveRequest
-    from fedckpt.runtime.staging import StagingArena
-    from fedckpt.snapshot import snapshot_state
+def test_saves_on_the_writers_node_travel_over_the_channel(runtime, tmp_path):
+    """A caller beside its writer sends each save as one channel message (no Ray call on the save
+    path), hears when it is done, and reuses its staging segment from then on."""
+    from fedckpt.runtime.transport import Route
 
-    key = str(tmp_path / "pipelined.pt")
-    writer = lifecycle.coordinator()._writer_for(key)
-    snapshot = snapshot_state({"v": 1, "x": torch.ones(1024)})
-    arena = StagingArena(max_bytes=1 << 20)
+    coordinator = lifecycle.coordinator()
+    checkpointer = PerRoundStateCheckpointer(tmp_path)
+    checkpointer.save_checkpoint("c.pt", {"v": 0, "x": torch.zeros(MB)})
+    checkpointer.flush()
+    pool = coordinator.pool()
+    key = str(tmp_path / "c.pt")
+    assert coordinator._transport.route(pool, pool.owner_of(key)) is Route.CHANNEL
+    submitted = []
+    original = ray.actor.ActorMethod._remote
+    ray.actor.ActorMethod._remote = lambda *args, **kwargs: submitted.append(args) or original(*args, **kwargs)
     try:
-        segment = arena.acquire(snapshot.nbytes)
-        node = ray.get_runtime_context().get_node_id()
-        data = ("shm", segment.path, snapshot.nbytes, b"t" * 16, node)
-        payload = {"layout": pickle.dumps(snapshot.layout), "data": data}
-        ack = ray.get(writer.enqueue.remote(SaveRequest(key, "state"), payload, False))
-        time.sleep(0.5)
-        assert not os.path.exists(key)  # nothing written from a segment still being filled
-        snapshot.copy_into(segment.array)
-        outcome = ray.get(writer.wait_saved.remote(key, ack.sequence, ack.writer_epoch, True))
-        assert outcome == "saved"
-        assert torch.load(key, weights_only=False)["v"] == 1
+        for counter in range(1, 20):
+            checkpointer.save_checkpoint("c.pt", {"v": counter, "x": torch.full((MB,), counter)})
     finally:
-        arena.close()
+        ray.actor.ActorMethod._remote = original
+    assert submitted == []
+    checkpointer.flush()
+    assert checkpointer.load_checkpoint("c.pt")["v"] == 19
+    assert coordinator.inflight_bytes() == 0
+    arena = coordinator._transport.arena
+    free = {segment.path for segment in arena._free}
+    assert free and not arena._busy  # every segment came back
+    used = set()
+    for counter in range(20, 25):  # a save per round: each reuses a segment, none is created
+        checkpointer.save_checkpoint("c.pt", {"v": counter, "x": torch.full((MB,), counter)})
+        used |= {segment.path for segment in arena._busy}
+        checkpointer.flush()
+    assert used and used <= free

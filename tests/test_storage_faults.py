@@ -46,7 +46,7 @@ def fill_up(directory):
 
 
 def writer_pids():
-    return sorted(stats["pid"] for stats in lifecycle.coordinator().writer_stats())
+    return sorted(stats.pid for stats in lifecycle.coordinator().writer_stats())
 
 
 @pytest.mark.parametrize("kind", ["state", "model"])

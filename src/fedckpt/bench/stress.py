@@ -116,7 +116,7 @@ def run_stress(root: str, clients: int, rounds: int, workers: int, budget: int =
 
     def writer_counts() -> dict[str, int]:
         stats = lifecycle.coordinator().writer_stats()
-        return {key: sum(s[key] for s in stats) for key in ("saved", "superseded", "failed", "abandoned")}
+        return {key: sum(getattr(s, key) for s in stats) for key in ("saved", "superseded", "failed", "abandoned")}
 
     shards = [list(range(start, clients, workers)) for start in range(workers)]
     before = writer_counts()  # the pool may have served others before: count this run's saves only

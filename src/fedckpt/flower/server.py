@@ -97,7 +97,7 @@ class ServerCheckpoints:
                     self._wait_for_commit()
                 finally:
                     lifecycle.flush()  # Flower shuts Ray down once main() returns
-            self.saves_written = sum(stats["saved"] for stats in lifecycle.coordinator().writer_stats())
+            self.saves_written = sum(stats.saved for stats in lifecycle.coordinator().writer_stats())
 
     def _run(
         self,

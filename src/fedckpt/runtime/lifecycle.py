@@ -11,6 +11,7 @@ from typing import Any
 
 import ray
 
+from fedckpt.runtime import ray_session
 from fedckpt.runtime.coordinator import Coordinator
 from fedckpt.runtime.settings import Settings
 
@@ -142,7 +143,8 @@ def _flush_first(shutdown: Callable[..., Any]) -> Callable[..., Any]:
             except Exception as error:  # Ray still goes down; the caller hears of it afterwards
                 log.error("fedckpt: saves pending at ray.shutdown() failed or timed out: %s", error)
                 failure = error
-            coordinator().stop_resender()  # not in ray.wait while Ray disconnects; a new pool restarts it
+            coordinator().stop_watcher()  # not in ray.wait while Ray disconnects; a new pool restarts it
+        ray_session.generation += 1
         result = shutdown(*args, **kwargs)
         if failure is not None:
             raise failure

@@ -1,34 +1,55 @@
-"""What the caller side and the writer actors send each other."""
+"""What the caller side and the writer actors send each other, over Ray calls or the node-local channel."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 # Outcomes of one save, as the writer reports them.
 SAVED = "saved"
 SUPERSEDED = "superseded"  # a newer save of the same key replaced it before or on disk
 FAILED = "failed"  # the error is held for the next call, flush or load of that key
 UNKNOWN = "unknown"  # issued to an earlier incarnation of a restarted writer: send it again
-# Its caller died before the snapshot was staged (its call never returned), or, for a writer on
-# another node, before the writer fetched it: there is nothing left to write.
+# For a writer on another node: the caller died before the writer fetched the snapshot from Ray's
+# object store, so there is nothing left to write.
 ABANDONED = "abandoned"
+OUTCOMES = (SAVED, SUPERSEDED, FAILED, ABANDONED)
 
-# Where a save's staged bytes are: ("shm", segment path, length, staged token, caller's node id)
-# on the writer's node, or ("object", [ObjectRef], length) in Ray's object store (a writer on
-# another node).
-SHARED_MEMORY = "shm"
-OBJECT_STORE = "object"
+
+@dataclass(frozen=True)
+class SharedMemoryPayload:
+    """A snapshot staged in a shared-memory segment on the writer's node, which the writer maps.
+
+    The caller sends it only once its copy is complete, and reuses the segment only after the
+    writer reported the save done.
+    """
+
+    path: str
+    nbytes: int
+    layout: bytes  # the snapshot's pickled layout
+
+
+@dataclass(frozen=True)
+class ObjectStorePayload:
+    """A snapshot staged in Ray's object store: for a writer on another node."""
+
+    refs: list[Any]  # [ObjectRef]: nested in a list so that Ray does not fetch it before the writer wants it
+    nbytes: int
+    layout: bytes
+
+
+Payload = SharedMemoryPayload | ObjectStorePayload
 
 
 @dataclass(frozen=True)
 class SaveRequest:
-    """One save of one checkpoint; the snapshot travels beside it as an ObjectRef."""
+    """One save of one checkpoint."""
 
     key: str
     kind: str
     score: float | None = None
     score_name: str | None = None
-    # The (writer epoch, number) a save was first acknowledged with; set when it is re-sent
+    # The (writer epoch, number) a save was first acknowledged with; set when it is sent again
     # after a writer restart, so that it still loses against anything issued after it.
     sequence: tuple[int, int] | None = None
 
@@ -38,12 +59,74 @@ class Ack:
     """Answer to an enqueue: the save's sequence, or the error of an earlier save of that key.
 
     When ``error`` is set the new save was *not* enqueued: the caller raises, and may call again.
-    When ``moved_to`` is set it was not enqueued either: the caller staged it in shared memory for
-    a writer on its node, but the writer now runs on node ``moved_to`` (Ray restarted it there);
-    the caller sends it again through the object store.
     """
 
     sequence: tuple[int, int] | None
     writer_epoch: int | None = None  # the incarnation that took the save; it alone can report on it
     error: BaseException | None = None
-    moved_to: str | None = None
+
+
+@dataclass(frozen=True)
+class WriterInfo:
+    """Who a writer is and where it runs (``describe``)."""
+
+    index: int
+    pool_size: int
+    coalesce: bool
+    io_threads: int
+    epoch: int
+    restarted: bool
+    pid: int
+    node_id: str
+    channel_address: str | None  # where callers on its node reach it (None: Ray calls only)
+
+
+@dataclass
+class WriterStats:
+    """One writer incarnation's counters."""
+
+    saved: int
+    superseded: int
+    failed: int
+    abandoned: int
+    keys: int  # keys with saves pending or an error to report
+    pending: int  # saves not yet written
+    awaiting_resend: int  # saves an earlier incarnation lost that were not sent again yet
+    bytes_written: int  # checkpoint bytes written to storage
+    bytes_linked: int  # checkpoint bytes not written because identical content was linked
+    pid: int
+
+
+# ---- the node-local channel (see fedckpt.runtime.channel) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class EnqueueCall:
+    """Queue one staged snapshot under each request's key; answered with one Ack per request."""
+
+    call_id: int
+    requests: list[SaveRequest]
+    payload: SharedMemoryPayload
+
+
+@dataclass(frozen=True)
+class WaitCall:
+    """Wait until every save of ``keys`` (None: of all keys) issued before it left memory; answered
+    with the errors held for those keys (and clears them)."""
+
+    call_id: int
+    keys: list[str] | None
+
+
+@dataclass(frozen=True)
+class Reply:
+    call_id: int
+    value: Any
+
+
+@dataclass(frozen=True)
+class SaveDone:
+    """Pushed to the connection that enqueued a save once it left the writer's memory."""
+
+    sequence: tuple[int, int]
+    outcome: str

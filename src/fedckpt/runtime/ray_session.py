@@ -9,6 +9,10 @@ import ray
 
 log = logging.getLogger("fedckpt")
 
+# Counts ``ray.shutdown()`` calls in this process (fedckpt wraps it): a cheap test, on every save,
+# of whether the writer pool this process knows can still be the one it talks to.
+generation = 0
+
 
 def ensure_ray() -> bool:
     """Make sure this process is connected to Ray. Returns True if fedckpt connected it.

@@ -7,10 +7,8 @@ runs at memcpy speed instead of paying a page fault per 4 KiB, as fresh allocati
 into a new object) do. Segments outlive a crashed caller, so a writer can finish what was
 acknowledged; whoever finds a segment whose creator died removes it.
 
-The last ``STAGED_MARK_BYTES`` of a segment hold the token of the save whose copy into it is
-complete. The caller also sends that news as a message; the mark is what lets a writer tell, when
-the caller died before the message went out, a save whose copy was complete (write it) from one
-whose copy was cut short (drop it: its call never returned).
+A caller tells the writer of a save only once its copy is complete, so a writer never reads a
+segment still being filled.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ from fedckpt.storage.atomic import process_alive
 
 SHM_DIR = "/dev/shm"
 PREFIX = "fedckpt-"
-STAGED_MARK_BYTES = 16
 
 
 @dataclass(eq=False)
@@ -43,10 +40,6 @@ class Segment:
 
     def __post_init__(self) -> None:
         self.array = np.frombuffer(self.buffer, dtype=np.uint8)
-
-    def mark_staged(self, token: bytes) -> None:
-        """Record in the segment itself that the copy of the save ``token`` is complete."""
-        self.array[-STAGED_MARK_BYTES:] = np.frombuffer(token, dtype=np.uint8)
 
     def close(self) -> None:
         del self.array
@@ -120,7 +113,6 @@ class StagingArena:
 
     def acquire(self, nbytes: int) -> Segment:
         """A segment for ``nbytes`` of data (the smallest free one that fits, or a new one)."""
-        nbytes += STAGED_MARK_BYTES
         with self._lock:
             fitting = [segment for segment in self._free if segment.size >= nbytes]
             if fitting:
@@ -132,6 +124,9 @@ class StagingArena:
                 segment = self._create(nbytes)
             self._busy.add(segment)
             return segment
+
+    def has_free(self, nbytes: int) -> bool:
+        return any(segment.size >= nbytes for segment in self._free)
 
     def release(self, segment: Segment) -> None:
         with self._lock:
@@ -170,23 +165,22 @@ class SegmentReader:
 
     def __init__(self, max_idle_seconds: float = 60.0) -> None:
         self.max_idle_seconds = max_idle_seconds
-        self._maps: dict[str, tuple[int, mmap.mmap, float]] = {}  # path -> (inode, mapping, last use)
+        self._maps: dict[str, tuple[mmap.mmap, float]] = {}  # path -> (mapping, last use)
         self._last_sweep = time.monotonic()
         remove_orphans()
 
     def open(self, path: str) -> memoryview:
         """The whole of segment ``path``, mapped: the view keeps it readable even after the
-        segment is removed (its creator died and another process swept it up)."""
-        inode = os.stat(path).st_ino
+        segment is removed (its creator died and another process swept it up). A segment's name
+        is never reused (it ends in a random id), so a mapping is kept by name."""
         cached = self._maps.get(path)
-        if cached is None or cached[0] != inode:
-            if cached is not None:
-                self._close(path)
+        if cached is None:
             with open(path, "rb") as file:
                 mapping = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
-            cached = (inode, mapping, 0.0)
-        self._maps[path] = (cached[0], cached[1], time.monotonic())
-        return memoryview(cached[1])
+        else:
+            mapping = cached[0]
+        self._maps[path] = (mapping, time.monotonic())
+        return memoryview(mapping)
 
     def finished(self, path: str) -> None:
         """After a save from ``path``: remove the segment if its creator died (nobody else will)."""
@@ -196,18 +190,13 @@ class SegmentReader:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         now = time.monotonic()
-        for idle in [p for p, (_, _, used) in self._maps.items() if now - used > self.max_idle_seconds]:
+        for idle in [p for p, (_, used) in self._maps.items() if now - used > self.max_idle_seconds]:
             self._close(idle)
         if now - self._last_sweep > self.max_idle_seconds:
             self._last_sweep = now
             remove_orphans()
 
-    @staticmethod
-    def staged_mark(segment: memoryview) -> bytes:
-        """The token of the last save whose copy into this segment completed."""
-        return bytes(segment[-STAGED_MARK_BYTES:])
-
     def _close(self, path: str) -> None:
-        _, mapping, _ = self._maps.pop(path)
+        mapping, _ = self._maps.pop(path)
         with contextlib.suppress(BufferError):  # still viewed: the GC unmaps it later
             mapping.close()

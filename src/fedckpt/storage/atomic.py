@@ -45,6 +45,8 @@ def write_durable_temp(final_path: str, write: Callable[[str], T]) -> tuple[str,
 def publish(temp: str, final_path: str) -> None:
     """Atomically move a durable temp file into place and make the rename durable."""
     os.replace(temp, final_path)
+    if os.path.lexists(temp):  # a hard link to the file already in place: rename leaves both names
+        os.remove(temp)
     fsync_path(os.path.dirname(final_path) or ".")
 
 

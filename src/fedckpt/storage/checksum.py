@@ -1,9 +1,10 @@
 """The checksum a manifest entry records for its checkpoint: ``"<algorithm>:<hex>"``.
 
-CRC-32 (zlib): it catches torn and corrupted files, which is its job here, at about 4 GB/s on one
-core, against 1.7 GB/s for SHA-256. The writer computes it while it writes, in the background but
-on the same cores as training, so its cost is training's cost. Entries written with SHA-256 by
-earlier versions (``sha256`` field) still verify.
+XXH3-128 (the ``xxhash`` package): it catches torn and corrupted files, which is its job here,
+and identifies identical content (see :mod:`fedckpt.storage.dedup`), at about 20 GB/s on one core,
+against 2 GB/s for zlib's CRC-32 and 1.7 GB/s for SHA-256. The writer computes it in the
+background but on the same cores as training, so its cost is training's cost. Entries written by
+earlier versions (``crc32:``, ``sha256:``) still verify.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import hashlib
 import zlib
 from typing import Any
 
-ALGORITHM = "crc32"
+import xxhash
+
+ALGORITHM = "xxh3"
+ALGORITHMS = ("xxh3", "crc32", "sha256")
 READ_CHUNK = 8 << 20
 
 
@@ -20,21 +24,29 @@ class RunningChecksum:
     """The checksum of bytes fed in order."""
 
     def __init__(self, algorithm: str = ALGORITHM) -> None:
-        if algorithm not in ("crc32", "sha256"):
-            raise ValueError(f"Unknown checksum algorithm {algorithm!r}")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"Unknown checksum algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
         self.algorithm = algorithm
         self._crc = 0
-        self._sha = hashlib.sha256() if algorithm == "sha256" else None
+        self._hash = xxhash.xxh3_128() if algorithm == "xxh3" else hashlib.sha256() if algorithm == "sha256" else None
 
     def update(self, data: Any) -> None:
-        if self._sha is not None:
-            self._sha.update(data)
+        if self._hash is not None:
+            self._hash.update(data)
         else:
             self._crc = zlib.crc32(data, self._crc)
 
     def value(self) -> str:
-        digest = self._sha.hexdigest() if self._sha is not None else f"{self._crc:08x}"
+        digest = self._hash.hexdigest() if self._hash is not None else f"{self._crc:08x}"
         return f"{self.algorithm}:{digest}"
+
+
+def checksum_of(*parts: Any) -> str:
+    """The checksum of ``parts`` one after the other (the bytes of a file not written yet)."""
+    running = RunningChecksum()
+    for part in parts:
+        running.update(part)
+    return running.value()
 
 
 def checksum_of_file(path: str, algorithm: str = ALGORITHM) -> str:

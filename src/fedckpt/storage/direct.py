@@ -1,4 +1,4 @@
-"""A sequential file writer that bypasses the page cache (O_DIRECT) and checksums as it writes.
+"""A sequential file writer that bypasses the page cache (O_DIRECT), checksumming as it writes if asked.
 
 Why: on the machines this runs on, a buffered ``write`` of checkpoint bytes costs about one second
 of kernel CPU per GB (the copy into the page cache and its writeback), and that CPU is taken from
@@ -36,9 +36,10 @@ def _address(view: memoryview) -> int:
 
 
 class HashingFile:
-    """A new binary file written front to back; ``close()`` returns the checksum of what was written."""
+    """A new binary file written front to back; ``close()`` returns the checksum of what was written
+    (None with ``checksum=False``, for bytes whose checksum is known already)."""
 
-    def __init__(self, path: str, direct: bool = True) -> None:
+    def __init__(self, path: str, direct: bool = True, checksum: bool = True) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.direct = direct and hasattr(os, "O_DIRECT")
         try:
@@ -48,7 +49,7 @@ class HashingFile:
                 raise
             self.direct = False
             self.fd = os.open(path, flags, 0o644)
-        self.checksum = RunningChecksum()
+        self.checksum = RunningChecksum() if checksum else None
         self.size = 0
         self.bounce = mmap.mmap(-1, BOUNCE_BYTES) if self.direct else None  # anonymous maps are page-aligned
         self.filled = 0
@@ -60,8 +61,9 @@ class HashingFile:
         view = memoryview(data).cast("B")
         if self.failed is not None:
             return len(view)
-        for start in range(0, len(view), CHECKSUM_CHUNK):
-            self.checksum.update(view[start : start + CHECKSUM_CHUNK])
+        if self.checksum is not None:
+            for start in range(0, len(view), CHECKSUM_CHUNK):
+                self.checksum.update(view[start : start + CHECKSUM_CHUNK])
         try:
             if self.direct:
                 self._write_direct(view)
@@ -76,8 +78,8 @@ class HashingFile:
     def flush(self) -> None:
         pass
 
-    def close(self) -> str:
-        """Write what is buffered, set the file's length, close it; returns the checksum (``crc32:<hex>``)."""
+    def close(self) -> str | None:
+        """Write what is buffered, set the file's length, close it; returns the checksum (``xxh3:<hex>``)."""
         try:
             if self.direct and self.filled and self.failed is None:
                 padded = -(-self.filled // BLOCK) * BLOCK
@@ -91,7 +93,7 @@ class HashingFile:
             if self.bounce is not None:
                 with contextlib.suppress(BufferError):  # a view held by an exception's frames: GC frees it
                     self.bounce.close()
-        return self.checksum.value()
+        return None if self.checksum is None else self.checksum.value()
 
     def _write_direct(self, view: memoryview) -> None:
         base, position, length = _address(view), 0, len(view)

@@ -48,19 +48,19 @@ def safetensors_header(layout: dict[str, Any]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def write_module_file(layout: dict[str, Any], data: memoryview, path: str) -> str:
-    """Write a module snapshot as one safetensors file: header, then the data region as staged.
+def write_module_file(header: bytes, data: memoryview, path: str) -> None:
+    """Write a module snapshot as one safetensors file: ``header`` (:func:`safetensors_header`),
+    then the data region as staged.
 
-    The staged data is already in safetensors order, so this is one sequential write. Returns
-    the file's checksum.
+    The staged data is already in safetensors order, so this is one sequential write. The caller
+    knows the file's checksum already (it is the checksum of ``header`` and ``data``).
     """
-    out = HashingFile(path)
+    out = HashingFile(path, checksum=False)
     try:
-        out.write(safetensors_header(layout))
+        out.write(header)
         out.write(data)
     finally:
-        checksum = out.close()
-    return checksum
+        out.close()
 
 
 def write_state_file(layout: dict[str, Any], data: memoryview, path: str) -> str:
@@ -89,10 +89,8 @@ def write_state_file(layout: dict[str, Any], data: memoryview, path: str) -> str
         writer.write_end_of_file()
     finally:
         checksum = out.close()
+    assert checksum is not None
     return checksum
-
-
-WRITERS = {MODULE: write_module_file, STATE: write_state_file}
 
 
 def file_format(path: str) -> str:

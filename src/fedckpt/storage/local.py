@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from fedckpt.snapshot import MODULE
 from fedckpt.storage import manifest
 from fedckpt.storage.atomic import publish, remove_quietly, write_durable_temp
-from fedckpt.storage.formats import WRITERS
+from fedckpt.storage.checksum import checksum_of
+from fedckpt.storage.dedup import ContentIndex, link_identical
+from fedckpt.storage.formats import safetensors_header, write_module_file, write_state_file
+
+
+@dataclass(frozen=True)
+class Persisted:
+    """A version now on storage."""
+
+    entry: manifest.ManifestEntry
+    linked: bool  # its content was on storage already: hard-linked, not written
 
 
 def persist_checkpoint(
@@ -20,16 +32,32 @@ def persist_checkpoint(
     score: float | None,
     score_name: str | None,
     writer_name: str,
-) -> manifest.ManifestEntry | None:
+    content_index: ContentIndex | None = None,
+) -> Persisted | None:
     """Write a snapshot (its ``layout`` and staged ``data``) atomically and durably at ``path``,
     and record it in the manifest.
 
-    Returns None, leaving the checkpoint untouched, when the version on disk has a newer sequence (a re-sent save
-    of a restarted writer must never replace a newer checkpoint).
+    A model file's checksum is computed before it is written, and names its content: if
+    ``content_index`` knows a checkpoint with that content, the new version is a hard link to it.
+    Returns None, leaving the checkpoint untouched, when the version on disk has a newer sequence
+    (a re-sent save of a restarted writer must never replace a newer checkpoint).
     """
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    temp, checksum = write_durable_temp(path, lambda target: WRITERS[kind](layout, data, target))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    linked = False
+    if kind == MODULE:
+        header = safetensors_header(layout)
+        checksum = checksum_of(header, data)
+        candidate = content_index.candidate(checksum) if content_index is not None else None
+
+        def write(temp: str) -> None:
+            nonlocal linked
+            linked = candidate is not None and link_identical(candidate, checksum, temp)
+            if not linked:
+                write_module_file(header, data, temp)
+
+        temp, _ = write_durable_temp(path, write)
+    else:
+        temp, checksum = write_durable_temp(path, lambda target: write_state_file(layout, data, target))
     try:
         with manifest.publishing_lock(path):
             # Checked under the lock: another incarnation of this writer (Ray restarted it while the
@@ -56,4 +84,6 @@ def persist_checkpoint(
     except BaseException:
         remove_quietly(temp)
         raise
-    return entry
+    if content_index is not None and kind == MODULE:
+        content_index.record(checksum, path)
+    return Persisted(entry, linked)

@@ -1,0 +1,228 @@
+"""How a snapshot's bytes and its save messages reach the writers.
+
+* A writer on this process's node: the snapshot is copied into a reused shared-memory segment,
+  which the writer maps, and the save goes over the node-local channel as one message; the writer
+  pushes a ``SaveDone`` notice back when the save left its memory.
+* A writer on another node (or no usable ``/dev/shm``): the snapshot is copied into Ray's object
+  store and the save goes out as Ray calls (``enqueue``, then ``wait_saved`` to hear when it is done).
+* A writer that Ray restarted on another node: a save staged in shared memory is sent again from a
+  copy in the object store, made when first needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from functools import partial
+from typing import Any
+
+import numpy as np
+import ray
+
+from fedckpt.runtime.channel import ChannelClient, ChannelClosed, channel_supported
+from fedckpt.runtime.messages import (
+    Ack,
+    EnqueueCall,
+    ObjectStorePayload,
+    Payload,
+    SaveDone,
+    SaveRequest,
+    SharedMemoryPayload,
+    WaitCall,
+)
+from fedckpt.runtime.pool import WriterPool
+from fedckpt.runtime.staging import Segment, StagingArena, shared_memory_available
+from fedckpt.snapshot import Snapshot
+
+log = logging.getLogger("fedckpt")
+
+
+class Route(Enum):
+    CHANNEL = "channel"  # shared memory and the node-local channel
+    RAY = "ray"  # Ray's object store and Ray calls
+
+
+@dataclass(eq=False)
+class Staged:
+    """One snapshot's bytes, copied out of the caller's tensors, with how they are sent."""
+
+    nbytes: int
+    layout: bytes
+    segment: Segment | None  # the shared-memory segment, back to the arena once every save of it is done
+    payload: Payload
+    portable: ObjectStorePayload | None = None  # the same bytes in Ray's object store
+
+    def portable_payload(self) -> ObjectStorePayload:
+        """The bytes in Ray's object store (a copy of the segment, made once)."""
+        if self.portable is None:
+            assert self.segment is not None
+            array = np.array(self.segment.array[: self.nbytes])  # a copy: the segment gets reused
+            self.portable = _object_store_payload(self.layout, array)
+        return self.portable
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """A writer's answer to one request: its ack, the route it took, and (Ray) the call that
+    resolves when the save left the writer."""
+
+    ack: Ack
+    route: Route
+    done_ref: Any = None
+
+
+class Transport:
+    """Staging memory and the channels of this process."""
+
+    def __init__(self, shared_memory: bool, max_staging_bytes: int, on_done: Callable[[int, list[SaveDone]], None]):
+        usable = shared_memory and shared_memory_available() and channel_supported()
+        self.arena = StagingArena(max_staging_bytes) if usable else None
+        self._on_done = on_done
+        self._channels: dict[int, ChannelClient] = {}
+        self._lock = threading.Lock()
+        self.node_id: str | None = None
+
+    # ---- routes and channels ----------------------------------------------------------------
+
+    def route(self, pool: WriterPool, index: int, staged: Staged | None = None) -> Route:
+        """The channel for a writer on this node (and bytes in shared memory), Ray otherwise."""
+        if self.arena is None or (staged is not None and staged.segment is None):
+            return Route.RAY
+        if self.node_id is None:
+            self.node_id = ray.get_runtime_context().get_node_id()
+        info = pool.infos[index]
+        return Route.CHANNEL if info.node_id == self.node_id and info.channel_address else Route.RAY
+
+    def channel(self, pool: WriterPool, index: int) -> ChannelClient:
+        """The open channel to writer ``index`` (connected on first use)."""
+        with self._lock:
+            client = self._channels.get(index)
+            if client is not None and not client.closed:
+                return client
+            address = pool.infos[index].channel_address
+            assert address is not None
+            client = ChannelClient(address, lambda notices: self._on_done(index, notices))
+            self._channels[index] = client
+            return client
+
+    def open_channels(self) -> dict[int, ChannelClient]:
+        with self._lock:
+            return {index: client for index, client in self._channels.items() if not client.closed}
+
+    def drop_channel(self, index: int) -> None:
+        with self._lock:
+            client = self._channels.pop(index, None)
+        if client is not None:
+            client.close()
+
+    def take_in_notices(self) -> None:
+        """Read the done notices that arrived on every channel (without waiting)."""
+        for index, client in self.open_channels().items():
+            try:
+                client.pump(0.0)
+            except ChannelClosed:
+                log.debug("fedckpt: the channel to writer %d closed", index)
+
+    # ---- staging and sending --------------------------------------------------------------------
+
+    def stage(self, snapshot: Snapshot, shared_memory: bool) -> Staged:
+        """The blocking copy: into a reused shared-memory segment, or into Ray's object store."""
+        if shared_memory:
+            assert self.arena is not None
+            segment = self.arena.acquire(snapshot.nbytes)
+            try:
+                snapshot.copy_into(segment.array)
+            except BaseException:
+                self.arena.release(segment)
+                raise
+            payload = SharedMemoryPayload(segment.path, snapshot.nbytes, snapshot.packed_layout)
+            return Staged(snapshot.nbytes, snapshot.packed_layout, segment, payload)
+        array = np.empty(snapshot.nbytes, dtype=np.uint8)
+        snapshot.copy_into(array)
+        payload = _object_store_payload(snapshot.packed_layout, array)
+        return Staged(snapshot.nbytes, snapshot.packed_layout, None, payload, portable=payload)
+
+    def can_reuse(self, nbytes: int) -> bool:
+        """Whether a free staging segment fits ``nbytes`` (or none is needed)."""
+        return self.arena is None or self.arena.has_free(nbytes)
+
+    def release(self, staged: Staged) -> None:
+        if staged.segment is not None and self.arena is not None:
+            self.arena.release(staged.segment)
+            staged.segment = None
+
+    def enqueue(
+        self, pool: WriterPool, staged: Staged, requests: dict[int, list[SaveRequest]]
+    ) -> dict[int, list[Enqueued] | ChannelClosed]:
+        """Send each writer its requests (all first, then wait for the answers).
+
+        A writer whose channel closed is answered with the ``ChannelClosed`` error: it may or may
+        not have taken the requests before it died; the caller recovers it and sends them again.
+        """
+        routes = {index: self.route(pool, index, staged) for index in requests}
+        calls: dict[int, Any] = {}
+        for index, group in requests.items():
+            if routes[index] is Route.CHANNEL:
+                assert isinstance(staged.payload, SharedMemoryPayload)
+                payload = staged.payload
+                try:
+                    client = self.channel(pool, index)
+                    calls[index] = (client, client.send(partial(EnqueueCall, requests=group, payload=payload)))
+                except ChannelClosed as error:
+                    calls[index] = error
+            else:
+                payload = staged.portable_payload()
+                calls[index] = [pool.handles[index].enqueue.remote(request, payload) for request in group]
+        answers: dict[int, list[Enqueued] | ChannelClosed] = {}
+        for index, call in calls.items():
+            if isinstance(call, ChannelClosed):
+                answers[index] = call
+            elif routes[index] is Route.CHANNEL:
+                client, call_id = call
+                try:
+                    answers[index] = [Enqueued(ack, Route.CHANNEL) for ack in client.reply(call_id)]
+                except ChannelClosed as error:
+                    answers[index] = error
+            else:
+                acks = ray.get(call)
+                answers[index] = [
+                    Enqueued(ack, Route.RAY, self._done_ref(pool, index, request, ack))
+                    for request, ack in zip(requests[index], acks, strict=True)
+                ]
+        return answers
+
+    @staticmethod
+    def _done_ref(pool: WriterPool, index: int, request: SaveRequest, ack: Ack) -> Any:
+        if ack.error is not None:
+            return None
+        return pool.handles[index].wait_saved.remote(request.key, ack.sequence, ack.writer_epoch)
+
+    def wait(
+        self, pool: WriterPool, index: int, keys: list[str] | None, timeout: float | None
+    ) -> dict[str, BaseException]:
+        """Wait until writer ``index`` wrote every save of ``keys`` (None: all) issued before now;
+        returns (and clears) their errors."""
+        if self.route(pool, index) is Route.CHANNEL:
+            return self.channel(pool, index).call(partial(WaitCall, keys=keys), timeout)
+        return ray.get(pool.handles[index].flush.remote(keys), timeout=timeout)
+
+    def close_channels(self) -> None:
+        """Close every channel (the pool is gone, or Ray was replaced: so may be this node's id)."""
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+            self.node_id = None
+        for client in channels:
+            client.close()
+
+    def close(self) -> None:
+        """Close the channels and unmap and remove every staging segment."""
+        self.close_channels()
+        if self.arena is not None:
+            self.arena.close()
+
+
+def _object_store_payload(layout: bytes, array: np.ndarray) -> ObjectStorePayload:
+    return ObjectStorePayload([ray.put(array)], array.nbytes, layout)

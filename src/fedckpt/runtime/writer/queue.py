@@ -1,0 +1,56 @@
+"""One key's queue in a writer: saves in sequence order, one written at a time, latest wins."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from fedckpt.runtime.messages import Payload, SaveRequest
+
+
+@dataclass(eq=False)
+class QueuedSave:
+    request: SaveRequest
+    sequence: tuple[int, int]
+    payload: Payload
+    outcome: asyncio.Future  # resolves to SAVED, SUPERSEDED, FAILED or ABANDONED once it left memory
+    segment: memoryview | None = None  # the caller's staging segment, mapped when the save arrived
+
+
+@dataclass
+class KeyQueue:
+    """The saves of one key not yet written, the one being written, and an error to report."""
+
+    queue: deque[QueuedSave] = field(default_factory=deque)
+    active: QueuedSave | None = None
+    draining: bool = False
+    error: BaseException | None = None
+
+    def pending(self) -> list[QueuedSave]:
+        return ([self.active] if self.active else []) + list(self.queue)
+
+    def add(self, save: QueuedSave, coalesce: bool) -> list[QueuedSave]:
+        """Queue ``save`` in sequence order (a save sent again after a writer restart can be older
+        than what is queued). With ``coalesce``, returns the queued saves it makes unnecessary.
+
+        Every save arrives with its bytes complete, so the newest queued one is always writable
+        and the older ones will never be needed.
+        """
+        bisect.insort(self.queue, save, key=lambda queued: queued.sequence)
+        if not coalesce:
+            return []
+        newest = self.queue[-1].sequence
+        dropped = [queued for queued in self.queue if queued.sequence < newest]
+        for queued in dropped:
+            self.queue.remove(queued)
+        return dropped
+
+    def find(self, sequence: tuple[int, int]) -> QueuedSave | None:
+        return next((save for save in self.pending() if save.sequence == sequence), None)
+
+    def take_error(self) -> BaseException | None:
+        """The error to report (each is reported once)."""
+        error, self.error = self.error, None
+        return error

@@ -1,0 +1,90 @@
+"""A restarted writer's bookkeeping of the saves its predecessor acknowledged and lost.
+
+A writer that dies loses the saves queued in its memory; only their callers hold the snapshots
+and can send them again. A caller on the writer's node sees its channel close and sends them again
+at once. A caller on another node has an outstanding ``wait_saved`` call per save, which Ray
+delivers again to the restarted incarnation: it answers UNKNOWN (the caller sends the save again)
+and remembers the save here, so that a flush or read from any process waits for it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+log = logging.getLogger("fedckpt.writer")
+
+# How long a restarted writer waits for a lost save to be sent again before flushes and reads stop
+# waiting for it (its caller presumably died too) and a warning names it.
+RESEND_GRACE_SECONDS = 60.0
+# Callers learn of the restart at about the time it happens, but their re-sends and redelivered
+# calls arrive in no particular order: a flush or read that arrives this soon after the restart
+# waits until this age, so that they arrive first.
+RESTART_SETTLE_SECONDS = 2.0
+
+
+class LostSaves:
+    """Saves an earlier incarnation lost: key -> sequence -> a future resolved once the save was
+    sent again and left memory, was replaced on disk by a newer save of its key, or its grace
+    period ran out."""
+
+    def __init__(self, restarted: bool, writer_name: str) -> None:
+        self.restarted = restarted
+        self.started = time.monotonic()
+        self.writer_name = writer_name
+        self.grace_seconds = RESEND_GRACE_SECONDS
+        self.awaited: dict[str, dict[tuple[int, int], asyncio.Future]] = {}
+
+    async def settle_after_restart(self) -> None:
+        if self.restarted:
+            left = RESTART_SETTLE_SECONDS - (time.monotonic() - self.started)
+            if left > 0:
+                await asyncio.sleep(left)
+
+    def expect(self, key: str, sequence: tuple[int, int]) -> None:
+        """Remember a lost save until its caller sends it again (bounded by the grace period)."""
+        awaited = self.awaited.setdefault(key, {})
+        if sequence in awaited:
+            return
+        loop = asyncio.get_running_loop()
+        awaited[sequence] = loop.create_future()
+        loop.call_later(self.grace_seconds, self._give_up, key, sequence)
+
+    def arrived(self, key: str, sequence: tuple[int, int]) -> asyncio.Future | None:
+        """A save was sent again: forget it here; returns its future (not resolved yet) if it was awaited."""
+        awaited = self.awaited.get(key, {})
+        future = awaited.pop(sequence, None)
+        if not awaited:
+            self.awaited.pop(key, None)
+        return future
+
+    def superseded_on_disk(self, key: str, sequence: tuple[int, int]) -> None:
+        """A save of ``key`` is on disk: lost saves older than it need not be waited for."""
+        for older in [awaited for awaited in self.awaited.get(key, {}) if awaited < sequence]:
+            future = self.arrived(key, older)
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    def futures(self, keys: list[str]) -> list[asyncio.Future]:
+        return [future for key in keys for future in self.awaited.get(key, {}).values()]
+
+    def keys(self) -> set[str]:
+        return set(self.awaited)
+
+    def count(self) -> int:
+        return sum(len(sequences) for sequences in self.awaited.values())
+
+    def _give_up(self, key: str, sequence: tuple[int, int]) -> None:
+        future = self.arrived(key, sequence)
+        if future is not None and not future.done():
+            log.warning(
+                "fedckpt: a save of %s (sequence %s) that an earlier incarnation of %s lost was not sent "
+                "again within %.0f s (its caller presumably died too); flushes no longer wait for it, "
+                "and the checkpoint on disk stays at its last written version",
+                key,
+                sequence,
+                self.writer_name,
+                self.grace_seconds,
+            )
+            future.set_result(None)
