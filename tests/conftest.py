@@ -28,7 +28,7 @@ def ray_instance():
     # Ray workers that staged snapshots were killed with Ray: remove their segments.
     from fedckpt.runtime.staging import remove_orphans
 
-    remove_orphans(settle_seconds=2.0)  # Ray workers may still be exiting
+    remove_orphans(settle_seconds=2.0, grace_seconds=0.0)  # Ray workers may still be exiting
 
 
 @pytest.fixture

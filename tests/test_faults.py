@@ -6,11 +6,9 @@ newer one, and what a dead caller left behind does not trouble the next run.
 
 import itertools
 import os
-import pickle
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -26,9 +24,8 @@ import fedckpt
 from fedckpt import LatestTorchModuleCheckpointer, PerRoundStateCheckpointer
 from fedckpt.cli import main as fedckpt_cli
 from fedckpt.runtime import lifecycle
-from fedckpt.runtime.messages import SaveRequest
 from fedckpt.runtime.pool import writer_name
-from fedckpt.runtime.staging import PREFIX, SHM_DIR
+from fedckpt.runtime.staging import PREFIX, SHM_DIR, remove_orphans
 from fedckpt.snapshot import snapshot_state
 
 KIB = 1 << 10
@@ -264,52 +261,35 @@ def test_a_caller_killed_mid_stream_leaves_loadable_checkpoints_and_a_clean_star
     for name in (*STATE_KEYS, "model.safetensors"):
         assert counter_on_disk(str(tmp_path / name)) == 1, name
     assert fedckpt_cli(["verify", str(tmp_path)]) == 0
+    # Its segments go once no save of it can still be on its way to a writer (the sweep's grace period).
+    remove_orphans(grace_seconds=0.0)
     assert not [name for name in os.listdir(SHM_DIR) if name.startswith(f"{PREFIX}{caller.pid}-")]
 
 
-def dead_callers_segment(snapshot) -> str:
-    """A staging segment holding a complete copy, left by a caller that was killed."""
-    script = textwrap.dedent(
-        """
-        import os, pickle, sys
-        from fedckpt.runtime.staging import StagingArena
-        snapshot = pickle.loads(sys.stdin.buffer.read())
-        segment = StagingArena(1 << 24).acquire(snapshot.nbytes)
-        snapshot.copy_into(segment.array)
-        print(segment.path, flush=True)
-        os._exit(0)  # killed: nothing is cleaned up
-        """
-    )
-    child = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(snapshot), capture_output=True,
-                           check=True)  # fmt: skip
-    return child.stdout.decode().strip()
+SAVE_AND_DIE = """
+import os, ray, torch, fedckpt
+ray.init(address={address!r}, include_dashboard=False, log_to_driver=False)
+checkpointer = fedckpt.PerRoundStateCheckpointer({directory!r})
+checkpointer.save_checkpoint("warm.pt", {{"v": 0}})
+checkpointer.flush()  # the pool and the channel are up
+checkpointer.save_checkpoint("orphan.pt", {{"v": "from the dead caller", "x": torch.arange(1000)}})
+os._exit(0)  # killed right after the call returned: nothing cleaned up, no flush
+"""
 
 
-def test_an_acknowledged_save_survives_its_caller_and_its_segment_file(runtime, tmp_path):
-    """The writer maps a save's segment when the save arrives: once acknowledged, the save is
-    written even if its caller dies and another process removes the segment file (as the sweep of
-    dead processes' segments does). The key takes new saves afterwards."""
-    from fedckpt.runtime.channel import ChannelClient
-    from fedckpt.runtime.messages import EnqueueCall, SharedMemoryPayload
-
-    key = str(tmp_path / "orphan.pt")
-    snapshot = snapshot_state({"v": "from the dead caller", "x": torch.arange(1000)})
-    path = dead_callers_segment(snapshot)
-    pool = lifecycle.coordinator().pool()
-    writer = pool.owner_of(key)
-    payload = SharedMemoryPayload(path, snapshot.nbytes, pickle.dumps(snapshot.layout))
-    done = []
-    client = ChannelClient(pool.infos[writer].channel_address, done.extend)
-    try:
-        ack = client.call(lambda call_id: EnqueueCall(call_id, [SaveRequest(key, "state")], payload))[0]
-        os.unlink(path)  # another process swept the dead caller's segment away
-        assert ack.error is None
-        while not done:
-            client.pump(1.0)
-        assert [(notice.sequence, notice.outcome) for notice in done] == [(ack.sequence, "saved")]
-    finally:
-        client.close()
-    state = torch.load(key, weights_only=False)
+def test_a_save_sent_just_before_its_caller_died_is_written(runtime, tmp_path):
+    """A caller returns from a save (its message sent) and dies at once; another process sweeps
+    dead processes' segments right then. The writer maps a segment when the save arrives, and the
+    sweep keeps a dead process's segment for a grace period after its last use: the save is
+    written, and the key takes new saves afterwards."""
+    address = ray.get_runtime_context().gcs_address
+    script = SAVE_AND_DIE.format(address=address, directory=str(tmp_path))
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "RAY_ADDRESS": address})  # fmt: skip
+    assert child.returncode == 0, child.stderr[-3000:]
+    remove_orphans()  # as a new process on the node does when it starts
+    fedckpt.flush()
+    state = torch.load(tmp_path / "orphan.pt", weights_only=False)
     assert state["v"] == "from the dead caller" and torch.equal(state["x"], torch.arange(1000))
     checkpointer = PerRoundStateCheckpointer(tmp_path)
     checkpointer.save_checkpoint("orphan.pt", {"v": "next"})  # no stale error for the next caller

@@ -294,8 +294,9 @@ def test_backpressure_keeps_inflight_bytes_under_the_budget(ray_instance, tmp_pa
         coordinator = lifecycle.coordinator()
         checkpointer = PerRoundStateCheckpointer(tmp_path)
         observed = []
+        x = torch.zeros(5 * MB)  # reused, so that the saves (a fill and a copy) outrun the writes
         for index in range(24):  # 24 x 20 MB to distinct keys: nothing coalesces
-            checkpointer.save_checkpoint(f"s{index}.pt", {"x": torch.full((5 * MB,), float(index))})
+            checkpointer.save_checkpoint(f"s{index}.pt", {"x": x.fill_(float(index))})
             observed.append(coordinator.inflight_bytes())
         assert max(observed) <= budget
         assert max(observed) > budget // 2  # the budget was actually reached and enforced

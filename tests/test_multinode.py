@@ -125,7 +125,7 @@ def cluster():
         finally:
             ray.shutdown()
             nodes.cluster.shutdown()
-            remove_orphans(settle_seconds=2.0)  # staging segments of the killed workers
+            remove_orphans(settle_seconds=2.0, grace_seconds=0.0)  # staging segments of the killed workers
 
 
 def state_of(counter: int, numel: int) -> dict:

@@ -190,7 +190,7 @@ def test_a_restarted_writer_waits_for_the_saves_its_predecessor_lost(runtime, tm
     key, ghost = str(tmp_path / "lost.pt"), str(tmp_path / "ghost.pt")
     writer = _writer_of(key)
     old_epoch = 1  # an incarnation long gone
-    assert ray.get(writer.wait_saved.remote(key, (old_epoch, 7), old_epoch)) == UNKNOWN
+    assert ray.get(writer.wait_saved.remote(key, (old_epoch, 7), old_epoch)).outcome == UNKNOWN
     flushed, read = writer.flush.remote([key]), writer.wait_key.remote(key)
     assert ray.wait([flushed, read], num_returns=2, timeout=1.0)[0] == []  # both wait for the re-send
     ray.get(writer.enqueue.remote(SaveRequest(key, "state", sequence=(old_epoch, 7)), payload))
@@ -232,7 +232,9 @@ def test_object_store_staging_round_trip(ray_instance, tmp_path):
         fedckpt.init()
 
 
-def test_segments_of_dead_processes_are_removed(tmp_path):
+def test_segments_of_dead_processes_are_removed_once_no_save_can_be_on_its_way(tmp_path):
+    """A dead process's segment is kept for a grace period after its last use (a save it sent just
+    before dying may still be on its way to the writer), then removed; live processes' are kept."""
     from fedckpt.runtime.staging import PREFIX, remove_orphans
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -242,6 +244,8 @@ def test_segments_of_dead_processes_are_removed(tmp_path):
     unrelated = tmp_path / "something-else"
     for path in (dead, alive, unrelated):
         path.write_bytes(b"x")
+    assert remove_orphans(str(tmp_path)) == 0 and dead.exists()  # just used
+    os.utime(dead, (time.time() - 60, time.time() - 60))
     assert remove_orphans(str(tmp_path)) == 1
     assert not dead.exists() and alive.exists() and unrelated.exists()
 

@@ -11,6 +11,7 @@ from conftest import assert_same_tensors, make_model
 from flwr.app import ArrayRecord
 from flwr.common import ndarrays_to_parameters
 
+import fedckpt
 from fedckpt import (
     BestLossTorchModuleCheckpointer,
     LatestTorchModuleCheckpointer,
@@ -135,6 +136,54 @@ def test_client_state_slots_restore_the_newest_earlier_round(runtime, tmp_path):
     assert torch.equal(momentum(restored), torch.full((4,), 33.0))
     assert ClientCheckpoints(directory).restore_state(3)["server_round"] == 2  # round 2 was kept
     assert ClientCheckpoints(directory).blocked_seconds > 0
+
+
+def _optimizer_with_momentum(value: float) -> torch.optim.Optimizer:
+    parameter = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.SGD([parameter], lr=0.1, momentum=0.9)
+    parameter.grad = torch.full((4,), float(value))
+    optimizer.step()
+    return optimizer
+
+
+def test_a_client_restores_from_its_flower_context_and_from_files_after_a_restart(runtime, tmp_path):
+    """Within a run, Flower keeps a client's Context in memory: a restore takes the state from it
+    and reads no file (here the files are gone). A new run (a restart) has an empty context: the
+    restore reads the state file, and the slots stay consistent between the two."""
+    from flwr.app import Context, RecordDict
+
+    directory = tmp_path / "client_0"
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    ClientCheckpoints(directory, context=context).save_state(1, _optimizer_with_momentum(1), steps=5)
+    checkpoints = ClientCheckpoints(directory, context=context)
+    fedckpt.flush()
+    on_disk = {name: (directory / name).read_bytes() for name in os.listdir(directory) if name.endswith(".pt")}
+    for name in on_disk:
+        os.remove(directory / name)
+    restored = _optimizer_with_momentum(0)
+    state = checkpoints.restore_state(2, restored)
+    assert state["server_round"] == 1 and state["steps"] == 5
+    assert torch.equal(restored.state_dict()["state"][0]["momentum_buffer"], torch.full((4,), 1.0))
+    for name, data in on_disk.items():
+        (directory / name).write_bytes(data)
+
+    momentum = _optimizer_with_momentum(2)
+    ClientCheckpoints(directory, context=context).save_state(2, momentum, steps=10)
+    momentum.state_dict()["state"][0]["momentum_buffer"].add_(100)  # later changes do not reach the context
+    assert (
+        ClientCheckpoints(directory, context=context)
+        .restore_state(3)["optimizer"]["state"][0]["momentum_buffer"]
+        .tolist()
+        == [2.0] * 4
+    )
+
+    restarted = Context(run_id=2, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    from_files = ClientCheckpoints(directory, context=restarted).restore_state(3)
+    assert from_files["server_round"] == 2 and from_files["steps"] == 10
+    # A state too large for the context stays out of it (and an older one kept there is dropped).
+    ClientCheckpoints(directory, context=context, context_state_max_bytes=8).save_state(3, momentum, steps=15)
+    assert "fedckpt.client_state" not in context.state
+    assert ClientCheckpoints(directory, context=context).restore_state(4)["steps"] == 15
 
 
 def test_temp_files_of_dead_writers_are_removed(tmp_path):

@@ -74,13 +74,14 @@ class SyncCheckpoints(NoCheckpoints):
         self._timed_save(model, "post_latest.pt")
 
 
-def client_checkpoints(mode: str, checkpoint_dir: str) -> Any:
+def client_checkpoints(mode: str, checkpoint_dir: str, context: Any) -> Any:
     """The client's checkpointing for ``mode`` (see the module docstring)."""
     if mode == "fedckpt":
         return ClientCheckpoints(
             checkpoint_dir,
             pre_aggregation=LatestTorchModuleCheckpointer(checkpoint_dir, "pre_latest.safetensors"),
             post_aggregation=LatestTorchModuleCheckpointer(checkpoint_dir, "post_latest.safetensors"),
+            context=context,  # small states are restored from Flower's in-memory context
         )
     if mode == "sync":
         return SyncCheckpoints(checkpoint_dir)

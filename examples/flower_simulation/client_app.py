@@ -28,7 +28,7 @@ def _setup(msg: Message, context: Context):
     partition = int(context.node_config["partition-id"])
     train_data, val_data = task.split(task.client_data(partition, int(config["seed"])))
     directory = client_checkpoint_dir(os.path.join(str(config["checkpoint-dir"]), "clients"), context)
-    return config, model, train_data, val_data, client_checkpoints(str(config["checkpointing"]), directory)
+    return config, model, train_data, val_data, client_checkpoints(str(config["checkpointing"]), directory, context)
 
 
 def _checkpointed(config, saves: int, nbytes: int) -> dict[str, int]:
@@ -47,7 +47,10 @@ def train(msg: Message, context: Context) -> Message:
     restored = checkpoints.restore_state(server_round, optimizer)
     steps_before = int(restored["local_steps"]) if restored else 0
     started = time.perf_counter()
-    train_loss = task.train(model, optimizer, train_data, int(config["local-steps"]), int(config["batch-size"]))
+    train_loss = task.train(
+        model, optimizer, train_data, int(config["local-steps"]), int(config["batch-size"]),
+        float(config["simulated-accelerator-ms"]) / 1000,
+    )  # fmt: skip
     train_seconds = time.perf_counter() - started
     val_loss, val_accuracy = task.evaluate(model, val_data)
     checkpoints.after_local_training(model, val_loss, {"val - prediction - accuracy": val_accuracy})

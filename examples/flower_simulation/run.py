@@ -56,6 +56,13 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument(
+        "--simulated-accelerator-ms",
+        type=float,
+        default=0.0,
+        help="SIMULATED accelerator-bound clients: each local step computes on one thread, then holds the "
+        "host idle this long, as a GPU step would (there is no GPU here)",
+    )
     args = parser.parse_args(argv)
     if args.num_clients < 2 or args.num_rounds < 1:
         parser.error("--num-clients must be at least 2 (FedAvg's minimum) and --num-rounds at least 1")
@@ -71,6 +78,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         local_steps=args.local_steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        simulated_accelerator_ms=args.simulated_accelerator_ms,
     )
 
 
@@ -108,6 +116,8 @@ def summarize(options: Options, outcome: Outcome, wall_seconds: float, seconds_p
         "blocked_seconds": round(total("fedckpt-blocked-s") + outcome.server_blocked_seconds, 4),
         "sync_seconds_estimate": round(checkpoint_bytes * seconds_per_byte, 4),
         "checkpoint_bytes": int(checkpoint_bytes),
+        "bytes_written": outcome.bytes_written,
+        "bytes_linked": outcome.bytes_linked,
         "wall_seconds": round(wall_seconds, 3),
         "final_loss": final_loss.get("loss"),
         "final_accuracy": final_loss.get("accuracy"),
@@ -115,6 +125,7 @@ def summarize(options: Options, outcome: Outcome, wall_seconds: float, seconds_p
         "num_clients": options.num_clients,
         "num_rounds": options.num_rounds,
         "model_bytes": task.model_bytes(task.Net(options.width, options.depth)),
+        "simulated_accelerator_ms": options.simulated_accelerator_ms,
         "checkpoint_dir": os.path.abspath(options.checkpoint_dir),
     }
 

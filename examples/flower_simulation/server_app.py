@@ -39,6 +39,7 @@ class Options:
     local_steps: int = 5
     batch_size: int = 32
     lr: float = 0.05
+    simulated_accelerator_ms: float = 0.0  # > 0: SIMULATED accelerator-bound clients (see task.train)
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Outcome:
     server_blocked_seconds: float = 0.0
     server_checkpoint_bytes: int = 0
     checkpoints_written: int = 0
+    bytes_written: int | None = None  # by fedckpt's writers (None for the baselines)
+    bytes_linked: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,6 +84,7 @@ def make_server_app(options: Options, outcome: Outcome) -> ServerApp:
                 "local-steps": options.local_steps,
                 "batch-size": options.batch_size,
                 "lr": options.lr,
+                "simulated-accelerator-ms": options.simulated_accelerator_ms,
             }
         )
         strategy = FedAvg(
@@ -107,6 +111,7 @@ def make_server_app(options: Options, outcome: Outcome) -> ServerApp:
             outcome.resumed_from_round = run.resumed_from_round
             outcome.server_blocked_seconds = run.blocked_seconds
             outcome.checkpoints_written = run.saves_written
+            outcome.bytes_written, outcome.bytes_linked = run.bytes_written, run.bytes_linked
             rounds_run = options.num_rounds - run.resumed_from_round
             outcome.server_checkpoint_bytes = 2 * task.model_bytes(module.model) * rounds_run  # latest + state
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -46,18 +48,38 @@ def split(data: tuple[torch.Tensor, torch.Tensor], validation: float = 0.2) -> t
     return (features[:cut], labels[:cut]), (features[cut:], labels[cut:])
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple, steps: int, batch_size: int) -> float:
-    """``steps`` SGD steps on random batches; returns the mean training loss."""
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: tuple,
+    steps: int,
+    batch_size: int,
+    simulated_accelerator_s: float = 0.0,
+) -> float:
+    """``steps`` SGD steps on random batches; returns the mean training loss.
+
+    ``simulated_accelerator_s`` > 0 stands in for a GPU client (there is none here): each step
+    computes on one thread, then holds the host idle that long, as a step waiting on the device
+    (a CUDA synchronize) would. Runs with it are SIMULATED, and reported as such.
+    """
     features, labels = data
     model.train()
     total = 0.0
-    for _ in range(steps):
-        batch = torch.randint(0, len(labels), (batch_size,))
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(features[batch]), labels[batch])
-        loss.backward()
-        optimizer.step()
-        total += float(loss)
+    threads = torch.get_num_threads()
+    if simulated_accelerator_s:
+        torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            batch = torch.randint(0, len(labels), (batch_size,))
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(features[batch]), labels[batch])
+            loss.backward()
+            optimizer.step()
+            total += float(loss)
+            if simulated_accelerator_s:
+                time.sleep(simulated_accelerator_s)  # the host waits on the (simulated) device
+    finally:
+        torch.set_num_threads(threads)
     return total / max(steps, 1)
 
 

@@ -9,7 +9,6 @@ copy is the moment the state is frozen, and the only part of a save the caller w
 from __future__ import annotations
 
 import functools
-import io
 import pickle
 import weakref
 from dataclasses import dataclass, field
@@ -19,10 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedckpt.skeleton import skeleton_of
+from fedckpt.state_records import state_records
+
 MODULE = "module"
 STATE = "state"
-SKELETON_TENSOR_TAG = "fedckpt.tensor"
-EXTRA_TENSOR_PREFIX = "__fedckpt_extra__."
 
 # torch dtype name -> safetensors dtype code, for every dtype a model checkpoint can hold.
 SAFETENSORS_CODES = {
@@ -89,25 +89,6 @@ def byte_view(tensor: torch.Tensor) -> np.ndarray:
     return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
-class _SkeletonPickler(pickle.Pickler):
-    """Pickles a module with every tensor replaced by a reference to its state-dict name."""
-
-    def __init__(self, file: io.BytesIO, names_by_id: dict[int, str], extras: dict[str, torch.Tensor]):
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._names_by_id = names_by_id
-        self._extras = extras
-
-    def persistent_id(self, obj: Any) -> Any:
-        if not isinstance(obj, torch.Tensor):
-            return None
-        name = self._names_by_id.get(id(obj))
-        if name is None:  # a tensor attribute that is neither a parameter nor a buffer
-            name = f"{EXTRA_TENSOR_PREFIX}{len(self._extras)}"
-            self._names_by_id[id(obj)] = name
-            self._extras[name] = obj
-        return (SKELETON_TENSOR_TAG, name, isinstance(obj, nn.Parameter), bool(obj.requires_grad))
-
-
 @dataclass
 class _ModulePlan:
     """What can be reused from a model's last save while its attributes are the same objects:
@@ -161,7 +142,8 @@ def _plan_of(model: nn.Module) -> _ModulePlan:
 
     Pickling a module tree costs ~20 us per submodule (25 ms for 1,000 layers), and walking it
     for the state dict a few more: both would dominate the save of many small tensors. Tensor
-    values never come from the plan.
+    values never come from the plan. A new model of a structure seen before reuses its skeleton
+    (:mod:`fedckpt.skeleton`).
     """
     cached = _plans.get(model)
     # Walking the cached module list is enough: a replaced child shows in its parent's attributes.
@@ -179,13 +161,8 @@ def _plan_of(model: nn.Module) -> _ModulePlan:
     names_by_id: dict[int, str] = {}
     for name, tensor in tensors.items():
         names_by_id.setdefault(id(tensor), name)
-    extras: dict[str, torch.Tensor] = {}
-    buffer = io.BytesIO()
-    try:
-        _SkeletonPickler(buffer, names_by_id, extras).dump(model)
-    except Exception as error:
-        raise TypeError(f"The model of type {type(model).__name__} cannot be pickled: {error}") from error
-    plan = _ModulePlan(buffer.getvalue(), extras, attributes, {**tensors, **extras}, modules[1:])
+    pickled, extras = skeleton_of(model, modules, names_by_id)
+    plan = _ModulePlan(pickled, extras, attributes, {**tensors, **extras}, modules[1:])
     _plans[model] = plan
     return plan
 
@@ -228,34 +205,14 @@ def snapshot_module(model: nn.Module) -> Snapshot:
     return snapshot
 
 
-class _RecordCollector:
-    """Stands in for torch's zip writer: keeps each record torch.save would write, in order."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[str, np.ndarray]] = []
-
-    def write_record(self, name: str, data: Any, nbytes: int) -> None:
-        if isinstance(data, str):
-            data = data.encode()
-        if isinstance(data, bytes):
-            view = np.frombuffer(data, dtype=np.uint8)
-        else:  # an UntypedStorage already on the CPU: view its bytes
-            view = torch.empty(0, dtype=torch.uint8).set_(data, 0, (nbytes,), (1,)).numpy()
-        self.records.append((name, view))
-
-
 def snapshot_state(state: Any) -> Snapshot:
     """Any picklable object as the records of a ``torch.save`` file (loadable with ``torch.load``)."""
-    collector = _RecordCollector()
     try:
-        # torch.save's own pickling, so the file is exactly what torch.save would write.
-        torch.serialization._save(
-            state, collector, pickle, torch.serialization.DEFAULT_PROTOCOL, _disable_byteorder_record=False
-        )
+        collected = state_records(state)
     except Exception as error:
         raise TypeError(f"The state cannot be pickled: {type(error).__name__}: {error}") from error
     records, sources, offset = [], [], 0
-    for name, view in collector.records:
+    for name, view in collected:
         records.append((name, offset, offset + view.size))
         sources.append(view)
         offset += view.size

@@ -19,7 +19,8 @@ class Case:
     Args:
         name: what ``--cases`` calls it.
         description: one line for the table title.
-        build: returns the model (fp32 on CPU unless the case says otherwise).
+        build: returns what to save: a model (fp32 on CPU unless the case says otherwise), or a state
+            dict (saved with ``PerRoundStateCheckpointer`` by fedckpt).
         kind: ``"save"`` times single saves and bursts; ``"loop"`` times a training loop that saves every step.
         steps: the number of training steps of a loop case.
         hidden: left out of ``--help`` and of the default run (for the tests).
@@ -27,7 +28,7 @@ class Case:
 
     name: str
     description: str
-    build: Callable[[], nn.Module]
+    build: Callable[[], nn.Module | dict]
     kind: str = "save"
     steps: int = 0
     hidden: bool = False
@@ -71,6 +72,34 @@ class SmallCNN(nn.Module):
         return self.head(self.features(images))
 
 
+class FederatedMLP(nn.Module):
+    """The MLP of the README's Flower example at its default size: 32-256-256-10, 305 KB in 6 tensors."""
+
+    def __init__(self, width: int = 256, features: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classes)
+        )
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.layers(inputs)
+
+
+def federated_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return FederatedMLP()
+
+
+def sgd_state() -> dict:
+    """What a Flower client of the example saves as its per-round state: its SGD optimizer's state
+    dict (momentum buffers of the 305 KB MLP) and a step counter."""
+    model = federated_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model(torch.randn(8, 32)).sum().backward()
+    optimizer.step()  # creates the momentum buffers
+    return {"optimizer": optimizer.state_dict(), "local_steps": 5, "server_round": 1}
+
+
 def small_cnn() -> nn.Module:
     """A freshly initialized ``SmallCNN`` (same seed every time, so every loop starts alike)."""
     torch.manual_seed(0)
@@ -88,6 +117,8 @@ CASES: dict[str, Case] = {
             "half the parameters fp32, half bf16, ~100 MiB",
             lambda: linear_stack(100, dtypes=(torch.float32, torch.bfloat16)),
         ),
+        Case("mlp-305kb", "the Flower example's MLP, 305 KB (per-save fixed cost)", federated_mlp),
+        Case("sgd-state-305kb", "its SGD state dict, saved as per-round state", sgd_state),
         Case("small-2000", "1,000 Linear(16, 16): 2,000 small tensors", many_small),
         Case(
             "cnn-loop",
@@ -106,8 +137,8 @@ CASES: dict[str, Case] = {
     )
 }
 # fp32-400mb is the old blocking_time.py default; it is opt-in so the default run stays in ~10 GB.
-DEFAULT_CASES = ("fp32-100mb", "fp32-1gb", "mixed-100mb", "small-2000", "cnn-loop")
-QUICK_CASES = ("fp32-100mb", "mixed-100mb", "small-2000", "cnn-loop")
+DEFAULT_CASES = ("mlp-305kb", "sgd-state-305kb", "small-2000", "fp32-100mb", "fp32-1gb", "mixed-100mb", "cnn-loop")
+QUICK_CASES = ("mlp-305kb", "sgd-state-305kb", "small-2000", "fp32-100mb", "mixed-100mb", "cnn-loop")
 
 
 def visible_case_names() -> list[str]:

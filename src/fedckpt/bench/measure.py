@@ -25,11 +25,32 @@ def percentile(samples: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def mutate(model: nn.Module) -> None:
-    """Change every parameter in place, as a training step would (outside the timed region)."""
+def tensors_of(saved: nn.Module | dict) -> list[torch.Tensor]:
+    """The tensors of a model's state dict, or every tensor inside a (nested) state dict."""
+    if isinstance(saved, nn.Module):
+        return list(saved.state_dict().values())
+    found: list[torch.Tensor] = []
+
+    def walk(value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    walk(saved)
+    return found
+
+
+def mutate(saved: nn.Module | dict) -> None:
+    """Change every floating-point tensor in place, as a training step would (outside the timed region)."""
     with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(1)
+        for tensor in tensors_of(saved):
+            if tensor.is_floating_point():
+                tensor.add_(1)
 
 
 def burst_size(nbytes: int) -> int:
@@ -43,27 +64,27 @@ class SaveSamples:
     durable_s: list[float] = field(default_factory=list)
 
 
-def time_saves(method: SaveMethod, model: nn.Module, repeats: int, advance: Callable[[], None]) -> SaveSamples:
-    """``repeats`` saves to slot 0, each started from an idle method (the previous one durable), as between rounds."""
-    for _ in range(method.warmups):  # one-time costs: Ray and writer start, threads, imports, first allocation
-        method.wait(method.save(model, 0))
-    advance()
-    samples = SaveSamples()
-    for _ in range(repeats):
-        mutate(model)
-        start = time.perf_counter()
-        handle = method.save(model, 0)
-        returned = time.perf_counter()
-        method.wait(handle)
-        durable = time.perf_counter()
-        samples.blocking_s.append(returned - start)
-        if method.reaches_storage:
-            samples.durable_s.append(durable - start)
-        advance()
-    return samples
+def time_one_save(method: SaveMethod, saved: nn.Module | dict, samples: SaveSamples) -> None:
+    """One save started from an idle method (the previous one durable), as between rounds; the
+    model is mutated first, outside the timed region."""
+    mutate(saved)
+    start = time.perf_counter()
+    handle = method.save(saved, 0)
+    returned = time.perf_counter()
+    method.wait(handle)
+    durable = time.perf_counter()
+    samples.blocking_s.append(returned - start)
+    if method.reaches_storage:
+        samples.durable_s.append(durable - start)
 
 
-def time_burst(method: SaveMethod, model: nn.Module, saves: int) -> float:
+def warm_up(method: SaveMethod, saved: nn.Module | dict) -> None:
+    """One-time costs: Ray and writer start, threads, imports, first allocation."""
+    for _ in range(method.warmups):
+        method.wait(method.save(saved, 0))
+
+
+def time_burst(method: SaveMethod, model: nn.Module | dict, saves: int) -> float:
     """Seconds from issuing ``saves`` back-to-back saves to distinct targets until all of them are durable."""
     start = time.perf_counter()
     handles = [method.save(model, slot) for slot in range(1, saves + 1)]

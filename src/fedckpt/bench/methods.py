@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fedckpt.checkpointers import LatestTorchModuleCheckpointer
+from fedckpt.state import PerRoundStateCheckpointer
 
 
 @dataclass
@@ -29,9 +30,11 @@ class HostBytes:
     pairs: list[tuple[np.ndarray, np.ndarray]]
 
     @classmethod
-    def of(cls, model: nn.Module) -> HostBytes:
-        # Byte views of the live tensors stay valid while the model is mutated in place.
-        sources = [tensor.detach().reshape(-1).view(torch.uint8).numpy() for tensor in model.state_dict().values()]
+    def of(cls, saved: nn.Module | dict) -> HostBytes:
+        from fedckpt.bench.measure import tensors_of
+
+        # Byte views of the live tensors stay valid while they are mutated in place.
+        sources = [tensor.detach().reshape(-1).view(torch.uint8).numpy() for tensor in tensors_of(saved)]
         buffer = np.empty(sum(source.nbytes for source in sources), dtype=np.uint8)
         pairs, offset = [], 0
         for source in sources:
@@ -72,6 +75,7 @@ class SaveMethod(ABC):
     name: ClassVar[str]
     reaches_storage: ClassVar[bool] = True  # False: no durable time and no persist throughput
     warmups: ClassVar[int] = 1
+    saves_states: ClassVar[bool] = True  # whether it applies to a state dict as well as to a model
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
@@ -139,8 +143,8 @@ class HandRolledAsync(SaveMethod):
         super().__init__(directory)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-hand-rolled")
 
-    def save(self, model: nn.Module, slot: int) -> Future:
-        state = copy.deepcopy(model.state_dict())
+    def save(self, model: nn.Module | dict, slot: int) -> Future:
+        state = copy.deepcopy(model.state_dict() if isinstance(model, nn.Module) else model)
         return self.executor.submit(save_and_fsync, state, self.path(slot))
 
     def wait(self, handle: Future) -> None:
@@ -154,6 +158,7 @@ class DcpAsyncSave(SaveMethod):
     """``torch.distributed.checkpoint.async_save``: stages a copy, writes (and fsyncs) in a thread."""
 
     name = "dcp.async_save"
+    saves_states = False  # optimizer state dicts have integer keys, which dcp's flattening does not take
 
     def prepare(self, model: nn.Module, host: HostBytes) -> None:
         # Without a process group dcp warns on every save that it assumes a single process: true here.
@@ -173,15 +178,20 @@ class DcpAsyncSave(SaveMethod):
 
 
 class Fedckpt(SaveMethod):
-    """``LatestTorchModuleCheckpointer.maybe_checkpoint``; durable after the checkpointer's ``flush()``."""
+    """``LatestTorchModuleCheckpointer.maybe_checkpoint`` for a model, ``PerRoundStateCheckpointer.save_checkpoint``
+    for a state; durable after the checkpointer's ``flush()``."""
 
     name = "fedckpt"
 
     def __init__(self, directory: str) -> None:
         super().__init__(directory)
         self.checkpointers: dict[int, LatestTorchModuleCheckpointer] = {}
+        self.states = PerRoundStateCheckpointer(directory)
 
-    def save(self, model: nn.Module, slot: int) -> LatestTorchModuleCheckpointer:
+    def save(self, model: nn.Module | dict, slot: int) -> LatestTorchModuleCheckpointer | PerRoundStateCheckpointer:
+        if not isinstance(model, nn.Module):
+            self.states.save_checkpoint(f"slot{slot}.pt", model)
+            return self.states
         checkpointer = self.checkpointers.get(slot)
         if checkpointer is None:
             checkpointer = self.checkpointers[slot] = LatestTorchModuleCheckpointer(
@@ -190,12 +200,13 @@ class Fedckpt(SaveMethod):
         checkpointer.maybe_checkpoint(model, 0.0, {})
         return checkpointer
 
-    def wait(self, handle: LatestTorchModuleCheckpointer) -> None:
+    def wait(self, handle: LatestTorchModuleCheckpointer | PerRoundStateCheckpointer) -> None:
         handle.flush()
 
     def close(self) -> None:
         for checkpointer in self.checkpointers.values():
             checkpointer.flush()  # nothing may still be writing when the runner removes the directory
+        self.states.flush()
 
 
 class NoCheckpoint(SaveMethod):

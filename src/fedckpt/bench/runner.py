@@ -26,12 +26,14 @@ import fedckpt  # noqa: E402
 from fedckpt.bench import report as reporting  # noqa: E402
 from fedckpt.bench.cases import CASES, DEFAULT_CASES, QUICK_CASES, Case, visible_case_names  # noqa: E402
 from fedckpt.bench.measure import (  # noqa: E402
+    SaveSamples,
     burst_size,
     raw_write_fsync,
     synthetic_batches,
     time_burst,
     time_loop,
-    time_saves,
+    time_one_save,
+    warm_up,
 )
 from fedckpt.bench.methods import LOOP_METHODS, SAVE_METHODS, HostBytes, NoCheckpoint, SaveMethod  # noqa: E402
 
@@ -103,37 +105,59 @@ def run_bench(
 
 
 def _run_save_case(case: Case, repeats: int, directory: str, progress: Progress) -> dict[str, Any]:
-    model = case.build()
-    host = HostBytes.of(model)
+    """Single saves interleaved across the methods (the order reverses every repeat, so a slow spell of
+    the machine falls on all of them alike), then each method's burst beside a raw write."""
+    saved = case.build()
+    host = HostBytes.of(saved)
     saves = burst_size(host.nbytes)
     result = {
         "case": case.name, "kind": "save", "description": case.description, "bytes": host.nbytes,
         "tensors": host.tensors, "repeats": repeats, "burst_saves": saves, "methods": [],
     }  # fmt: skip
+    is_state = isinstance(saved, dict)
+    methods: list[tuple[SaveMethod | None, dict[str, Any], SaveSamples]] = []
     for method_type in SAVE_METHODS:
+        if is_state and not method_type.saves_states:
+            continue
         entry: dict[str, Any] = {"method": method_type.name, "blocking_s": [], "durable_s": [], "burst_s": None,
                                  "raw_write_s": None, "error": None}  # fmt: skip
-        task = progress.add_task(f"  {case.name}: {method_type.name}", total=repeats + 2)
-        method_dir = os.path.join(directory, _slug(method_type.name))
-        os.makedirs(method_dir)
         method: SaveMethod | None = None
         try:
+            method_dir = os.path.join(directory, _slug(method_type.name))
+            os.makedirs(method_dir)
             method = method_type(method_dir)
-            method.prepare(model, host)
-            samples = time_saves(method, model, repeats, lambda task=task: progress.advance(task))
-            entry["blocking_s"], entry["durable_s"] = samples.blocking_s, samples.durable_s
-            if method.reaches_storage:
-                entry["burst_s"] = time_burst(method, model, saves)
-                # The disk's own rate for the same bytes, measured right after, so both see the same disk state.
-                entry["raw_write_s"] = raw_write_fsync(os.path.join(method_dir, "raw-write.bin"), host.buffer, saves)
-            progress.advance(task)
+            method.prepare(saved, host)
+            warm_up(method, saved)
         except Exception as error:  # one failing method is a row note, not the end of the run
             entry["error"] = _describe(error)
-        finally:
-            entry["error"] = _close(method, entry["error"])
-            shutil.rmtree(method_dir, ignore_errors=True)
-            progress.remove_task(task)
+        methods.append((method, entry, SaveSamples()))
         result["methods"].append(entry)
+    task = progress.add_task(f"  {case.name}: {len(methods)} methods", total=repeats * len(methods) + len(methods))
+    try:
+        for repeat in range(repeats):
+            for method, entry, samples in methods if repeat % 2 == 0 else reversed(methods):
+                if method is not None and entry["error"] is None:
+                    try:
+                        time_one_save(method, saved, samples)
+                    except Exception as error:
+                        entry["error"] = _describe(error)
+                progress.advance(task)
+        for method, entry, samples in methods:
+            entry["blocking_s"], entry["durable_s"] = samples.blocking_s, samples.durable_s
+            if method is not None and entry["error"] is None and method.reaches_storage:
+                try:
+                    entry["burst_s"] = time_burst(method, saved, saves)
+                    # The disk's own rate for the same bytes, measured right after, so both see the same disk state.
+                    raw_path = os.path.join(method.directory, "raw-write.bin")
+                    entry["raw_write_s"] = raw_write_fsync(raw_path, host.buffer, saves)
+                except Exception as error:
+                    entry["error"] = _describe(error)
+            progress.advance(task)
+    finally:
+        for method, entry, _ in methods:
+            entry["error"] = _close(method, entry["error"])
+        shutil.rmtree(directory, ignore_errors=True)
+        progress.remove_task(task)
     reporting.summarize_save_case(result)
     return result
 

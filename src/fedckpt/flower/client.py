@@ -7,7 +7,9 @@ checkpoints on disk, and restores the client's state from the state file the pre
 
 State is kept in two slots that saves alternate between. A restore takes the newest state from a
 round *before* the current one, so a round that a crash interrupted, and that runs again after a
-resume, starts from the same state as the first time.
+resume, starts from the same state as the first time. Given the handler's ``context``, a small state
+is also kept in ``context.state``, which Flower holds in memory across the rounds of a run: a
+restore then costs a few copies, and reads the state file only after a restart.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 
 from fedckpt.checkpoint_module import ModelCheckpointers
 from fedckpt.client_module import ClientCheckpointAndStateModule
+from fedckpt.flower import context_state
 from fedckpt.flower.timing import BlockedTime
 from fedckpt.modes import CheckpointMode
 from fedckpt.policies import Scalar
@@ -29,6 +32,9 @@ from fedckpt.state import PerRoundStateCheckpointer
 
 SLOTS = (0, 1)
 ROUND_KEY = "server_round"
+# States up to this size are also kept in ``context.state`` (Flower ships the context with every
+# message, so a large state would cost more there than reading it back from its file).
+CONTEXT_STATE_MAX_BYTES = 16 << 20
 
 
 def client_checkpoint_dir(root: str | Path, context: Any) -> str:
@@ -46,6 +52,8 @@ class ClientCheckpoints:
         pre_aggregation: checkpointer(s) of the local model after local training.
         post_aggregation: checkpointer(s) of the global model the client received.
         state_name: base name of the state files (``<state_name>.0.pt`` and ``.1.pt``).
+        context: the handler's Flower ``Context``: states of at most ``context_state_max_bytes`` of
+            tensors are also kept in ``context.state`` and restored from there.
 
     ``blocked_seconds`` adds up the time the calls below kept the client waiting.
     """
@@ -56,12 +64,16 @@ class ClientCheckpoints:
         pre_aggregation: ModelCheckpointers = None,
         post_aggregation: ModelCheckpointers = None,
         state_name: str = "client_state",
+        context: Any = None,
+        context_state_max_bytes: int = CONTEXT_STATE_MAX_BYTES,
     ) -> None:
         self.blocked = BlockedTime()
         self.module = ClientCheckpointAndStateModule(
             pre_aggregation, post_aggregation, PerRoundStateCheckpointer(checkpoint_dir)
         )
         self.state_name = state_name
+        self.context = context
+        self.context_state_max_bytes = context_state_max_bytes
         self._states: dict[int, dict[str, Any]] | None = None
         with self.blocked.measure():
             self.module.resume_best_scores()
@@ -87,13 +99,16 @@ class ClientCheckpoints:
         :meth:`save_state`).
         """
         with self.blocked.measure():
-            slot = self._slot_to_restore(server_round)
-            if slot is None:
-                return None
-            # Read in full: the slots were only mapped to find the round, and tensors left mapped
-            # would fault pages in (copy-on-write) while the optimizer trains on them.
-            assert self.module.state_checkpointer is not None
-            state = self.module.state_checkpointer.load_checkpoint(self._slot_name(slot), wait=False)
+            if self._kept_in_context(server_round) is not None:
+                state = context_state.restore(self.context)
+            else:
+                slot = self._slot_to_restore(server_round)
+                if slot is None:
+                    return None
+                # Read in full: the slots were only mapped to find the round, and tensors left mapped
+                # would fault pages in (copy-on-write) while the optimizer trains on them.
+                assert self.module.state_checkpointer is not None
+                state = self.module.state_checkpointer.load_checkpoint(self._slot_name(slot), wait=False)
             if optimizer is not None and "optimizer" in state:
                 optimizer.load_state_dict(state["optimizer"])
         return state
@@ -104,10 +119,17 @@ class ClientCheckpoints:
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
         with self.blocked.measure():
-            keep = self._slot_to_restore(server_round)
+            kept = self._kept_in_context(server_round)
+            keep = kept if kept is not None else self._slot_to_restore(server_round)
             slot = next(s for s in SLOTS if s != keep)
             self.module.save_state(self._slot_name(slot), state)
-            self._slot_states()[slot] = state
+            if self._states is not None:
+                self._states[slot] = state
+            if self.context is not None:
+                if context_state.state_bytes(state) <= self.context_state_max_bytes:
+                    context_state.keep(self.context, state, server_round, slot)
+                else:
+                    context_state.forget(self.context)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until this client's saves are durable (not needed per round: the server flushes)."""
@@ -128,6 +150,14 @@ class ClientCheckpoints:
                 for name in checkpointer.existing(*names)
             }
         return self._states
+
+    def _kept_in_context(self, server_round: int) -> int | None:
+        """The slot of the state kept in the context, if that is the newest state before ``server_round``.
+
+        The context holds the last state this client saved in this run; after a restart it holds none.
+        """
+        kept = context_state.kept(self.context) if self.context is not None else None
+        return kept[1] if kept is not None and kept[0] < server_round else None
 
     def _slot_to_restore(self, server_round: int) -> int | None:
         """The slot holding the newest state from a round before ``server_round``."""

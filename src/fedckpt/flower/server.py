@@ -49,8 +49,9 @@ class ServerCheckpoints:
             evaluation if it reports it, else from the aggregated federated evaluation.
 
     After :meth:`start`, ``resumed_from_round`` is the round the run continued after (0 for a
-    fresh run), ``blocked_seconds`` the time the server waited on fedckpt, and ``saves_written``
-    the checkpoints the writer pool wrote while Ray was up (clients' and server's).
+    fresh run), ``blocked_seconds`` the time the server waited on fedckpt, and ``saves_written``,
+    ``bytes_written`` and ``bytes_linked`` what the writer pool did while Ray was up (clients' and
+    server's checkpoints; linked bytes were identical content, hard-linked instead of written).
     """
 
     def __init__(
@@ -63,6 +64,8 @@ class ServerCheckpoints:
         self.loss_key = loss_key
         self.resumed_from_round = 0
         self.saves_written = 0
+        self.bytes_written = 0
+        self.bytes_linked = 0
         self.blocked = BlockedTime()
         self._commit: threading.Thread | None = None
         self._commit_error: BaseException | None = None
@@ -97,7 +100,10 @@ class ServerCheckpoints:
                     self._wait_for_commit()
                 finally:
                     lifecycle.flush()  # Flower shuts Ray down once main() returns
-            self.saves_written = sum(stats.saved for stats in lifecycle.coordinator().writer_stats())
+            stats = lifecycle.coordinator().writer_stats()
+            self.saves_written = sum(writer.saved for writer in stats)
+            self.bytes_written = sum(writer.bytes_written for writer in stats)
+            self.bytes_linked = sum(writer.bytes_linked for writer in stats)
 
     def _run(
         self,

@@ -86,10 +86,17 @@ class ChannelClient:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def post(self, message: Any) -> None:
+        """Send a message that is not answered."""
+        self._send_frame(encode(message))
+
     def send(self, make_message: Callable[[int], Any]) -> int:
         """Send ``make_message(call_id)``; returns the call id to wait for with :meth:`reply`."""
         call_id = next(self._ids)
-        frame = encode(make_message(call_id))
+        self._send_frame(encode(make_message(call_id)))
+        return call_id
+
+    def _send_frame(self, frame: bytes) -> None:
         with self._send_lock:
             if self.closed:
                 raise ChannelClosed("the channel is closed")
@@ -98,7 +105,6 @@ class ChannelClient:
             except OSError as error:
                 self._close()
                 raise ChannelClosed(f"the writer went away: {error}") from error
-        return call_id
 
     def reply(self, call_id: int, timeout: float | None = None) -> Any:
         """Wait for the reply to ``call_id`` (``TimeoutError`` after ``timeout`` seconds)."""
@@ -190,8 +196,10 @@ class ServerConnection(asyncio.Protocol):
     """The writer's end of one caller's connection.
 
     A protocol rather than a stream reader: each frame is handled in the callback that received
-    it, with no task switch, which keeps the round trip short on busy cores.
+    it, with no task switch.
     """
+
+    open_connections: set[ServerConnection] = set()  # of this process
 
     def __init__(self, handle: Handler) -> None:
         self._handle = handle
@@ -205,6 +213,11 @@ class ServerConnection(asyncio.Protocol):
             transport.close()
             return
         self._transport = transport
+        ServerConnection.open_connections.add(self)
+
+    def receiving(self) -> bool:
+        """Whether part of a frame arrived and the rest has not been read yet."""
+        return bool(self._buffer)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -223,6 +236,7 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        ServerConnection.open_connections.discard(self)
 
     def send(self, message: Any) -> None:
         """Queue a frame (replies and notices are small; the transport buffers them)."""

@@ -126,36 +126,30 @@ class Coordinator:
     # ---- saving -----------------------------------------------------------------------------
 
     def save(self, requests: list[SaveRequest], snapshot: Snapshot) -> None:
-        """Save one snapshot under each request's key. Blocks for the copy and the acknowledgements."""
+        """Save one snapshot under each request's key. Blocks for the copy and for sending the
+        message (writers on this node) or for the acknowledgements (Ray calls)."""
         if not requests:
             return
-        held = self._take_held_errors({request.key for request in requests})
-        if held:
-            raise _checkpoint_error("An earlier save failed, so this save was not started", held)
         with self._save_lock:
             pool = self.pool()
             assert pool is not None
-            if not self._transport.can_reuse(snapshot.nbytes):
-                self._take_in_notices()  # else they come in with this save's answer
+            self._take_in_notices()  # frees staging memory, and brings news of failed saves
+            held = self._take_held_errors({request.key for request in requests})
+            if held:
+                raise _checkpoint_error("An earlier save failed, so this save was not started", held)
             self._make_room(snapshot.nbytes)
             groups: dict[int, list[SaveRequest]] = defaultdict(list)
             for request in requests:
                 groups[pool.owner_of(request.key)].append(request)
             local = all(self._transport.route(pool, index) is Route.CHANNEL for index in groups)
             staged = self._transport.stage(snapshot, shared_memory=local)
-            acknowledged, errors = self._enqueue(pool, staged, groups)
-            if acknowledged:
-                self._inflight.add(staged, acknowledged)
-            else:
-                self._transport.release(staged)
-        if errors:
-            raise _checkpoint_error("An earlier save failed, so this save was not started", errors)
+            self._inflight.add(staged, self._enqueue(pool, staged, groups))
 
     def _enqueue(
         self, pool: WriterPool, staged: Staged, groups: dict[int, list[SaveRequest]]
-    ) -> tuple[list[tuple[SaveRequest, int, Enqueued]], dict[str, BaseException]]:
+    ) -> list[tuple[SaveRequest, int, Enqueued]]:
         """Send the requests; a writer whose channel closed is recovered and sent them again."""
-        acknowledged, errors = [], {}
+        sent = []
         while groups:
             answers = self._transport.enqueue(pool, staged, groups)
             retry = {}
@@ -163,14 +157,10 @@ class Coordinator:
                 if isinstance(answer, ChannelClosed):
                     self._recover(index)
                     retry[index] = groups[index]
-                    continue
-                for request, enqueued in zip(groups[index], answer, strict=True):
-                    if enqueued.ack.error is not None:
-                        errors[request.key] = enqueued.ack.error
-                    else:
-                        acknowledged.append((request, index, enqueued))
+                else:
+                    sent.extend((enqueued.request, index, enqueued) for enqueued in answer)
             groups = retry
-        return acknowledged, errors
+        return sent
 
     def _make_room(self, nbytes: int) -> None:
         """Backpressure: wait for older saves until this snapshot fits in the in-flight budget."""
@@ -187,24 +177,31 @@ class Coordinator:
             if pool is None:
                 raise CheckpointError("The writer pool went away while saves were in flight")
             self._resend_and_recover()
-            acked = [save for save in batch.saves if save.state is SaveState.ACKED]
-            if not acked:
+            sent = [save for save in batch.saves if save.state is SaveState.SENT]
+            if not sent:
                 continue
-            first = acked[0]
+            first = sent[0]
             if first.route is Route.CHANNEL:
                 try:
                     self._transport.channel(pool, first.writer).pump(0.5)
                 except ChannelClosed:
                     self._recover(first.writer)
             else:
-                self._check_ray_saves(acked, timeout=RAY_POLL_SECONDS)
+                self._check_ray_saves(sent, timeout=RAY_POLL_SECONDS)
 
     # ---- notices, losses and re-sends -----------------------------------------------------------
 
     def _on_done(self, writer: int, notices: list[SaveDone]) -> None:
         for notice in notices:
-            for staged in self._inflight.done(writer, notice.sequence):
-                self._transport.release(staged)
+            self._finished(writer, notice)
+
+    def _finished(self, writer: int, notice: SaveDone) -> None:
+        """A save left its writer; a failure is held for this process's next call on its key."""
+        save, released = self._inflight.done(writer, notice.sequence)
+        for staged in released:
+            self._transport.release(staged)
+        if save is not None and notice.error is not None:
+            self._held_errors[save.request.key] = notice.error
 
     def _take_in_notices(self) -> None:
         """Done notices that arrived (channels), and Ray saves that finished (without waiting)."""
@@ -224,16 +221,15 @@ class Coordinator:
             if save.done_ref not in resolved:
                 continue
             try:
-                outcome = ray.get(save.done_ref)
+                notice = ray.get(save.done_ref)
             except ray.exceptions.RayError as error:  # the writer is gone for good, or Ray is going down
                 log.debug("fedckpt: waiting for a save of %s failed: %s", save.request.key, error)
                 self._inflight.lost_one(save)
                 continue
-            if outcome in (UNKNOWN, ABANDONED):
+            if notice.outcome in (UNKNOWN, ABANDONED):
                 self._inflight.lost_one(save)
             else:
-                for staged in self._inflight.done(save.writer, save.request.sequence):
-                    self._transport.release(staged)
+                self._finished(save.writer, notice)
         if any(save.state is SaveState.LOST for save in saves):
             self._resend_and_recover()
 
@@ -264,9 +260,8 @@ class Coordinator:
             self._recover(closed)
 
     def _resend_lost(self, writer: int | None = None) -> set[int]:
-        """Send the lost saves (of ``writer``, or all) again, with their sequences; an error the
-        writer answers with is held for the next call on that key. Returns the writers whose
-        channel closed meanwhile (to recover, outside this lock)."""
+        """Send the lost saves (of ``writer``, or all) again, with their sequences. Returns the
+        writers whose channel closed meanwhile (to recover, outside this lock)."""
         pool = self._pool
         closed: set[int] = set()
         if pool is None:
@@ -278,10 +273,6 @@ class Coordinator:
                 answer = self._transport.enqueue(pool, batch.staged, {save.writer: [save.request]})[save.writer]
                 if isinstance(answer, ChannelClosed):
                     closed.add(save.writer)
-                elif answer[0].ack.error is not None:
-                    self._held_errors[save.request.key] = answer[0].ack.error
-                    for staged in self._inflight.refused(save):
-                        self._transport.release(staged)
                 else:
                     self._inflight.resent(save, save.writer, answer[0])
         return closed
@@ -421,7 +412,7 @@ class Coordinator:
             if not ray.is_initialized():
                 # Ray was shut down under this process (Flower does, after a simulation): its workers
                 # were killed without cleaning up, so remove their staging segments now.
-                remove_orphans(settle_seconds=1.0)
+                remove_orphans(settle_seconds=1.0, grace_seconds=0.0)
 
 
 def _checkpoint_error(what: str, errors: dict[str, BaseException]) -> CheckpointError:

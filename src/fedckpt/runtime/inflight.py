@@ -3,13 +3,12 @@
 Each save is a small state machine; every transition is a method of :class:`InflightSaves`:
 
 ```
-            acknowledged                     SaveDone / wait_saved: saved, superseded, failed
-  (enqueue) ------------> ACKED ------------------------------------------------------> DONE
-                           |  ^                                                           ^
-       writer died, or     |  |  sent again (same sequence), acknowledged                 |
-       its bytes were lost |  |                                                           |
-                           v  |        sent again, refused (the error is held) ------------
-                           LOST ----------------------------------------------------------
+              sent                SaveDone / wait_saved: saved, superseded, failed
+  (save) ----------------> SENT ---------------------------------------------------> DONE
+                           |  ^
+   its writer died, or     |  |  sent again, with the same sequence
+   its bytes were lost     v  |
+                           LOST
 ```
 
 The staged bytes of a snapshot (one per call, shared by the saves of all its keys) stay in memory
@@ -30,9 +29,9 @@ from fedckpt.runtime.transport import Enqueued, Route, Staged
 
 
 class SaveState(Enum):
-    ACKED = "acked"  # the writer holds it and has not finished with it
+    SENT = "sent"  # on its way to the writer, or held there, not finished with
     LOST = "lost"  # its writer died (or lost its bytes) before finishing with it: to be sent again
-    DONE = "done"  # it left the writer: written, superseded, or failed (the writer holds the error)
+    DONE = "done"  # it left the writer: written, superseded, or failed (the error is reported)
 
 
 @dataclass(eq=False)
@@ -41,7 +40,7 @@ class InflightSave:
     writer: int
     route: Route
     done_ref: Any = None  # Ray route: resolves when the save left the writer
-    state: SaveState = SaveState.ACKED
+    state: SaveState = SaveState.SENT
 
 
 @dataclass(eq=False)
@@ -79,42 +78,36 @@ class InflightSaves:
 
     # ---- transitions ---------------------------------------------------------------------------
 
-    def done(self, writer: int, sequence: tuple[int, int]) -> list[Staged]:
-        """ACKED -> DONE. Returns the staged snapshots no save needs any longer (to release)."""
+    def done(self, writer: int, sequence: tuple[int, int]) -> tuple[InflightSave | None, list[Staged]]:
+        """SENT -> DONE. Returns the save, and the staged snapshots no save needs any longer (to release)."""
         with self._lock:
             found = self._by_sequence.get((writer, tuple(sequence)))
-            if found is None or found[1].state is not SaveState.ACKED:
-                return []  # a notice from before a re-send, or of a save not tracked here
+            if found is None or found[1].state is not SaveState.SENT:
+                return None, []  # a notice from before a re-send, or of a save not tracked here
             batch, save = found
             save.state = SaveState.DONE
-            return self._release_if_finished(batch)
+            return save, self._release_if_finished(batch)
 
     def writer_lost(self, writer: int, route: Route | None = None) -> None:
-        """ACKED -> LOST for every save writer ``writer`` held (on ``route``, or any)."""
+        """SENT -> LOST for every save writer ``writer`` held (on ``route``, or any)."""
         with self._lock:
             for batch in self._batches:
                 for save in batch.saves:
-                    if save.writer == writer and save.state is SaveState.ACKED and route in (None, save.route):
+                    if save.writer == writer and save.state is SaveState.SENT and route in (None, save.route):
                         save.state = SaveState.LOST
 
     def lost_one(self, save: InflightSave) -> None:
-        """ACKED -> LOST for one save (its writer restarted, or lost its bytes)."""
+        """SENT -> LOST for one save (its writer restarted, or lost its bytes)."""
         with self._lock:
-            if save.state is SaveState.ACKED:
+            if save.state is SaveState.SENT:
                 save.state = SaveState.LOST
 
     def resent(self, save: InflightSave, writer: int, answer: Enqueued) -> None:
-        """LOST -> ACKED: sent again with its sequence, and acknowledged."""
+        """LOST -> SENT: sent again, with its sequence."""
         with self._lock:
             save.writer, save.route, save.done_ref = writer, answer.route, answer.done_ref
             self._by_sequence[(writer, save.request.sequence)] = (self._batch_of(save), save)
-            save.state = SaveState.ACKED
-
-    def refused(self, save: InflightSave) -> list[Staged]:
-        """LOST -> DONE: sent again, and refused (the caller holds the error for its key)."""
-        with self._lock:
-            save.state = SaveState.DONE
-            return self._release_if_finished(self._batch_of(save))
+            save.state = SaveState.SENT
 
     # ---- queries --------------------------------------------------------------------------------
 
@@ -128,13 +121,13 @@ class InflightSaves:
             ]
 
     def on_ray(self) -> list[InflightSave]:
-        """ACKED saves sent with Ray calls, whose ``done_ref`` says when they are done."""
+        """SENT saves sent with Ray calls, whose ``done_ref`` says when they are done."""
         with self._lock:
             return [
                 save
                 for batch in self._batches
                 for save in batch.saves
-                if save.state is SaveState.ACKED and save.route is Route.RAY
+                if save.state is SaveState.SENT and save.route is Route.RAY
             ]
 
     def oldest(self) -> Batch | None:

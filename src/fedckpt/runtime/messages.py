@@ -56,14 +56,10 @@ class SaveRequest:
 
 @dataclass(frozen=True)
 class Ack:
-    """Answer to an enqueue: the save's sequence, or the error of an earlier save of that key.
+    """Answer to an enqueue made with a Ray call: the sequence the writer gave the save."""
 
-    When ``error`` is set the new save was *not* enqueued: the caller raises, and may call again.
-    """
-
-    sequence: tuple[int, int] | None
-    writer_epoch: int | None = None  # the incarnation that took the save; it alone can report on it
-    error: BaseException | None = None
+    sequence: tuple[int, int]
+    writer_epoch: int  # the incarnation that took the save; it alone can report on it
 
 
 @dataclass(frozen=True)
@@ -79,6 +75,7 @@ class WriterInfo:
     pid: int
     node_id: str
     channel_address: str | None  # where callers on its node reach it (None: Ray calls only)
+    counter_path: str | None  # its sequence counter, which callers on its node take numbers from
 
 
 @dataclass
@@ -101,10 +98,10 @@ class WriterStats:
 
 
 @dataclass(frozen=True)
-class EnqueueCall:
-    """Queue one staged snapshot under each request's key; answered with one Ack per request."""
+class Enqueue:
+    """Queue one staged snapshot under each request's key. Not answered: each request carries the
+    sequence its caller took from the writer's counter, and a ``SaveDone`` follows each save."""
 
-    call_id: int
     requests: list[SaveRequest]
     payload: SharedMemoryPayload
 
@@ -126,7 +123,10 @@ class Reply:
 
 @dataclass(frozen=True)
 class SaveDone:
-    """Pushed to the connection that enqueued a save once it left the writer's memory."""
+    """A save left the writer's memory: pushed to the connection that enqueued it, and the answer
+    of ``wait_saved``. ``error`` is why it FAILED (the writer also holds it for the next flush or
+    wait of its key, from any process)."""
 
     sequence: tuple[int, int]
     outcome: str
+    error: BaseException | None = None

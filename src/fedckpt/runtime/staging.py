@@ -64,8 +64,16 @@ def creator_pid(path: str) -> int | None:
         return None
 
 
-def remove_orphans(directory: str = SHM_DIR, settle_seconds: float = 0.0) -> int:
-    """Remove segments whose creator process is gone (a caller killed before it cleaned up).
+# A segment whose creator died is kept this long after its last use: a save its creator sent just
+# before dying may still be on its way to the writer, which maps the segment when the save arrives.
+SEGMENT_GRACE_SECONDS = 30.0
+
+
+def remove_orphans(
+    directory: str = SHM_DIR, settle_seconds: float = 0.0, grace_seconds: float = SEGMENT_GRACE_SECONDS
+) -> int:
+    """Remove segments whose creator process is gone (a caller killed before it cleaned up) and that
+    were last used more than ``grace_seconds`` ago (0 once no writer can still be reading: Ray is down).
 
     With ``settle_seconds``, keep sweeping that long while other processes' segments remain: for
     a driver that just shut Ray down, whose workers (Flower's ClientApp actors) are still exiting.
@@ -82,8 +90,11 @@ def remove_orphans(directory: str = SHM_DIR, settle_seconds: float = 0.0) -> int
                 if process_alive(pid):
                     remaining += 1
                     continue
+                path = os.path.join(directory, name)
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(directory, name))
+                    if grace_seconds and time.time() - os.stat(path).st_mtime < grace_seconds:
+                        continue
+                    os.unlink(path)
                     removed += 1
         if remaining == 0 or time.monotonic() >= deadline:
             return removed
@@ -118,6 +129,7 @@ class StagingArena:
             if fitting:
                 segment = min(fitting, key=lambda candidate: candidate.size)
                 self._free.remove(segment)
+                os.utime(segment.path)  # its last use: see SEGMENT_GRACE_SECONDS
             else:
                 while self._free and self.total_bytes() + nbytes > self.max_bytes:
                     self._free.pop(0).close()
@@ -183,12 +195,11 @@ class SegmentReader:
         return memoryview(mapping)
 
     def finished(self, path: str) -> None:
-        """After a save from ``path``: remove the segment if its creator died (nobody else will)."""
+        """After a save from ``path``: unmap idle segments, and now and then remove those of dead
+        creators (another save may still be on its way from one: see SEGMENT_GRACE_SECONDS)."""
         pid = creator_pid(path)
         if pid is not None and not process_alive(pid):
             self._close(path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
         now = time.monotonic()
         for idle in [p for p, (_, used) in self._maps.items() if now - used > self.max_idle_seconds]:
             self._close(idle)

@@ -1,8 +1,9 @@
 """How a snapshot's bytes and its save messages reach the writers.
 
 * A writer on this process's node: the snapshot is copied into a reused shared-memory segment,
-  which the writer maps, and the save goes over the node-local channel as one message; the writer
-  pushes a ``SaveDone`` notice back when the save left its memory.
+  which the writer maps; the save takes its sequence from the writer's counter and goes over the
+  node-local channel as one message, which nothing waits on; the writer pushes a ``SaveDone``
+  notice back when the save left its memory, read at this process's next call.
 * A writer on another node (or no usable ``/dev/shm``): the snapshot is copied into Ray's object
   store and the save goes out as Ray calls (``enqueue``, then ``wait_saved`` to hear when it is done).
 * A writer that Ray restarted on another node: a save staged in shared memory is sent again from a
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from functools import partial
 from typing import Any
@@ -25,7 +26,7 @@ import ray
 from fedckpt.runtime.channel import ChannelClient, ChannelClosed, channel_supported
 from fedckpt.runtime.messages import (
     Ack,
-    EnqueueCall,
+    Enqueue,
     ObjectStorePayload,
     Payload,
     SaveDone,
@@ -34,6 +35,7 @@ from fedckpt.runtime.messages import (
     WaitCall,
 )
 from fedckpt.runtime.pool import WriterPool
+from fedckpt.runtime.sequence import SequenceCounter
 from fedckpt.runtime.staging import Segment, StagingArena, shared_memory_available
 from fedckpt.snapshot import Snapshot
 
@@ -66,12 +68,13 @@ class Staged:
 
 @dataclass(frozen=True)
 class Enqueued:
-    """A writer's answer to one request: its ack, the route it took, and (Ray) the call that
-    resolves when the save left the writer."""
+    """One request on its way: its sequence (``ack``), the route it took, (Ray) the call that
+    resolves when the save left the writer, and the request as sent."""
 
     ack: Ack
     route: Route
-    done_ref: Any = None
+    done_ref: Any
+    request: SaveRequest
 
 
 class Transport:
@@ -82,6 +85,7 @@ class Transport:
         self.arena = StagingArena(max_staging_bytes) if usable else None
         self._on_done = on_done
         self._channels: dict[int, ChannelClient] = {}
+        self._counters: dict[int, SequenceCounter] = {}  # of the writers on this node
         self._lock = threading.Lock()
         self.node_id: str | None = None
 
@@ -107,6 +111,19 @@ class Transport:
             client = ChannelClient(address, lambda notices: self._on_done(index, notices))
             self._channels[index] = client
             return client
+
+    def sequences(self, pool: WriterPool, index: int, count: int) -> list[tuple[int, int]]:
+        """``count`` sequences from the counter of writer ``index`` (on this node)."""
+        info = pool.infos[index]
+        assert info.counter_path is not None
+        with self._lock:
+            counter = self._counters.get(index)
+            if counter is None or counter.path != info.counter_path:  # a new incarnation
+                if counter is not None:
+                    counter.close()
+                counter = self._counters[index] = SequenceCounter(info.counter_path)
+        first = counter.take(count)
+        return [(info.epoch, number) for number in range(first, first + count)]
 
     def open_channels(self) -> dict[int, ChannelClient]:
         with self._lock:
@@ -157,20 +174,24 @@ class Transport:
     def enqueue(
         self, pool: WriterPool, staged: Staged, requests: dict[int, list[SaveRequest]]
     ) -> dict[int, list[Enqueued] | ChannelClosed]:
-        """Send each writer its requests (all first, then wait for the answers).
+        """Send each writer its requests: over its channel without waiting, or with Ray calls (all
+        first, then their answers).
 
-        A writer whose channel closed is answered with the ``ChannelClosed`` error: it may or may
-        not have taken the requests before it died; the caller recovers it and sends them again.
+        A writer whose channel closed is answered with the ``ChannelClosed`` error: the caller
+        recovers it and sends the requests again.
         """
         routes = {index: self.route(pool, index, staged) for index in requests}
         calls: dict[int, Any] = {}
         for index, group in requests.items():
             if routes[index] is Route.CHANNEL:
                 assert isinstance(staged.payload, SharedMemoryPayload)
-                payload = staged.payload
                 try:
                     client = self.channel(pool, index)
-                    calls[index] = (client, client.send(partial(EnqueueCall, requests=group, payload=payload)))
+                    if any(request.sequence is None for request in group):
+                        numbers = iter(self.sequences(pool, index, len(group)))
+                        group = [replace(r, sequence=r.sequence or next(numbers)) for r in group]  # noqa: PLW2901
+                    client.post(Enqueue(group, staged.payload))
+                    calls[index] = group
                 except ChannelClosed as error:
                     calls[index] = error
             else:
@@ -181,23 +202,20 @@ class Transport:
             if isinstance(call, ChannelClosed):
                 answers[index] = call
             elif routes[index] is Route.CHANNEL:
-                client, call_id = call
-                try:
-                    answers[index] = [Enqueued(ack, Route.CHANNEL) for ack in client.reply(call_id)]
-                except ChannelClosed as error:
-                    answers[index] = error
+                epoch = pool.infos[index].epoch
+                answers[index] = [
+                    Enqueued(Ack(request.sequence, epoch), Route.CHANNEL, None, request) for request in call
+                ]
             else:
                 acks = ray.get(call)
                 answers[index] = [
-                    Enqueued(ack, Route.RAY, self._done_ref(pool, index, request, ack))
+                    Enqueued(ack, Route.RAY, self._done_ref(pool, index, request, ack), request)
                     for request, ack in zip(requests[index], acks, strict=True)
                 ]
         return answers
 
     @staticmethod
     def _done_ref(pool: WriterPool, index: int, request: SaveRequest, ack: Ack) -> Any:
-        if ack.error is not None:
-            return None
         return pool.handles[index].wait_saved.remote(request.key, ack.sequence, ack.writer_epoch)
 
     def wait(
@@ -213,9 +231,12 @@ class Transport:
         """Close every channel (the pool is gone, or Ray was replaced: so may be this node's id)."""
         with self._lock:
             channels, self._channels = list(self._channels.values()), {}
+            counters, self._counters = list(self._counters.values()), {}
             self.node_id = None
         for client in channels:
             client.close()
+        for counter in counters:
+            counter.close()
 
     def close(self) -> None:
         """Close the channels and unmap and remove every staging segment."""

@@ -20,12 +20,8 @@ import safetensors
 import torch
 from torch import nn
 
-from fedckpt.snapshot import (
-    EXTRA_TENSOR_PREFIX,
-    MODULE,
-    SKELETON_TENSOR_TAG,
-    STATE,
-)
+from fedckpt.skeleton import EXTRA_TENSOR_PREFIX, SKELETON_TENSOR_TAG
+from fedckpt.snapshot import MODULE, STATE
 from fedckpt.storage.direct import BLOCK, HashingFile
 
 # One metadata key holding JSON: the file is the same bytes (and checksum) whoever writes it.

@@ -4,9 +4,12 @@ Each checkpoint key is owned by one writer of a pool. For a key, saves are writt
 sequence order, and a queued save is dropped once a newer one arrives (latest wins). File I/O runs
 on a small thread pool, so the actor keeps answering while it writes.
 
-Callers on the writer's node talk to it over the node-local channel (one message per save, a
-``SaveDone`` notice back); callers on other nodes through Ray calls (``enqueue``, ``wait_saved``).
-Both reach the same queues. What a restart loses, and how it is recovered, is in ``recovery.py``.
+Callers on the writer's node talk to it over the node-local channel: one message per save call,
+carrying the sequences the caller took from this writer's counter, and a ``SaveDone`` notice back
+per save; nothing waits for the writer in between. Callers on other nodes use Ray calls
+(``enqueue``, ``wait_saved``). Both reach the same queues. A flush or wait first takes in what the
+channel already holds, so a save whose call returned anywhere on the node is seen. What a restart
+loses, and how it is recovered, is in ``recovery.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from fedckpt.runtime.messages import (
     SUPERSEDED,
     UNKNOWN,
     Ack,
-    EnqueueCall,
+    Enqueue,
     Payload,
     Reply,
     SaveDone,
@@ -39,6 +42,8 @@ from fedckpt.runtime.messages import (
     WriterInfo,
     WriterStats,
 )
+from fedckpt.runtime.sequence import SequenceCounter
+from fedckpt.runtime.staging import shared_memory_available
 from fedckpt.runtime.writer.queue import KeyQueue, QueuedSave
 from fedckpt.runtime.writer.recovery import LostSaves
 from fedckpt.runtime.writer.staged import CallerDied, StagedBytes
@@ -84,7 +89,9 @@ class CheckpointWriter:
         self.io_threads = io_threads
         # A new epoch per incarnation: sequences of a restarted writer sort after the old ones.
         self.epoch = time.time_ns()
-        self.number = 0
+        self.number = 0  # without a shared counter
+        local = channel.channel_supported() and shared_memory_available()
+        self.counter = SequenceCounter.create() if local else None
         self.keys: dict[str, KeyQueue] = {}
         self.counts = {SAVED: 0, SUPERSEDED: 0, FAILED: 0, ABANDONED: 0}
         self.bytes_written = 0
@@ -97,7 +104,7 @@ class CheckpointWriter:
         self.name = f"writer-{index}@{os.getpid()}"
         self.node_id = ray.get_runtime_context().get_node_id()
         self.lost = LostSaves(_was_restarted(), self.name)
-        self.channel_address = channel.new_address(f"writer-{index}") if channel.channel_supported() else None
+        self.channel_address = channel.new_address(f"writer-{index}") if local else None
         self._channel_server: asyncio.AbstractServer | None = None
 
     async def describe(self) -> WriterInfo:
@@ -113,6 +120,7 @@ class CheckpointWriter:
             pid=os.getpid(),
             node_id=self.node_id,
             channel_address=self.channel_address,
+            counter_path=None if self.counter is None else self.counter.path,
         )
 
     async def _serve_channel(self) -> None:
@@ -125,9 +133,9 @@ class CheckpointWriter:
             self.channel_address = None
 
     def _on_channel_message(self, message: Any, connection: channel.ServerConnection) -> Any:
-        if isinstance(message, EnqueueCall):
-            acks = [self._enqueue(request, message.payload, connection) for request in message.requests]
-            connection.send(Reply(message.call_id, acks))
+        if isinstance(message, Enqueue):
+            for request in message.requests:
+                self._enqueue(request, message.payload, connection)
             return None
         if isinstance(message, WaitCall):
             return self._answer_wait(message, connection)
@@ -138,41 +146,42 @@ class CheckpointWriter:
 
     async def enqueue(self, request: SaveRequest, payload: Payload) -> Ack:
         """Queue a save and acknowledge at once (Ray calls: callers on other nodes)."""
+        if request.sequence is None:
+            number = self.counter.take() if self.counter is not None else self._next_number()
+            request = SaveRequest(request.key, request.kind, request.score, request.score_name, (self.epoch, number))
         return self._enqueue(request, payload, None)
 
+    def _next_number(self) -> int:
+        self.number += 1
+        return self.number
+
     def _enqueue(self, request: SaveRequest, payload: Payload, notify: channel.ServerConnection | None) -> Ack:
-        """Queue a save; ``notify`` hears when it left memory. The write happens in the background."""
+        """Queue a save (its sequence set); ``notify`` hears when it left memory. The write happens
+        in the background. A failure of an earlier save of the key stays held for the next flush or
+        wait; it does not stop this save."""
+        assert request.sequence is not None
+        sequence = tuple(request.sequence)
         state = self.keys.setdefault(request.key, KeyQueue())
         # A save sent again after a restart of this writer: nobody waits for its arrival any longer.
-        awaited = None if request.sequence is None else self.lost.arrived(request.key, tuple(request.sequence))
-        error = state.take_error()
-        if error is None:
-            try:
-                segment = self.staged.map(payload)
-            except OSError as failure:  # its caller's segment is gone: nothing of it can be written
-                error = _transportable(failure)
-        if error is not None:
-            if awaited is not None:
-                awaited.set_result(None)  # its caller hears of the error instead
-            return Ack(sequence=None, error=error)
-        if request.sequence is not None:
-            sequence = tuple(request.sequence)
-        else:
-            self.number += 1
-            sequence = (self.epoch, self.number)
-        save = QueuedSave(request, sequence, payload, asyncio.get_running_loop().create_future(), segment)
+        awaited = self.lost.arrived(request.key, sequence)
+        save = QueuedSave(request, sequence, payload, asyncio.get_running_loop().create_future())
         if notify is not None:
-            save.outcome.add_done_callback(lambda done: notify.send(SaveDone(sequence, done.result())))
+            save.outcome.add_done_callback(lambda done: notify.send(done.result()))
         if awaited is not None:  # from now on, waiting for the save itself covers it
             save.outcome.add_done_callback(lambda _: awaited.done() or awaited.set_result(None))
+        try:
+            save.segment = self.staged.map(payload)
+        except OSError as error:  # its caller's segment is gone: nothing of it can be written
+            self._finish(save, FAILED, _transportable(error))
+            return Ack(sequence, self.epoch)
         for dropped in state.add(save, self.coalesce):
             self._finish(dropped, SUPERSEDED)
         if not state.draining:
             state.draining = True
             asyncio.get_running_loop().create_task(self._drain(request.key, state))
-        return Ack(sequence=sequence, writer_epoch=self.epoch)
+        return Ack(sequence, self.epoch)
 
-    async def wait_saved(self, key: str, sequence: tuple[int, int], writer_epoch: int) -> str:
+    async def wait_saved(self, key: str, sequence: tuple[int, int], writer_epoch: int) -> SaveDone:
         """Wait until one save left memory: saved, superseded, failed or abandoned.
 
         ``UNKNOWN`` when an earlier incarnation of this writer took the save: it died with it.
@@ -180,12 +189,13 @@ class CheckpointWriter:
         sequence = tuple(sequence)
         if writer_epoch != self.epoch:
             self.lost.expect(key, sequence)
-            return UNKNOWN
+            return SaveDone(sequence, UNKNOWN)
         state = self.keys.get(key)
         save = state.find(sequence) if state else None
         if save is not None:
             return await save.outcome
-        return SAVED if state is None or state.error is None else FAILED
+        failed = state is not None and state.error is not None
+        return SaveDone(sequence, FAILED if failed else SAVED)
 
     async def wait_key(self, key: str) -> BaseException | None:
         """Wait for every save of ``key`` issued before this call; return (and clear) its error."""
@@ -194,6 +204,7 @@ class CheckpointWriter:
     async def flush(self, keys: list[str] | None = None) -> dict[str, BaseException]:
         """Wait for every save (of ``keys``, or all) issued before this call, also those an earlier
         incarnation lost (until they are sent again); return and clear their errors."""
+        await self._take_in_channels()
         await self.lost.settle_after_restart()
         selected = list(self.keys.keys() | self.lost.keys()) if keys is None else keys
         outcomes = [save.outcome for key in selected if key in self.keys for save in self.keys[key].pending()]
@@ -205,6 +216,17 @@ class CheckpointWriter:
             if error is not None:
                 errors[key] = error
         return errors
+
+    async def _take_in_channels(self) -> None:
+        """Let the event loop read what the channels already hold: saves whose calls returned before
+        this wait was sent. Two turns of the loop: the first polls the sockets, the second runs what
+        that scheduled; a frame still arriving in parts gets more turns."""
+        for _ in range(2):
+            await asyncio.sleep(0)
+        for _ in range(100):
+            if not any(connection.receiving() for connection in channel.ServerConnection.open_connections):
+                return
+            await asyncio.sleep(0)
 
     async def stop(self) -> None:
         """Finish every queued save, then end this actor (it is not restarted)."""
@@ -226,16 +248,18 @@ class CheckpointWriter:
             pid=os.getpid(),
         )
 
-    def _finish(self, save: QueuedSave, outcome: str) -> None:
+    def _finish(self, save: QueuedSave, outcome: str, error: BaseException | None = None) -> None:
         self.counts[outcome] += 1
         save.segment = None
-        save.outcome.set_result(outcome)
+        if error is not None:
+            self.keys.setdefault(save.request.key, KeyQueue()).error = error
+        save.outcome.set_result(SaveDone(save.sequence, outcome, error))
 
     async def _drain(self, key: str, state: KeyQueue) -> None:
         loop = asyncio.get_running_loop()
         while state.queue:
             save = state.active = state.queue.popleft()
-            outcome = FAILED
+            outcome, failure = FAILED, None
             try:
                 data = await self.staged.get(save.payload, save.segment)
                 persisted = await loop.run_in_executor(self.io, _persist, save, data, self.name, self.content_index)
@@ -250,13 +274,13 @@ class CheckpointWriter:
             except CallerDied as reason:  # nobody is left to hear of it
                 log.error("fedckpt: dropped a save of %s: %s; the checkpoint on disk is unchanged", key, reason)
                 outcome = ABANDONED
-            except Exception as error:  # held for the caller: next call, flush or load
+            except Exception as error:  # for its caller (next call) and the next flush or load of the key
                 log.error("fedckpt: saving %s failed: %s: %s", key, type(error).__name__, error)
-                state.error = _transportable(error)
+                failure = _transportable(error)
             finally:
                 self.staged.finished(save.payload)
                 state.active = None
-                self._finish(save, outcome)
+                self._finish(save, outcome, failure)
         state.draining = False
         # Forget idle keys without an error to report: a long run touches many keys.
         if state.error is None and self.keys.get(key) is state:

@@ -1,0 +1,282 @@
+"""The records of a ``torch.save`` file for a state, with their pickled part reused across states of
+one structure.
+
+A per-round state (an optimizer's state dict, counters) has the same structure every round; only
+its tensor values change, and often its tensors are new objects (a Flower client builds a new
+optimizer every round). ``torch.save`` pickles a state object by object through a Python hook
+(about 250 us for an SGD state of six tensors). Describing the structure as a key costs a fraction
+of that, and two states with equal keys pickle to the same ``data.pkl``: so it is pickled once, and
+only the tensors' storages are viewed anew at every save.
+
+The key holds everything ``data.pkl`` depends on: the containers (dict, list, tuple) in order,
+every leaf with its exact type (``1``, ``1.0`` and ``True`` differ), which objects appear more than
+once (pickle writes a reference the second time), and for every tensor its dtype, shape, stride,
+offset, ``requires_grad`` and which storage it views, with that storage's size. Numbers are the
+exception: a round counter changes every round. The key holds only how pickle encodes each int
+(one, two or four bytes) and float (eight), and the cached ``data.pkl`` is a template whose number
+bytes are written anew at each save. A state holding anything else (objects of other classes,
+non-empty sets, tensors with Python attributes, on another device, or of another layout) has no
+key and is pickled in full every time.
+"""
+
+from __future__ import annotations
+
+import pickle
+import pickletools
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+CACHE_CAPACITY = 64
+TEMPLATE_MAX_BYTES = 1 << 16  # a larger data.pkl is cached only as it is (finding its numbers costs)
+_LEAVES = frozenset({type(None), bool})
+_SHARED = frozenset({str, bytes})  # memoized by pickle: their identity counts
+# How pickle's protocol 2 writes a number: the opcode, and the struct of its argument.
+_NUMBER_FORMATS = {"BININT1": struct.Struct("<B"), "BININT2": struct.Struct("<H"), "BININT": struct.Struct("<i"),
+                   "BINFLOAT": struct.Struct(">d")}  # fmt: skip
+
+
+@dataclass
+class _Template:
+    """The records of one structure: (name, bytes) or (name, storage number) for tensor data; and
+    where in ``data.pkl`` each number of the state is written (empty when the numbers are in the key)."""
+
+    records: list[tuple[str, bytes | int]]
+    number_slots: list[tuple[int, struct.Struct]]
+
+
+_cache: OrderedDict[tuple, _Template] = OrderedDict()
+
+
+class _RecordCollector:
+    """Stands in for torch's zip writer: keeps each record torch.save would write, in order."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, np.ndarray]] = []
+        self.storages: list[torch.UntypedStorage] = []
+        self.storage_names: set[str] = set()
+
+    def write_record(self, name: str, data: Any, nbytes: int) -> None:
+        if isinstance(data, str):
+            data = data.encode()
+        if isinstance(data, bytes):
+            view = np.frombuffer(data, dtype=np.uint8)
+        else:  # an UntypedStorage already on the CPU: view its bytes
+            self.storages.append(data)
+            self.storage_names.add(name)
+            view = storage_view(data)
+        self.records.append((name, view))
+
+
+def storage_view(storage: torch.UntypedStorage) -> np.ndarray:
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,)).numpy()
+
+
+def state_records(state: Any) -> list[tuple[str, np.ndarray]]:
+    """The records ``torch.save(state)`` writes, in order, as byte views (storages not copied)."""
+    described = describe(state)
+    if described is not None:
+        template = _cache.get(described.key)
+        if template is not None:
+            _cache.move_to_end(described.key)
+            return _fill(template, described)
+    collector = _RecordCollector()
+    # torch.save's own pickling, so the file is exactly what torch.save would write.
+    torch.serialization._save(
+        state, collector, pickle, torch.serialization.DEFAULT_PROTOCOL, _disable_byteorder_record=False
+    )
+    if described is not None and _same_storages(collector.storages, described.storages):
+        _remember(state, described, collector)
+    return collector.records
+
+
+def _fill(template: _Template, described: _Described) -> list[tuple[str, np.ndarray]]:
+    records = []
+    for name, data in template.records:
+        if isinstance(data, int):
+            records.append((name, storage_view(described.storages[data])))
+        elif name == "data.pkl" and template.number_slots:
+            pickled = bytearray(data)
+            for (position, encoding), number in zip(template.number_slots, described.numbers, strict=True):
+                encoding.pack_into(pickled, position, number)
+            records.append((name, np.frombuffer(pickled, dtype=np.uint8)))
+        else:
+            records.append((name, np.frombuffer(data, dtype=np.uint8)))
+    return records
+
+
+def _remember(state: Any, described: _Described, collector: _RecordCollector) -> None:
+    """Cache the records of this structure, with the places of its numbers in ``data.pkl``."""
+    numbers = iter(range(len(collector.storages)))
+    records = [
+        (name, next(numbers) if name in collector.storage_names else view.tobytes()) for name, view in collector.records
+    ]
+    pickled = next(data for name, data in records if name == "data.pkl")
+    assert isinstance(pickled, bytes)
+    slots: list[tuple[int, struct.Struct]] = []
+    if described.numbers:
+        if len(pickled) > TEMPLATE_MAX_BYTES:
+            return
+        found = _number_slots(state, pickled, len(described.numbers))
+        if found is None:
+            return
+        slots = found
+    _cache[described.key] = _Template(records, slots)
+    while len(_cache) > CACHE_CAPACITY:
+        _cache.popitem(last=False)
+
+
+def _number_slots(state: Any, pickled: bytes, count: int) -> list[tuple[int, struct.Struct]] | None:
+    """Where each number of ``state`` is written in its ``data.pkl``, in order: found by pickling
+    it once more with every number changed (by its lowest bit, which keeps each int's encoding),
+    and comparing the two opcode streams. None if they do not line up as expected."""
+    twin = _with_numbers_flipped(state, {})
+    collector = _RecordCollector()
+    torch.serialization._save(
+        twin, collector, pickle, torch.serialization.DEFAULT_PROTOCOL, _disable_byteorder_record=False
+    )
+    other = next(view.tobytes() for name, view in collector.records if name == "data.pkl")
+    ops, other_ops = list(pickletools.genops(pickled)), list(pickletools.genops(other))
+    if len(ops) != len(other_ops) or len(pickled) != len(other):
+        return None
+    slots = []
+    for (op, arg, position), (other_op, other_arg, _) in zip(ops, other_ops, strict=True):
+        if op.name != other_op.name:
+            return None
+        if arg != other_arg and op.name in _NUMBER_FORMATS:
+            slots.append((position + 1, _NUMBER_FORMATS[op.name]))  # the argument follows the opcode
+    return slots if len(slots) == count else None
+
+
+def _with_numbers_flipped(value: Any, copies: dict[int, Any]) -> Any:
+    """A copy of the containers of ``value`` with every int and float changed, and everything else
+    (tensors, strings) the same objects; shared containers stay shared."""
+    kind = type(value)
+    if kind is int:
+        return value ^ 1
+    if kind is float:
+        return struct.unpack("<d", struct.pack("<Q", struct.unpack("<Q", struct.pack("<d", value))[0] ^ 1))[0]
+    if kind not in (dict, list, tuple):
+        return value
+    if id(value) in copies:
+        return copies[id(value)]
+    if kind is dict:
+        copy: Any = {}
+        copies[id(value)] = copy
+        for key, item in value.items():
+            copy[_with_numbers_flipped(key, copies)] = _with_numbers_flipped(item, copies)
+        return copy
+    if kind is list:
+        copy = []
+        copies[id(value)] = copy
+        copy.extend(_with_numbers_flipped(item, copies) for item in value)
+        return copy
+    copy = tuple(_with_numbers_flipped(item, copies) for item in value)
+    copies[id(value)] = copy
+    return copy
+
+
+def _same_storages(recorded: list[torch.UntypedStorage], described: list[torch.UntypedStorage]) -> bool:
+    """Whether the walk met the storages in the order torch's pickling recorded them."""
+    return len(recorded) == len(described) and all(
+        a._cdata == b._cdata for a, b in zip(recorded, described, strict=True)
+    )
+
+
+@dataclass
+class _Described:
+    key: tuple
+    storages: list[torch.UntypedStorage]  # in the order pickling meets them
+    numbers: list[int | float]  # the state's numbers, in the order pickling writes them
+
+
+def describe(state: Any) -> _Described | None:
+    """The key of ``state``, its storages and its numbers, or None (see the module docstring)."""
+    key: list[Any] = []
+    numbers: list[int | float] = []
+    seen: dict[int, int] = {}  # id of an object pickle memoizes -> its index, for references
+    storages: dict[int, int] = {}  # storage -> its record number
+    found: list[torch.UntypedStorage] = []
+    append = key.append
+    stack = [state]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind in _LEAVES:
+            append((kind, value))
+            continue
+        if kind is int:
+            encoding = _int_encoding(value)
+            append((int, encoding or value))  # an int outside 32 bits is part of the key itself
+            if encoding is not None:
+                numbers.append(value)
+            continue
+        if kind is float:
+            append(float)
+            numbers.append(value)
+            continue
+        index = seen.get(id(value))
+        if index is not None:
+            append(("ref", index))
+            continue
+        if kind in _SHARED:
+            seen[id(value)] = len(seen)
+            append((kind, value))
+        elif kind is dict:
+            seen[id(value)] = len(seen)
+            append((dict, len(value)))
+            for item in reversed(value.items()):  # the stack pops them in order: key, then value
+                stack.append(item[1])
+                stack.append(item[0])
+        elif kind is list or kind is tuple:
+            seen[id(value)] = len(seen)
+            append((kind, len(value)))
+            stack.extend(reversed(value))
+        elif kind is torch.Tensor:
+            seen[id(value)] = len(seen)
+            tensor_key = _tensor_key(value, storages, found)
+            if tensor_key is None:
+                return None
+            append(tensor_key)
+        elif kind is torch.dtype:
+            append((kind, value))
+        else:
+            return None
+    return _Described(tuple(key), found, numbers)
+
+
+def _int_encoding(value: int) -> str | None:
+    """The opcode pickle's protocol 2 writes ``value`` with, if its argument has a fixed size."""
+    if 0 <= value < 1 << 8:
+        return "BININT1"
+    if 0 <= value < 1 << 16:
+        return "BININT2"
+    if -(1 << 31) <= value < 1 << 31:
+        return "BININT"
+    return None
+
+
+def _tensor_key(tensor: torch.Tensor, storages: dict[int, int], found: list[torch.UntypedStorage]) -> tuple | None:
+    if (
+        tensor.layout != torch.strided
+        or tensor.device.type != "cpu"
+        or tensor.is_quantized
+        or tensor.is_conj()
+        or tensor.is_neg()
+        or torch._utils._get_obj_state(tensor)
+        or torch._utils.get_tensor_metadata(tensor)
+    ):
+        return None
+    storage = tensor.untyped_storage()
+    number = storages.get(storage._cdata)
+    if number is None:
+        number = storages[storage._cdata] = len(found)
+        found.append(storage)
+    return (
+        tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor.requires_grad,
+        number, storage.nbytes(),
+    )  # fmt: skip

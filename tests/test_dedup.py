@@ -1,0 +1,126 @@
+"""Identical bytes written once: a checkpoint whose content is already on storage is a hard link."""
+
+import os
+import shutil
+
+import torch
+from conftest import assert_same_tensors, make_model
+from safetensors.torch import load_file
+
+from fedckpt import BestLossTorchModuleCheckpointer, LatestTorchModuleCheckpointer, PerRoundStateCheckpointer
+from fedckpt.cli import main as fedckpt_cli
+from fedckpt.runtime import lifecycle
+from fedckpt.storage import manifest
+
+
+def linked_bytes() -> int:
+    return sum(stats.bytes_linked for stats in lifecycle.coordinator().writer_stats())
+
+
+def test_every_clients_copy_of_one_global_model_is_written_once(runtime, tmp_path):
+    """Ten clients save the global model they received: one file is written, nine are links to it.
+    Each loads on its own and verifies; deleting one leaves the rest; a new version of one checkpoint
+    replaces that name only."""
+    model = make_model(seed=1, width=256)
+    clients = [LatestTorchModuleCheckpointer(str(tmp_path / f"client_{i}"), "post.safetensors") for i in range(10)]
+    linked_before = linked_bytes()
+    for checkpointer in clients:
+        checkpointer.maybe_checkpoint(model, 0.5, {})
+        checkpointer.flush()  # one after the other, as rounds of different clients land
+    inodes = {os.stat(checkpointer.checkpoint_path).st_ino for checkpointer in clients}
+    assert len(inodes) == 1 and os.stat(clients[0].checkpoint_path).st_nlink == 10
+    size = os.path.getsize(clients[0].checkpoint_path)
+    assert linked_bytes() - linked_before == 9 * size
+    entries = [manifest.read_entry(checkpointer.checkpoint_path) for checkpointer in clients]
+    assert len({entry.checksum for entry in entries}) == 1
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0
+    for checkpointer in clients:
+        assert_same_tensors(checkpointer.load_state_dict(), model.state_dict())
+
+    os.remove(clients[0].checkpoint_path)
+    assert_same_tensors(load_file(clients[1].checkpoint_path), model.state_dict())
+    newer = make_model(seed=2, width=256)
+    clients[1].maybe_checkpoint(newer, 0.4, {})
+    clients[1].flush()
+    assert_same_tensors(clients[1].load_state_dict(), newer.state_dict())
+    for checkpointer in clients[2:]:  # the shared file was never written into
+        assert_same_tensors(load_file(checkpointer.checkpoint_path), model.state_dict())
+
+
+def test_a_servers_latest_and_best_share_one_file(runtime, tmp_path):
+    model = make_model(seed=3)
+    latest = LatestTorchModuleCheckpointer(str(tmp_path), "latest.safetensors")
+    best = BestLossTorchModuleCheckpointer(str(tmp_path), "best.safetensors")
+    latest.maybe_checkpoint(model, 0.3, {})
+    latest.flush()
+    best.maybe_checkpoint(model, 0.3, {})
+    best.flush()
+    assert os.path.samefile(latest.checkpoint_path, best.checkpoint_path)
+    assert manifest.read_entry(best.checkpoint_path).score == 0.3  # each name keeps its own entry
+    assert manifest.read_entry(latest.checkpoint_path).score is None
+    # Saved again with nothing changed: the file already there is the content; no temp file is left.
+    latest.maybe_checkpoint(model, 0.3, {})
+    latest.flush()
+    assert os.listdir(tmp_path / ".fedckpt" / "tmp") == []
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0
+
+
+def test_a_candidate_that_changed_since_is_not_linked(runtime, tmp_path):
+    """The content index is a hint: the candidate's manifest entry, read under its lock, decides."""
+    first, second = make_model(seed=4), make_model(seed=5)
+    a = LatestTorchModuleCheckpointer(str(tmp_path / "a"), "m.safetensors")
+    b = LatestTorchModuleCheckpointer(str(tmp_path / "b"), "m.safetensors")
+    a.maybe_checkpoint(first, 0.0, {})
+    a.flush()
+    a.maybe_checkpoint(second, 0.0, {})  # a no longer holds the content the index names it for
+    a.flush()
+    b.maybe_checkpoint(first, 0.0, {})
+    b.flush()
+    assert not os.path.samefile(a.checkpoint_path, b.checkpoint_path)
+    assert_same_tensors(b.load_state_dict(), first.state_dict())
+    assert_same_tensors(a.load_state_dict(), second.state_dict())
+
+    # A file replaced behind fedckpt's back (its size no longer matches its entry) is not linked either.
+    c = LatestTorchModuleCheckpointer(str(tmp_path / "c"), "m.safetensors")
+    with open(b.checkpoint_path, "ab") as file:
+        file.write(b"tampered")
+    c.maybe_checkpoint(first, 0.0, {})
+    c.flush()
+    assert not os.path.samefile(b.checkpoint_path, c.checkpoint_path)
+    assert_same_tensors(c.load_state_dict(), first.state_dict())
+
+
+def test_identical_content_on_another_file_system_is_written(runtime, tmp_path):
+    """A hard link cannot cross file systems (here /dev/shm and the test's directory): the save is
+    written instead."""
+    other = "/dev/shm/fedckpt-test-dedup-elsewhere"
+    shutil.rmtree(other, ignore_errors=True)
+    try:
+        model = make_model(seed=6)
+        there = LatestTorchModuleCheckpointer(other, "m.safetensors")
+        here = LatestTorchModuleCheckpointer(str(tmp_path), "m.safetensors")
+        there.maybe_checkpoint(model, 0.0, {})
+        there.flush()
+        linked_before = linked_bytes()
+        here.maybe_checkpoint(model, 0.0, {})
+        here.flush()
+        assert os.stat(here.checkpoint_path).st_dev != os.stat(there.checkpoint_path).st_dev
+        assert linked_bytes() == linked_before
+        assert_same_tensors(here.load_state_dict(), model.state_dict())
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
+def test_state_files_are_exactly_what_torch_save_writes(runtime, tmp_path):
+    """States are not linked (their bytes come from torch's zip writer); identical states are two files,
+    each byte for byte what torch.save writes."""
+    state = {"round": 3, "x": torch.arange(1000)}
+    checkpointer = PerRoundStateCheckpointer(tmp_path)
+    checkpointer.save_checkpoint("one.pt", state)
+    checkpointer.save_checkpoint("two.pt", state)
+    checkpointer.flush()
+    with open(tmp_path / "reference.pt", "wb") as file:  # a file object: torch names the archive "archive"
+        torch.save(state, file)
+    reference = (tmp_path / "reference.pt").read_bytes()
+    assert (tmp_path / "one.pt").read_bytes() == reference == (tmp_path / "two.pt").read_bytes()
+    assert not os.path.samefile(tmp_path / "one.pt", tmp_path / "two.pt")
