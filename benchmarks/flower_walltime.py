@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write every run's summary here")
     args = parser.parse_args(argv)
     console = Console()
+    if not console.is_terminal:  # a redirected stdout would fold the table into 80 columns
+        console = Console(width=160)
     options = ["--num-clients", str(args.num_clients), "--num-rounds", str(args.num_rounds), "--width",
                str(args.width), "--depth", str(args.depth), "--local-steps", str(args.local_steps)]  # fmt: skip
     if args.simulated_accelerator_ms:

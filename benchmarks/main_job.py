@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write every run's summary here")
     args = parser.parse_args(argv)
     console = Console()
+    if not console.is_terminal:  # a redirected stdout would fold the table into 80 columns
+        console = Console(width=160)
     modes = ("none", "sync", "fedckpt") if args.with_none else ("sync", "fedckpt")
     runs = run_interleaved(modes, [], args.repeats, args.dir, console)
     first = runs["fedckpt"][0]

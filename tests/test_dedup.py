@@ -17,11 +17,16 @@ def linked_bytes() -> int:
     return sum(stats.bytes_linked for stats in lifecycle.coordinator().writer_stats())
 
 
+def unique_model(width: int = 32):
+    """A model whose content no other run of the tests saved (the content index is node-wide)."""
+    return make_model(seed=int.from_bytes(os.urandom(4), "little"), width=width)
+
+
 def test_every_clients_copy_of_one_global_model_is_written_once(runtime, tmp_path):
     """Ten clients save the global model they received: one file is written, nine are links to it.
     Each loads on its own and verifies; deleting one leaves the rest; a new version of one checkpoint
     replaces that name only."""
-    model = make_model(seed=1, width=256)
+    model = unique_model(width=256)
     clients = [LatestTorchModuleCheckpointer(str(tmp_path / f"client_{i}"), "post.safetensors") for i in range(10)]
     linked_before = linked_bytes()
     for checkpointer in clients:
@@ -39,7 +44,7 @@ def test_every_clients_copy_of_one_global_model_is_written_once(runtime, tmp_pat
 
     os.remove(clients[0].checkpoint_path)
     assert_same_tensors(load_file(clients[1].checkpoint_path), model.state_dict())
-    newer = make_model(seed=2, width=256)
+    newer = unique_model(width=256)
     clients[1].maybe_checkpoint(newer, 0.4, {})
     clients[1].flush()
     assert_same_tensors(clients[1].load_state_dict(), newer.state_dict())
@@ -48,7 +53,7 @@ def test_every_clients_copy_of_one_global_model_is_written_once(runtime, tmp_pat
 
 
 def test_a_servers_latest_and_best_share_one_file(runtime, tmp_path):
-    model = make_model(seed=3)
+    model = unique_model()
     latest = LatestTorchModuleCheckpointer(str(tmp_path), "latest.safetensors")
     best = BestLossTorchModuleCheckpointer(str(tmp_path), "best.safetensors")
     latest.maybe_checkpoint(model, 0.3, {})
@@ -67,7 +72,7 @@ def test_a_servers_latest_and_best_share_one_file(runtime, tmp_path):
 
 def test_a_candidate_that_changed_since_is_not_linked(runtime, tmp_path):
     """The content index is a hint: the candidate's manifest entry, read under its lock, decides."""
-    first, second = make_model(seed=4), make_model(seed=5)
+    first, second = unique_model(), unique_model()
     a = LatestTorchModuleCheckpointer(str(tmp_path / "a"), "m.safetensors")
     b = LatestTorchModuleCheckpointer(str(tmp_path / "b"), "m.safetensors")
     a.maybe_checkpoint(first, 0.0, {})
@@ -96,7 +101,7 @@ def test_identical_content_on_another_file_system_is_written(runtime, tmp_path):
     other = "/dev/shm/fedckpt-test-dedup-elsewhere"
     shutil.rmtree(other, ignore_errors=True)
     try:
-        model = make_model(seed=6)
+        model = unique_model()
         there = LatestTorchModuleCheckpointer(other, "m.safetensors")
         here = LatestTorchModuleCheckpointer(str(tmp_path), "m.safetensors")
         there.maybe_checkpoint(model, 0.0, {})

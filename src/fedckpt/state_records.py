@@ -50,6 +50,9 @@ class _Template:
 
 
 _cache: OrderedDict[tuple, _Template] = OrderedDict()
+# Structures seen once: a template is made at the second sighting, so that a state whose structure
+# changes at every save (a server's growing history) never pays for making one.
+_seen_once: OrderedDict[int, None] = OrderedDict()
 
 
 class _RecordCollector:
@@ -111,6 +114,12 @@ def _fill(template: _Template, described: _Described) -> list[tuple[str, np.ndar
 
 def _remember(state: Any, described: _Described, collector: _RecordCollector) -> None:
     """Cache the records of this structure, with the places of its numbers in ``data.pkl``."""
+    fingerprint = hash(described.key)
+    if fingerprint not in _seen_once:
+        _seen_once[fingerprint] = None
+        while len(_seen_once) > CACHE_CAPACITY:
+            _seen_once.popitem(last=False)
+        return
     numbers = iter(range(len(collector.storages)))
     records = [
         (name, next(numbers) if name in collector.storage_names else view.tobytes()) for name, view in collector.records

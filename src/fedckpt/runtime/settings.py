@@ -21,7 +21,7 @@ class Settings:
     """How the runtime runs. ``num_writers``, ``coalesce`` and ``io_threads`` are fixed by whichever
     process creates the writer pool first; ``max_inflight_bytes`` is per process."""
 
-    num_writers: int = 2
+    num_writers: int = 1  # one process per pool: a writer process costs ~2 s of CPU to start (torch)
     namespace: str = "fedckpt"
     max_inflight_bytes: int = 2 << 30
     coalesce: bool = True
