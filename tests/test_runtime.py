@@ -283,3 +283,19 @@ def test_saves_on_the_writers_node_travel_over_the_channel(runtime, tmp_path):
         used |= {segment.path for segment in arena._busy}
         checkpointer.flush()
     assert used and used <= free
+
+    # A message larger than the socket's buffer (the layout of 2,000 tensors is ~230 KB) goes out
+    # whole, on the same connection, after the socket was read without blocking.
+    from fedckpt import LatestTorchModuleCheckpointer
+
+    many = torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(1000)))
+    model_checkpointer = LatestTorchModuleCheckpointer(str(tmp_path), "many.safetensors")
+    model_checkpointer.maybe_checkpoint(many, 0.0, {})
+    model_checkpointer.flush()
+    owner = pool.owner_of(str(tmp_path / "many.safetensors"))
+    connection = coordinator._transport.open_channels()[owner]
+    for _ in range(3):
+        model_checkpointer.maybe_checkpoint(many, 0.0, {})
+        coordinator.inflight_bytes()  # reads the socket without blocking
+    model_checkpointer.flush()
+    assert coordinator._transport.open_channels()[owner] is connection

@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import os
 import pickle
+import select
 import socket
 import struct
 import sys
@@ -70,11 +71,14 @@ class ChannelClient:
         try:
             self.sock.settimeout(timeout)
             self.sock.connect(address)
+            self.sock.settimeout(None)
             if peer_uid(self.sock) != os.getuid():
                 raise ConnectionRefusedError(f"the process listening at {address!r} runs as another user")
         except OSError as error:
             self.sock.close()
             raise ChannelClosed(f"cannot reach the writer's channel: {error}") from error
+        self._poller = select.poll()
+        self._poller.register(self.sock.fileno(), select.POLLIN)
         self._send_lock = threading.Lock()
         self._state = threading.Condition()
         self._reading = False
@@ -172,12 +176,11 @@ class ChannelClient:
         raise TimeoutError("no reply from the writer in time")
 
     def _receive(self, timeout: float | None) -> list[Any]:
-        """The frames complete after one receive (none if ``timeout`` passed first)."""
-        self.sock.settimeout(timeout)
-        try:
-            chunk = self.sock.recv(RECEIVE_BYTES)
-        except (TimeoutError, BlockingIOError):
+        """The frames complete after one receive (none if ``timeout`` passed first). The socket
+        itself stays blocking: another thread may be sending on it meanwhile."""
+        if timeout is not None and not self._poller.poll(timeout * 1000):
             return []
+        chunk = self.sock.recv(RECEIVE_BYTES)
         if not chunk:
             raise ConnectionResetError("end of stream")
         self._buffer += chunk
