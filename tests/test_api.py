@@ -297,6 +297,12 @@ def test_reused_structure_still_sees_every_change_between_saves(runtime, tmp_pat
         model.layer.weight.mul_(2)  # in place: same memory, new values
     checkpointer.maybe_checkpoint(model, 0.0, {})
     assert torch.all(checkpointer.load_state_dict()["layer.weight"] == 6.0)
+    with torch.no_grad():
+        model.layer.weight.copy_(torch.arange(16.0).reshape(4, 4))
+    checkpointer.maybe_checkpoint(model, 0.0, {})
+    model.layer.weight.data = model.layer.weight.data.t()  # same memory and shape, read transposed
+    checkpointer.maybe_checkpoint(model, 0.0, {})
+    assert torch.equal(checkpointer.load_state_dict()["layer.weight"], torch.arange(16.0).reshape(4, 4).t())
 
 
 class BelowOneCheckpointer(TorchModuleCheckpointer):

@@ -99,7 +99,7 @@ class _ModulePlan:
     attributes: list[tuple]  # each submodule's attributes and tensors; held so their ids cannot be reused
     tensors: dict[str, torch.Tensor]  # the state dict this plan was made from
     submodules: list[nn.Module]  # the module tree below the model (never the model: see _plans)
-    views: dict[str, tuple[torch.Tensor, int, torch.Size, np.ndarray]] = field(default_factory=dict)
+    views: dict[str, tuple[torch.Tensor, int, torch.Size, tuple, np.ndarray]] = field(default_factory=dict)
     last: Snapshot | None = None  # the last snapshot, reusable when no tensor moved
 
 
@@ -168,14 +168,21 @@ def _plan_of(model: nn.Module) -> _ModulePlan:
 
 
 def _byte_view_of(plan: _ModulePlan, name: str, tensor: torch.Tensor) -> tuple[np.ndarray, bool]:
-    """The tensor's bytes, and whether they are the last save's view (same tensor, same memory)."""
+    """The tensor's bytes, and whether they are the last save's view (same tensor, same memory laid
+    out the same way: a ``.data`` swap to a transposed view keeps the pointer and a square shape)."""
     cached = plan.views.get(name)
-    if cached is not None and cached[0] is tensor and cached[1] == tensor.data_ptr() and cached[2] == tensor.shape:
-        return cached[3], True
+    if (
+        cached is not None
+        and cached[0] is tensor
+        and cached[1] == tensor.data_ptr()
+        and cached[2] == tensor.shape
+        and cached[3] == tensor.stride()
+    ):
+        return cached[4], True
     host = host_tensor(tensor, name)
     view = byte_view(host)
     if host.data_ptr() == tensor.data_ptr() and not host.is_neg() and not host.is_conj():  # not a copy
-        plan.views[name] = (tensor, tensor.data_ptr(), tensor.shape, view)
+        plan.views[name] = (tensor, tensor.data_ptr(), tensor.shape, tensor.stride(), view)
     return view, False
 
 
