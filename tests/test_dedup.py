@@ -7,7 +7,13 @@ import torch
 from conftest import assert_same_tensors, make_model
 from safetensors.torch import load_file
 
-from fedckpt import BestLossTorchModuleCheckpointer, LatestTorchModuleCheckpointer, PerRoundStateCheckpointer
+import fedckpt
+from fedckpt import (
+    BestLossTorchModuleCheckpointer,
+    LatestTorchModuleCheckpointer,
+    PerRoundStateCheckpointer,
+    ServerCheckpointAndStateModule,
+)
 from fedckpt.cli import main as fedckpt_cli
 from fedckpt.runtime import lifecycle
 from fedckpt.storage import manifest
@@ -67,6 +73,25 @@ def test_a_servers_latest_and_best_share_one_file(runtime, tmp_path):
     latest.maybe_checkpoint(model, 0.3, {})
     latest.flush()
     assert os.listdir(tmp_path / ".fedckpt" / "tmp") == []
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0
+
+
+def test_identical_saves_arriving_together_are_written_once(runtime, tmp_path):
+    """One call saving a model under two checkpoints (a server's latest and best), and clients'
+    copies of one model arriving at once: the writer's I/O threads write the content once and link
+    the rest, even though none of them was on storage when they arrived."""
+    model = unique_model(width=256)
+    server = [LatestTorchModuleCheckpointer(str(tmp_path), "latest.safetensors"),
+              BestLossTorchModuleCheckpointer(str(tmp_path), "best.safetensors")]  # fmt: skip
+    module = ServerCheckpointAndStateModule(model=make_model(width=256), model_checkpointers=server)
+    module.maybe_checkpoint(model.state_dict(), 0.5, {})
+    clients = [LatestTorchModuleCheckpointer(str(tmp_path / f"c{i}"), "post.safetensors") for i in range(6)]
+    other = unique_model(width=256)
+    for checkpointer in clients:
+        checkpointer.maybe_checkpoint(other, 0.5, {})  # no flush in between: they queue together
+    fedckpt.flush()
+    assert os.path.samefile(server[0].checkpoint_path, server[1].checkpoint_path)
+    assert len({os.stat(checkpointer.checkpoint_path).st_ino for checkpointer in clients}) == 1
     assert fedckpt_cli(["verify", str(tmp_path)]) == 0
 
 

@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 
 from fedckpt.storage import manifest
 
@@ -28,6 +29,8 @@ from fedckpt.storage import manifest
 INDEX_DIR = f"/dev/shm/.fedckpt-content-{os.getuid()}" if hasattr(os, "getuid") else ""
 INDEX_CAPACITY = 1024  # entries kept; the oldest go first
 PRUNE_EVERY = 256  # records between two prunes
+# How long a save waits for another thread of this process writing the same content, to link to it.
+CLAIM_WAIT_SECONDS = 60.0
 
 
 class ContentIndex:
@@ -39,6 +42,32 @@ class ContentIndex:
         self._memory: OrderedDict[str, str] = OrderedDict()  # without a shared directory
         self._lock = threading.Lock()
         self._records = 0
+        self._writing: dict[str, threading.Event] = {}  # content being written by a thread of this process
+
+    @contextlib.contextmanager
+    def writing(self, checksum: str) -> Iterator[str | None]:
+        """Around writing a file with content ``checksum``: yields a checkpoint to link to, when one
+        is known or another thread of this process just wrote it (this waits for that thread, so
+        that identical saves arriving together, as every client's copy of a new global model does,
+        are written once); else None, and the content counts as being written until the block ends."""
+        candidate = self.candidate(checksum)
+        if candidate is not None:
+            yield candidate
+            return
+        with self._lock:
+            other = self._writing.get(checksum)
+            if other is None:
+                done = self._writing[checksum] = threading.Event()
+        if other is not None:
+            other.wait(CLAIM_WAIT_SECONDS)
+            yield self.candidate(checksum)
+            return
+        try:
+            yield None
+        finally:
+            with self._lock:
+                del self._writing[checksum]
+            done.set()
 
     def candidate(self, checksum: str) -> str | None:
         if self.directory is None:

@@ -43,11 +43,16 @@ def persist_checkpoint(
     (a re-sent save of a restarted writer must never replace a newer checkpoint).
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    linked = False
-    if kind == MODULE:
-        header = safetensors_header(layout)
-        checksum = checksum_of(header, data)
-        candidate = content_index.candidate(checksum) if content_index is not None else None
+    if kind != MODULE:
+        temp, checksum = write_durable_temp(path, lambda target: write_state_file(layout, data, target))
+        return _publish(path, kind, temp, checksum, sequence, score, score_name, writer_name, linked=False)
+    header = safetensors_header(layout)
+    checksum = checksum_of(header, data)
+    if content_index is None:
+        temp, _ = write_durable_temp(path, lambda target: write_module_file(header, data, target))
+        return _publish(path, kind, temp, checksum, sequence, score, score_name, writer_name, linked=False)
+    with content_index.writing(checksum) as candidate:
+        linked = False
 
         def write(temp: str) -> None:
             nonlocal linked
@@ -56,8 +61,24 @@ def persist_checkpoint(
                 write_module_file(header, data, temp)
 
         temp, _ = write_durable_temp(path, write)
-    else:
-        temp, checksum = write_durable_temp(path, lambda target: write_state_file(layout, data, target))
+        persisted = _publish(path, kind, temp, checksum, sequence, score, score_name, writer_name, linked)
+        if persisted is not None:
+            content_index.record(checksum, path)
+    return persisted
+
+
+def _publish(
+    path: str,
+    kind: str,
+    temp: str,
+    checksum: str,
+    sequence: tuple[int, int],
+    score: float | None,
+    score_name: str | None,
+    writer_name: str,
+    linked: bool,
+) -> Persisted | None:
+    """Move a durable temp file into place with its manifest entry, unless a newer version is there."""
     try:
         with manifest.publishing_lock(path):
             # Checked under the lock: another incarnation of this writer (Ray restarted it while the
@@ -84,6 +105,4 @@ def persist_checkpoint(
     except BaseException:
         remove_quietly(temp)
         raise
-    if content_index is not None and kind == MODULE:
-        content_index.record(checksum, path)
     return Persisted(entry, linked)
