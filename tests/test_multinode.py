@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from itertools import permutations
 
@@ -169,6 +170,7 @@ class Client:
         self.states = PerRoundStateCheckpointer(directory)
         self.models: dict[str, LatestTorchModuleCheckpointer] = {}
         self.rounds_done = 0
+        self.stopped = threading.Event()
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -195,14 +197,19 @@ class Client:
         weight = self.model_checkpointer(name).load_state_dict()["weight"]
         return before, int(weight.flatten()[0])
 
-    def run(self, rounds: int, state_names: list[str], model_name: str, pace: float) -> int:
-        """Save every state and the model once per round; returns the last counter issued."""
-        for counter in range(rounds):
+    def run(self, state_names: list[str], model_name: str, pace: float) -> int:
+        """Save every state and the model once per round until :meth:`stop`; returns the last counter issued."""
+        counter = -1
+        while not self.stopped.is_set():
+            counter += 1
             self.save_states(state_names, counter, MB // 4)
             self.save_model(model_name, counter, 256)
             self.rounds_done = counter + 1
-            time.sleep(pace)
-        return rounds - 1
+            self.stopped.wait(pace)  # paces the rounds; returns at once when stopped
+        return counter
+
+    def stop(self) -> None:
+        self.stopped.set()
 
     def progress(self) -> int:
         return self.rounds_done
@@ -396,13 +403,20 @@ def test_a_node_with_writers_removed_mid_run_loses_no_acknowledged_save(cluster,
     savers = [client_on(survivor, tmp_path / f"client_{index}", namespace) for index in range(2)]
     late = client_on(survivor, tmp_path / "late", namespace)
     ray.get([client.node_id.remote() for client in [*savers, late]])
-    rounds, state_names = 40, ["a.pt", "b.pt", "c.pt"]
-    runs = [saver.run.remote(rounds, state_names, "model.safetensors", 0.02) for saver in savers]
-    deadline = time.monotonic() + 60
-    while min(ray.get([saver.progress.remote() for saver in savers])) < rounds // 3:
-        ray.get(ray.wait(runs, timeout=0)[0])  # a client that failed raises here
-        assert time.monotonic() < deadline, "the clients stopped saving"
-        time.sleep(0.02)
+    state_names = ["a.pt", "b.pt", "c.pt"]
+    runs = [saver.run.remote(state_names, "model.safetensors", 0.02) for saver in savers]
+
+    def wait_for_rounds(target: list[int]) -> list[int]:
+        deadline = time.monotonic() + 60
+        while True:
+            progress = ray.get([saver.progress.remote() for saver in savers])
+            if all(done >= wanted for done, wanted in zip(progress, target, strict=True)):
+                return progress
+            ray.get(ray.wait(runs, timeout=0)[0])  # a client that failed raises here
+            assert time.monotonic() < deadline, f"the clients stopped saving at rounds {progress}"
+            time.sleep(0.02)  # polls the clients' progress
+
+    wait_for_rounds([10, 10])
     # Saves acknowledged by the writers on the victim right before it goes, some still unwritten.
     late_names = names_owned_by(on_victim, len(writers), tmp_path / "late", "late", 16)
     ray.get(late.save_late.remote(late_names, 7))
@@ -410,8 +424,9 @@ def test_a_node_with_writers_removed_mid_run_loses_no_acknowledged_save(cluster,
     # Right away: the late client re-sends what the dead writers held as soon as they restart.
     lost = [name for name in late_names if state_counter_on_disk(str(tmp_path / "late" / name)) != 7]
     progress_at_removal = ray.get([saver.progress.remote() for saver in savers])
-    assert ray.get(runs) == [rounds - 1, rounds - 1]
-    assert max(progress_at_removal) < rounds  # the clients kept saving after the node was gone
+    wait_for_rounds([done + 10 for done in progress_at_removal])  # the clients keep saving
+    ray.get([saver.stop.remote() for saver in savers])
+    last_counters = ray.get(runs)
 
     after_removal = ray.get([writer.describe.remote() for writer in writers])
     alive = {cluster.ids[name] for name in cluster.alive()}
@@ -424,16 +439,16 @@ def test_a_node_with_writers_removed_mid_run_loses_no_acknowledged_save(cluster,
     fedckpt.flush()
     expected = {tmp_path / "late" / name: 7 for name in late_names}
     for index in range(2):
-        expected.update({tmp_path / f"client_{index}" / name: rounds - 1 for name in state_names})
+        expected.update({tmp_path / f"client_{index}" / name: last_counters[index] for name in state_names})
     for path, counter in expected.items():
         assert state_counter_on_disk(str(path)) == counter, path
         loaded = PerRoundStateCheckpointer(path.parent).load_checkpoint(path.name)
         assert loaded["counter"] == counter and torch.all(loaded["x"] == counter)
     for index in range(2):
         directory = str(tmp_path / f"client_{index}")
-        assert model_counter_on_disk(os.path.join(directory, "model.safetensors")) == rounds - 1
+        assert model_counter_on_disk(os.path.join(directory, "model.safetensors")) == last_counters[index]
         model = LatestTorchModuleCheckpointer(directory, "model.safetensors").load_checkpoint()
-        assert torch.all(model.weight == rounds - 1)
+        assert torch.all(model.weight == last_counters[index])
     capsys.readouterr()
     assert fedckpt_cli(["verify", str(tmp_path)]) == 0
     assert f"verified {len(expected) + 2} checkpoint(s)" in capsys.readouterr().out

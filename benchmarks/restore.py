@@ -1,0 +1,103 @@
+"""Where a Flower client's state is cheaper to restore from: Flower's ``context.state`` or its file.
+
+    .venv/bin/python benchmarks/restore.py                      # 0.3, 4, 16 and 100 MB states
+    .venv/bin/python benchmarks/restore.py --mb 0.3 16 --repeats 30
+
+For SGD states of several sizes (the momentum of an MLP), times, interleaved, medians:
+
+* ``ClientCheckpoints.restore_state`` from the state file: a fresh ``ClientCheckpoints`` without a
+  context (as after a restart): the wait for pending saves and ``torch.load``;
+* the same from ``context.state``;
+* what keeping the state in the context adds to ``save_state``;
+* what Flower's simulation pays to carry the context with each message: a round trip through Ray
+  (``ray.put`` and ``ray.get`` of the ``Context``), twice per round (train and evaluate messages).
+
+The sum of the last three against the first is what decides ``CONTEXT_STATE_MAX_BYTES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_ADDRESS", "local")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import Context, RecordDict  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+import fedckpt  # noqa: E402
+from fedckpt.flower import ClientCheckpoints, context_state  # noqa: E402
+
+
+def optimizer_of(megabytes: float) -> torch.optim.Optimizer:
+    width = max(1, int((megabytes * (1 << 20) / 4) ** 0.5))
+    model = torch.nn.Linear(width, width, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model(torch.randn(2, width)).sum().backward()
+    optimizer.step()
+    return optimizer
+
+
+def one_round(directory: str, context: Context, optimizer: torch.optim.Optimizer, server_round: int,
+              file_first: bool) -> dict[str, float]:  # fmt: skip
+    """Save the state of ``server_round``, then restore it in the next round from the file and from
+    the context, in the order given; and time what keeping it in the context added to the save."""
+    everything = 1 << 40
+    checkpoints = ClientCheckpoints(directory, context=context, context_state_max_bytes=everything)
+    checkpoints.save_state(server_round, optimizer, steps=server_round)
+    _, slot = context_state.kept(context)
+    state = {"server_round": server_round, "optimizer": optimizer.state_dict(), "steps": server_round}
+    start = time.perf_counter()
+    context_state.keep(context, state, server_round, slot)  # again, timed: what it adds to save_state
+    timings = {"keep": time.perf_counter() - start}
+    for source in ("file", "context") if file_first else ("context", "file"):
+        checkpoints = ClientCheckpoints(directory, context=context if source == "context" else None)
+        start = time.perf_counter()
+        checkpoints.restore_state(server_round + 1, optimizer)
+        timings[source] = time.perf_counter() - start
+    start = time.perf_counter()
+    ray.get(ray.put(context))  # how Flower's simulation hands the context to a ClientApp actor and back
+    timings["ship"] = 2 * (time.perf_counter() - start)  # with the train and the evaluate message
+    return timings
+
+
+def measure(megabytes: float, repeats: int, directory: str) -> dict[str, float]:
+    optimizer = optimizer_of(megabytes)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    rounds = [one_round(directory, context, optimizer, repeat + 1, repeat % 2 == 0) for repeat in range(repeats)]
+    return {name: statistics.median(timings[name] for timings in rounds) for name in rounds[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=float, nargs="+", default=[0.3, 4, 16, 100])
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    console = Console() if sys.stdout.isatty() else Console(width=140)
+    table = Table(title=f"Restoring a client's SGD state, medians of {args.repeats} (ms)")
+    for column in ("state MB", "from the file", "from the context", "+ keeping it", "+ Flower carrying it",
+                   "context total / file"):  # fmt: skip
+        table.add_column(column, justify="right")
+    with tempfile.TemporaryDirectory() as directory:
+        fedckpt.init()
+        for megabytes in args.mb:
+            result = measure(megabytes, args.repeats, directory)
+            total = result["context"] + result["keep"] + result["ship"]
+            table.add_row(f"{megabytes:g}", f"{result['file'] * 1e3:.2f}", f"{result['context'] * 1e3:.2f}",
+                          f"{result['keep'] * 1e3:.2f}", f"{result['ship'] * 1e3:.2f}",
+                          f"{total / result['file']:.2f}x")  # fmt: skip
+        fedckpt.shutdown()
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
