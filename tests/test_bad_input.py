@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from fedckpt import BestMetricTorchModuleCheckpointer, PerRoundStateCheckpointer
 from fedckpt.cli import main as fedckpt_cli
 from fedckpt.errors import ScoreError
-from fedckpt.storage.formats import read_state_dict
+from fedckpt.storage.reading import read_state_dict
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

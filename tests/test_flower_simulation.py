@@ -13,7 +13,7 @@ import torch
 from conftest import assert_same_tensors
 
 from fedckpt.cli import main as fedckpt_cli
-from fedckpt.storage.formats import read_state_dict
+from fedckpt.storage.reading import read_state_dict
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flower_simulation" / "run.py"
 ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": "local"}

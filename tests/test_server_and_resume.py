@@ -20,8 +20,8 @@ from fedckpt import (
 )
 from fedckpt.flower import ClientCheckpoints
 from fedckpt.storage import atomic
-from fedckpt.storage.formats import read_state_dict
 from fedckpt.storage.paths import temp_file_owner, temp_path
+from fedckpt.storage.reading import read_state_dict
 
 
 def server_module(directory, model=None):

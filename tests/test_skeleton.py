@@ -11,7 +11,7 @@ from torch import nn
 from fedckpt import skeleton
 from fedckpt.skeleton import _SkeletonPickler, skeleton_of
 from fedckpt.snapshot import snapshot_module
-from fedckpt.storage.formats import _SkeletonUnpickler
+from fedckpt.storage.reading import _SkeletonUnpickler
 
 
 class Block(nn.Module):

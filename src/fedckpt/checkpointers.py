@@ -26,7 +26,7 @@ from fedckpt.policies import (
 from fedckpt.runtime import lifecycle
 from fedckpt.runtime.messages import SaveRequest
 from fedckpt.snapshot import MODULE, snapshot_module
-from fedckpt.storage import formats, manifest
+from fedckpt.storage import formats, manifest, reading
 from fedckpt.storage.paths import checkpoint_key, checkpoint_path_in
 
 log = logging.getLogger("fedckpt")
@@ -68,8 +68,8 @@ class TorchModuleCheckpointer(ABC):
         path = self.checkpoint_path if path_to_checkpoint is None else os.fspath(path_to_checkpoint)
         wait_until_readable(path)
         if formats.file_format(path) == MODULE:
-            return formats.read_module(path)
-        return formats.read_state(path)
+            return reading.read_module(path)
+        return reading.read_state(path)
 
     def load_state_dict(self, path_to_checkpoint: str | None = None) -> dict:
         """The saved tensors by state-dict name, read with safetensors: no pickle is run."""
@@ -77,7 +77,7 @@ class TorchModuleCheckpointer(ABC):
         wait_until_readable(path)
         if formats.file_format(path) != MODULE:
             raise ValueError(f"{path} is not a fedckpt model checkpoint (safetensors); use load_checkpoint")
-        return formats.read_state_dict(path)
+        return reading.read_state_dict(path)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every save of this checkpoint issued so far is durable; raise if one failed."""

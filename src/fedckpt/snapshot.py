@@ -20,9 +20,7 @@ from torch import nn
 
 from fedckpt.skeleton import skeleton_of
 from fedckpt.state_records import state_records
-
-MODULE = "module"
-STATE = "state"
+from fedckpt.storage.formats import MODULE, STATE
 
 # torch dtype name -> safetensors dtype code, for every dtype a model checkpoint can hold.
 SAFETENSORS_CODES = {

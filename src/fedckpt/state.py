@@ -13,7 +13,7 @@ from fedckpt.checkpointers import wait_until_readable
 from fedckpt.runtime import lifecycle
 from fedckpt.runtime.messages import SaveRequest
 from fedckpt.snapshot import STATE, Snapshot, snapshot_state
-from fedckpt.storage import formats
+from fedckpt.storage import reading
 from fedckpt.storage.paths import checkpoint_key, checkpoint_path_in
 
 log = logging.getLogger("fedckpt")
@@ -83,7 +83,7 @@ class PerRoundStateCheckpointer:
         if not os.path.exists(path):
             raise FileNotFoundError(f"No state checkpoint at {path}")
         log.info("Loading state from checkpoint at %s", path)
-        return formats.read_state(path, mmap=mmap)
+        return reading.read_state(path, mmap=mmap)
 
     def checkpoint_exists(self, checkpoint_name: str, **kwargs: Any) -> bool:
         """Whether the checkpoint exists, counting saves already issued but not yet written."""

@@ -110,7 +110,7 @@ class _ObjectStoreSampler(threading.Thread):
 def run_stress(root: str, clients: int, rounds: int, workers: int, budget: int = 64 << 20) -> StressResult:
     """Run the load on the current Ray instance; checkpoints go under ``root``."""
     from fedckpt.runtime import lifecycle
-    from fedckpt.storage.formats import read_state, read_state_dict
+    from fedckpt.storage.reading import read_state, read_state_dict
 
     lifecycle.coordinator().start_writers()
 

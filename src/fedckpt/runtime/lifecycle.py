@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
 import ray
 
@@ -105,6 +102,19 @@ def flush(timeout: float | None = None) -> None:
     coordinator().flush(timeout=timeout)
 
 
+def flush_before_ray_shutdown() -> BaseException | None:
+    """What ``ray.shutdown()`` does first (see :mod:`fedckpt.runtime.ray_session`): wait for every save
+    pending in the cluster; returns the failure to raise once Ray is down."""
+    failure = None
+    try:
+        coordinator().flush(timeout=SHUTDOWN_FLUSH_TIMEOUT_SECONDS)
+    except Exception as error:  # Ray still goes down; the caller hears of it afterwards
+        log.error("fedckpt: saves pending at ray.shutdown() failed or timed out: %s", error)
+        failure = error
+    coordinator().stop_watcher()  # not in ray.wait while Ray disconnects; a new pool restarts it
+    return failure
+
+
 def shutdown() -> None:
     """Flush, stop the writer pool, and stop Ray if fedckpt started it.
 
@@ -123,37 +133,4 @@ def shutdown() -> None:
     finally:
         instance.forget()
         if instance.started_ray and ray.is_initialized():
-            _ray_shutdown()  # everything is flushed already
-
-
-def _flush_first(shutdown: Callable[..., Any]) -> Callable[..., Any]:
-    """``ray.shutdown`` that first waits for every save pending in the cluster.
-
-    Flower calls ``ray.shutdown()`` as soon as a simulation's ServerApp returns, and that kills the
-    writers with whatever the clients saved last. Ray has no shutdown hook, so fedckpt wraps the
-    function in every process that imports it. Failed saves are raised after Ray is down.
-    """
-
-    @functools.wraps(shutdown)
-    def shutdown_after_flush(*args: Any, **kwargs: Any) -> Any:
-        failure = None
-        if ray.is_initialized():
-            try:
-                coordinator().flush(timeout=SHUTDOWN_FLUSH_TIMEOUT_SECONDS)
-            except Exception as error:  # Ray still goes down; the caller hears of it afterwards
-                log.error("fedckpt: saves pending at ray.shutdown() failed or timed out: %s", error)
-                failure = error
-            coordinator().stop_watcher()  # not in ray.wait while Ray disconnects; a new pool restarts it
-        ray_session.generation += 1
-        result = shutdown(*args, **kwargs)
-        if failure is not None:
-            raise failure
-        return result
-
-    shutdown_after_flush.__wrapped_by_fedckpt__ = True  # type: ignore[attr-defined]
-    return shutdown_after_flush
-
-
-if not getattr(ray.shutdown, "__wrapped_by_fedckpt__", False):
-    ray.shutdown = _flush_first(ray.shutdown)
-_ray_shutdown = ray.shutdown.__wrapped__  # type: ignore[attr-defined]
+            ray_session.unwrapped_shutdown()  # everything is flushed already

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 import ray
 
@@ -49,3 +52,35 @@ def session_id() -> str:
     """Identifies the Ray instance this process is connected to (changes after a restart)."""
     context = ray.get_runtime_context()
     return f"{context.gcs_address}/{context.get_job_id()}"
+
+
+def _flush_first(shutdown: Callable[..., Any]) -> Callable[..., Any]:
+    """``ray.shutdown`` that first waits for every save pending in the cluster.
+
+    Flower calls ``ray.shutdown()`` as soon as a simulation's ServerApp returns, and that kills the
+    writers with whatever the clients saved last. Ray has no shutdown hook, so fedckpt wraps the
+    function in every process that imports it (``import fedckpt`` imports this module). Failed saves
+    are raised after Ray is down.
+    """
+
+    @functools.wraps(shutdown)
+    def shutdown_after_flush(*args: Any, **kwargs: Any) -> Any:
+        global generation
+        failure = None
+        if ray.is_initialized():
+            from fedckpt.runtime import lifecycle  # imports torch: only once a shutdown happens
+
+            failure = lifecycle.flush_before_ray_shutdown()
+        generation += 1
+        result = shutdown(*args, **kwargs)
+        if failure is not None:
+            raise failure
+        return result
+
+    shutdown_after_flush.__wrapped_by_fedckpt__ = True  # type: ignore[attr-defined]
+    return shutdown_after_flush
+
+
+if not getattr(ray.shutdown, "__wrapped_by_fedckpt__", False):
+    ray.shutdown = _flush_first(ray.shutdown)
+unwrapped_shutdown = ray.shutdown.__wrapped__  # type: ignore[attr-defined]

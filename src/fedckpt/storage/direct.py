@@ -56,8 +56,8 @@ class HashingFile:
         self.failed: OSError | None = None
 
     def write(self, data: Any) -> int:
-        """Append ``data``. After a failed write (disk full, I/O error) later writes are dropped: torch's
-        zip writer writes its end record while unwinding from the error, and must not fail again there."""
+        """Append ``data``. After a failed write (disk full, I/O error) later writes are dropped: a zip
+        writer writes its central directory while unwinding from the error, and must not fail again there."""
         view = memoryview(data).cast("B")
         if self.failed is not None:
             return len(view)
@@ -74,6 +74,10 @@ class HashingFile:
             raise
         self.size += len(view)
         return len(view)
+
+    def tell(self) -> int:
+        """Bytes written so far. There is no ``seek``: zipfile then writes front to back."""
+        return self.size
 
     def flush(self) -> None:
         pass

@@ -7,12 +7,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fedckpt.snapshot import MODULE
 from fedckpt.storage import manifest
 from fedckpt.storage.atomic import publish, remove_quietly, write_durable_temp
 from fedckpt.storage.checksum import checksum_of
 from fedckpt.storage.dedup import ContentIndex, link_identical
-from fedckpt.storage.formats import safetensors_header, write_module_file, write_state_file
+from fedckpt.storage.formats import MODULE, safetensors_header, write_module_file, write_state_file
 
 
 @dataclass(frozen=True)
