@@ -5,8 +5,9 @@
 
 For SGD states of several sizes (the momentum of an MLP), times, interleaved, medians:
 
-* ``ClientCheckpoints.restore_state`` from the state file: a fresh ``ClientCheckpoints`` without a
-  context (as after a restart): the wait for pending saves and ``torch.load``;
+* ``ClientCheckpoints.restore_state`` from the state file, a round after the save (it is durable
+  by then): a fresh ``ClientCheckpoints`` without a context, as after a restart: the check for
+  pending saves, reading both slots (mapped) to find the newest, and copying it out;
 * the same from ``context.state``;
 * what keeping the state in the context adds to ``save_state``;
 * what Flower's simulation pays to carry the context with each message: a round trip through Ray
@@ -48,11 +49,13 @@ def optimizer_of(megabytes: float) -> torch.optim.Optimizer:
 
 def one_round(directory: str, context: Context, optimizer: torch.optim.Optimizer, server_round: int,
               file_first: bool) -> dict[str, float]:  # fmt: skip
-    """Save the state of ``server_round``, then restore it in the next round from the file and from
-    the context, in the order given; and time what keeping it in the context added to the save."""
+    """Save the state of ``server_round`` and let it become durable, then restore it in the next round
+    from the file and from the context, in the order given; and time what keeping it in the context
+    added to the save."""
     everything = 1 << 40
     checkpoints = ClientCheckpoints(directory, context=context, context_state_max_bytes=everything)
     checkpoints.save_state(server_round, optimizer, steps=server_round)
+    checkpoints.flush()  # restores come a round later, when the save is long durable
     _, slot = context_state.kept(context)
     state = {"server_round": server_round, "optimizer": optimizer.state_dict(), "steps": server_round}
     start = time.perf_counter()

@@ -299,3 +299,40 @@ def test_saves_on_the_writers_node_travel_over_the_channel(runtime, tmp_path):
         coordinator.inflight_bytes()  # reads the socket without blocking
     model_checkpointer.flush()
     assert coordinator._transport.open_channels()[owner] is connection
+
+
+def waits_answered() -> int:
+    return sum(stats.waits_answered for stats in lifecycle.coordinator().writer_stats())
+
+
+def test_a_read_of_a_quiet_writers_saves_asks_it_nothing(runtime, tmp_path):
+    """Once every save on the node is written and no error is held, a read (or flush) of a key is
+    answered from the writer's quiet mark without a call. A save issued before it, by this process
+    or another, or an error held for a key makes the read ask the writer, which waits and reports."""
+    checkpointer = PerRoundStateCheckpointer(tmp_path)
+    checkpointer.save_checkpoint("s.pt", {"v": 1})
+    before = waits_answered()
+    assert checkpointer.load_checkpoint("s.pt")["v"] == 1  # right after the save: the writer is asked
+    assert waits_answered() == before + 1
+    for _ in range(3):  # a round later: quiet
+        assert checkpointer.load_checkpoint("s.pt")["v"] == 1
+    fedckpt.flush()
+    assert waits_answered() == before + 1
+
+    other = subprocess.run(  # a save from another process of the cluster, not yet read by anyone
+        [sys.executable, "-c", "import sys, fedckpt; fedckpt.PerRoundStateCheckpointer(sys.argv[1])"
+         ".save_checkpoint('s.pt', {'v': 2})", str(tmp_path)],
+        env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert checkpointer.load_checkpoint("s.pt")["v"] == 2
+
+    (tmp_path / "blocked").write_text("a file where a directory should be")
+    failing = PerRoundStateCheckpointer(tmp_path / "blocked")
+    failing.save_checkpoint("s.pt", {"v": 3})
+    with pytest.raises(fedckpt.CheckpointError, match="blocked"):
+        failing.flush()
+    asked = waits_answered()
+    checkpointer.load_checkpoint("s.pt")  # the error was reported: quiet again
+    assert waits_answered() == asked

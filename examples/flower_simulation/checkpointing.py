@@ -81,7 +81,6 @@ def client_checkpoints(mode: str, checkpoint_dir: str, context: Any) -> Any:
             checkpoint_dir,
             pre_aggregation=LatestTorchModuleCheckpointer(checkpoint_dir, "pre_latest.safetensors"),
             post_aggregation=LatestTorchModuleCheckpointer(checkpoint_dir, "post_latest.safetensors"),
-            context=context,  # small states are restored from Flower's in-memory context
         )
     if mode == "sync":
         return SyncCheckpoints(checkpoint_dir)

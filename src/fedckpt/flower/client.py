@@ -7,13 +7,18 @@ checkpoints on disk, and restores the client's state from the state file the pre
 
 State is kept in two slots that saves alternate between. A restore takes the newest state from a
 round *before* the current one, so a round that a crash interrupted, and that runs again after a
-resume, starts from the same state as the first time. Given the handler's ``context``, a small state
-is also kept in ``context.state``, which Flower holds in memory across the rounds of a run: a
-restore then costs a few copies, and reads the state file only after a restart.
+resume, starts from the same state as the first time.
+
+Optionally (given the handler's ``context``), a small state is also kept in ``context.state``,
+which Flower holds in memory across the rounds of a run: a restore then costs a few copies and
+reads the file only after a restart. Off by default: Flower's simulation carries the context
+through Ray with every message, and on a local disk that costs more than reading the file back
+(``benchmarks/restore.py``: 2.9x the file at 0.3 MB). It pays where reading back is slow.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,10 +37,8 @@ from fedckpt.state import PerRoundStateCheckpointer
 
 SLOTS = (0, 1)
 ROUND_KEY = "server_round"
-# States up to this size are also kept in ``context.state``. Flower's simulation ships the context
-# through Ray with every message, which for a larger state costs more than reading it back from its
-# file (benchmarks/restore.py: at 0.3 MB the two are even overall, and the handler waits 14x less;
-# at 4 MB carrying the context costs twice the file).
+# With a context, states up to this size are also kept in ``context.state`` (larger ones cost Flower
+# more to carry with every message than any storage takes to read them back).
 CONTEXT_STATE_MAX_BYTES = 1 << 20
 
 
@@ -54,8 +57,9 @@ class ClientCheckpoints:
         pre_aggregation: checkpointer(s) of the local model after local training.
         post_aggregation: checkpointer(s) of the global model the client received.
         state_name: base name of the state files (``<state_name>.0.pt`` and ``.1.pt``).
-        context: the handler's Flower ``Context``: states of at most ``context_state_max_bytes`` of
-            tensors are also kept in ``context.state`` and restored from there.
+        context: the handler's Flower ``Context``, to also keep states of at most
+            ``context_state_max_bytes`` of tensors in ``context.state`` and restore from there
+            (for storage slower to read back than Flower is to carry the state; see above).
 
     ``blocked_seconds`` adds up the time the calls below kept the client waiting.
     """
@@ -107,10 +111,9 @@ class ClientCheckpoints:
                 slot = self._slot_to_restore(server_round)
                 if slot is None:
                     return None
-                # Read in full: the slots were only mapped to find the round, and tensors left mapped
-                # would fault pages in (copy-on-write) while the optimizer trains on them.
-                assert self.module.state_checkpointer is not None
-                state = self.module.state_checkpointer.load_checkpoint(self._slot_name(slot), wait=False)
+                # Copied out of the mapping the round was read from (one read of the page cache):
+                # tensors left mapped would fault pages in (copy-on-write) while the optimizer trains.
+                state = copy.deepcopy(self._slot_states()[slot])
             if optimizer is not None and "optimizer" in state:
                 optimizer.load_state_dict(state["optimizer"])
         return state

@@ -92,6 +92,7 @@ class WriterStats:
     bytes_written: int  # checkpoint bytes written to storage
     bytes_linked: int  # checkpoint bytes not written because identical content was linked
     pid: int
+    waits_answered: int = 0  # waits and flushes callers on this node sent over the channel
 
 
 # ---- the node-local channel (see fedckpt.runtime.channel) ----------------------------------------

@@ -63,8 +63,7 @@ class WriterPool:
             )
             for index in range(1, info.pool_size)
         ]
-        handles = [first, *rest]
-        return cls(settings.namespace, handles, _describe(handles))
+        return cls(settings.namespace, [first, *rest], [info, *_describe(rest)])
 
     @classmethod
     def find(cls, settings: Settings) -> WriterPool | None:
@@ -73,11 +72,9 @@ class WriterPool:
             first = ray.get_actor(writer_name(0), namespace=settings.namespace)
         except ValueError:
             return None
-        size = ray.get(first.describe.remote()).pool_size
-        handles = [first] + [
-            ray.get_actor(writer_name(index), namespace=settings.namespace) for index in range(1, size)
-        ]
-        return cls(settings.namespace, handles, _describe(handles))
+        info = ray.get(first.describe.remote())
+        rest = [ray.get_actor(writer_name(index), namespace=settings.namespace) for index in range(1, info.pool_size)]
+        return cls(settings.namespace, [first, *rest], [info, *_describe(rest)])
 
     def refresh(self, index: int) -> WriterInfo:
         """Ask writer ``index`` who it is now: after it died, this waits until Ray restarted it."""
@@ -100,6 +97,10 @@ def _actor_options(namespace: str, index: int) -> dict[str, Any]:
         "namespace": namespace,
         "lifetime": "detached",  # not owned by whichever client process happened to create it
         "get_if_exists": True,
+        # A runtime env of its own gives the writer a process of its own: without it the writer takes
+        # one of the idle workers Ray starts ahead for the first tasks and actors (Flower's ClientApp
+        # actors), and one of those then waits for a process to start.
+        "runtime_env": {"env_vars": {"FEDCKPT_WRITER_PROCESS": "1"}},
     }
 
 

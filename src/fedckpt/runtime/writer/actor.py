@@ -92,6 +92,8 @@ class CheckpointWriter:
         self.number = 0  # without a shared counter
         local = channel.channel_supported() and shared_memory_available()
         self.counter = SequenceCounter.create() if local else None
+        self.arrived = 0  # saves numbered from this incarnation's counter that reached it
+        self.waits_answered = 0
         self.keys: dict[str, KeyQueue] = {}
         self.counts = {SAVED: 0, SUPERSEDED: 0, FAILED: 0, ABANDONED: 0}
         self.bytes_written = 0
@@ -142,6 +144,7 @@ class CheckpointWriter:
         raise TypeError(f"unexpected message on the channel: {type(message).__name__}")
 
     async def _answer_wait(self, message: WaitCall, connection: channel.ServerConnection) -> None:
+        self.waits_answered += 1
         connection.send(Reply(message.call_id, await self.flush(message.keys)))
 
     async def enqueue(self, request: SaveRequest, payload: Payload) -> Ack:
@@ -161,6 +164,8 @@ class CheckpointWriter:
         wait; it does not stop this save."""
         assert request.sequence is not None
         sequence = tuple(request.sequence)
+        if sequence[0] == self.epoch:
+            self.arrived += 1
         state = self.keys.setdefault(request.key, KeyQueue())
         # A save sent again after a restart of this writer: nobody waits for its arrival any longer.
         awaited = self.lost.arrived(request.key, sequence)
@@ -215,7 +220,15 @@ class CheckpointWriter:
             error = state.take_error() if state is not None else None
             if error is not None:
                 errors[key] = error
+                if not state.pending():
+                    del self.keys[key]
+        self._mark_if_quiet()
         return errors
+
+    def _mark_if_quiet(self) -> None:
+        """Set the counter's quiet mark if nothing is pending, held or awaited (see fedckpt.runtime.sequence)."""
+        if self.counter is not None and not self.keys and self.lost.count() == 0 and self.lost.settled():
+            self.counter.mark_quiet(self.arrived)
 
     async def _take_in_channels(self) -> None:
         """Let the event loop read what the channels already hold: saves whose calls returned before
@@ -246,6 +259,7 @@ class CheckpointWriter:
             bytes_written=self.bytes_written,
             bytes_linked=self.bytes_linked,
             pid=os.getpid(),
+            waits_answered=self.waits_answered,
         )
 
     def _finish(self, save: QueuedSave, outcome: str, error: BaseException | None = None) -> None:
@@ -285,6 +299,7 @@ class CheckpointWriter:
         # Forget idle keys without an error to report: a long run touches many keys.
         if state.error is None and self.keys.get(key) is state:
             del self.keys[key]
+        self._mark_if_quiet()
 
 
 def _was_restarted() -> bool:

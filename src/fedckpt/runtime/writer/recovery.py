@@ -42,6 +42,10 @@ class LostSaves:
             if left > 0:
                 await asyncio.sleep(left)
 
+    def settled(self) -> bool:
+        """Whether the re-sends that follow a restart had their time to arrive (always, after a start)."""
+        return not self.restarted or time.monotonic() - self.started >= RESTART_SETTLE_SECONDS
+
     def expect(self, key: str, sequence: tuple[int, int]) -> None:
         """Remember a lost save until its caller sends it again (bounded by the grace period)."""
         awaited = self.awaited.setdefault(key, {})
