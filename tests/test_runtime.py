@@ -336,3 +336,16 @@ def test_a_read_of_a_quiet_writers_saves_asks_it_nothing(runtime, tmp_path):
     asked = waits_answered()
     checkpointer.load_checkpoint("s.pt")  # the error was reported: quiet again
     assert waits_answered() == asked
+
+
+def test_writers_run_as_batch_work(runtime, tmp_path):
+    """Every thread of a writer is SCHED_BATCH: a writer woken by a save does not preempt training."""
+    PerRoundStateCheckpointer(tmp_path).save_checkpoint("s.pt", {"v": 1})
+    fedckpt.flush()
+
+    def policies(_):
+        return {int(thread): os.sched_getscheduler(int(thread)) for thread in os.listdir("/proc/self/task")}
+
+    for writer in lifecycle.coordinator().writers():
+        threads = ray.get(writer.__ray_call__.remote(policies))
+        assert len(threads) > 1 and set(threads.values()) == {os.SCHED_BATCH}, threads

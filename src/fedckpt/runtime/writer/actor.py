@@ -53,6 +53,14 @@ from fedckpt.storage.local import Persisted, persist_checkpoint
 log = logging.getLogger("fedckpt.writer")
 
 
+def _run_as_batch_work() -> None:
+    """Every thread of this process (Linux): the scheduler does not let a writer woken by a save
+    preempt the training that sent it; it still gets its fair share of the CPU."""
+    with contextlib.suppress(OSError, AttributeError):
+        for thread_id in os.listdir("/proc/self/task"):
+            os.sched_setscheduler(int(thread_id), os.SCHED_BATCH, os.sched_param(0))
+
+
 def _lower_priority() -> None:
     """Run background I/O at a lower CPU priority (Linux: per thread), so that on a busy node
     training and this actor's own answers come first."""
@@ -83,6 +91,7 @@ class CheckpointWriter:
     """Ray actor body; see :func:`writer_actor_class` for the options it runs with."""
 
     def __init__(self, index: int, pool_size: int, coalesce: bool, io_threads: int) -> None:
+        _run_as_batch_work()
         self.index = index
         self.pool_size = pool_size
         self.coalesce = coalesce
