@@ -65,6 +65,19 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(float(run[key]) for run in runs)
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every interleaved-runs benchmark takes."""
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where the runs' checkpoint directories go (default: system temp)")
+    parser.add_argument("--json", default=None, help="also write every run's summary here")
+
+
+def wide_console() -> Console:
+    """A console that keeps tables whole when stdout is redirected (it would fold them into 80 columns)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-clients", type=int, default=10)
@@ -72,19 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=3584, help="3584 with --depth 3: a 103 MB model")
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--simulated-accelerator-ms",
         type=float,
         default=0.0,
         help="each local step holds the host idle this long, as a GPU step would (SIMULATED)",
     )
-    parser.add_argument("--dir", default=None, help="where the runs' checkpoint directories go (default: system temp)")
-    parser.add_argument("--json", default=None, help="also write every run's summary here")
+    add_run_options(parser)
     args = parser.parse_args(argv)
-    console = Console()
-    if not console.is_terminal:  # a redirected stdout would fold the table into 80 columns
-        console = Console(width=160)
+    console = wide_console()
     options = ["--num-clients", str(args.num_clients), "--num-rounds", str(args.num_rounds), "--width",
                str(args.width), "--depth", str(args.depth), "--local-steps", str(args.local_steps)]  # fmt: skip
     if args.simulated_accelerator_ms:

@@ -18,22 +18,16 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flower_walltime import median_of, run_interleaved, walltime_table  # noqa: E402
+from flower_walltime import add_run_options, median_of, run_interleaved, walltime_table, wide_console  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--with-none", action="store_true", help="also run without checkpoints")
-    parser.add_argument("--dir", default=None, help="where the runs' checkpoint directories go (default: system temp)")
-    parser.add_argument("--json", default=None, help="also write every run's summary here")
+    add_run_options(parser)
     args = parser.parse_args(argv)
-    console = Console()
-    if not console.is_terminal:  # a redirected stdout would fold the table into 80 columns
-        console = Console(width=160)
+    console = wide_console()
     modes = ("none", "sync", "fedckpt") if args.with_none else ("sync", "fedckpt")
     runs = run_interleaved(modes, [], args.repeats, args.dir, console)
     first = runs["fedckpt"][0]
