@@ -1,5 +1,6 @@
 """The server module, best scores carried across runs, client state slots and stale temp files."""
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from fedckpt import (
     PerRoundStateCheckpointer,
     ServerCheckpointAndStateModule,
 )
+from fedckpt.cli import main as fedckpt_cli
 from fedckpt.flower import ClientCheckpoints
 from fedckpt.storage import atomic
 from fedckpt.storage.paths import temp_file_owner, temp_path
@@ -136,6 +138,31 @@ def test_client_state_slots_restore_the_newest_earlier_round(runtime, tmp_path):
     assert torch.equal(momentum(restored), torch.full((4,), 33.0))
     assert ClientCheckpoints(directory).restore_state(3)["server_round"] == 2  # round 2 was kept
     assert ClientCheckpoints(directory).blocked_seconds > 0
+
+
+def test_client_state_slots_record_their_round_and_older_slots_are_still_read(runtime, tmp_path, capsys):
+    """A slot's manifest entry holds the round of the state in it (``fedckpt ls`` shows it), so a
+    restore picks the newer slot without loading both. Slots saved without it (by hand, or by
+    earlier versions) are read to find their round."""
+    directory = str(tmp_path / "client_0")
+    for server_round in (1, 2):
+        ClientCheckpoints(directory).save_state(server_round, _optimizer_with_momentum(server_round))
+    fedckpt.flush()
+    states = PerRoundStateCheckpointer(directory)
+    assert sorted(states.saved_round(f"client_state.{slot}.pt") for slot in (0, 1)) == [1, 2]
+    capsys.readouterr()
+    assert fedckpt_cli(["ls", directory, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(entry["score"] for entry in listed) == [1.0, 2.0]
+    assert {entry["score_name"] for entry in listed} == {"server_round"}
+
+    by_hand = str(tmp_path / "client_1")  # slots as a plain PerRoundStateCheckpointer writes them
+    plain = PerRoundStateCheckpointer(by_hand)
+    plain.save_checkpoint("client_state.0.pt", {"server_round": 5, "steps": 50})
+    plain.save_checkpoint("client_state.1.pt", {"server_round": 4, "steps": 40})
+    assert plain.saved_round("client_state.0.pt") is None
+    assert ClientCheckpoints(by_hand).restore_state(6)["steps"] == 50
+    assert ClientCheckpoints(by_hand).restore_state(5)["steps"] == 40
 
 
 def _optimizer_with_momentum(value: float) -> torch.optim.Optimizer:

@@ -13,10 +13,13 @@ from fedckpt.checkpointers import wait_until_readable
 from fedckpt.runtime import lifecycle
 from fedckpt.runtime.messages import SaveRequest
 from fedckpt.snapshot import STATE, Snapshot, snapshot_state
-from fedckpt.storage import reading
+from fedckpt.storage import manifest, reading
 from fedckpt.storage.paths import checkpoint_key, checkpoint_path_in
 
 log = logging.getLogger("fedckpt")
+
+# The manifest's score field of a state saved with its round holds the round, under this name.
+ROUND_SCORE_NAME = "server_round"
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,15 @@ class PerRoundStateCheckpointer:
         wait_until_readable(*paths)
         return [name for name, path in zip(checkpoint_names, paths, strict=True) if os.path.exists(path)]
 
-    def save_checkpoint(self, checkpoint_name: str, checkpoint_dict: Mapping[str, Any]) -> None:
-        """Snapshot ``checkpoint_dict`` now and write it in the background."""
-        self.save_snapshot(self.snapshot_checkpoint(checkpoint_name, checkpoint_dict))
+    def save_checkpoint(
+        self, checkpoint_name: str, checkpoint_dict: Mapping[str, Any], server_round: int | None = None
+    ) -> None:
+        """Snapshot ``checkpoint_dict`` now and write it in the background.
+
+        ``server_round``, if given, is recorded in the checkpoint's manifest entry (``fedckpt ls``
+        shows it; :meth:`saved_round` reads it back without loading the state).
+        """
+        self.save_snapshot(self.snapshot_checkpoint(checkpoint_name, checkpoint_dict), server_round)
 
     def snapshot_checkpoint(self, checkpoint_name: str, checkpoint_dict: Mapping[str, Any]) -> StateSnapshot:
         """The first half of :meth:`save_checkpoint`: take the snapshot now, save it later.
@@ -64,12 +73,27 @@ class PerRoundStateCheckpointer:
         except TypeError as error:
             raise TypeError(f"State for {path} cannot be saved: {error}") from error
 
-    def save_snapshot(self, state: StateSnapshot) -> None:
+    def save_snapshot(self, state: StateSnapshot, server_round: int | None = None) -> None:
         """The second half of :meth:`save_checkpoint`: write a snapshot taken earlier, in the background."""
         log.info("Saving state as %s", state.path)
         key = checkpoint_key(state.path)
         self._saved_keys.add(key)
-        lifecycle.coordinator().save([SaveRequest(key, STATE)], state.snapshot)
+        request = (
+            SaveRequest(key, STATE)
+            if server_round is None
+            else SaveRequest(key, STATE, float(server_round), ROUND_SCORE_NAME)
+        )
+        lifecycle.coordinator().save([request], state.snapshot)
+
+    def saved_round(self, checkpoint_name: str) -> int | None:
+        """The round a checkpoint on storage was saved with (see :meth:`save_checkpoint`), or None.
+
+        Reads the manifest entry only; call :meth:`existing` first to see pending saves of it.
+        """
+        entry = manifest.read_entry(self._path(checkpoint_name))
+        if entry is None or entry.score_name != ROUND_SCORE_NAME or entry.score is None:
+            return None
+        return int(entry.score)
 
     def load_checkpoint(self, checkpoint_name: str, mmap: bool = False, wait: bool = True) -> dict[str, Any]:
         """The saved state (waits for pending saves of it). Raises ``FileNotFoundError`` if absent.

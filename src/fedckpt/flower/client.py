@@ -18,7 +18,6 @@ through Ray with every message, and on a local disk that costs more than reading
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,7 +79,7 @@ class ClientCheckpoints:
         self.state_name = state_name
         self.context = context
         self.context_state_max_bytes = context_state_max_bytes
-        self._states: dict[int, dict[str, Any]] | None = None
+        self._rounds: dict[int, int | None] | None = None  # slot -> round of the state in it
         with self.blocked.measure():
             self.module.resume_best_scores()
 
@@ -111,9 +110,8 @@ class ClientCheckpoints:
                 slot = self._slot_to_restore(server_round)
                 if slot is None:
                     return None
-                # Copied out of the mapping the round was read from (one read of the page cache):
-                # tensors left mapped would fault pages in (copy-on-write) while the optimizer trains.
-                state = copy.deepcopy(self._slot_states()[slot])
+                assert self.module.state_checkpointer is not None
+                state = self.module.state_checkpointer.load_checkpoint(self._slot_name(slot), wait=False)
             if optimizer is not None and "optimizer" in state:
                 optimizer.load_state_dict(state["optimizer"])
         return state
@@ -127,9 +125,10 @@ class ClientCheckpoints:
             kept = self._kept_in_context(server_round)
             keep = kept if kept is not None else self._slot_to_restore(server_round)
             slot = next(s for s in SLOTS if s != keep)
-            self.module.save_state(self._slot_name(slot), state)
-            if self._states is not None:
-                self._states[slot] = state
+            assert self.module.state_checkpointer is not None
+            self.module.state_checkpointer.save_checkpoint(self._slot_name(slot), state, server_round=server_round)
+            if self._rounds is not None:
+                self._rounds[slot] = server_round
             if self.context is not None:
                 if context_state.state_bytes(state) <= self.context_state_max_bytes:
                     context_state.keep(self.context, state, server_round, slot)
@@ -144,17 +143,21 @@ class ClientCheckpoints:
     def _slot_name(self, slot: int) -> str:
         return f"{self.state_name}.{slot}.pt"
 
-    def _slot_states(self) -> dict[int, dict[str, Any]]:
-        """The state in each slot, tensors memory-mapped (read once, after pending saves of both)."""
-        if self._states is None:
+    def _slot_rounds(self) -> dict[int, int | None]:
+        """The round of the state in each slot (after pending saves of both), from the manifest
+        entries; a state saved without its round there is read (mapped) to find it."""
+        if self._rounds is None:
             checkpointer = self.module.state_checkpointer
             assert checkpointer is not None
             names = {self._slot_name(slot): slot for slot in SLOTS}
-            self._states = {
-                names[name]: checkpointer.load_checkpoint(name, mmap=True, wait=False)
-                for name in checkpointer.existing(*names)
-            }
-        return self._states
+            self._rounds = {}
+            for name in checkpointer.existing(*names):
+                saved_round = checkpointer.saved_round(name)
+                if saved_round is None:
+                    saved = checkpointer.load_checkpoint(name, mmap=True, wait=False).get(ROUND_KEY)
+                    saved_round = saved if isinstance(saved, int) else None
+                self._rounds[names[name]] = saved_round
+        return self._rounds
 
     def _kept_in_context(self, server_round: int) -> int | None:
         """The slot of the state kept in the context, if that is the newest state before ``server_round``.
@@ -167,8 +170,8 @@ class ClientCheckpoints:
     def _slot_to_restore(self, server_round: int) -> int | None:
         """The slot holding the newest state from a round before ``server_round``."""
         earlier = [
-            (state[ROUND_KEY], slot)
-            for slot, state in self._slot_states().items()
-            if isinstance(state.get(ROUND_KEY), int) and state[ROUND_KEY] < server_round
+            (saved_round, slot)
+            for slot, saved_round in self._slot_rounds().items()
+            if saved_round is not None and saved_round < server_round
         ]
         return max(earlier)[1] if earlier else None
