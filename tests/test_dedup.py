@@ -214,3 +214,20 @@ def test_a_writer_process_never_imports_torch(runtime, tmp_path):
     assert ray.get([writer.__ray_call__.remote(lambda _: "torch" in sys.modules) for writer in writers]) == [
         False
     ] * len(writers)
+
+
+def test_the_content_index_stays_bounded_across_writer_starts(tmp_path):
+    """Each run starts new writers, which record fewer entries than a prune waits for: a new index
+    prunes what earlier ones left beyond its capacity, the newest entries kept."""
+    from fedckpt.storage.dedup import ContentIndex
+
+    directory = str(tmp_path / "index")
+    for run in range(5):
+        index = ContentIndex(directory, capacity=8)
+        for number in range(6):
+            index.record(f"xxh3:{run:02d}{number:030d}", f"/ckpt/run{run}/m{number}")
+        assert len(os.listdir(directory)) <= 8 + 6  # what earlier runs left, pruned, and this run's
+    index = ContentIndex(directory, capacity=8)
+    assert len(os.listdir(directory)) == 8
+    assert index.candidate(f"xxh3:04{5:030d}") == "/ckpt/run4/m5"  # the newest survive
+    assert index.candidate(f"xxh3:00{0:030d}") is None

@@ -43,6 +43,8 @@ class ContentIndex:
         self._lock = threading.Lock()
         self._records = 0
         self._writing: dict[str, threading.Event] = {}  # content being written by a thread of this process
+        if self.directory is not None:  # short-lived writers (one per run) never reach PRUNE_EVERY
+            self._prune()
 
     @contextlib.contextmanager
     def writing(self, checksum: str) -> Iterator[str | None]:
