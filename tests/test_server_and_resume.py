@@ -165,6 +165,28 @@ def test_client_state_slots_record_their_round_and_older_slots_are_still_read(ru
     assert ClientCheckpoints(by_hand).restore_state(5)["steps"] == 40
 
 
+@pytest.mark.parametrize("numel", [16, 1 << 20])  # 64 B and 4 MB: read in full, and mapped then copied
+def test_a_restored_client_state_is_in_memory_whatever_its_size(runtime, tmp_path, numel):
+    directory = str(tmp_path / "client_0")
+    ClientCheckpoints(directory).save_state(1, None, weights=torch.arange(numel, dtype=torch.float32))
+    restored = ClientCheckpoints(directory).restore_state(2)
+    assert torch.equal(restored["weights"], torch.arange(numel, dtype=torch.float32))
+    assert not in_a_mapping_of(restored["weights"], directory)  # the optimizer would fault pages in
+
+
+def in_a_mapping_of(tensor: torch.Tensor, directory: str) -> bool:
+    """Whether ``tensor``'s memory lies in a mapping of a file under ``directory`` (/proc/self/maps)."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip().startswith(os.path.realpath(directory)):
+                start, end = (int(bound, 16) for bound in fields[0].split("-"))
+                if start <= address < end:
+                    return True
+    return False
+
+
 def _optimizer_with_momentum(value: float) -> torch.optim.Optimizer:
     parameter = torch.nn.Parameter(torch.zeros(4))
     optimizer = torch.optim.SGD([parameter], lr=0.1, momentum=0.9)
