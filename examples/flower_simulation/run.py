@@ -27,6 +27,7 @@ import sys
 # Before Ray is imported: keep the simulation's Ray on loopback, and start a fresh local instance.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_ADDRESS", "local")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # keep Ray's future default, silence its notice
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # Ray workers inherit it (Flower passes it on)
 
 import argparse  # noqa: E402

@@ -75,7 +75,7 @@ def train(
             loss = nn.functional.cross_entropy(model(features[batch]), labels[batch])
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += loss.item()
             if simulated_accelerator_s:
                 time.sleep(simulated_accelerator_s)  # the host waits on the (simulated) device
     finally:

@@ -18,7 +18,6 @@ through Ray with every message, and on a local disk that costs more than reading
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,7 +39,6 @@ ROUND_KEY = "server_round"
 # With a context, states up to this size are also kept in ``context.state`` (larger ones cost Flower
 # more to carry with every message than any storage takes to read them back).
 CONTEXT_STATE_MAX_BYTES = 1 << 20
-MAPPED_RESTORE_MIN_BYTES = 1 << 20  # a state file this large is restored mapped, then copied out
 
 
 def client_checkpoint_dir(root: str | Path, context: Any) -> str:
@@ -112,7 +110,8 @@ class ClientCheckpoints:
                 slot = self._slot_to_restore(server_round)
                 if slot is None:
                     return None
-                state = self._read_slot(slot)
+                assert self.module.state_checkpointer is not None
+                state = self.module.state_checkpointer.load_checkpoint(self._slot_name(slot), wait=False)
             if optimizer is not None and "optimizer" in state:
                 optimizer.load_state_dict(state["optimizer"])
         return state
@@ -143,18 +142,6 @@ class ClientCheckpoints:
 
     def _slot_name(self, slot: int) -> str:
         return f"{self.state_name}.{slot}.pt"
-
-    def _read_slot(self, slot: int) -> dict[str, Any]:
-        """The state in ``slot``, in memory. A large one is mapped, then copied out: one copy from the
-        page cache, where reading it in full has torch also check every record's CRC-32 (twice as
-        slow at 100 MB); a small one reads faster in full (benchmarks/restore.py). Tensors are not
-        left mapped: they would fault pages in (copy-on-write) while the optimizer trains on them."""
-        checkpointer = self.module.state_checkpointer
-        assert checkpointer is not None
-        name = self._slot_name(slot)
-        if os.path.getsize(os.path.join(checkpointer.checkpoint_dir, name)) < MAPPED_RESTORE_MIN_BYTES:
-            return checkpointer.load_checkpoint(name, wait=False)
-        return copy.deepcopy(checkpointer.load_checkpoint(name, mmap=True, wait=False))
 
     def _slot_rounds(self) -> dict[int, int | None]:
         """The round of the state in each slot (after pending saves of both), from the manifest

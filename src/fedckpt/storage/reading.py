@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import copy
 import io
+import os
 import pickle
 from typing import Any
 
@@ -50,6 +52,14 @@ def read_module(path: str) -> nn.Module:
     return _SkeletonUnpickler(io.BytesIO(skeleton), tensors).load()
 
 
+# A state file this large is read mapped, then copied out: one copy from the page cache, where a
+# full read has torch also check every record's CRC-32 (twice as slow at 100 MB, benchmarks/restore.py).
+MAPPED_READ_MIN_BYTES = 1 << 20
+
+
 def read_state(path: str, mmap: bool = False) -> Any:
-    """Load a state checkpoint (runs pickle: load only files you trust); ``mmap`` maps tensor data."""
-    return torch.load(path, weights_only=False, mmap=mmap)
+    """Load a state checkpoint (runs pickle: load only files you trust); ``mmap`` maps tensor data,
+    else every tensor is in memory."""
+    if mmap or os.path.getsize(path) < MAPPED_READ_MIN_BYTES:
+        return torch.load(path, weights_only=False, mmap=mmap)
+    return copy.deepcopy(torch.load(path, weights_only=False, mmap=True))

@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -314,7 +315,9 @@ class CheckpointWriter:
 def _was_restarted() -> bool:
     """Whether Ray restarted this actor (False where that cannot be told, as outside Ray)."""
     try:
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray's own property goes through an API it deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:
         return False
 
