@@ -104,7 +104,18 @@ def publishing_lock(checkpoint_path: str) -> Iterator[None]:
 
 
 def read_entry(checkpoint_path: str) -> ManifestEntry | None:
-    """The current entry of a checkpoint, rolling forward an entry staged before a crash."""
+    """The current entry of a checkpoint, rolling forward an entry staged before a crash.
+
+    Without a staged entry no lock is needed: the current one is only ever replaced whole
+    (``os.replace``), so a reader sees one entry or the next, never a mix.
+    """
+    current = entry_path(checkpoint_path)
+    if not os.path.exists(current + NEXT_SUFFIX):
+        try:
+            return ManifestEntry.from_json(_read_text(current))
+        except FileNotFoundError:
+            if not os.path.exists(current + NEXT_SUFFIX):  # else one was staged meanwhile: look again, locked
+                return None
     with publishing_lock(checkpoint_path):
         return read_entry_locked(checkpoint_path)
 
