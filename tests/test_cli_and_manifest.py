@@ -67,6 +67,21 @@ def test_verify_passes_then_names_a_corrupted_file(runtime, tmp_path):
     assert missing.returncode == 1 and "missing" in missing.stderr
 
 
+def test_ls_and_verify_import_neither_ray_nor_torch(runtime, tmp_path):
+    """They run where no cluster is, e.g. on a login node over a copy of the checkpoints."""
+    write_some(tmp_path)
+    script = (
+        "import sys\n"
+        "from fedckpt.cli import main\n"
+        f"assert main(['ls', {str(tmp_path)!r}]) == 0 and main(['verify', {str(tmp_path)!r}]) == 0\n"
+        "print(sorted(name for name in ('ray', 'torch') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "best.pt" in result.stdout and "verified 2 checkpoint(s)" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_verify_on_a_non_directory_is_a_clear_error(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "nope")]) == 2
     assert "is not a directory" in capsys.readouterr().err

@@ -112,3 +112,33 @@ def test_ray_lost_under_pending_saves_is_reported(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert "reported: True" in lines and lines[-1] == "verified: True", result.stdout
+
+
+def test_ray_shutdown_under_an_exception_keeps_that_exception_and_notes_the_failed_saves(tmp_path):
+    """A training script whose ``finally`` shuts Ray down: the error it was unwinding with is the one
+    that propagates, and the save that failed in the flush before is named on it (and in the log).
+    fedckpt is imported before Ray here: the wrapper goes in when Ray's import finishes."""
+    (tmp_path / "blocked").write_text("a file where a directory should be")
+    result = run_script(
+        f"""
+        import fedckpt, torch
+        import ray
+        ray.init(address="local", include_dashboard=False, num_cpus=1)
+        fedckpt.PerRoundStateCheckpointer({str(tmp_path / "blocked")!r}).save_checkpoint("s.pt", {{}})
+        try:
+            try:
+                raise ValueError("training crashed")
+            finally:
+                ray.shutdown()
+        except ValueError as error:
+            notes = getattr(error, "__notes__", [])
+            print("kept:", str(error) == "training crashed", any("blocked" in note for note in notes))
+        except fedckpt.CheckpointError:
+            print("hidden")
+        print("down:", not ray.is_initialized())
+        """,
+        {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-2:] == ["kept: True True", "down: True"], result.stdout
+    assert "saves failed before ray.shutdown()" in result.stderr and "blocked" in result.stderr

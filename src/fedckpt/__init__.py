@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from fedckpt.runtime import ray_session  # noqa: F401  (wraps ray.shutdown so that it flushes first)
+from fedckpt.runtime import shutdown_hook
 
 if TYPE_CHECKING:
     from fedckpt.checkpointers import (
@@ -57,6 +57,8 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
+
+shutdown_hook.install()  # ray.shutdown flushes first, once Ray is imported
 
 __version__ = "0.1.0"
 

@@ -13,8 +13,6 @@ from dataclasses import asdict
 from rich.console import Console
 from rich.table import Table
 
-from fedckpt.bench.cases import DEFAULT_CASES, QUICK_CASES, visible_case_names
-from fedckpt.bench.runner import run_bench
 from fedckpt.storage.checksum import file_matches
 from fedckpt.storage.manifest import iter_entries
 
@@ -29,7 +27,7 @@ def _human_bytes(count: int) -> str:
 
 
 def _iso(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC).isoformat(timespec="seconds")
 
 
 def command_ls(directory: str, as_json: bool) -> int:
@@ -73,7 +71,9 @@ def command_verify(directory: str) -> int:
     return 1 if problems else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(describe_bench_cases: bool = True) -> argparse.ArgumentParser:
+    """The command line; ``describe_bench_cases=False`` leaves the case names out of ``bench``'s
+    help, which would import torch (``ls`` and ``verify`` start without it)."""
     parser = argparse.ArgumentParser(prog="fedckpt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     ls = commands.add_parser("ls", help="list checkpoints with their manifest data")
@@ -87,11 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Blocking time, time until durable and persist throughput of each save method, per case; "
         "see benchmarks/README.md.",
     )
-    bench.add_argument(
-        "--cases", nargs="+", metavar="NAME",
-        help=f"cases to run, of: {' '.join(visible_case_names())} (default: {' '.join(DEFAULT_CASES)}; "
-        f"with --quick: {' '.join(QUICK_CASES)})",
-    )  # fmt: skip
+    bench.add_argument("--cases", nargs="+", metavar="NAME", help=_cases_help() if describe_bench_cases else None)
     bench.add_argument(
         "--repeats", type=int, metavar="N", help="saves (or loops) per method and case (default 10, 5 with --quick)"
     )
@@ -101,7 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cases_help() -> str:
+    from fedckpt.bench.cases import DEFAULT_CASES, QUICK_CASES, visible_case_names
+
+    return (
+        f"cases to run, of: {' '.join(visible_case_names())} (default: {' '.join(DEFAULT_CASES)}; "
+        f"with --quick: {' '.join(QUICK_CASES)})"
+    )
+
+
 def command_bench(args: argparse.Namespace) -> int:
+    from fedckpt.bench.runner import run_bench  # torch and Ray: only for this command
+
     try:
         run_bench(cases=args.cases, repeats=args.repeats, directory=args.dir, json_path=args.json, quick=args.quick)
     except ValueError as error:
@@ -111,7 +118,8 @@ def command_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(describe_bench_cases=bool(words) and words[0] == "bench").parse_args(argv)
     if args.command == "bench":
         return command_bench(args)
     if not os.path.isdir(args.directory):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -59,8 +60,10 @@ def _flush_first(shutdown: Callable[..., Any]) -> Callable[..., Any]:
 
     Flower calls ``ray.shutdown()`` as soon as a simulation's ServerApp returns, and that kills the
     writers with whatever the clients saved last. Ray has no shutdown hook, so fedckpt wraps the
-    function in every process that imports it (``import fedckpt`` imports this module). Failed saves
-    are raised after Ray is down.
+    function in every process that imports fedckpt (see :mod:`fedckpt.runtime.shutdown_hook`).
+    Failed saves are raised after Ray is down; when ``ray.shutdown()`` runs while an exception
+    propagates (in an ``except`` or ``finally`` block), that exception goes on, with the failed saves
+    added to it as a note, and logged.
     """
 
     @functools.wraps(shutdown)
@@ -68,13 +71,17 @@ def _flush_first(shutdown: Callable[..., Any]) -> Callable[..., Any]:
         global generation
         failure = None
         if ray.is_initialized():
-            from fedckpt.runtime import lifecycle  # imports torch: only once a shutdown happens
+            from fedckpt.runtime import lifecycle
 
             failure = lifecycle.flush_before_ray_shutdown()
         generation += 1
         result = shutdown(*args, **kwargs)
         if failure is not None:
-            raise failure
+            propagating = sys.exc_info()[1]
+            if propagating is None:
+                raise failure
+            propagating.add_note(f"fedckpt, at ray.shutdown(): {failure}")
+            log.error("fedckpt: saves failed before ray.shutdown(): %s", failure)
         return result
 
     shutdown_after_flush.__wrapped_by_fedckpt__ = True  # type: ignore[attr-defined]
