@@ -6,16 +6,26 @@ Never a corrupt file, a file outside the checkpoint directory, or a hang.
 import copy
 import math
 import os
+import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_model
+from conftest import assert_same_tensors, make_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedckpt import BestMetricTorchModuleCheckpointer, PerRoundStateCheckpointer
+import fedckpt
+from fedckpt import (
+    BestLossTorchModuleCheckpointer,
+    BestMetricTorchModuleCheckpointer,
+    CheckpointMode,
+    ClientCheckpointAndStateModule,
+    LatestTorchModuleCheckpointer,
+    PerRoundStateCheckpointer,
+)
 from fedckpt.cli import main as fedckpt_cli
 from fedckpt.errors import ScoreError
 from fedckpt.storage.reading import read_state_dict
@@ -184,3 +194,63 @@ def test_a_huge_nested_structure_round_trips(runtime, tmp_path):
     while "next" in node:
         node, depth = node["next"], depth + 1
     assert depth == 200
+
+
+def wait_for_the_failure_notice(deadline_seconds: float = 60.0) -> None:
+    """Until this process took in the outcome of every save it sent (a failure is then held)."""
+    from fedckpt.runtime import lifecycle
+
+    end = time.monotonic() + deadline_seconds
+    while lifecycle.coordinator().inflight_bytes() and time.monotonic() < end:
+        time.sleep(0.01)  # polling a condition, bounded by the deadline
+    assert lifecycle.coordinator().inflight_bytes() == 0
+
+
+def test_a_save_that_raises_leaves_the_best_score_where_it_was(runtime, tmp_path):
+    """An unpicklable model, and a save refused for an earlier failure held against its key: the
+    bar stays, so the next good model is still compared with the last one saved."""
+    checkpointer = BestLossTorchModuleCheckpointer(str(tmp_path / "best"), "best.pt")
+    checkpointer.maybe_checkpoint(make_model(1), 0.5, {})
+    unpicklable = make_model(2)
+    unpicklable.lock = threading.Lock()
+    with pytest.raises(TypeError):
+        checkpointer.maybe_checkpoint(unpicklable, 0.1, {})
+    assert checkpointer.best_score == 0.5
+    module = ClientCheckpointAndStateModule(pre_aggregation=checkpointer)
+    with pytest.raises(TypeError):
+        module.maybe_checkpoint(unpicklable, 0.1, {}, CheckpointMode.PRE_AGGREGATION)
+    assert checkpointer.best_score == 0.5
+    checkpointer.maybe_checkpoint(make_model(3), 0.4, {})  # still an improvement on 0.5
+    checkpointer.flush()
+    assert checkpointer.best_score == 0.4
+    assert_same_tensors(checkpointer.load_state_dict(), make_model(3).state_dict())
+
+    shutil.rmtree(tmp_path / "best")
+    (tmp_path / "best").write_text("a file where the directory was")
+    checkpointer.maybe_checkpoint(make_model(4), 0.3, {})  # taken, then fails in the writer
+    assert checkpointer.best_score == 0.3
+    wait_for_the_failure_notice()
+    with pytest.raises(fedckpt.CheckpointError, match="earlier save failed"):
+        checkpointer.maybe_checkpoint(make_model(5), 0.2, {})
+    assert checkpointer.best_score == 0.3
+    with pytest.raises(fedckpt.CheckpointError, match="File exists"):  # the writer reports it to a flush too
+        checkpointer.flush()
+
+
+def test_numpy_and_tensor_attributes_reassigned_between_saves_save_what_the_model_holds(runtime, tmp_path):
+    """Reassigned arrays used to be compared with ``==`` (elementwise: an error, or equal values of
+    another dtype taken for the old tensor)."""
+    checkpointer = LatestTorchModuleCheckpointer(str(tmp_path), "model.pt")
+    model = make_model(0)
+    model.mask = np.arange(10)
+    model.register_buffer("steps", torch.tensor(5, dtype=torch.int64))
+    checkpointer.maybe_checkpoint(model, 0.0, {})
+    for step in range(3):
+        model.mask = np.arange(10)  # an equal array, a new object
+        model.steps = torch.tensor(5.0 + step, dtype=torch.float64)  # equal at first, but float64
+        model.scale = torch.full((3,), float(step))  # a tensor attribute, neither parameter nor buffer
+        checkpointer.maybe_checkpoint(model, 0.0, {})
+        saved = checkpointer.load_checkpoint()
+        assert saved.steps.dtype == torch.float64 and saved.steps.item() == 5.0 + step
+        assert np.array_equal(saved.mask, np.arange(10)) and torch.equal(saved.scale, model.scale)
+        assert_same_tensors(saved.state_dict(), model.state_dict())

@@ -12,6 +12,7 @@ from torch import nn
 from fedckpt.checkpointers import FunctionTorchModuleCheckpointer, TorchModuleCheckpointer
 from fedckpt.policies import Scalar
 from fedckpt.runtime import lifecycle
+from fedckpt.runtime.messages import SaveRequest
 from fedckpt.snapshot import snapshot_module
 from fedckpt.state import PerRoundStateCheckpointer
 from fedckpt.storage.paths import checkpoint_key
@@ -48,16 +49,21 @@ def checkpoint_model(
     checkpointers: list[TorchModuleCheckpointer], model: nn.Module, loss: float, metrics: Mapping[str, Scalar]
 ) -> None:
     """Let each checkpointer decide, then snapshot ``model`` once for all that want it."""
-    requests = []
+    deciding: list[FunctionTorchModuleCheckpointer] = []
+    requests: list[SaveRequest] = []
     for checkpointer in checkpointers:
         if type(checkpointer).maybe_checkpoint is FunctionTorchModuleCheckpointer.maybe_checkpoint:
-            request = checkpointer.decide(loss, metrics)  # type: ignore[attr-defined]
+            assert isinstance(checkpointer, FunctionTorchModuleCheckpointer)
+            request = checkpointer.decide(loss, metrics)
             if request is not None:
+                deciding.append(checkpointer)
                 requests.append(request)
         else:  # a user subclass with its own logic
             checkpointer.maybe_checkpoint(model, loss, metrics)
     if requests:
         lifecycle.coordinator().save(requests, snapshot_module(model))
+        for checkpointer, request in zip(deciding, requests, strict=True):
+            checkpointer.accepted(request)
 
 
 class CheckpointAndStateModule(ABC):

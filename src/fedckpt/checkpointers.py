@@ -110,7 +110,8 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
         return is_improvement(comparison_score, self.best_score, self.maximize)
 
     def decide(self, loss: float, metrics: Mapping[str, Scalar]) -> SaveRequest | None:
-        """Score the model now; return the save to make, or None. Updates ``best_score``."""
+        """Score the model now; return the save to make, or None. ``best_score`` is left alone until
+        the save was accepted (:meth:`accepted`): a save that raises leaves the bar where it was."""
         score = as_score(self.checkpoint_score_function(loss, metrics), self.checkpoint_score_name)
         if not self._should_checkpoint(score):
             log.info(
@@ -130,8 +131,12 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
             self.comparison_str,
             self.best_score,
         )
-        self.best_score = score
         return self.save_request(score, self.checkpoint_score_name)
+
+    def accepted(self, request: SaveRequest) -> None:
+        """The save :meth:`decide` asked for was taken: its score is the bar from now on."""
+        if request.score is not None:
+            self.best_score = request.score
 
     def resume_best_score(self) -> float | None:
         """Take ``best_score`` from the checkpoint on disk (after its pending saves), if it has one.
@@ -152,6 +157,7 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
         request = self.decide(loss, metrics)
         if request is not None:
             lifecycle.coordinator().save([request], snapshot_module(model))
+            self.accepted(request)
 
 
 class LatestTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):

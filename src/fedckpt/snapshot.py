@@ -9,6 +9,7 @@ copy is the moment the state is frozen, and the only part of a save the caller w
 from __future__ import annotations
 
 import functools
+import operator
 import pickle
 import weakref
 from dataclasses import dataclass, field
@@ -117,16 +118,29 @@ def _module_attributes(modules: list[nn.Module]) -> list[tuple]:
     ]
 
 
+# Attribute values compared by value; anything else (tensors, numpy arrays, objects) by identity:
+# an array's ``==`` is elementwise, and equal tensors of another dtype or device are another model.
+_VALUE_TYPES = frozenset({int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device})
+
+
+def _same(old: Any, new: Any) -> bool:
+    return old is new or (type(old) is type(new) and type(old) in _VALUE_TYPES and old == new)
+
+
 def _unchanged(old: list[tuple], new: list[tuple]) -> bool:
     """True when every attribute is the same object (or an equal plain value) as before.
 
     Changes inside a container attribute (appending to a list) are not seen; reassigning any
     attribute, parameter or buffer, or calling train()/eval(), is.
     """
-    try:
-        return old == new  # identity first, element by element, in C
-    except RuntimeError:  # a tensor attribute was replaced: comparing tensors is ambiguous
+    if len(old) != len(new):
         return False
+    for old_values, new_values in zip(old, new, strict=True):
+        if len(old_values) != len(new_values):
+            return False
+        if not all(map(operator.is_, old_values, new_values)) and not all(map(_same, old_values, new_values)):
+            return False
+    return True
 
 
 # model -> its last plan; weak, so a checkpointer never keeps a model alive. A plan must not refer to
