@@ -17,6 +17,8 @@ from fedckpt.runtime import lifecycle
 from fedckpt.runtime.messages import UNKNOWN, ObjectStorePayload, SaveRequest
 from fedckpt.runtime.pool import shard_of, writer_name
 from fedckpt.runtime.settings import Settings
+from fedckpt.runtime.writer.incarnation import CLOCK_OFFSET_FILE_ENV
+from fedckpt.storage import manifest
 
 MB = 1 << 20
 
@@ -93,6 +95,36 @@ def test_a_killed_writer_restarts_and_acknowledged_saves_survive(ray_instance, t
             state = checkpointer.load_checkpoint(f"k{key}.pt")
             assert state["counter"] == 6 and torch.all(state["x"] == 6)
         assert coordinator.inflight_bytes() == 0
+    finally:
+        fedckpt.init()
+
+
+def test_a_writer_restarted_on_a_node_whose_clock_is_behind_still_publishes_newer_versions(
+    ray_instance, tmp_path, monkeypatch
+):
+    """Epochs come from the record of the incarnation before, not from the wall clock alone: a
+    restart on a node an hour behind would otherwise have every later save dropped as stale. The
+    restart itself is told by that record too."""
+    offset = tmp_path / "clock-offset-seconds"
+    offset.write_text("0")
+    monkeypatch.setenv(CLOCK_OFFSET_FILE_ENV, str(offset))
+    fedckpt.init(namespace="fedckpt-clock", num_writers=1, io_threads=1)
+    try:
+        checkpointer = PerRoundStateCheckpointer(tmp_path / "ckpt")
+        checkpointer.save_checkpoint("s.pt", {"version": 1})
+        checkpointer.flush()
+        first = manifest.read_entry(str(tmp_path / "ckpt" / "s.pt")).sequence
+        writer = ray.get_actor(writer_name(0), namespace="fedckpt-clock")
+        before = ray.get(writer.describe.remote())
+        assert not before.restarted and before.epoch == first[0]
+        offset.write_text("-3600")  # the restart lands on a node whose clock is an hour behind
+        os.kill(before.pid, signal.SIGKILL)
+        checkpointer.save_checkpoint("s.pt", {"version": 2})
+        checkpointer.flush()
+        after = ray.get(writer.describe.remote())
+        assert after.pid != before.pid and after.restarted and after.epoch > before.epoch
+        assert checkpointer.load_checkpoint("s.pt")["version"] == 2
+        assert tuple(manifest.read_entry(str(tmp_path / "ckpt" / "s.pt")).sequence) > tuple(first)
     finally:
         fedckpt.init()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from typing import Any
 
 import ray
@@ -13,6 +14,7 @@ from fedckpt.runtime import ray_session
 from fedckpt.runtime.messages import WriterInfo, WriterStats
 from fedckpt.runtime.settings import Settings
 from fedckpt.runtime.writer import writer_actor_class
+from fedckpt.runtime.writer.incarnation import CLOCK_OFFSET_FILE_ENV
 
 log = logging.getLogger("fedckpt")
 
@@ -100,8 +102,15 @@ def _actor_options(namespace: str, index: int) -> dict[str, Any]:
         # A runtime env of its own gives the writer a process of its own: without it the writer takes
         # one of the idle workers Ray starts ahead for the first tasks and actors (Flower's ClientApp
         # actors), and one of those then waits for a process to start.
-        "runtime_env": {"env_vars": {"FEDCKPT_WRITER_PROCESS": "1"}},
+        "runtime_env": {"env_vars": _writer_env()},
     }
+
+
+def _writer_env() -> dict[str, str]:
+    env = {"FEDCKPT_WRITER_PROCESS": "1"}
+    if CLOCK_OFFSET_FILE_ENV in os.environ:  # fault injection (tests): a node whose clock is off
+        env[CLOCK_OFFSET_FILE_ENV] = os.environ[CLOCK_OFFSET_FILE_ENV]
+    return env
 
 
 def _describe(handles: list[Any]) -> list[WriterInfo]:

@@ -19,8 +19,6 @@ import contextlib
 import logging
 import os
 import pickle
-import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,6 +43,7 @@ from fedckpt.runtime.messages import (
 )
 from fedckpt.runtime.sequence import SequenceCounter
 from fedckpt.runtime.staging import shared_memory_available
+from fedckpt.runtime.writer import incarnation
 from fedckpt.runtime.writer.queue import KeyQueue, QueuedSave
 from fedckpt.runtime.writer.recovery import LostSaves
 from fedckpt.runtime.writer.staged import CallerDied, StagedBytes
@@ -97,8 +96,9 @@ class CheckpointWriter:
         self.pool_size = pool_size
         self.coalesce = coalesce
         self.io_threads = io_threads
-        # A new epoch per incarnation: sequences of a restarted writer sort after the old ones.
-        self.epoch = time.time_ns()
+        self.actor_id = ray.get_runtime_context().get_actor_id()
+        self.incarnation = incarnation.begin(self.actor_id)
+        self.epoch = self.incarnation.epoch  # sequences of a restarted writer sort after the old ones
         self.number = 0  # without a shared counter
         local = channel.channel_supported() and shared_memory_available()
         self.counter = SequenceCounter.create() if local else None
@@ -115,7 +115,7 @@ class CheckpointWriter:
         self.content_index = ContentIndex()
         self.name = f"writer-{index}@{os.getpid()}"
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.lost = LostSaves(_was_restarted(), self.name)
+        self.lost = LostSaves(self.incarnation.restarted, self.name)
         self.channel_address = channel.new_address(f"writer-{index}") if local else None
         self._channel_server: asyncio.AbstractServer | None = None
 
@@ -255,6 +255,7 @@ class CheckpointWriter:
         """Finish every queued save, then end this actor (it is not restarted)."""
         await self.flush()
         self.io.shutdown(wait=True)
+        incarnation.end(self.actor_id)
         ray.actor.exit_actor()
 
     async def stats(self) -> WriterStats:
@@ -310,16 +311,6 @@ class CheckpointWriter:
         if state.error is None and self.keys.get(key) is state:
             del self.keys[key]
         self._mark_if_quiet()
-
-
-def _was_restarted() -> bool:
-    """Whether Ray restarted this actor (False where that cannot be told, as outside Ray)."""
-    try:
-        with warnings.catch_warnings():  # Ray's own property goes through an API it deprecated
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
-    except Exception:
-        return False
 
 
 def writer_actor_class() -> Any:

@@ -1,0 +1,55 @@
+"""Which incarnation of a writer actor this is: its epoch, and whether Ray restarted it.
+
+Sequences are ``(epoch, number)``, and on storage an older sequence never replaces a newer one, so
+every incarnation's epoch must sort above its predecessor's. The wall clock alone does not ensure
+that: Ray may restart a writer on a node whose clock is behind, and all its saves would then be
+dropped as stale. So each incarnation records its epoch in Ray's key-value store (GCS), under the
+actor's id, which Ray keeps across restarts; the next one takes ``max(now, recorded + 1)``. Finding
+a record is also how an incarnation knows it is a restart (Ray's own flag is deprecated, and
+failed open).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from ray.experimental import internal_kv
+
+KV_NAMESPACE = "fedckpt"
+# Fault injection for tests: a file holding seconds to add to this node's clock (a node running behind).
+CLOCK_OFFSET_FILE_ENV = "FEDCKPT_TEST_CLOCK_OFFSET_FILE"
+
+
+@dataclass(frozen=True)
+class Incarnation:
+    epoch: int
+    restarted: bool
+
+
+def _key(actor_id: str) -> str:
+    return f"writer-epoch/{actor_id}"
+
+
+def _clock_ns() -> int:
+    now = time.time_ns()
+    offset_file = os.environ.get(CLOCK_OFFSET_FILE_ENV)
+    if offset_file:
+        with open(offset_file, encoding="utf-8") as file:
+            now += int(float(file.read().strip() or 0) * 1e9)
+    return now
+
+
+def begin(actor_id: str) -> Incarnation:
+    """Start an incarnation of actor ``actor_id``: an epoch above any earlier incarnation's, recorded."""
+    recorded = internal_kv._internal_kv_get(_key(actor_id), namespace=KV_NAMESPACE)
+    previous = None if recorded is None else int(recorded)
+    epoch = _clock_ns() if previous is None else max(_clock_ns(), previous + 1)
+    internal_kv._internal_kv_put(_key(actor_id), str(epoch), overwrite=True, namespace=KV_NAMESPACE)
+    return Incarnation(epoch, restarted=previous is not None)
+
+
+def end(actor_id: str) -> None:
+    """The actor is stopped for good: forget its record."""
+    internal_kv._internal_kv_del(_key(actor_id), namespace=KV_NAMESPACE)
