@@ -27,7 +27,7 @@ import struct
 import uuid
 from collections.abc import Iterator
 
-from fedckpt.runtime.staging import PREFIX, SHM_DIR
+from fedckpt.runtime.staging import PREFIX, SHM_DIR, reserve
 
 _NUMBER = struct.Struct("<Q")
 _COUNTER, _QUIET_MARK = 0, _NUMBER.size  # offsets in the file
@@ -44,12 +44,15 @@ class SequenceCounter:
         self._fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(self._fd, _SIZE)
+                reserve(self._fd, _SIZE)  # a full /dev/shm fails here, not with SIGBUS later
             self._map = mmap.mmap(self._fd, _SIZE)
             if create:
                 _NUMBER.pack_into(self._map, _QUIET_MARK, _NEVER)
         except BaseException:
             os.close(self._fd)
+            if create:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             raise
 
     @classmethod

@@ -14,6 +14,7 @@ segment still being filled.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import threading
@@ -104,11 +105,16 @@ def remove_orphans(
 SEGMENT_GRANULARITY = 2 << 20
 
 
+class StagingFull(OSError):
+    """``/dev/shm`` has no room for a staging segment (Docker's default is 64 MB)."""
+
+
 class StagingArena:
     """This process's staging segments: each is either free or holds one save in flight.
 
-    Free segments are kept for reuse while the total stays within ``max_bytes``; a larger need
-    drops free segments first.
+    Free segments are kept for reuse while the total stays within ``max_bytes``; a larger need, or
+    a full ``/dev/shm``, drops free segments first. Every segment's memory is reserved when it is
+    made, so a full ``/dev/shm`` is a :class:`StagingFull` error there, never a SIGBUS during a copy.
     """
 
     def __init__(self, max_bytes: int, directory: str = SHM_DIR) -> None:
@@ -133,7 +139,14 @@ class StagingArena:
             else:
                 while self._free and self.total_bytes() + nbytes > self.max_bytes:
                     self._free.pop(0).close()
-                segment = self._create(nbytes)
+                while True:
+                    try:
+                        segment = self._create(nbytes)
+                        break
+                    except StagingFull:
+                        if not self._free:
+                            raise
+                        self._free.pop(0).close()  # room for this one, then try again
             self._busy.add(segment)
             return segment
 
@@ -141,9 +154,12 @@ class StagingArena:
         return any(segment.size >= nbytes for segment in self._free)
 
     def release(self, segment: Segment) -> None:
+        """``segment``'s save left the writer: keep it for reuse, within the budget."""
         with self._lock:
             self._busy.discard(segment)
             self._free.append(segment)
+            while self._free and self.total_bytes() > self.max_bytes:
+                self._free.pop(0).close()
 
     def close(self) -> None:
         """Unmap and remove every segment (busy ones too: call after a flush)."""
@@ -160,7 +176,7 @@ class StagingArena:
         path = os.path.join(self.directory, f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size)
+            reserve(fd, size)
             # Fault the pages in now, in one go, rather than one by one during the first copy.
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             buffer = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -170,6 +186,18 @@ class StagingArena:
         finally:
             os.close(fd)
         return Segment(path, size, buffer)
+
+
+def reserve(fd: int, size: int) -> None:
+    """Give the shared-memory file ``fd`` ``size`` bytes of memory now. ``ftruncate`` alone reserves
+    nothing on tmpfs: writing into a mapping of it past what ``/dev/shm`` has left kills the
+    process with SIGBUS. Raises :class:`StagingFull` when there is no room."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise StagingFull(error.errno, f"/dev/shm has no room for {size} bytes of staging memory") from error
+        raise
 
 
 class SegmentReader:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -36,7 +37,7 @@ from fedckpt.runtime.messages import (
 )
 from fedckpt.runtime.pool import WriterPool
 from fedckpt.runtime.sequence import SequenceCounter
-from fedckpt.runtime.staging import Segment, StagingArena, shared_memory_available
+from fedckpt.runtime.staging import Segment, StagingArena, StagingFull, shared_memory_available
 from fedckpt.snapshot import Snapshot
 
 log = logging.getLogger("fedckpt")
@@ -88,6 +89,7 @@ class Transport:
         self._counters: dict[int, SequenceCounter] = {}  # of the writers on this node
         self._lock = threading.Lock()
         self.node_id: str | None = None
+        self._warned_staging_full = False
 
     # ---- routes and channels ----------------------------------------------------------------
 
@@ -152,7 +154,11 @@ class Transport:
         """The blocking copy: into a reused shared-memory segment, or into Ray's object store."""
         if shared_memory:
             assert self.arena is not None
-            segment = self.arena.acquire(snapshot.nbytes)
+            try:
+                segment = self.arena.acquire(snapshot.nbytes)
+            except StagingFull as error:
+                self._warn_staging_full(snapshot.nbytes, error)
+                return self.stage(snapshot, shared_memory=False)
             try:
                 snapshot.copy_into(segment.array)
             except BaseException:
@@ -164,6 +170,19 @@ class Transport:
         snapshot.copy_into(array)
         payload = _object_store_payload(snapshot.packed_layout, array)
         return Staged(snapshot.nbytes, snapshot.packed_layout, None, payload, portable=payload)
+
+    def _warn_staging_full(self, nbytes: int, error: StagingFull) -> None:
+        """Once per process: the save goes on through Ray's object store, slower."""
+        if self._warned_staging_full:
+            return
+        self._warned_staging_full = True
+        message = (
+            f"fedckpt: {error.strerror}: a {nbytes / (1 << 20):.1f} MiB save is staged through Ray's object "
+            "store instead (slower; the save itself is not affected). Give the container more shared memory "
+            "(docker run --shm-size=4g, or in Kubernetes an emptyDir with medium: Memory mounted at /dev/shm), "
+            "or lower fedckpt.init(max_inflight_bytes=...)."
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def can_reuse(self, nbytes: int) -> bool:
         """Whether a free staging segment fits ``nbytes`` (or none is needed)."""

@@ -42,7 +42,7 @@ from fedckpt.runtime.messages import (
     WriterStats,
 )
 from fedckpt.runtime.sequence import SequenceCounter
-from fedckpt.runtime.staging import shared_memory_available
+from fedckpt.runtime.staging import StagingFull, shared_memory_available
 from fedckpt.runtime.writer import incarnation
 from fedckpt.runtime.writer.queue import KeyQueue, QueuedSave
 from fedckpt.runtime.writer.recovery import LostSaves
@@ -101,7 +101,8 @@ class CheckpointWriter:
         self.epoch = self.incarnation.epoch  # sequences of a restarted writer sort after the old ones
         self.number = 0  # without a shared counter
         local = channel.channel_supported() and shared_memory_available()
-        self.counter = SequenceCounter.create() if local else None
+        self.counter = _shared_counter() if local else None
+        local = self.counter is not None  # else callers on this node use Ray calls
         self.arrived = 0  # saves numbered from this incarnation's counter that reached it
         self.waits_answered = 0
         self.keys: dict[str, KeyQueue] = {}
@@ -311,6 +312,14 @@ class CheckpointWriter:
         if state.error is None and self.keys.get(key) is state:
             del self.keys[key]
         self._mark_if_quiet()
+
+
+def _shared_counter() -> SequenceCounter | None:
+    try:
+        return SequenceCounter.create()
+    except StagingFull:
+        log.warning("fedckpt: /dev/shm is full; callers on this node reach writer %s through Ray calls", os.getpid())
+        return None
 
 
 def writer_actor_class() -> Any:
