@@ -381,3 +381,49 @@ def test_writers_run_as_batch_work(runtime, tmp_path):
     for writer in lifecycle.coordinator().writers():
         threads = ray.get(writer.__ray_call__.remote(policies))
         assert len(threads) > 1 and set(threads.values()) == {os.SCHED_BATCH}, threads
+
+
+def test_an_interrupt_during_the_staging_copy_leaves_nothing_behind(runtime, tmp_path):
+    """Ctrl-C (a SIGALRM handler raising KeyboardInterrupt) while a save copies its snapshot: the
+    save never reached the writer, so the segment is free again at once, the key's next save is not
+    held up or failed by it, and the disk keeps the version before."""
+    import traceback
+
+    checkpointer = fedckpt.LatestTorchModuleCheckpointer(str(tmp_path), "model.safetensors")
+    model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048, bias=False) for _ in range(16)])  # 256 MiB
+    with torch.no_grad():
+        model[0].weight.fill_(0)
+    checkpointer.maybe_checkpoint(model, 0.0, {})  # maps the segment the interrupted saves reuse
+    checkpointer.flush()
+    segments = {name for name in os.listdir("/dev/shm") if name.startswith(f"fedckpt-{os.getpid()}-")}
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    in_copy, last_saved = 0, 0
+    try:
+        for attempt in range(5):
+            with torch.no_grad():
+                model[0].weight.fill_(attempt + 1)
+            signal.setitimer(signal.ITIMER_REAL, 0.005)  # the copy of 256 MiB takes far longer
+            try:
+                checkpointer.maybe_checkpoint(model, 0.0, {})
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                last_saved = attempt + 1
+            except KeyboardInterrupt as interrupted:
+                frames = [frame.name for frame in traceback.extract_tb(interrupted.__traceback__)]
+                in_copy += "copy_into" in frames
+            assert lifecycle.coordinator().inflight_bytes() == 0  # nothing staged is left busy
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert in_copy >= 1
+    checkpointer.flush(timeout=30)  # no save of the key is waited for, none failed
+    assert checkpointer.load_state_dict()["0.weight"][0, 0].item() == last_saved
+    with torch.no_grad():
+        model[0].weight.fill_(42)
+    checkpointer.maybe_checkpoint(model, 0.0, {})  # the key's next save, unaffected
+    checkpointer.flush(timeout=30)
+    assert checkpointer.load_state_dict()["0.weight"][0, 0].item() == 42
+    assert {name for name in os.listdir("/dev/shm") if name.startswith(f"fedckpt-{os.getpid()}-")} == segments
