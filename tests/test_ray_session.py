@@ -142,3 +142,22 @@ def test_ray_shutdown_under_an_exception_keeps_that_exception_and_notes_the_fail
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-2:] == ["kept: True True", "down: True"], result.stdout
     assert "saves failed before ray.shutdown()" in result.stderr and "blocked" in result.stderr
+
+
+def test_a_process_whose_saves_failed_at_exit_exits_non_zero(tmp_path):
+    """A script that saves and ends without flushing: fedckpt flushes at exit, and a save that failed
+    there is printed and makes the exit status 1, not 0 as if it had been saved."""
+    (tmp_path / "blocked").write_text("a file where a directory should be")
+    result = run_script(
+        f"""
+        import fedckpt
+        fedckpt.PerRoundStateCheckpointer({str(tmp_path / "blocked")!r}).save_checkpoint("s.pt", {{"a": 1}})
+        fedckpt.PerRoundStateCheckpointer({str(tmp_path / "fine")!r}).save_checkpoint("s.pt", {{"a": 2}})
+        print("saved")
+        """,
+        {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": "local"},
+    )
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    assert result.stdout.strip().splitlines()[-1] == "saved"
+    assert "saves failed before exit" in result.stderr and str(tmp_path / "blocked" / "s.pt") in result.stderr
+    assert (tmp_path / "fine" / "s.pt").exists()

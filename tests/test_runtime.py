@@ -18,6 +18,7 @@ from fedckpt.runtime.messages import UNKNOWN, ObjectStorePayload, SaveRequest
 from fedckpt.runtime.pool import shard_of, writer_name
 from fedckpt.runtime.settings import Settings
 from fedckpt.runtime.writer.incarnation import CLOCK_OFFSET_FILE_ENV
+from fedckpt.runtime.writer.recovery import SaveLostError
 from fedckpt.storage import manifest
 
 MB = 1 << 20
@@ -229,7 +230,8 @@ def test_a_restarted_writer_waits_for_the_saves_its_predecessor_lost(runtime, tm
     assert ray.get(flushed, timeout=30) == {} and ray.get(read, timeout=30) is None
     assert torch.load(key, weights_only=False)["v"] == "re-sent"
 
-    # Its caller never sends it again: after the grace period the flush stops waiting for it.
+    # Its caller never sends it again: after the grace period the flush stops waiting for it, and
+    # reports it as lost (an acknowledged save that is not on storage is an error, not a log line).
     grace = ray.get(writer.__ray_call__.remote(lambda actor: actor.lost.grace_seconds))
     ray.get(writer.__ray_call__.remote(lambda actor: setattr(actor.lost, "grace_seconds", 3.0)))
     try:
@@ -237,8 +239,11 @@ def test_a_restarted_writer_waits_for_the_saves_its_predecessor_lost(runtime, tm
         assert ray.get(writer.stats.remote()).awaiting_resend == 1
         flushed = writer.flush.remote(None)
         assert ray.wait([flushed], timeout=1.0)[0] == []
-        assert ray.get(flushed, timeout=30) == {} and not os.path.exists(ghost)
+        errors = ray.get(flushed, timeout=30)
+        assert list(errors) == [ghost] and isinstance(errors[ghost], SaveLostError), errors
+        assert "not sent again" in str(errors[ghost]) and not os.path.exists(ghost)
         assert ray.get(writer.stats.remote()).awaiting_resend == 0
+        assert ray.get(writer.flush.remote(None)) == {}  # reported once
     finally:
         ray.get(writer.__ray_call__.remote(lambda actor: setattr(actor.lost, "grace_seconds", grace)))
 
@@ -427,3 +432,24 @@ def test_an_interrupt_during_the_staging_copy_leaves_nothing_behind(runtime, tmp
     checkpointer.flush(timeout=30)
     assert checkpointer.load_state_dict()["0.weight"][0, 0].item() == 42
     assert {name for name in os.listdir("/dev/shm") if name.startswith(f"fedckpt-{os.getpid()}-")} == segments
+
+
+def test_saves_a_writer_took_with_it_for_good_make_flush_raise_naming_them(ray_instance, tmp_path):
+    """A writer killed and not restarted (Ray gave up on it): the saves it had acknowledged cannot be
+    sent again, and flush says which, as a CheckpointError, rather than a Ray error or a log line."""
+    fedckpt.init(namespace="fedckpt-gone", num_writers=1, io_threads=1)
+    try:
+        checkpointer = PerRoundStateCheckpointer(tmp_path)
+        writer = ray.get_actor(writer_name(0), namespace="fedckpt-gone")
+        names = [f"s{index}.pt" for index in range(4)]
+        for name in names:  # 256 MiB to write and fsync: the last ones are still queued at the kill
+            checkpointer.save_checkpoint(name, {"x": torch.full((16 * MB,), 7.0)})
+        ray.kill(writer, no_restart=True)
+        with pytest.raises(fedckpt.CheckpointError) as raised:
+            checkpointer.flush(timeout=60)
+        message = str(raised.value)
+        unwritten = [name for name in names if not os.path.exists(tmp_path / name)]
+        assert unwritten and all(str(tmp_path / name) in message for name in unwritten), message
+    finally:
+        lifecycle.coordinator().forget()
+        fedckpt.init()

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import select
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -331,8 +332,8 @@ class Coordinator:
                         self._recover(by_fd[fd])
                 if on_ray and ray.is_initialized():
                     self._check_ray_saves(on_ray, timeout=0.0)
-            except Exception as error:  # Ray going down, a writer gone for good: the next call reports it
-                log.debug("fedckpt: the watcher could not recover a writer: %s", error)
+            except Exception as error:  # Ray going down, a writer gone for good: the next flush raises it
+                log.warning("fedckpt: could not send the saves of a writer that died again: %s", error)
                 stop.wait(RAY_POLL_SECONDS)
 
     # ---- waiting --------------------------------------------------------------------------
@@ -352,6 +353,16 @@ class Coordinator:
             return
         deadline = _Deadline(timeout)
         selected = None if keys is None else sorted(set(keys))
+        try:
+            self._flush(pool, selected, deadline)
+        except ray.exceptions.RayError as error:  # a writer gone for good, or Ray going down
+            lost = sorted({save.request.key for _, save in self._inflight.lost()})
+            raise CheckpointError(
+                f"Waiting for saves failed ({type(error).__name__}: {error}); saves acknowledged but not "
+                f"on storage: {lost or 'none known to this process'}"
+            ) from error
+
+    def _flush(self, pool: WriterPool, selected: list[str] | None, deadline: _Deadline) -> None:
         self._resend_and_recover()  # a writer must hold a save to wait for it
         if selected is None:
             groups: dict[int, list[str] | None] = dict.fromkeys(range(pool.size))
@@ -397,14 +408,19 @@ class Coordinator:
             self._transport.close()
 
     def _flush_at_exit(self) -> None:
-        """A process that exits normally loses nothing it saved, and leaves no staging memory behind."""
+        """A process that exits normally loses nothing it saved, and leaves no staging memory behind.
+
+        If saves failed, the process exits with status 1 once the error is printed: an exception in
+        an exit handler would leave the status 0, as if everything had been saved.
+        """
+        failed = False
         try:
             if self._pool is not None and ray.is_initialized():
                 try:
                     self.flush()
                 except Exception as error:
                     log.error("fedckpt: saves failed before exit: %s", error)
-                    raise
+                    failed = True
         finally:
             self.stop_watcher()  # before Ray's own exit hook disconnects this process
             if self._inflight.nbytes == 0 or not ray.is_initialized():
@@ -413,6 +429,21 @@ class Coordinator:
                 # Ray was shut down under this process (Flower does, after a simulation): its workers
                 # were killed without cleaning up, so remove their staging segments now.
                 remove_orphans(settle_seconds=1.0, grace_seconds=0.0)
+        if failed:
+            _exit_with_failure()
+
+
+def _exit_with_failure() -> None:
+    """Exit now with status 1. The exit handlers registered before fedckpt's would not run after
+    ``os._exit``; the ones that matter here run first: Ray's shutdown, then logging's and stdio's flush."""
+    with contextlib.suppress(Exception):
+        if ray.is_initialized():
+            ray_session.unwrapped_shutdown()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(1)
 
 
 def _checkpoint_error(what: str, errors: dict[str, BaseException]) -> CheckpointError:

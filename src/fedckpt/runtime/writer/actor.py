@@ -116,7 +116,7 @@ class CheckpointWriter:
         self.content_index = ContentIndex()
         self.name = f"writer-{index}@{os.getpid()}"
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.lost = LostSaves(self.incarnation.restarted, self.name)
+        self.lost = LostSaves(self.incarnation.restarted, self.name, self._hold_error)
         self.channel_address = channel.new_address(f"writer-{index}") if local else None
         self._channel_server: asyncio.AbstractServer | None = None
 
@@ -196,6 +196,10 @@ class CheckpointWriter:
             state.draining = True
             asyncio.get_running_loop().create_task(self._drain(request.key, state))
         return Ack(sequence, self.epoch)
+
+    def _hold_error(self, key: str, error: BaseException) -> None:
+        """Report ``error`` to the next flush or wait of ``key`` (from any process)."""
+        self.keys.setdefault(key, KeyQueue()).error = error
 
     async def wait_saved(self, key: str, sequence: tuple[int, int], writer_epoch: int) -> SaveDone:
         """Wait until one save left memory: saved, superseded, failed or abandoned.

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 log = logging.getLogger("fedckpt.writer")
 
 # How long a restarted writer waits for a lost save to be sent again before flushes and reads stop
-# waiting for it (its caller presumably died too) and a warning names it.
+# waiting for it (its caller presumably died too) and report it as lost.
 RESEND_GRACE_SECONDS = 60.0
 # Callers learn of the restart at about the time it happens, but their re-sends and redelivered
 # calls arrive in no particular order: a flush or read that arrives this soon after the restart
@@ -29,8 +30,11 @@ class LostSaves:
     sent again and left memory, was replaced on disk by a newer save of its key, or its grace
     period ran out."""
 
-    def __init__(self, restarted: bool, writer_name: str) -> None:
+    def __init__(
+        self, restarted: bool, writer_name: str, on_give_up: Callable[[str, BaseException], None] | None = None
+    ) -> None:
         self.restarted = restarted
+        self.on_give_up = on_give_up  # gets the key and the error to report for it
         self.started = time.monotonic()
         self.writer_name = writer_name
         self.grace_seconds = RESEND_GRACE_SECONDS
@@ -81,14 +85,19 @@ class LostSaves:
 
     def _give_up(self, key: str, sequence: tuple[int, int]) -> None:
         future = self.arrived(key, sequence)
-        if future is not None and not future.done():
-            log.warning(
-                "fedckpt: a save of %s (sequence %s) that an earlier incarnation of %s lost was not sent "
-                "again within %.0f s (its caller presumably died too); flushes no longer wait for it, "
-                "and the checkpoint on disk stays at its last written version",
-                key,
-                sequence,
-                self.writer_name,
-                self.grace_seconds,
-            )
-            future.set_result(None)
+        if future is None or future.done():
+            return
+        error = SaveLostError(
+            f"a save of {key} (sequence {sequence}) was acknowledged by an earlier incarnation of "
+            f"{self.writer_name}, which died before writing it, and was not sent again within "
+            f"{self.grace_seconds:.0f} s (its caller presumably died too): the checkpoint on storage "
+            "stays at its last written version"
+        )
+        log.error("fedckpt: %s", error)
+        if self.on_give_up is not None:
+            self.on_give_up(key, error)
+        future.set_result(None)
+
+
+class SaveLostError(RuntimeError):
+    """An acknowledged save that never reached storage."""
