@@ -1,8 +1,9 @@
 """A Flower simulation whose ServerApp never flushes fedckpt: Flower shuts Ray down right after it.
 
-Run as ``python flower_app_without_flush.py CHECKPOINT_DIR CLIENTS ROUNDS WIDTH COPIES``; each client
-saves its trained model (every weight set to the round number) under COPIES names in every round,
-the last one included.
+Run as ``python flower_app_without_flush.py CHECKPOINT_DIR CLIENTS ROUNDS WIDTH COPIES [ACKS]``; each
+client saves its trained model (every weight set to the round number) under COPIES names in every
+round, the last one included. With ACKS, each client appends ``<client> <copy> <round>`` to that file
+once a save's call returned (the save was acknowledged).
 """
 
 import os
@@ -22,6 +23,7 @@ import fedckpt  # noqa: E402
 
 DIRECTORY = sys.argv[1]
 CLIENTS, ROUNDS, WIDTH, COPIES = (int(argument) for argument in sys.argv[2:6])
+ACKS = sys.argv[6] if len(sys.argv) > 6 else None
 
 client = ClientApp()
 
@@ -37,6 +39,9 @@ def train(msg: Message, context: Context) -> Message:
         directory = os.path.join(DIRECTORY, f"client_{partition}")
         checkpointer = fedckpt.LatestTorchModuleCheckpointer(directory, f"model_{copy}.pt")
         checkpointer.maybe_checkpoint(model, 0.0, {})  # returns at once; written in the background
+        if ACKS:
+            with open(ACKS, "a") as acks:  # one short append: whole lines, whichever process writes
+                acks.write(f"{partition} {copy} {msg.content['config']['server-round']}\n")
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": 1})})
     return Message(content=content, reply_to=msg)
 

@@ -336,3 +336,47 @@ def test_two_incarnations_of_a_writer_publishing_at_once_keep_file_and_manifest_
     assert all(after >= before for before, after in itertools.pairwise(seen))
     assert torch.load(path, weights_only=False)["n"] == versions - 1 == read_entry(path).sequence[1]
     assert fedckpt_cli(["verify", str(tmp_path)]) == 0
+
+
+TRAINING_LOOP = """
+import signal, sys, torch, fedckpt
+if {user_handler!r}:
+    def on_sigterm(signum, frame):
+        print("user handler ran", flush=True)
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, on_sigterm)
+states = fedckpt.PerRoundStateCheckpointer({directory!r})
+step = 0
+while True:
+    step += 1
+    states.save_checkpoint("state.pt", {{"counter": step, "x": torch.full((8 << 20,), step)}})  # 64 MiB
+    print("acked state.pt", step, flush=True)
+"""
+
+
+@pytest.mark.parametrize("user_handler", [False, True], ids=["default-handler", "user-handler"])
+def test_sigterm_mid_save_flushes_every_acknowledged_save_then_exits_as_it_would_have(runtime, tmp_path, user_handler):
+    """Preemption (Slurm, Kubernetes): SIGTERM to a training loop that saves as fast as it can. Every
+    save it saw acknowledged is on disk when it has ended, and it ends as it would have without
+    fedckpt: killed by SIGTERM (143 in a shell), or through the user's own handler."""
+    script = TRAINING_LOOP.format(directory=str(tmp_path), user_handler=user_handler)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    loop = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
+    acked: dict[str, int] = {}
+    for _ in range(4):
+        _, name, counter = loop.stdout.readline().split()
+        acked[name] = int(counter)
+    loop.send_signal(signal.SIGTERM)  # while it saves the next one
+    rest = loop.stdout.read().split("\n")
+    for line in rest:
+        if line.startswith("acked"):
+            acked["state.pt"] = int(line.split()[2])
+    code = loop.wait(timeout=120)
+    stderr = loop.stderr.read()
+    if user_handler:
+        assert code == 143 and "user handler ran" in rest, (code, stderr[-3000:])
+    else:
+        assert code == -signal.SIGTERM, (code, stderr[-3000:])
+    assert counter_on_disk(str(tmp_path / "state.pt")) >= acked["state.pt"]
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0

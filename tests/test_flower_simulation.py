@@ -151,3 +151,35 @@ def test_a_server_app_that_never_flushes_still_gets_every_client_save(tmp_path):
             weight = read_state_dict(str(tmp_path / f"client_{client}" / f"model_{copy}.pt"))["weight"]
             assert torch.all(weight == rounds), (client, copy)
     assert fedckpt_cli(["verify", str(tmp_path)]) == 0
+
+
+def test_a_flower_run_sent_sigterm_mid_round_has_every_acknowledged_client_save_on_disk(tmp_path):
+    """Preemption of a Flower simulation: SIGTERM to the driver while its clients save. When it has
+    ended, every save a client saw acknowledged is on disk (or a newer one), and nothing is torn."""
+    clients, rounds, copies = 4, 200, 2
+    app = Path(__file__).resolve().parent / "flower_app_without_flush.py"
+    acks = tmp_path / "acks.txt"
+    checkpoints = tmp_path / "checkpoints"
+    command = [sys.executable, str(app), str(checkpoints), str(clients), str(rounds), "1024", str(copies), str(acks)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                               start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not acks.exists() or len(acks.read_text().splitlines()) < clients * copies * 3:
+            assert process.poll() is None, "the run ended before it was sent SIGTERM"
+            assert time.monotonic() < deadline, "no saves in time"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+    finally:
+        kill_session(process.pid)  # what SIGKILL after the grace period would leave: nothing runs on
+        process.wait()
+    assert code != 0, "the run was stopped: it should not report success"
+    acknowledged: dict[tuple[int, int], int] = {}
+    for line in acks.read_text().splitlines():
+        client, copy, server_round = (int(field) for field in line.split())
+        acknowledged[(client, copy)] = max(server_round, acknowledged.get((client, copy), 0))
+    for (client, copy), server_round in acknowledged.items():
+        weight = read_state_dict(str(checkpoints / f"client_{client}" / f"model_{copy}.pt"))["weight"]
+        assert int(weight[0, 0]) >= server_round and torch.all(weight == weight[0, 0]), (client, copy)
+    assert fedckpt_cli(["verify", str(checkpoints)]) == 0

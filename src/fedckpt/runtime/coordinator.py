@@ -25,7 +25,7 @@ from typing import Any
 import ray
 
 from fedckpt.errors import CheckpointError
-from fedckpt.runtime import ray_session
+from fedckpt.runtime import preemption, ray_session
 from fedckpt.runtime.channel import ChannelClosed
 from fedckpt.runtime.inflight import Batch, InflightSave, InflightSaves, SaveState
 from fedckpt.runtime.messages import ABANDONED, UNKNOWN, SaveDone, SaveRequest, WriterStats
@@ -89,6 +89,7 @@ class Coordinator:
                 self._pool = WriterPool.create(self.settings) if create else WriterPool.find(self.settings)
                 if self._pool is not None:
                     self._start_watcher()
+                    preemption.install(self.settings.preemption_grace_seconds)
                     # Re-registered after any ray.init so that it runs before Ray's own exit hook.
                     atexit.unregister(self._flush_at_exit)
                     atexit.register(self._flush_at_exit)
@@ -415,7 +416,8 @@ class Coordinator:
         """
         failed = False
         try:
-            if self._pool is not None and ray.is_initialized():
+            # After SIGTERM the handler flushed for its grace period already: SIGKILL is near.
+            if self._pool is not None and ray.is_initialized() and not preemption.sigterm_handled.is_set():
                 try:
                     self.flush()
                 except Exception as error:

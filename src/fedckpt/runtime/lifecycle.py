@@ -8,7 +8,7 @@ import time
 
 import ray
 
-from fedckpt.runtime import ray_session
+from fedckpt.runtime import preemption, ray_session
 from fedckpt.runtime.coordinator import Coordinator
 from fedckpt.runtime.settings import Settings
 
@@ -28,6 +28,7 @@ def init(
     coalesce: bool | None = None,
     io_threads: int | None = None,
     shared_memory_staging: bool | None = None,
+    preemption_grace_seconds: float | None = None,
 ) -> None:
     """Configure the runtime and start (or join) Ray and the writer pool now.
 
@@ -37,7 +38,10 @@ def init(
     bytes this process has in flight before a save waits (backpressure). With
     ``shared_memory_staging`` (the default where ``/dev/shm`` is writable) a save is copied into
     reused shared memory that writers on the same node read directly; without it, or for a writer
-    on another node, the copy goes into Ray's object store.
+    on another node, the copy goes into Ray's object store. On SIGTERM (preemption by Slurm or
+    Kubernetes) the saves already acknowledged get ``preemption_grace_seconds`` (default 25; 0: leave
+    SIGTERM alone) to reach storage, then the handler that was in place runs (see
+    :mod:`fedckpt.runtime.preemption`; installed from the main thread only).
     """
     global _coordinator
     defaults = Settings.from_env()
@@ -49,6 +53,9 @@ def init(
         io_threads=defaults.io_threads if io_threads is None else io_threads,
         shared_memory_staging=(
             defaults.shared_memory_staging if shared_memory_staging is None else shared_memory_staging
+        ),
+        preemption_grace_seconds=(
+            defaults.preemption_grace_seconds if preemption_grace_seconds is None else preemption_grace_seconds
         ),
     ).validated()
     with _lock:
@@ -107,7 +114,8 @@ def flush_before_ray_shutdown() -> BaseException | None:
     pending in the cluster; returns the failure to raise once Ray is down."""
     failure = None
     try:
-        coordinator().flush(timeout=SHUTDOWN_FLUSH_TIMEOUT_SECONDS)
+        if not preemption.sigterm_handled.is_set():  # else the SIGTERM handler flushed already
+            coordinator().flush(timeout=SHUTDOWN_FLUSH_TIMEOUT_SECONDS)
     except Exception as error:  # Ray still goes down; the caller hears of it afterwards
         log.error("fedckpt: saves pending at ray.shutdown() failed or timed out: %s", error)
         failure = error

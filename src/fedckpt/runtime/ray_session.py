@@ -27,11 +27,14 @@ def ensure_ray() -> bool:
     """
     if ray.is_initialized():
         return False
+    from fedckpt.runtime.preemption import keeping_sigterm_handler
+
     address = os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
-        ray.init(address=address, include_dashboard=False)
-        return True
-    _start_local_on_loopback()
+    with keeping_sigterm_handler():
+        if address and address != "local":
+            ray.init(address=address, include_dashboard=False)
+        else:
+            _start_local_on_loopback()
     return True
 
 

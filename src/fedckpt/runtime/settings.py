@@ -6,6 +6,16 @@ import os
 from dataclasses import dataclass, replace
 
 
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError as error:
+        raise ValueError(f"Environment variable {name}={value!r} is not a number") from error
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -27,6 +37,9 @@ class Settings:
     coalesce: bool = True
     io_threads: int = 2
     shared_memory_staging: bool = True  # False: stage snapshots in Ray's object store instead
+    # On SIGTERM (Slurm, Kubernetes: SIGKILL follows after their grace period, 30 s by default), this
+    # long is given to the saves already acknowledged; 0 leaves SIGTERM alone.
+    preemption_grace_seconds: float = 25.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -38,6 +51,7 @@ class Settings:
             max_inflight_bytes=_env_int("FEDCKPT_MAX_INFLIGHT_BYTES", base.max_inflight_bytes),
             io_threads=_env_int("FEDCKPT_IO_THREADS", base.io_threads),
             shared_memory_staging=bool(_env_int("FEDCKPT_SHARED_MEMORY", int(base.shared_memory_staging))),
+            preemption_grace_seconds=_env_float("FEDCKPT_PREEMPTION_GRACE_SECONDS", base.preemption_grace_seconds),
         )
 
     def validated(self) -> Settings:
@@ -47,6 +61,8 @@ class Settings:
             raise ValueError(f"io_threads must be at least 1, got {self.io_threads}")
         if self.max_inflight_bytes < 1:
             raise ValueError(f"max_inflight_bytes must be positive, got {self.max_inflight_bytes}")
+        if not self.preemption_grace_seconds >= 0:
+            raise ValueError(f"preemption_grace_seconds must be at least 0, got {self.preemption_grace_seconds}")
         if not self.namespace:
             raise ValueError("namespace must not be empty")
         return self

@@ -1,0 +1,96 @@
+"""Preemption: on SIGTERM, the saves already acknowledged are flushed, within a grace period, and
+the process then ends as it would have without fedckpt.
+
+Slurm and Kubernetes stop a job with SIGTERM, then SIGKILL after a grace period (30 s by default
+in both). Python's default for SIGTERM is to die at once, exit handlers unrun, so without this the
+saves a training loop was told were taken would be lost with the writers. After the flush the
+handler that was there before runs: the user's own, or the default one, which ends the process by
+the signal (status 143 in a shell).
+
+Installed only in the process that drives the run (a script, Flower's ServerApp), from its main
+thread: in Ray's worker processes SIGTERM belongs to Ray, and the driver's flush covers their saves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import ray
+
+log = logging.getLogger("fedckpt")
+
+# Set once SIGTERM was handled: the flushes at ray.shutdown() and at exit that follow (the handler
+# handed on may exit through them) do not wait again past the grace period.
+sigterm_handled = threading.Event()
+
+
+def keeping_sigterm_handler() -> Any:
+    """Around a ``ray.init`` that fedckpt makes: Ray would replace the handler the program has
+    (the user's own, or the default) with its own."""
+    return _KeptHandler()
+
+
+class _KeptHandler:
+    def __enter__(self) -> None:
+        main = threading.current_thread() is threading.main_thread()
+        self.handler = signal.getsignal(signal.SIGTERM) if main else None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handler is not None:
+            signal.signal(signal.SIGTERM, self.handler)
+
+
+def install(grace_seconds: float) -> None:
+    """Flush for up to ``grace_seconds`` on SIGTERM, before the handler already in place (0: leave it)."""
+    if grace_seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        return
+    if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous in (signal.SIG_IGN, None) or isinstance(previous, _FlushThenHandOn):
+        return
+    signal.signal(signal.SIGTERM, _FlushThenHandOn(previous, grace_seconds))
+
+
+class _FlushThenHandOn:
+    def __init__(self, previous: Any, grace_seconds: float) -> None:
+        self.previous = previous
+        self.grace_seconds = grace_seconds
+
+    def __call__(self, signum: int, frame: FrameType | None) -> Any:
+        signal.signal(signal.SIGTERM, self.previous)  # a second SIGTERM is not held up by this one
+        self._flush()
+        sigterm_handled.set()
+        if callable(self.previous):
+            return self.previous(signum, frame)
+        os.kill(os.getpid(), signum)  # the default action: end by the signal
+        return None
+
+    def _flush(self) -> None:
+        """In a thread of its own, bounded: the signal may have come while this thread held a lock
+        the flush needs."""
+        from fedckpt.runtime import lifecycle
+
+        outcome: list[BaseException | None] = []
+
+        def flush() -> None:
+            try:
+                lifecycle.coordinator().flush(timeout=self.grace_seconds)
+                outcome.append(None)
+            except BaseException as error:
+                outcome.append(error)
+
+        worker = threading.Thread(target=flush, name="fedckpt-preemption-flush", daemon=True)
+        worker.start()
+        worker.join(self.grace_seconds)
+        if not outcome:
+            log.error("fedckpt: SIGTERM: saves not flushed within %.0f s; ending anyway", self.grace_seconds)
+        elif outcome[0] is not None:
+            log.error("fedckpt: SIGTERM: saves failed while flushing: %s", outcome[0])
+        else:
+            log.info("fedckpt: SIGTERM: every acknowledged save is on storage")
