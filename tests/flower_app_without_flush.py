@@ -37,7 +37,7 @@ def train(msg: Message, context: Context) -> Message:
     partition = int(context.node_config["partition-id"])
     for copy in range(COPIES):
         directory = os.path.join(DIRECTORY, f"client_{partition}")
-        checkpointer = fedckpt.LatestTorchModuleCheckpointer(directory, f"model_{copy}.pt")
+        checkpointer = fedckpt.LatestTorchModuleCheckpointer(directory, f"model_{copy}.safetensors")
         checkpointer.maybe_checkpoint(model, 0.0, {})  # returns at once; written in the background
         if ACKS:
             with open(ACKS, "a") as acks:  # one short append: whole lines, whichever process writes

@@ -19,7 +19,9 @@ from fedckpt import (
     PerRoundStateCheckpointer,
     TorchModuleCheckpointer,
 )
+from fedckpt.cli import main as fedckpt_cli
 from fedckpt.storage.manifest import read_entry
+from fedckpt.storage.reading import read_state_dict
 
 
 def test_public_api_names():
@@ -198,8 +200,61 @@ def test_load_checkpoint_reads_plain_torch_save_files(runtime, tmp_path):
     checkpointer = LatestTorchModuleCheckpointer(str(tmp_path), "other.pt")
     loaded = checkpointer.load_checkpoint(str(tmp_path / "fl4health.pt"))
     assert_same_tensors(loaded.state_dict(), model.state_dict())
-    with pytest.raises(ValueError, match="not a fedckpt model checkpoint"):
-        checkpointer.load_state_dict(str(tmp_path / "fl4health.pt"))
+    assert_same_tensors(checkpointer.load_state_dict(str(tmp_path / "fl4health.pt")), model.state_dict())
+    torch.save({"not": "a model"}, tmp_path / "other_thing.pt")
+    with pytest.raises(ValueError, match="not a model or its state dict"):
+        checkpointer.load_state_dict(str(tmp_path / "other_thing.pt"))
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.pth", "model.pkl", "model.ckpt", "model", "model.safetensors"])
+def test_a_model_file_is_what_its_name_says(runtime, tmp_path, name):
+    """FL4Health and its users ``torch.load`` model checkpoints: every name but ``.safetensors`` gets
+    the file ``torch.save(model)`` writes; ``.safetensors`` keeps safetensors. Both load back, and
+    ``load_state_dict`` reads safetensors without running pickle."""
+    model = make_model(5)
+    checkpointer = BestLossTorchModuleCheckpointer(str(tmp_path), name)
+    checkpointer.maybe_checkpoint(model, 0.3, {})
+    checkpointer.flush()
+    path = checkpointer.checkpoint_path
+    if name.endswith(".safetensors"):
+        assert_same_tensors(read_state_dict(path), model.state_dict())  # safetensors' own reader
+    else:
+        loaded = torch.load(path, weights_only=False)  # what FL4Health's users do
+        assert type(loaded) is type(model)
+        assert_same_tensors(loaded.state_dict(), model.state_dict())
+        assert torch.load(path, weights_only=False, mmap=True).steps.item() == model.steps.item()
+    assert_same_tensors(checkpointer.load_checkpoint().state_dict(), model.state_dict())
+    assert_same_tensors(checkpointer.load_state_dict(), model.state_dict())
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0
+
+
+def test_one_module_save_to_both_formats_writes_each_from_its_own_snapshot(runtime, tmp_path):
+    """A module with a .pt and a .safetensors checkpointer of one model: one call, two formats."""
+    model = make_model(6)
+    pre = [LatestTorchModuleCheckpointer(str(tmp_path), "pre.pt"),
+           LatestTorchModuleCheckpointer(str(tmp_path), "pre.safetensors")]  # fmt: skip
+    module = ClientCheckpointAndStateModule(pre_aggregation=pre)
+    module.maybe_checkpoint(model, 0.1, {}, CheckpointMode.PRE_AGGREGATION)
+    module.flush()
+    assert isinstance(torch.load(tmp_path / "pre.pt", weights_only=False), type(model))
+    assert_same_tensors(read_state_dict(str(tmp_path / "pre.safetensors")), model.state_dict())
+
+
+def test_fl4health_decision_only_checkpointers_and_full_paths_inside_the_directory(runtime, tmp_path):
+    """From FL4Health's own tests: a checkpointer built with an empty directory and name only for its
+    decisions, and loads given the full path of a file inside the checkpoint directory."""
+    decider = BestLossTorchModuleCheckpointer("", "")
+    assert decider._should_checkpoint(0.5) and decider.best_score is None
+    with pytest.raises(ValueError, match="must not be empty"):
+        decider.maybe_checkpoint(make_model(1), 0.5, {})  # checked at the first save
+    assert decider.best_score is None
+    states = PerRoundStateCheckpointer(tmp_path)
+    states.save_checkpoint("state.pt", {"round": 3})
+    assert states.load_checkpoint(str(tmp_path / "state.pt"))["round"] == 3
+    assert states.checkpoint_exists(str(tmp_path / "state.pt"))
+    for outside in ("/etc/passwd", str(tmp_path), str(tmp_path / ".." / "elsewhere.pt")):
+        with pytest.raises(ValueError, match="not inside the checkpoint directory"):
+            states.load_checkpoint(outside)
 
 
 def test_loading_without_ray_reads_the_disk(tmp_path):

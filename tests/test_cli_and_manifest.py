@@ -17,7 +17,7 @@ from fedckpt.storage.paths import entry_path
 
 
 def write_some(tmp_path):
-    best = BestLossTorchModuleCheckpointer(str(tmp_path), "best.pt")
+    best = BestLossTorchModuleCheckpointer(str(tmp_path), "best.safetensors")
     best.maybe_checkpoint(make_model(0), 0.42, {})
     state = PerRoundStateCheckpointer(tmp_path)
     state.save_checkpoint("round/state.pt", {"round": 1, "w": torch.ones(10)})
@@ -41,11 +41,11 @@ def test_ls_json_lists_every_checkpoint(runtime, tmp_path, capsys):
     write_some(tmp_path)
     assert main(["ls", str(tmp_path), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [row["path"] for row in rows] == ["best.pt", os.path.join("round", "state.pt")]
+    assert [row["path"] for row in rows] == ["best.safetensors", os.path.join("round", "state.pt")]
     for row in rows:
         assert {"sequence", "score", "bytes", "checksum", "saved_at", "saved_at_iso", "format"} <= set(row)
     assert main(["ls", str(tmp_path)]) == 0
-    assert "best.pt" in capsys.readouterr().out
+    assert "best.safetensors" in capsys.readouterr().out
 
 
 def test_verify_passes_then_names_a_corrupted_file(runtime, tmp_path):
@@ -78,7 +78,7 @@ def test_ls_and_verify_import_neither_ray_nor_torch(runtime, tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "best.pt" in result.stdout and "verified 2 checkpoint(s)" in result.stdout
+    assert "best.safetensors" in result.stdout and "verified 2 checkpoint(s)" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 

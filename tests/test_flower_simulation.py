@@ -148,7 +148,7 @@ def test_a_server_app_that_never_flushes_still_gets_every_client_save(tmp_path):
     assert completed.stdout.strip().splitlines()[-1] == "simulation returned"
     for client in range(clients):
         for copy in range(copies):
-            weight = read_state_dict(str(tmp_path / f"client_{client}" / f"model_{copy}.pt"))["weight"]
+            weight = read_state_dict(str(tmp_path / f"client_{client}" / f"model_{copy}.safetensors"))["weight"]
             assert torch.all(weight == rounds), (client, copy)
     assert fedckpt_cli(["verify", str(tmp_path)]) == 0
 
@@ -180,6 +180,6 @@ def test_a_flower_run_sent_sigterm_mid_round_has_every_acknowledged_client_save_
         client, copy, server_round = (int(field) for field in line.split())
         acknowledged[(client, copy)] = max(server_round, acknowledged.get((client, copy), 0))
     for (client, copy), server_round in acknowledged.items():
-        weight = read_state_dict(str(checkpoints / f"client_{client}" / f"model_{copy}.pt"))["weight"]
+        weight = read_state_dict(str(checkpoints / f"client_{client}" / f"model_{copy}.safetensors"))["weight"]
         assert int(weight[0, 0]) >= server_round and torch.all(weight == weight[0, 0]), (client, copy)
     assert fedckpt_cli(["verify", str(checkpoints)]) == 0

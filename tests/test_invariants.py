@@ -148,7 +148,7 @@ def test_concurrent_savers_on_one_key_end_with_an_issued_version(runtime, tmp_pa
 
 
 def test_readers_never_see_a_partial_file(runtime, tmp_path):
-    checkpointer = LatestTorchModuleCheckpointer(str(tmp_path), "atomic.pt")
+    checkpointer = LatestTorchModuleCheckpointer(str(tmp_path), "atomic.safetensors")
     model = big_model(8)
     with torch.no_grad():
         model.weight.fill_(-5.0)
@@ -196,7 +196,7 @@ def test_a_script_that_exits_without_flush_loses_nothing(tmp_path):
         import torch
         from fedckpt import LatestTorchModuleCheckpointer, PerRoundStateCheckpointer
         model = torch.nn.Linear(4096, 4096)  # 64 MB: these saves take seconds to write and fsync
-        checkpointers = [LatestTorchModuleCheckpointer({str(tmp_path)!r}, f"model{{i}}.pt") for i in range(4)]
+        checkpointers = [LatestTorchModuleCheckpointer({str(tmp_path)!r}, f"model{{i}}.safetensors") for i in range(4)]
         for version in (1.0, 2.0):  # version 2 of each key waits in the writer's queue behind version 1
             with torch.no_grad():
                 model.weight.fill_(version)
@@ -213,7 +213,7 @@ def test_a_script_that_exits_without_flush_loses_nothing(tmp_path):
     from safetensors.torch import load_file
 
     for index in range(4):
-        assert torch.all(load_file(tmp_path / f"model{index}.pt")["weight"] == 2.0)
+        assert torch.all(load_file(tmp_path / f"model{index}.safetensors")["weight"] == 2.0)
     state = torch.load(tmp_path / "state.pt", weights_only=False)
     assert state["round"] == 3 and torch.all(state["w"] == 2.0)
     assert temp_files(tmp_path) == []
@@ -316,7 +316,7 @@ def test_backpressure_keeps_inflight_bytes_under_the_budget(ray_instance, tmp_pa
     [
         ("", "empty"),
         ("../outside.pt", "escapes"),
-        ("/etc/passwd", "absolute"),
+        ("/etc/passwd", "not inside the checkpoint directory"),
         ("a\x00b", "NUL"),
         (".fedckpt/x.pt", "keeps for itself"),
         ("x" * 300, "longer than"),
@@ -325,7 +325,7 @@ def test_backpressure_keeps_inflight_bytes_under_the_budget(ray_instance, tmp_pa
 )
 def test_bad_checkpoint_names(tmp_path, name, message):
     with pytest.raises(ValueError, match=message):
-        LatestTorchModuleCheckpointer(str(tmp_path), name)
+        LatestTorchModuleCheckpointer(str(tmp_path), name).maybe_checkpoint(nn.Linear(2, 2), 0.0, {})
     with pytest.raises(ValueError, match=message):
         PerRoundStateCheckpointer(tmp_path).save_checkpoint(name, {"a": 1})
 
@@ -340,8 +340,12 @@ def test_bad_states_and_models_are_rejected_before_anything_is_written(runtime, 
         LatestTorchModuleCheckpointer(str(tmp_path), "m.pt").maybe_checkpoint({"not": "a model"}, 0.0, {})
     sparse = nn.Linear(2, 2)
     sparse.register_buffer("s", torch.eye(3).to_sparse())
-    with pytest.raises(TypeError, match="layout"):
-        LatestTorchModuleCheckpointer(str(tmp_path), "sparse.pt").maybe_checkpoint(sparse, 0.0, {})
+    with pytest.raises(TypeError, match="layout"):  # safetensors holds dense tensors only
+        LatestTorchModuleCheckpointer(str(tmp_path), "sparse.safetensors").maybe_checkpoint(sparse, 0.0, {})
+    with pytest.raises(TypeError, match="cannot be saved"):
+        unpicklable = nn.Linear(2, 2)
+        unpicklable.lock = threading.Lock()
+        LatestTorchModuleCheckpointer(str(tmp_path), "lock.pt").maybe_checkpoint(unpicklable, 0.0, {})
     with pytest.raises(TypeError, match="score must be a number"):
         fedckpt.BestLossTorchModuleCheckpointer(str(tmp_path), "b.pt").maybe_checkpoint(sparse, "low", {})
     fedckpt.flush()

@@ -64,7 +64,7 @@ def test_ray_shutdown_waits_for_the_saves_of_every_process(tmp_path):
             with torch.no_grad():
                 model.weight.fill_(version)
             for index in range(8):
-                checkpointer = fedckpt.LatestTorchModuleCheckpointer({str(tmp_path)!r}, f"m{{index}}.pt")
+                checkpointer = fedckpt.LatestTorchModuleCheckpointer({str(tmp_path)!r}, f"m{{index}}.safetensors")
                 checkpointer.maybe_checkpoint(model, 0.0, {{}})
             if version == 2.0:  # fails in the writer, after this task returned
                 fedckpt.PerRoundStateCheckpointer({str(tmp_path / "blocked")!r}).save_checkpoint("s.pt", {{}})
@@ -76,7 +76,7 @@ def test_ray_shutdown_waits_for_the_saves_of_every_process(tmp_path):
         except fedckpt.CheckpointError as error:
             print("reported:", "blocked" in str(error) and not ray.is_initialized())
         print("written:", all(
-            bool((load_file(f"{str(tmp_path)}/m{{index}}.pt")["weight"] == 2.0).all()) for index in range(8)))
+            bool((load_file(f"{str(tmp_path)}/m{{index}}.safetensors")["weight"] == 2.0).all()) for index in range(8)))
         """,
         {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
     )

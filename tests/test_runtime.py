@@ -347,7 +347,7 @@ def test_a_read_of_a_quiet_writers_saves_asks_it_nothing(runtime, tmp_path):
     answered from the writer's quiet mark without a call. A save issued before it, by this process
     or another, or an error held for a key makes the read ask the writer, which waits and reports."""
     checkpointer = PerRoundStateCheckpointer(tmp_path)
-    checkpointer.save_checkpoint("s.pt", {"v": 1})
+    checkpointer.save_checkpoint("s.pt", {"v": 1, "x": torch.zeros(32 * MB)})  # 128 MiB: still being written
     before = waits_answered()
     assert checkpointer.load_checkpoint("s.pt")["v"] == 1  # right after the save: the writer is asked
     assert waits_answered() == before + 1

@@ -9,11 +9,10 @@ from typing import Any
 
 from torch import nn
 
-from fedckpt.checkpointers import FunctionTorchModuleCheckpointer, TorchModuleCheckpointer
+from fedckpt.checkpointers import FunctionTorchModuleCheckpointer, TorchModuleCheckpointer, snapshot_model
 from fedckpt.policies import Scalar
 from fedckpt.runtime import lifecycle
 from fedckpt.runtime.messages import SaveRequest
-from fedckpt.snapshot import snapshot_module
 from fedckpt.state import PerRoundStateCheckpointer
 from fedckpt.storage.paths import checkpoint_key
 
@@ -60,10 +59,13 @@ def checkpoint_model(
                 requests.append(request)
         else:  # a user subclass with its own logic
             checkpointer.maybe_checkpoint(model, loss, metrics)
-    if requests:
-        lifecycle.coordinator().save(requests, snapshot_module(model))
-        for checkpointer, request in zip(deciding, requests, strict=True):
-            checkpointer.accepted(request)
+    for file_format in sorted({request.kind for request in requests}):  # one snapshot per file format
+        chosen = [
+            (saver, request) for saver, request in zip(deciding, requests, strict=True) if request.kind == file_format
+        ]
+        lifecycle.coordinator().save([request for _, request in chosen], snapshot_model(model, file_format))
+        for saver, request in chosen:
+            saver.accepted(request)
 
 
 class CheckpointAndStateModule(ABC):

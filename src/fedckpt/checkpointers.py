@@ -12,6 +12,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
+import torch
 from torch import nn
 
 from fedckpt.policies import (
@@ -25,7 +26,7 @@ from fedckpt.policies import (
 )
 from fedckpt.runtime import lifecycle
 from fedckpt.runtime.messages import SaveRequest
-from fedckpt.snapshot import MODULE, snapshot_module
+from fedckpt.snapshot import MODULE, STATE, Snapshot, snapshot_module, snapshot_state
 from fedckpt.storage import formats, manifest, reading
 from fedckpt.storage.paths import checkpoint_key, checkpoint_path_in
 
@@ -37,16 +38,51 @@ def wait_until_readable(*paths: str) -> None:
     lifecycle.coordinator().wait_readable(*(checkpoint_key(path) for path in paths))
 
 
+def model_file_format(path: str) -> str:
+    """What a model checkpoint's name asks for: safetensors for ``.safetensors``, else the file
+    ``torch.save(model)`` writes (``.pt``, ``.pth``, ``.pkl``, ``.ckpt``, ...), which
+    ``torch.load(path, weights_only=False)`` returns as the ``nn.Module``, as FL4Health's users expect."""
+    return MODULE if path.endswith(".safetensors") else STATE
+
+
+def snapshot_model(model: nn.Module, file_format: str) -> Snapshot:
+    """The snapshot of ``model`` for a file of ``file_format`` (see :func:`model_file_format`)."""
+    if file_format == MODULE:
+        return snapshot_module(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected a torch.nn.Module to checkpoint, got {type(model).__name__}")
+    try:
+        return snapshot_state(model)
+    except TypeError as error:
+        raise TypeError(f"The model of type {type(model).__name__} cannot be saved: {error}") from error
+
+
 class TorchModuleCheckpointer(ABC):
     """Base class of model checkpointers. Subclasses implement ``maybe_checkpoint``.
 
     Args:
         checkpoint_dir: directory of the checkpoint (created by the writer if missing).
-        checkpoint_name: file name inside ``checkpoint_dir``; it may not escape it.
+        checkpoint_name: file name inside ``checkpoint_dir`` (or a path inside it); it may not escape
+            it. Checked at the first save or load, so a checkpointer used only for its decisions may
+            be built with empty ones, as in FL4Health. ``.safetensors`` names get safetensors files;
+            any other name gets ``torch.save``'s format (see :func:`model_file_format`).
     """
 
     def __init__(self, checkpoint_dir: str, checkpoint_name: str) -> None:
-        self.checkpoint_path = checkpoint_path_in(checkpoint_dir, checkpoint_name)
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_name = checkpoint_name
+        self._checkpoint_path: str | None = None
+
+    @property
+    def checkpoint_path(self) -> str:
+        """``checkpoint_dir/checkpoint_name``; a ``ValueError`` naming what is wrong with them."""
+        if self._checkpoint_path is None:
+            self._checkpoint_path = checkpoint_path_in(self.checkpoint_dir, self.checkpoint_name)
+        return self._checkpoint_path
+
+    @property
+    def file_format(self) -> str:
+        return model_file_format(self.checkpoint_path)
 
     @abstractmethod
     def maybe_checkpoint(self, model: nn.Module, loss: float, metrics: Mapping[str, Scalar]) -> None:
@@ -54,11 +90,11 @@ class TorchModuleCheckpointer(ABC):
 
     def save_model(self, model: nn.Module, score: float | None = None, score_name: str | None = None) -> None:
         """Snapshot ``model`` and save it in the background (for subclasses' ``maybe_checkpoint``)."""
-        snapshot = snapshot_module(model)
-        lifecycle.coordinator().save([self.save_request(score, score_name)], snapshot)
+        request = self.save_request(score, score_name)
+        lifecycle.coordinator().save([request], snapshot_model(model, request.kind))
 
     def save_request(self, score: float | None, score_name: str | None) -> SaveRequest:
-        return SaveRequest(checkpoint_key(self.checkpoint_path), MODULE, score, score_name)
+        return SaveRequest(checkpoint_key(self.checkpoint_path), self.file_format, score, score_name)
 
     def load_checkpoint(self, path_to_checkpoint: str | None = None) -> nn.Module:
         """The saved ``nn.Module`` (waits for pending saves of it). Runs pickle: trusted files only.
@@ -72,12 +108,18 @@ class TorchModuleCheckpointer(ABC):
         return reading.read_state(path)
 
     def load_state_dict(self, path_to_checkpoint: str | None = None) -> dict:
-        """The saved tensors by state-dict name, read with safetensors: no pickle is run."""
+        """The saved tensors by state-dict name. A safetensors file is read without running pickle;
+        a ``torch.save`` file of the module needs pickle (load only files you trust)."""
         path = self.checkpoint_path if path_to_checkpoint is None else os.fspath(path_to_checkpoint)
         wait_until_readable(path)
-        if formats.file_format(path) != MODULE:
-            raise ValueError(f"{path} is not a fedckpt model checkpoint (safetensors); use load_checkpoint")
-        return reading.read_state_dict(path)
+        if formats.file_format(path) == MODULE:
+            return reading.read_state_dict(path)
+        saved = reading.read_state(path)
+        if isinstance(saved, nn.Module):
+            return saved.state_dict()
+        if isinstance(saved, Mapping) and all(isinstance(value, torch.Tensor) for value in saved.values()):
+            return dict(saved)  # a state dict saved with torch.save
+        raise ValueError(f"{path} holds a {type(saved).__name__}, not a model or its state dict")
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every save of this checkpoint issued so far is durable; raise if one failed."""
@@ -156,7 +198,7 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
         """Save ``model`` in the background if its score is the best so far."""
         request = self.decide(loss, metrics)
         if request is not None:
-            lifecycle.coordinator().save([request], snapshot_module(model))
+            lifecycle.coordinator().save([request], snapshot_model(model, request.kind))
             self.accepted(request)
 
 

@@ -10,6 +10,7 @@ import os
 import sys
 from dataclasses import asdict
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -38,16 +39,21 @@ def command_ls(directory: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = Table(title=f"fedckpt checkpoints in {directory}")
-    for column in ("path", "format", "sequence", "score", "bytes", "checksum", "saved at (UTC)"):
-        table.add_column(column, justify="right" if column in ("bytes", "sequence") else "left")
+    table = Table(title=f"fedckpt checkpoints in {directory}", box=box.SIMPLE_HEAD, title_justify="left")
+    console = Console()
+    # On a narrow terminal the other columns give way: the path is what the user needs whole
+    # (checksums are in --json, and verify checks them).
+    longest = max((len(row["path"]) for row in rows), default=4)
+    table.add_column("path", min_width=min(longest, console.width // 2), overflow="fold")
+    for column in ("format", "seq", "score", "bytes", "saved (UTC)"):
+        table.add_column(column, justify="right" if column in ("bytes", "seq") else "left")
     for row in rows:
         score = "" if row["score"] is None else f"{row['score_name']}={row['score']:.6g}"
+        saved = datetime.datetime.fromtimestamp(row["saved_at"], tz=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
         table.add_row(
-            row["path"], row["format"], str(row["sequence"][1]), score,
-            _human_bytes(row["bytes"]), row["checksum"][:14], row["saved_at_iso"],
+            row["path"], row["format"], str(row["sequence"][1]), score, _human_bytes(row["bytes"]), saved
         )  # fmt: skip
-    Console().print(table)
+    console.print(table)
     if not rows:
         print(f"No fedckpt checkpoints under {directory}")
     return 0

@@ -25,8 +25,11 @@ def checkpoint_path_in(directory: str | os.PathLike[str], name: str) -> str:
         raise ValueError("A checkpoint name must not be empty")
     if "\x00" in name:
         raise ValueError(f"Checkpoint name {name!r} contains a NUL character")
-    if os.path.isabs(name):
-        raise ValueError(f"Checkpoint name {name!r} is an absolute path; give a name inside the directory")
+    if os.path.isabs(name):  # FL4Health accepts the full path of a file inside the directory
+        inside = os.path.relpath(os.path.normpath(name), os.path.abspath(os.fspath(directory)))
+        if inside == os.curdir or inside.split(os.sep)[0] == os.pardir:
+            raise ValueError(f"Checkpoint path {name!r} is not inside the checkpoint directory {directory!r}")
+        name = inside
     parts = os.path.normpath(name).split(os.sep)
     if parts[0] == ".." or name.endswith(("/", os.sep)) or parts == ["."]:
         raise ValueError(f"Checkpoint name {name!r} escapes the checkpoint directory or names a directory")
