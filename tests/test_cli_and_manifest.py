@@ -1,11 +1,14 @@
 """The manifest beside the checkpoints, and the ``fedckpt ls`` / ``verify`` commands."""
 
+import errno
 import json
 import os
 import subprocess
 import sys
 import time
 
+import numpy as np
+import pytest
 import torch
 from conftest import make_model
 
@@ -117,3 +120,56 @@ def test_entries_of_fedckpt_0_1_with_sha256_still_verify(runtime, tmp_path, caps
         file.write(bytes([last ^ 0xFF]))  # one flipped byte
     assert main(["verify", str(tmp_path)]) == 1
     assert "checksum does not match" in capsys.readouterr().err
+
+
+def test_a_transient_read_error_never_drops_a_staged_entry(runtime, tmp_path, monkeypatch):
+    """A reader that cannot read a staged entry (EIO, an NFS hiccup) raises and leaves it: it may be
+    the only record of the newest version. The next reader rolls it forward."""
+    best = write_some(tmp_path)
+    old = manifest.read_entry(best.checkpoint_path)
+    new = manifest.ManifestEntry(**{**old.__dict__, "sequence": (old.sequence[0], old.sequence[1] + 1), "score": 0.1})
+    manifest.stage_entry(best.checkpoint_path, new)
+    staged = entry_path(best.checkpoint_path) + manifest.NEXT_SUFFIX
+    read_text = manifest._read_text
+
+    def flaky(path):
+        if path == staged:
+            raise OSError(errno.EIO, "Input/output error")
+        return read_text(path)
+
+    monkeypatch.setattr(manifest, "_read_text", flaky)
+    with pytest.raises(OSError, match="Input/output error"):
+        manifest.read_entry(best.checkpoint_path)
+    assert os.path.exists(staged)
+    monkeypatch.setattr(manifest, "_read_text", read_text)
+    assert manifest.read_entry(best.checkpoint_path).score == 0.1
+
+
+def test_a_file_system_without_locks_is_a_clear_error_to_writers_and_a_warning_to_readers(tmp_path, monkeypatch):
+    """NFS mounted with ``nolock`` answers every lock with ENOLCK (injected here: the fault cannot be
+    made without such a mount). Publishing refuses with an error that says what to do, and nothing
+    already saved is lost; ls and verify read on, with one warning."""
+    from fedckpt.snapshot import snapshot_state
+    from fedckpt.storage.local import persist_checkpoint
+
+    path = str(tmp_path / "state.pt")
+
+    def publish(number):
+        snapshot = snapshot_state({"n": number})
+        data = np.empty(snapshot.nbytes, dtype=np.uint8)
+        snapshot.copy_into(data)
+        return persist_checkpoint(path, "state", snapshot.layout, memoryview(data), (1, number), None, None, "w")
+
+    publish(1)
+
+    def no_locks(fd, command, *args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(manifest.fcntl, "lockf", no_locks)
+    with pytest.raises(manifest.LocksUnavailable, match="nolock"):
+        publish(2)
+    assert torch.load(path, weights_only=False)["n"] == 1
+    assert os.listdir(os.path.join(tmp_path, ".fedckpt", "tmp")) == []  # the refused version's temp is gone
+    with pytest.warns(RuntimeWarning, match="file locks are not available"):
+        assert main(["verify", str(tmp_path)]) == 0
+    assert main(["ls", str(tmp_path)]) == 0

@@ -18,9 +18,11 @@ locks are POSIX record locks, which NFS v4 and the cluster file systems honour a
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -82,12 +84,24 @@ def commit_entry(checkpoint_path: str) -> None:
 LOCK_SUFFIX = ".lock"
 
 
+class LocksUnavailable(OSError):
+    """The file system of a checkpoint gives no file locks (an NFS mount with ``nolock``)."""
+
+
+_warned_unlocked: set[str] = set()
+
+
 @contextlib.contextmanager
-def publishing_lock(checkpoint_path: str) -> Iterator[None]:
+def publishing_lock(checkpoint_path: str, reading: bool = False) -> Iterator[None]:
     """Hold the checkpoint's publishing lock (exclusive across processes and hosts).
 
     Not re-entrant: closing any descriptor of the lock file drops a POSIX lock, so code that holds
     it calls :func:`read_entry_locked`, not :func:`read_entry`.
+
+    Where the file system has no locks (ENOLCK), publishing raises :class:`LocksUnavailable`: two
+    incarnations of a writer could otherwise publish over each other. A reader (``reading``) goes
+    on without the lock, with one warning per directory: it may see an entry and a file of two
+    different versions while a save is being published, which ``fedckpt verify`` then reports.
     """
     lock = entry_path(checkpoint_path) + LOCK_SUFFIX
     try:
@@ -97,7 +111,27 @@ def publishing_lock(checkpoint_path: str) -> Iterator[None]:
         yield
         return
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno != errno.ENOLCK:
+                raise
+            directory = os.path.dirname(checkpoint_path)
+            if not reading:
+                raise LocksUnavailable(
+                    errno.ENOLCK,
+                    f"file locks are not available in {directory} (an NFS mount with 'nolock'?); fedckpt "
+                    "needs them so that two writers of one checkpoint never publish over each other: mount "
+                    "it with locking (NFS's default) or checkpoint to a file system that has locks",
+                ) from error
+            if directory not in _warned_unlocked:
+                _warned_unlocked.add(directory)
+                warnings.warn(
+                    f"fedckpt: file locks are not available in {directory} (an NFS mount with 'nolock'?): "
+                    "reading manifest entries without the lock",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -116,7 +150,7 @@ def read_entry(checkpoint_path: str) -> ManifestEntry | None:
         except FileNotFoundError:
             if not os.path.exists(current + NEXT_SUFFIX):  # else one was staged meanwhile: look again, locked
                 return None
-    with publishing_lock(checkpoint_path):
+    with publishing_lock(checkpoint_path, reading=True):
         return read_entry_locked(checkpoint_path)
 
 
@@ -125,13 +159,15 @@ def read_entry_locked(checkpoint_path: str) -> ManifestEntry | None:
     current = entry_path(checkpoint_path)
     staged = current + NEXT_SUFFIX
     if os.path.exists(staged):
+        # An error reading the staged entry or the checkpoint (EIO, an NFS hiccup) is raised, and the
+        # staged entry kept for a later reader: it may be the only record of the newest version.
         try:
             entry = ManifestEntry.from_json(_read_text(staged))
-            if os.path.exists(checkpoint_path) and file_matches(checkpoint_path, entry.checksum):
-                commit_entry(checkpoint_path)
-            else:  # the checkpoint rename never happened: the old entry still holds
-                remove_quietly(staged)
-        except (OSError, ValueError, TypeError):
+        except (ValueError, TypeError):  # not an entry at all: nothing to roll forward
+            entry = None
+        if entry is not None and os.path.exists(checkpoint_path) and file_matches(checkpoint_path, entry.checksum):
+            commit_entry(checkpoint_path)
+        else:  # the checkpoint rename never happened: the old entry still holds
             remove_quietly(staged)
     if not os.path.exists(current):
         return None
@@ -155,7 +191,7 @@ def iter_entries(root: str) -> Iterator[tuple[str, ManifestEntry]]:
             if name.endswith(ENTRY_SUFFIX):
                 found.append(os.path.join(directory, name[: -len(ENTRY_SUFFIX)]))
     for checkpoint_path in found:
-        with publishing_lock(checkpoint_path):  # the entry and the file stay a pair while the caller looks
+        with publishing_lock(checkpoint_path, reading=True):  # entry and file stay a pair while the caller looks
             entry = read_entry_locked(checkpoint_path)
             if entry is not None:
                 yield checkpoint_path, entry
