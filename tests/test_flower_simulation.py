@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import assert_same_tensors
 
@@ -183,3 +184,38 @@ def test_a_flower_run_sent_sigterm_mid_round_has_every_acknowledged_client_save_
         weight = read_state_dict(str(checkpoints / f"client_{client}" / f"model_{copy}.safetensors"))["weight"]
         assert int(weight[0, 0]) >= server_round and torch.all(weight == weight[0, 0]), (client, copy)
     assert fedckpt_cli(["verify", str(checkpoints)]) == 0
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "dp-fedadam", "fedprox"])
+def test_a_resumed_run_of_a_stateful_strategy_ends_on_the_model_of_an_uninterrupted_one(tmp_path, strategy):
+    """FedAdam's moments, also inside a differential-privacy wrapper, and the server's RNG (the DP
+    noise) are part of the server state: a run killed after round 2 and resumed ends on the global
+    model of a run that was never interrupted."""
+    rounds = 6
+    app = Path(__file__).resolve().parent / "flower_app_strategies.py"
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+
+    def command(directory):
+        return [sys.executable, str(app), str(directory), strategy, str(rounds)]
+
+    completed = subprocess.run(command(whole), capture_output=True, text=True, env=ENV, timeout=420)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    process = subprocess.Popen(command(resumed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+                               start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while durable_round(resumed) < 2:
+            assert process.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline, "no round became durable in time"
+            time.sleep(0.05)
+    finally:
+        kill_session(process.pid)
+        process.wait()
+    assert 2 <= durable_round(resumed) < rounds
+    completed = subprocess.run(command(resumed), capture_output=True, text=True, env=ENV, timeout=420)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert durable_round(resumed) == rounds
+    final = read_state_dict(str(resumed / "server" / "global.safetensors"))
+    expected = read_state_dict(str(whole / "server" / "global.safetensors"))
+    for name in expected:
+        assert torch.allclose(final[name], expected[name], atol=1e-6), (name, final[name], expected[name])

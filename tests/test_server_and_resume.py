@@ -244,7 +244,8 @@ def test_temp_files_of_dead_writers_are_removed(tmp_path):
     foreign = os.path.join(os.path.dirname(mine), "notes.txt")
     other_host = os.path.join(os.path.dirname(mine), f"model.safetensors.elsewhere-{dead_pid}.0123456789ab.tmp")
     os.makedirs(os.path.dirname(mine))
-    for path in (mine, stale, foreign, other_host):
+    atomic.claim_temp(mine)  # this process writes it: it holds its lock
+    for path in (stale, foreign, other_host):
         open(path, "w").close()
     assert temp_file_owner(os.path.basename(stale))[1] == dead_pid
     assert temp_file_owner("notes.txt") is None
@@ -252,3 +253,4 @@ def test_temp_files_of_dead_writers_are_removed(tmp_path):
     assert sorted(os.listdir(os.path.dirname(mine))) == sorted(
         os.path.basename(path) for path in (mine, foreign, other_host)
     )
+    atomic.discard_temp(mine)

@@ -200,3 +200,58 @@ def test_staging_memory_never_stays_above_its_budget_once_released(tmp_path):
     finally:
         arena.close()
     assert os.listdir(directory) == []
+
+
+IN_ANOTHER_PID_NAMESPACE = """
+import os, sys
+from fedckpt.runtime.staging import StagingArena
+from fedckpt.storage.atomic import claim_temp
+from fedckpt.storage.paths import temp_path
+
+target = int(sys.argv[1])
+while True:  # pids in a new namespace count up from 1: fork until a child gets the pid we want
+    child = os.fork()
+    if child == 0:
+        if os.getpid() != target:
+            os._exit(0)
+        arena = StagingArena(max_bytes=1 << 20, directory=sys.argv[2])
+        arena.acquire(4096)  # a segment, locked while this process lives
+        os.makedirs(os.path.join(sys.argv[3], ".fedckpt", "tmp"), exist_ok=True)
+        claim_temp(temp_path(os.path.join(sys.argv[3], "model.pt")))  # a temp file being written
+        print("holding", os.getpid(), flush=True)
+        sys.stdin.read()  # until the test closes our stdin
+        os._exit(0)
+    os.waitpid(child, 0)
+    if child >= target:
+        break
+"""
+
+
+def test_files_whose_owner_lives_in_another_pid_namespace_are_never_removed(tmp_path):
+    """A container with --ipc=host, or a shared hostname: the owner's PID, written in the file's name,
+    names no process (or another one) here. Its lock says it is alive; once it dies, its files go."""
+    from fedckpt.runtime.staging import remove_orphans
+    from fedckpt.storage import atomic
+
+    live = {int(name) for name in os.listdir("/proc") if name.isdigit()}
+    target = next(pid for pid in range(40, 400) if pid not in live)  # dead here, alive over there
+    shm, checkpoints = tmp_path / "shm", tmp_path / "checkpoints"
+    shm.mkdir()
+    checkpoints.mkdir()
+    owner = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount", "--mount-proc", sys.executable, "-c", IN_ANOTHER_PID_NAMESPACE,
+         str(target), str(shm), str(checkpoints)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    temps = checkpoints / ".fedckpt" / "tmp"
+    try:
+        assert owner.stdout.readline().split() == ["holding", str(target)], owner.stderr.read()[-2000:]
+        assert remove_orphans(str(shm), grace_seconds=0.0) == 0
+        assert atomic.remove_stale_temps(str(temps)) == []
+        assert len(os.listdir(shm)) == 1 and len(os.listdir(temps)) == 1
+    finally:
+        owner.stdin.close()
+        owner.wait(timeout=60)
+    assert remove_orphans(str(shm), grace_seconds=0.0) == 1  # the owner is gone: now they are removed
+    assert len(atomic.remove_stale_temps(str(temps))) == 1
+    assert os.listdir(shm) == [] and os.listdir(temps) == []

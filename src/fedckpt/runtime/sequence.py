@@ -27,7 +27,7 @@ import struct
 import uuid
 from collections.abc import Iterator
 
-from fedckpt.runtime.staging import PREFIX, SHM_DIR, reserve
+from fedckpt.runtime.staging import PREFIX, SHM_DIR, hold_as_owner, reserve
 
 _NUMBER = struct.Struct("<Q")
 _COUNTER, _QUIET_MARK = 0, _NUMBER.size  # offsets in the file
@@ -44,6 +44,7 @@ class SequenceCounter:
         self._fd = os.open(path, flags, 0o600)
         try:
             if create:
+                hold_as_owner(self._fd)  # the writer's lock: the file is swept once it is gone
                 reserve(self._fd, _SIZE)  # a full /dev/shm fails here, not with SIGBUS later
             self._map = mmap.mmap(self._fd, _SIZE)
             if create:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import threading
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedckpt.storage.atomic import process_alive
+from fedckpt.storage.atomic import owner_alive
 
 SHM_DIR = "/dev/shm"
 PREFIX = "fedckpt-"
@@ -32,11 +33,13 @@ PREFIX = "fedckpt-"
 
 @dataclass(eq=False)
 class Segment:
-    """One mapped staging file."""
+    """One mapped staging file; ``owner_fd`` holds a shared flock on it for as long as it exists,
+    which is how other processes tell that its creator is alive (see :func:`owner_alive`)."""
 
     path: str
     size: int
     buffer: mmap.mmap
+    owner_fd: int
     array: np.ndarray = field(init=False)  # a uint8 view of the whole mapping
 
     def __post_init__(self) -> None:
@@ -48,6 +51,7 @@ class Segment:
             self.buffer.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        os.close(self.owner_fd)
 
 
 def shared_memory_available(directory: str = SHM_DIR) -> bool:
@@ -88,10 +92,10 @@ def remove_orphans(
                 pid = creator_pid(name)
                 if pid is None or pid == os.getpid():
                     continue
-                if process_alive(pid):
+                path = os.path.join(directory, name)
+                if owner_alive(path):  # its creator holds its lock (a PID means nothing across namespaces)
                     remaining += 1
                     continue
-                path = os.path.join(directory, name)
                 with contextlib.suppress(FileNotFoundError):
                     if grace_seconds and time.time() - os.stat(path).st_mtime < grace_seconds:
                         continue
@@ -176,16 +180,23 @@ class StagingArena:
         path = os.path.join(self.directory, f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            hold_as_owner(fd)
             reserve(fd, size)
             # Fault the pages in now, in one go, rather than one by one during the first copy.
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             buffer = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.unlink(path)
-            raise
-        finally:
             os.close(fd)
-        return Segment(path, size, buffer)
+            raise
+        return Segment(path, size, buffer, fd)
+
+
+def hold_as_owner(fd: int) -> None:
+    """Hold a shared flock on a file this process created, for as long as ``fd`` is open: the
+    kernel drops it when the process dies, in whatever PID namespace it ran."""
+    with contextlib.suppress(OSError):  # no flock here: owner_alive then counts the file as alive
+        fcntl.flock(fd, fcntl.LOCK_SH)
 
 
 def reserve(fd: int, size: int) -> None:
@@ -225,8 +236,7 @@ class SegmentReader:
     def finished(self, path: str) -> None:
         """After a save from ``path``: unmap idle segments, and now and then remove those of dead
         creators (another save may still be on its way from one: see SEGMENT_GRACE_SECONDS)."""
-        pid = creator_pid(path)
-        if pid is not None and not process_alive(pid):
+        if not owner_alive(path):
             self._close(path)
         now = time.monotonic()
         for idle in [p for p, (_, used) in self._maps.items() if now - used > self.max_idle_seconds]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -23,10 +25,57 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def write_durable_temp(final_path: str, write: Callable[[str], T]) -> tuple[str, T]:
+# Temp files this process writes: path -> a descriptor holding a shared flock on the file, from
+# its creation until it is published or removed. The lock, not the PID in its name, is what tells
+# another process that its writer is alive: a PID means nothing across PID namespaces (containers),
+# and the kernel drops the lock when its holder dies, however it dies.
+_owned: dict[str, int] = {}
+_owned_lock = threading.Lock()
+CLAIM_SUFFIX = ".claim"
+
+
+def claim_temp(temp: str, link_from: str | None = None) -> None:
+    """Create ``temp`` (empty, or a hard link to ``link_from``) already locked by this process: it
+    is made and locked under a side name, then renamed, so it never shows unlocked under its name."""
+    side = temp + CLAIM_SUFFIX
+    if link_from is not None:
+        os.link(link_from, side)
+    else:
+        os.close(os.open(side, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    fd = None
+    try:
+        fd = os.open(side, os.O_RDONLY)
+        with contextlib.suppress(OSError):  # no flock on this file system: owner_alive removes nothing there
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        os.rename(side, temp)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        remove_quietly(side)
+        raise
+    with _owned_lock:
+        _owned[temp] = fd
+
+
+def release_temp(temp: str) -> None:
+    with _owned_lock:
+        fd = _owned.pop(temp, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def discard_temp(temp: str) -> None:
+    """Remove a temp file of this process (it is not published)."""
+    remove_quietly(temp)
+    release_temp(temp)
+
+
+def write_durable_temp(final_path: str, write: Callable[[str], T], claim: bool = True) -> tuple[str, T]:
     """Run ``write(temp)`` for a new temp file beside ``final_path`` and fsync it.
 
-    Returns the temp path and what ``write`` returned. The temp file is removed if anything fails.
+    Returns the temp path and what ``write`` returned. The temp file is created and locked first
+    (unless ``claim=False``: then ``write`` calls :func:`claim_temp` itself), and removed if
+    anything fails.
     """
     temp = temp_path(final_path)
     os.makedirs(os.path.dirname(temp), exist_ok=True)
@@ -34,10 +83,12 @@ def write_durable_temp(final_path: str, write: Callable[[str], T]) -> tuple[str,
         remove_stale_temps(os.path.dirname(temp))
         _swept_dirs.add(os.path.dirname(temp))
     try:
+        if claim:
+            claim_temp(temp)
         result = write(temp)
         fsync_path(temp)
     except BaseException:
-        remove_quietly(temp)
+        discard_temp(temp)
         raise
     return temp, result
 
@@ -47,6 +98,7 @@ def publish(temp: str, final_path: str) -> None:
     os.replace(temp, final_path)
     if os.path.lexists(temp):  # a hard link to the file already in place: rename leaves both names
         os.remove(temp)
+    release_temp(temp)
     fsync_path(os.path.dirname(final_path) or ".")
 
 
@@ -59,25 +111,33 @@ def remove_stale_temps(temp_dir: str) -> list[str]:
     """Remove the temp files in ``temp_dir`` left by writers on this host that no longer run.
 
     A writer killed mid-write (SIGKILL, a lost node) leaves its temp file behind; the checkpoint
-    itself is untouched. Files of live processes, other hosts or unknown names are kept.
+    itself is untouched. A writer that runs holds a lock on each of its temp files
+    (:func:`claim_temp`); files of other hosts (whose locks a shared file system may not show) and
+    unknown names are kept.
     """
     host = temp_owner().rpartition("-")[0]
     removed = []
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(temp_dir):
             owner = temp_file_owner(name)
-            if owner is not None and owner[0] == host and not process_alive(owner[1]):
-                remove_quietly(os.path.join(temp_dir, name))
+            path = os.path.join(temp_dir, name)
+            if owner is not None and owner[0] == host and not owner_alive(path):
+                remove_quietly(path)
                 removed.append(name)
     return removed
 
 
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid runs on this host."""
+def owner_alive(path: str) -> bool:
+    """Whether a live process holds the lock on ``path`` (its owner). A file system without flock
+    counts as alive: nothing is removed there."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True  # gone already: nothing to remove
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: held by its owner; anything else: no locks to tell by
         return True
-    return True
+    finally:
+        os.close(fd)  # drops the probe's lock
+    return False

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from fedckpt.storage import manifest
+from fedckpt.storage.atomic import claim_temp
 
 # Content index entries are shared by the writers of one node through tmpfs files: each writer of a
 # pool owns a share of the keys, and one global model saved by ten clients lands on all of them.
@@ -150,7 +151,7 @@ def link_identical(candidate: str, checksum: str, target: str) -> bool:
         try:
             if os.stat(candidate).st_size != entry.bytes:  # replaced behind fedckpt's back
                 return False
-            os.link(candidate, target)
+            claim_temp(target, link_from=candidate)
         except OSError:
             return False
     return True

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedckpt.storage import manifest
-from fedckpt.storage.atomic import publish, remove_quietly, write_durable_temp
+from fedckpt.storage.atomic import claim_temp, discard_temp, publish, write_durable_temp
 from fedckpt.storage.checksum import checksum_of
 from fedckpt.storage.dedup import ContentIndex, link_identical
 from fedckpt.storage.formats import MODULE, safetensors_header, write_module_file, write_state_file
@@ -57,9 +57,10 @@ def persist_checkpoint(
             nonlocal linked
             linked = candidate is not None and link_identical(candidate, checksum, temp)
             if not linked:
+                claim_temp(temp)
                 write_module_file(header, data, temp)
 
-        temp, _ = write_durable_temp(path, write)
+        temp, _ = write_durable_temp(path, write, claim=False)
         persisted = _publish(path, kind, temp, checksum, sequence, score, score_name, writer_name, linked)
         if persisted is not None:
             content_index.record(checksum, path)
@@ -85,7 +86,7 @@ def _publish(
             # A stale save (a rare re-send) thus costs a discarded temp file, not a read on every save.
             current = manifest.read_entry_locked(path)
             if current is not None and tuple(current.sequence) > tuple(sequence):
-                remove_quietly(temp)
+                discard_temp(temp)
                 return None
             entry = manifest.ManifestEntry(
                 name=os.path.basename(path),
@@ -102,6 +103,6 @@ def _publish(
             publish(temp, path)
             manifest.commit_entry(path)
     except BaseException:
-        remove_quietly(temp)
+        discard_temp(temp)
         raise
     return Persisted(entry, linked)
