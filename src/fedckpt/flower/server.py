@@ -3,8 +3,10 @@
 :meth:`ServerCheckpoints.start` runs the rounds of a Message API strategy exactly as
 ``Strategy.start`` does (train, aggregate, federated evaluation, centralized evaluation), calling
 the strategy with the true round numbers. After each round it checkpoints the global model and
-saves the server state: the round, the global arrays, the strategy attributes the rounds
-reassigned (FedAdam's moments, FedAvgM's momentum, ...) and the metrics history. A run started on
+saves the server state: the round, the global arrays, the attributes the rounds reassigned in
+the strategy and in every strategy it wraps (FedAdam's moments, also inside a differential-privacy
+wrapper, FedAvgM's momentum, ...), the server process's random generators (a DP wrapper's noise)
+and the metrics history. A run started on
 a directory that holds such a state continues after its round instead of starting at round 1.
 
 The server state is the round's commit record, so it is written only once every save issued up to
@@ -19,11 +21,14 @@ from __future__ import annotations
 import io
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -118,7 +123,7 @@ class ServerCheckpoints:
     ) -> Result:
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        configured = dict(vars(strategy))  # what the rounds reassign is the strategy's state
+        configured = _configuration(strategy)  # what the rounds reassign is the strategy's state
         result = Result()
         with self.blocked.measure():
             saved = self.module.maybe_load_state(self.state_name)
@@ -181,7 +186,8 @@ class ServerCheckpoints:
             {
                 "server_round": server_round,
                 "arrays": state_dict,
-                "strategy": _reassigned_attributes(strategy, configured),
+                "strategy_state": _strategy_state(strategy, configured),
+                "rng": _rng_state(),
                 "history": {field: _plain(getattr(result, field)) for field in HISTORY_FIELDS},
             },
         )
@@ -208,7 +214,9 @@ class ServerCheckpoints:
 
     def _restore(self, saved: dict[str, Any], strategy: Strategy, result: Result) -> ArrayRecord:
         self.resumed_from_round = int(saved["server_round"])
-        vars(strategy).update(saved.get("strategy", {}))
+        _restore_strategy(strategy, saved.get("strategy_state", {"": saved.get("strategy", {})}))
+        if "rng" in saved:
+            _restore_rng(saved["rng"])
         for field, rounds in saved.get("history", {}).items():
             getattr(result, field).update({int(r): MetricRecord(values) for r, values in rounds.items()})
         log.info("Resuming after round %s from %s", self.resumed_from_round, self.state_name)
@@ -225,11 +233,61 @@ def _plain(history: Mapping[int, MetricRecord]) -> dict[int, dict[str, Any]]:
     return {server_round: dict(record) for server_round, record in history.items()}
 
 
-def _reassigned_attributes(strategy: Strategy, configured: dict[str, Any]) -> dict[str, Any]:
-    """Strategy attributes the rounds set or replaced (learned state), not its configuration."""
+def _strategies(strategy: Strategy) -> dict[str, Strategy]:
+    """The strategy and those it wraps (a differential-privacy wrapper's ``strategy``, and so on),
+    by attribute path from the outermost ("" is the strategy itself)."""
+    found = {"": strategy}
+    pending = [("", strategy)]
+    while pending:
+        path, current = pending.pop()
+        for name, value in vars(current).items():
+            if isinstance(value, Strategy) and all(value is not known for known in found.values()):
+                inner = f"{path}.{name}" if path else name
+                found[inner] = value
+                pending.append((inner, value))
+    return found
+
+
+def _configuration(strategy: Strategy) -> dict[str, dict[str, Any]]:
+    """Each strategy's attributes before the first round: its configuration."""
+    return {path: dict(vars(each)) for path, each in _strategies(strategy).items()}
+
+
+def _strategy_state(strategy: Strategy, configured: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each strategy's attributes the rounds set or replaced (FedAdam's moments, a wrapper's last
+    arrays): its learned state, not its configuration, nor the strategies it wraps."""
     missing = object()
     return {
-        name: value
-        for name, value in vars(strategy).items()
-        if configured.get(name, missing) is not value and not callable(value)
+        path: {
+            name: value
+            for name, value in vars(each).items()
+            if configured.get(path, {}).get(name, missing) is not value
+            and not callable(value)
+            and not isinstance(value, Strategy)
+        }
+        for path, each in _strategies(strategy).items()
     }
+
+
+def _restore_strategy(strategy: Strategy, state: dict[str, dict[str, Any]]) -> None:
+    strategies = _strategies(strategy)
+    unknown = sorted(set(state) - set(strategies))
+    if unknown:
+        raise ValueError(
+            f"The saved server state holds the state of wrapped strategies {unknown} that "
+            f"{type(strategy).__name__} does not have: resume with the strategy the run was started with"
+        )
+    for path, attributes in state.items():
+        vars(strategies[path]).update(attributes)
+
+
+def _rng_state() -> dict[str, Any]:
+    """The server process's random generators (a DP wrapper's noise comes from numpy's): a resumed
+    run draws what the uninterrupted one would have."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
