@@ -59,3 +59,12 @@ def assert_same_tensors(left: dict, right: dict) -> None:
     for name in left:
         assert left[name].dtype == right[name].dtype, name
         assert torch.equal(left[name], right[name]), name
+
+
+def shared_pool_env() -> dict:
+    """The environment of a process that joins this test's Ray cluster and its writer pool (another
+    Ray job: without naming the pool it would get one of its own)."""
+    from fedckpt.runtime import lifecycle
+
+    pool = lifecycle.coordinator().pool()
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "FEDCKPT_NAMESPACE": pool.namespace}

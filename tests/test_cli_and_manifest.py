@@ -173,3 +173,39 @@ def test_a_file_system_without_locks_is_a_clear_error_to_writers_and_a_warning_t
     with pytest.warns(RuntimeWarning, match="file locks are not available"):
         assert main(["verify", str(tmp_path)]) == 0
     assert main(["ls", str(tmp_path)]) == 0
+
+
+def test_threads_of_one_process_never_publish_under_each_other(tmp_path):
+    """POSIX locks exclude other processes only. In a writer, one I/O thread publishes a checkpoint
+    while another reads its entry under the lock (to link identical content to it): the reader must
+    not roll the publisher's staged entry forward in the middle of its publish."""
+    import threading
+
+    from fedckpt.snapshot import snapshot_state
+    from fedckpt.storage.local import persist_checkpoint
+
+    path = str(tmp_path / "contested.pt")
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def publish_versions():
+        try:
+            for number in range(1, 150):
+                snapshot = snapshot_state({"n": number})
+                data = np.empty(snapshot.nbytes, dtype=np.uint8)
+                snapshot.copy_into(data)
+                persist_checkpoint(path, "state", snapshot.layout, memoryview(data), (1, number), None, None, "w")
+        except BaseException as error:
+            failures.append(error)
+        finally:
+            done.set()
+
+    publisher = threading.Thread(target=publish_versions)
+    publisher.start()
+    while not done.is_set():
+        with manifest.publishing_lock(path):
+            manifest.read_entry_locked(path)
+    publisher.join()
+    assert failures == []
+    assert manifest.read_entry(path).sequence[1] == 149 == torch.load(path, weights_only=False)["n"]
+    assert main(["verify", str(tmp_path)]) == 0

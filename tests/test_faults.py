@@ -15,6 +15,7 @@ import time
 import pytest
 import ray
 import torch
+from conftest import shared_pool_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -201,9 +202,8 @@ def start_caller(directory, rounds: int, die_mid_copy: int = 0, die_after_copy: 
     address = ray.get_runtime_context().gcs_address
     script = CALLER.format(address=address, directory=str(directory), rounds=rounds, keys=STATE_KEYS,
                            numel=4096 * KIB, die_mid_copy=die_mid_copy, die_after_copy=die_after_copy)  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": address}
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)  # fmt: skip
+                            text=True, env=shared_pool_env())  # fmt: skip
 
 
 def acknowledged(caller: subprocess.Popen, acked: dict[str, int]) -> int:
@@ -285,7 +285,7 @@ def test_a_save_sent_just_before_its_caller_died_is_written(runtime, tmp_path):
     address = ray.get_runtime_context().gcs_address
     script = SAVE_AND_DIE.format(address=address, directory=str(tmp_path))
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "RAY_ADDRESS": address})  # fmt: skip
+                           env=shared_pool_env())  # fmt: skip
     assert child.returncode == 0, child.stderr[-3000:]
     remove_orphans()  # as a new process on the node does when it starts
     fedckpt.flush()

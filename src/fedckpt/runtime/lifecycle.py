@@ -45,6 +45,11 @@ def init(
     """
     global _coordinator
     defaults = Settings.from_env()
+    chosen = {
+        "num_writers": num_writers, "namespace": namespace, "max_inflight_bytes": max_inflight_bytes,
+        "coalesce": coalesce, "io_threads": io_threads, "shared_memory_staging": shared_memory_staging,
+        "preemption_grace_seconds": preemption_grace_seconds,
+    }  # fmt: skip
     settings = Settings(
         num_writers=defaults.num_writers if num_writers is None else num_writers,
         namespace=defaults.namespace if namespace is None else namespace,
@@ -57,14 +62,24 @@ def init(
         preemption_grace_seconds=(
             defaults.preemption_grace_seconds if preemption_grace_seconds is None else preemption_grace_seconds
         ),
+        explicit=defaults.explicit | {name for name, value in chosen.items() if value is not None},
     ).validated()
     with _lock:
         if _coordinator is not None:
-            if _coordinator.writers(create=False) is not None:
-                _coordinator.flush()
-            _coordinator.forget()
-        _coordinator = Coordinator(settings)
-    _coordinator.writers()
+            try:
+                if _coordinator.writers(create=False) is not None:
+                    _coordinator.flush()
+            finally:
+                _coordinator.forget()
+                _coordinator = None
+        configured = Coordinator(settings)
+    try:
+        configured.writers()
+    except BaseException:  # a pool this process may not join: the next call starts afresh
+        configured.forget()
+        raise
+    with _lock:
+        _coordinator = configured
 
 
 def coordinator() -> Coordinator:

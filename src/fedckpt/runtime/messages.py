@@ -76,6 +76,8 @@ class WriterInfo:
     node_id: str
     channel_address: str | None  # where callers on its node reach it (None: Ray calls only)
     counter_path: str | None  # its sequence counter, which callers on its node take numbers from
+    version: str  # fedckpt's version in the writer: a pool of another version is not joined
+    job_id: str | None  # the Ray job whose end ends the pool (None: a named pool, shared by jobs)
 
 
 @dataclass

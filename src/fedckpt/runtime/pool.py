@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import os
 from typing import Any
 
 import ray
 
+from fedckpt.errors import CheckpointError
 from fedckpt.runtime import ray_session
 from fedckpt.runtime.messages import WriterInfo, WriterStats
-from fedckpt.runtime.settings import Settings
+from fedckpt.runtime.settings import POOL_SETTINGS, Settings
 from fedckpt.runtime.writer import writer_actor_class
 from fedckpt.runtime.writer.incarnation import CLOCK_OFFSET_FILE_ENV
-
-log = logging.getLogger("fedckpt")
 
 
 def writer_name(index: int) -> str:
@@ -29,7 +27,7 @@ def shard_of(key: str, pool_size: int) -> int:
 
 
 class WriterPool:
-    """The writers of one namespace, as this process knows them: handles, and who and where each is.
+    """The writers of one pool, as this process knows them: handles, and who and where each is.
 
     The pool's size, coalescing and I/O threads are whatever the process that created it chose.
     Writers are detached named actors, so a pool outlives whichever client process created it.
@@ -51,32 +49,35 @@ class WriterPool:
 
     @classmethod
     def create(cls, settings: Settings) -> WriterPool:
-        """Create the pool of ``settings.namespace``, or join it if it exists (its settings win)."""
+        """Create the pool of ``settings``' namespace, or join it if it exists (its settings win,
+        unless this process chose others: then :class:`CheckpointError`)."""
+        namespace, job_id = pool_namespace(settings)
         actor = writer_actor_class()
-        first = actor.options(**_actor_options(settings.namespace, 0)).remote(
-            0, settings.num_writers, settings.coalesce, settings.io_threads
+        first = actor.options(**_actor_options(namespace, 0)).remote(
+            0, settings.num_writers, settings.coalesce, settings.io_threads, job_id
         )
         info = ray.get(first.describe.remote())
-        if info.pool_size != settings.num_writers:
-            log.info("fedckpt: joining an existing pool of %d writers", info.pool_size)
+        _check_joinable(info, settings, namespace)
         rest = [
-            actor.options(**_actor_options(settings.namespace, index)).remote(
-                index, info.pool_size, info.coalesce, info.io_threads
+            actor.options(**_actor_options(namespace, index)).remote(
+                index, info.pool_size, info.coalesce, info.io_threads, info.job_id
             )
             for index in range(1, info.pool_size)
         ]
-        return cls(settings.namespace, [first, *rest], [info, *_describe(rest)])
+        return cls(namespace, [first, *rest], [info, *_describe(rest)])
 
     @classmethod
     def find(cls, settings: Settings) -> WriterPool | None:
-        """The pool of ``settings.namespace`` if one runs, else None."""
+        """The pool of ``settings``' namespace if one runs, else None."""
+        namespace, _ = pool_namespace(settings)
         try:
-            first = ray.get_actor(writer_name(0), namespace=settings.namespace)
+            first = ray.get_actor(writer_name(0), namespace=namespace)
         except ValueError:
             return None
         info = ray.get(first.describe.remote())
-        rest = [ray.get_actor(writer_name(index), namespace=settings.namespace) for index in range(1, info.pool_size)]
-        return cls(settings.namespace, [first, *rest], [info, *_describe(rest)])
+        _check_joinable(info, settings, namespace)
+        rest = [ray.get_actor(writer_name(index), namespace=namespace) for index in range(1, info.pool_size)]
+        return cls(namespace, [first, *rest], [info, *_describe(rest)])
 
     def refresh(self, index: int) -> WriterInfo:
         """Ask writer ``index`` who it is now: after it died, this waits until Ray restarted it."""
@@ -91,6 +92,38 @@ class WriterPool:
         for handle in self.handles:
             with contextlib.suppress(ray.exceptions.RayActorError):  # exiting is how stop() answers
                 ray.get(handle.stop.options(max_task_retries=0).remote())
+
+
+def pool_namespace(settings: Settings) -> tuple[str, str | None]:
+    """The Ray namespace of the pool, and the job whose end ends it: by default each Ray job has a
+    pool of its own (two jobs on one cluster never wait on each other's saves); a namespace the
+    program names is shared by every job that names it, and lives until ``fedckpt.shutdown()``."""
+    if settings.namespace is not None:
+        return settings.namespace, None
+    job_id = ray.get_runtime_context().get_job_id()
+    return f"fedckpt-job-{job_id}", job_id
+
+
+def _check_joinable(info: WriterInfo, settings: Settings, namespace: str) -> None:
+    """A pool of another fedckpt version, or with settings other than those this process chose, is an error."""
+    from fedckpt import __version__
+
+    if info.version != __version__:
+        raise CheckpointError(
+            f"The writer pool in Ray namespace {namespace!r} runs fedckpt {info.version}, this process "
+            f"fedckpt {__version__}: their messages and files may differ. Use the same version everywhere, "
+            "or another namespace (fedckpt.init(namespace=...))"
+        )
+    pool = {"num_writers": info.pool_size, "coalesce": info.coalesce, "io_threads": info.io_threads}
+    differ = {name: (getattr(settings, name), pool[name]) for name in POOL_SETTINGS if name in settings.explicit}
+    differ = {name: values for name, values in differ.items() if values[0] != values[1]}
+    if differ:
+        described = ", ".join(f"{name}={mine!r} (the pool's: {theirs!r})" for name, (mine, theirs) in differ.items())
+        raise CheckpointError(
+            f"The writer pool in Ray namespace {namespace!r} was created with other settings than this "
+            f"process chose: {described}. A pool's settings are fixed by the process that creates it; "
+            "choose the same, or another namespace"
+        )
 
 
 def _actor_options(namespace: str, index: int) -> dict[str, Any]:

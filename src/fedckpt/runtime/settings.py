@@ -5,6 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
+_ENV_VARIABLES = {
+    "num_writers": "FEDCKPT_NUM_WRITERS",
+    "namespace": "FEDCKPT_NAMESPACE",
+    "max_inflight_bytes": "FEDCKPT_MAX_INFLIGHT_BYTES",
+    "io_threads": "FEDCKPT_IO_THREADS",
+    "shared_memory_staging": "FEDCKPT_SHARED_MEMORY",
+    "preemption_grace_seconds": "FEDCKPT_PREEMPTION_GRACE_SECONDS",
+}
+
 
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
@@ -26,13 +35,23 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"Environment variable {name}={value!r} is not an integer") from error
 
 
+# The settings that belong to the pool: fixed by the process that creates it.
+POOL_SETTINGS = ("num_writers", "coalesce", "io_threads")
+
+
 @dataclass(frozen=True)
 class Settings:
     """How the runtime runs. ``num_writers``, ``coalesce`` and ``io_threads`` are fixed by whichever
-    process creates the writer pool first; ``max_inflight_bytes`` is per process."""
+    process creates the writer pool first; ``max_inflight_bytes`` is per process.
 
-    num_writers: int = 1  # one process per pool: a writer process costs ~2 s of CPU to start (torch)
-    namespace: str = "fedckpt"
+    ``namespace`` None (the default) gives each Ray job a pool of its own, which ends with the job;
+    a name shares one pool among every job that names it. ``explicit`` holds the settings the
+    program chose (``fedckpt.init`` arguments, ``FEDCKPT_*`` variables): a pool whose settings
+    differ from those is an error, never joined silently.
+    """
+
+    num_writers: int = 1  # one process per pool: a writer process costs ~1 s of CPU to start
+    namespace: str | None = None
     max_inflight_bytes: int = 2 << 30
     coalesce: bool = True
     io_threads: int = 2
@@ -40,14 +59,17 @@ class Settings:
     # On SIGTERM (Slurm, Kubernetes: SIGKILL follows after their grace period, 30 s by default), this
     # long is given to the saves already acknowledged; 0 leaves SIGTERM alone.
     preemption_grace_seconds: float = 25.0
+    explicit: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls) -> Settings:
         base = cls()
+        named = {field: variable for field, variable in _ENV_VARIABLES.items() if os.environ.get(variable)}
         return replace(
             base,
+            explicit=frozenset(named),
             num_writers=_env_int("FEDCKPT_NUM_WRITERS", base.num_writers),
-            namespace=os.environ.get("FEDCKPT_NAMESPACE") or base.namespace,
+            namespace=os.environ.get("FEDCKPT_NAMESPACE") or None,
             max_inflight_bytes=_env_int("FEDCKPT_MAX_INFLIGHT_BYTES", base.max_inflight_bytes),
             io_threads=_env_int("FEDCKPT_IO_THREADS", base.io_threads),
             shared_memory_staging=bool(_env_int("FEDCKPT_SHARED_MEMORY", int(base.shared_memory_staging))),
@@ -63,6 +85,6 @@ class Settings:
             raise ValueError(f"max_inflight_bytes must be positive, got {self.max_inflight_bytes}")
         if not self.preemption_grace_seconds >= 0:
             raise ValueError(f"preemption_grace_seconds must be at least 0, got {self.preemption_grace_seconds}")
-        if not self.namespace:
-            raise ValueError("namespace must not be empty")
+        if self.namespace is not None and not self.namespace:
+            raise ValueError("namespace must not be empty (None: a pool for this Ray job)")
         return self

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -104,12 +105,26 @@ def publishing_lock(checkpoint_path: str, reading: bool = False) -> Iterator[Non
     different versions while a save is being published, which ``fedckpt verify`` then reports.
     """
     lock = entry_path(checkpoint_path) + LOCK_SUFFIX
-    try:
-        os.makedirs(os.path.dirname(lock), exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:  # a read-only copy of the checkpoints: nobody publishes there
-        yield
-        return
+    # POSIX locks exclude other processes only: the threads of this one (a writer's I/O threads, one
+    # publishing a checkpoint while another links to it) take a lock of this process first.
+    with _THREAD_LOCKS[hash(lock) % len(_THREAD_LOCKS)]:
+        try:
+            os.makedirs(os.path.dirname(lock), exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a read-only copy of the checkpoints: nobody publishes there
+            yield
+            return
+        with _locked(fd, checkpoint_path, reading):
+            yield
+
+
+# Striped: nothing holds two publishing locks at once, so two paths sharing a stripe only wait.
+_THREAD_LOCKS = [threading.RLock() for _ in range(64)]
+
+
+@contextlib.contextmanager
+def _locked(fd: int, checkpoint_path: str, reading: bool) -> Iterator[None]:
+    """Hold the POSIX lock of the open lock file ``fd`` (see :func:`publishing_lock`)."""
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX)

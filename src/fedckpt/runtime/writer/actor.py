@@ -90,8 +90,11 @@ def _persist(save: QueuedSave, data: memoryview, writer_name: str, content_index
 class CheckpointWriter:
     """Ray actor body; see :func:`writer_actor_class` for the options it runs with."""
 
-    def __init__(self, index: int, pool_size: int, coalesce: bool, io_threads: int) -> None:
+    def __init__(self, index: int, pool_size: int, coalesce: bool, io_threads: int, job_id: str | None = None) -> None:
         _run_as_batch_work()
+        self.job_id = job_id  # the job whose end ends this pool (None: a named pool)
+        self.version = fedckpt_version()
+        self._watching_job: asyncio.Task | None = None
         self.index = index
         self.pool_size = pool_size
         self.coalesce = coalesce
@@ -123,6 +126,8 @@ class CheckpointWriter:
     async def describe(self) -> WriterInfo:
         """Who this writer is; starts its channel first, so callers on its node can connect."""
         await self._serve_channel()
+        if self.job_id is not None and self._watching_job is None:
+            self._watching_job = asyncio.get_running_loop().create_task(self._end_with_job())
         return WriterInfo(
             index=self.index,
             pool_size=self.pool_size,
@@ -134,7 +139,21 @@ class CheckpointWriter:
             node_id=self.node_id,
             channel_address=self.channel_address,
             counter_path=None if self.counter is None else self.counter.path,
+            version=self.version,
+            job_id=self.job_id,
         )
+
+    async def _end_with_job(self) -> None:
+        """A job's own pool goes away with the job: once Ray reports the job ended, write what is
+        queued, then end this actor for good (it is detached, so nothing else would)."""
+        loop = asyncio.get_running_loop()
+        while not await loop.run_in_executor(None, job_ended, self.job_id):
+            await asyncio.sleep(JOB_CHECK_SECONDS)
+        log.info("fedckpt: %s: job %s ended; writing what is queued, then stopping", self.name, self.job_id)
+        await self.flush()
+        self.io.shutdown(wait=True)
+        incarnation.end(self.actor_id)
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     async def _serve_channel(self) -> None:
         if self._channel_server is not None or self.channel_address is None:
@@ -316,6 +335,27 @@ class CheckpointWriter:
         if state.error is None and self.keys.get(key) is state:
             del self.keys[key]
         self._mark_if_quiet()
+
+
+# How often a job's own pool asks whether its job still runs.
+JOB_CHECK_SECONDS = 2.0
+
+
+def job_ended(job_id: str | None) -> bool:
+    """Whether Ray's job table says job ``job_id`` ended (False where it cannot be told)."""
+    from ray._private import state  # no public API without the dashboard
+
+    try:
+        jobs = state.jobs()
+    except Exception:
+        return False
+    return any(job.get("JobID") == job_id and job.get("IsDead") for job in jobs)
+
+
+def fedckpt_version() -> str:
+    from fedckpt import __version__
+
+    return __version__
 
 
 def _shared_counter() -> SequenceCounter | None:
