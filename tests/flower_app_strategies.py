@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict  # 
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedProx  # noqa: E402
-from flwr.simulation import run_simulation  # noqa: E402
+from simulate import simulate  # noqa: E402
 
 from fedckpt import LatestTorchModuleCheckpointer, PerRoundStateCheckpointer, ServerCheckpointAndStateModule  # noqa: E402
 from fedckpt.flower import ServerCheckpoints  # noqa: E402
@@ -77,10 +77,4 @@ def main(grid: Grid, context: Context) -> None:
 
 
 if __name__ == "__main__":
-    run_simulation(
-        server_app=server,
-        client_app=client,
-        num_supernodes=CLIENTS,
-        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"include_dashboard": False}},
-    )
-    print("simulation returned", flush=True)
+    simulate(server, client, CLIENTS)

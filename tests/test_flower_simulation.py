@@ -100,6 +100,19 @@ def durable_round(directory):
     return torch.load(path, weights_only=False)["server_round"] if path.exists() else 0
 
 
+def kill_once_durable(process, directory, server_round):
+    """SIGKILL a run (its whole session: no flush, no exit handlers) once ``server_round`` is durable."""
+    try:
+        deadline = time.monotonic() + 300
+        while durable_round(directory) < server_round:
+            assert process.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline, "no round became durable in time"
+            time.sleep(0.05)  # polling a condition, bounded by the deadline
+    finally:
+        kill_session(process.pid)
+        process.wait()
+
+
 def test_simulation_killed_with_sigkill_resumes_from_the_last_durable_round(tmp_path):
     clients, rounds, steps = 4, 6, 3
     options = ["--num-clients", str(clients), "--num-rounds", str(rounds), *SMALL]
@@ -110,15 +123,7 @@ def test_simulation_killed_with_sigkill_resumes_from_the_last_durable_round(tmp_
         env=ENV,
         start_new_session=True,  # its own session: the kill takes the example and the Ray it started
     )
-    try:
-        deadline = time.monotonic() + 300
-        while durable_round(tmp_path) < 2:
-            assert process.poll() is None, "the run ended before it was killed"
-            assert time.monotonic() < deadline, "no round became durable in time"
-            time.sleep(0.05)
-    finally:
-        kill_session(process.pid)  # SIGKILL: no flush, no exit handlers
-        process.wait()
+    kill_once_durable(process, tmp_path, 2)
     killed_at = durable_round(tmp_path)
     assert 2 <= killed_at < rounds
     assert fedckpt_cli(["verify", str(tmp_path)]) == 0  # nothing torn on disk
@@ -202,15 +207,7 @@ def test_a_resumed_run_of_a_stateful_strategy_ends_on_the_model_of_an_uninterrup
     assert completed.returncode == 0, completed.stderr[-4000:]
     process = subprocess.Popen(command(resumed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
                                start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while durable_round(resumed) < 2:
-            assert process.poll() is None, "the run ended before it was killed"
-            assert time.monotonic() < deadline, "no round became durable in time"
-            time.sleep(0.05)
-    finally:
-        kill_session(process.pid)
-        process.wait()
+    kill_once_durable(process, resumed, 2)
     assert 2 <= durable_round(resumed) < rounds
     completed = subprocess.run(command(resumed), capture_output=True, text=True, env=ENV, timeout=420)
     assert completed.returncode == 0, completed.stderr[-4000:]

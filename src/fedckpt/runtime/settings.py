@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _ENV_VARIABLES = {
     "num_writers": "FEDCKPT_NUM_WRITERS",
@@ -15,24 +19,18 @@ _ENV_VARIABLES = {
 }
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_number(name: str, default: T, kind: Callable[[str], T]) -> T:
     value = os.environ.get(name)
     if value is None or value == "":
         return default
     try:
-        return float(value)
+        return kind(value)
     except ValueError as error:
-        raise ValueError(f"Environment variable {name}={value!r} is not a number") from error
+        raise ValueError(f"Environment variable {name}={value!r} is not a valid {kind.__name__}") from error
 
 
 def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError as error:
-        raise ValueError(f"Environment variable {name}={value!r} is not an integer") from error
+    return _env_number(name, default, int)
 
 
 # The settings that belong to the pool: fixed by the process that creates it.
@@ -73,7 +71,9 @@ class Settings:
             max_inflight_bytes=_env_int("FEDCKPT_MAX_INFLIGHT_BYTES", base.max_inflight_bytes),
             io_threads=_env_int("FEDCKPT_IO_THREADS", base.io_threads),
             shared_memory_staging=bool(_env_int("FEDCKPT_SHARED_MEMORY", int(base.shared_memory_staging))),
-            preemption_grace_seconds=_env_float("FEDCKPT_PREEMPTION_GRACE_SECONDS", base.preemption_grace_seconds),
+            preemption_grace_seconds=_env_number(
+                "FEDCKPT_PREEMPTION_GRACE_SECONDS", base.preemption_grace_seconds, float
+            ),
         )
 
     def validated(self) -> Settings:
