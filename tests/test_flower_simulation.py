@@ -25,11 +25,14 @@ def example_command(directory, *options):
     return [sys.executable, str(EXAMPLE), "--checkpoint-dir", str(directory), *options]
 
 
-def run_example(directory, *options, timeout=420):
+def run_example(directory, *options, timeout=420, output=None):
+    """The example's JSON summary; ``output``, a list, also gets everything it printed."""
     completed = subprocess.run(
         example_command(directory, *options), capture_output=True, text=True, env=ENV, timeout=timeout
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
+    if output is not None:
+        output.append(completed.stdout + completed.stderr)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
@@ -42,7 +45,9 @@ def client_states(directory, client):
 
 def test_simulation_writes_every_checkpoint_and_carries_client_state(tmp_path):
     clients, rounds, steps = 4, 3, 3
-    summary = run_example(tmp_path, "--num-clients", str(clients), "--num-rounds", str(rounds), *SMALL)
+    output: list[str] = []
+    summary = run_example(tmp_path, "--num-clients", str(clients), "--num-rounds", str(rounds), *SMALL, output=output)
+    assert all(f"[ROUND {r}/{rounds}]" in output[0] for r in range(1, rounds + 1))  # progress, as Flower prints it
     assert summary["rounds_completed"] == rounds and summary["resumed_from_round"] == 0
     assert summary["blocked_seconds"] > 0 and summary["sync_seconds_estimate"] > 0
     # Per client and round: pre, state, post; the server: latest and state per round, best when it improved.

@@ -25,11 +25,13 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
+from logging import INFO
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common.logger import log as progress  # Flower's own log: the lines Strategy.start prints
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
@@ -132,13 +134,14 @@ class ServerCheckpoints:
             arrays = self._restore(saved, strategy, result)
         elif evaluate_fn:
             initial = evaluate_fn(0, arrays)
-            log.info("Initial global evaluation results: %s", initial)
+            progress(INFO, "Initial global evaluation results: %s", initial)
             if initial is not None:
                 result.evaluate_metrics_serverapp[0] = initial
         result.arrays = arrays
         started = time.time()
         for server_round in range(self.resumed_from_round + 1, num_rounds + 1):
-            log.info("[ROUND %s/%s]", server_round, num_rounds)
+            progress(INFO, "")
+            progress(INFO, "[ROUND %s/%s]", server_round, num_rounds)
             replies = grid.send_and_receive(
                 messages=strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout
             )
@@ -158,9 +161,10 @@ class ServerCheckpoints:
                 result.evaluate_metrics_serverapp[server_round] = central_metrics
             with self.blocked.measure():
                 self._checkpoint(server_round, arrays, evaluate_metrics, central_metrics, strategy, configured, result)
-        log.info("Strategy execution finished in %.2fs", time.time() - started)
+        progress(INFO, "")
+        progress(INFO, "Strategy execution finished in %.2fs", time.time() - started)
         for line in io.StringIO(str(result)):
-            log.info("\t%s", line.rstrip("\n"))
+            progress(INFO, "\t%s", line.rstrip("\n"))
         return result
 
     def _checkpoint(
@@ -219,7 +223,7 @@ class ServerCheckpoints:
             _restore_rng(saved["rng"])
         for field, rounds in saved.get("history", {}).items():
             getattr(result, field).update({int(r): MetricRecord(values) for r, values in rounds.items()})
-        log.info("Resuming after round %s from %s", self.resumed_from_round, self.state_name)
+        progress(INFO, "Resuming after round %s from %s", self.resumed_from_round, self.state_name)
         return ArrayRecord(saved["arrays"])
 
 
