@@ -1,12 +1,26 @@
 """Exceptions raised by fedckpt."""
 
+from __future__ import annotations
+
 
 class CheckpointError(RuntimeError):
     """A background save (or the load that waited for it) failed.
 
-    The original exception is chained as ``__cause__``. Raised at the next call on the
-    checkpointer whose save failed, at ``flush()``, or at load time.
+    The original exception is chained as ``__cause__``; ``errors`` maps each checkpoint that
+    failed to its exception. Raised at the next call on the checkpointer whose save failed, at
+    ``flush()``, or at load time.
     """
+
+    errors: dict[str, BaseException]
+
+    @classmethod
+    def naming(cls, what: str, errors: dict[str, BaseException]) -> CheckpointError:
+        """``what``, then each failed checkpoint with its error."""
+        details = "; ".join(f"{key}: {type(error).__name__}: {error}" for key, error in sorted(errors.items()))
+        error = cls(f"{what}. {details}")
+        error.__cause__ = next(iter(errors.values()))
+        error.errors = errors
+        return error
 
 
 class ScoreError(TypeError, ValueError):

@@ -14,7 +14,6 @@ import atexit
 import contextlib
 import logging
 import os
-import select
 import sys
 import threading
 import time
@@ -33,12 +32,10 @@ from fedckpt.runtime.pool import WriterPool
 from fedckpt.runtime.settings import Settings
 from fedckpt.runtime.staging import remove_orphans
 from fedckpt.runtime.transport import Enqueued, Route, Staged, Transport
+from fedckpt.runtime.watcher import RAY_POLL_SECONDS, Watcher
 from fedckpt.snapshot import Snapshot
 
 log = logging.getLogger("fedckpt")
-
-# How often the watcher looks at saves sent with Ray calls (a writer on another node).
-RAY_POLL_SECONDS = 0.2
 
 
 class _Deadline:
@@ -64,9 +61,12 @@ class Coordinator:
         self._resending = threading.Lock()
         # Errors of saves sent again in the background, for the next call on their key or flush.
         self._held_errors: dict[str, BaseException] = {}
-        self._watcher: threading.Thread | None = None
-        self._stop_watcher = threading.Event()
-        self._wake_pipe = os.pipe()
+        self._watcher = Watcher(
+            self._transport.open_channels,
+            self._inflight.on_ray,
+            self._recover,
+            lambda saves: self._check_ray_saves(saves, timeout=0.0),
+        )
 
     # ---- the pool -------------------------------------------------------------------------
 
@@ -88,7 +88,7 @@ class Coordinator:
                     self.started_ray = ray_session.ensure_ray() or self.started_ray
                 self._pool = WriterPool.create(self.settings) if create else WriterPool.find(self.settings)
                 if self._pool is not None:
-                    self._start_watcher()
+                    self._watcher.start()
                     preemption.install(self.settings.preemption_grace_seconds)
                     # Re-registered after any ray.init so that it runs before Ray's own exit hook.
                     atexit.unregister(self._flush_at_exit)
@@ -116,8 +116,7 @@ class Coordinator:
                     lost.append(save.request.key)
             self._transport.release(batch.staged)
         self._pool = None
-        self._stop_watcher.set()  # it watched the lost instance; a new pool starts a new one
-        self._wake()
+        self._watcher.stop(wait=0.0)  # it watched the lost instance; a new pool starts a new one
         self._transport.close_channels()
         if lost:
             raise CheckpointError(
@@ -138,7 +137,7 @@ class Coordinator:
             self._take_in_notices()  # frees staging memory, and brings news of failed saves
             held = self._take_held_errors({request.key for request in requests})
             if held:
-                raise _checkpoint_error("An earlier save failed, so this save was not started", held)
+                raise CheckpointError.naming("An earlier save failed, so this save was not started", held)
             self._make_room(snapshot.nbytes)
             groups: dict[int, list[SaveRequest]] = defaultdict(list)
             for request in requests:
@@ -284,58 +283,9 @@ class Coordinator:
         chosen = [key for key in list(self._held_errors) if keys is None or key in keys]
         return {key: self._held_errors.pop(key) for key in chosen if key in self._held_errors}
 
-    # ---- the watcher ------------------------------------------------------------------------------
-
-    def _start_watcher(self) -> None:
-        if self._watcher is not None and self._watcher.is_alive() and not self._stop_watcher.is_set():
-            return
-        self._stop_watcher = threading.Event()  # a thread still stopping keeps its own, set, event
-        self._watcher = threading.Thread(
-            target=self._watch, args=(self._stop_watcher,), name="fedckpt-watcher", daemon=True
-        )
-        self._watcher.start()
-
     def stop_watcher(self, wait: float = 2.0) -> None:
         """Stop the watcher thread (before Ray disconnects); the next pool starts a new one."""
-        self._stop_watcher.set()
-        self._wake()
-        thread = self._watcher
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(wait)
-
-    def _wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._wake_pipe[1], b"x")
-
-    def _watch(self, stop: threading.Event) -> None:
-        """Wake when a channel's writer hangs up (never for its notices: they wait for the next
-        call), and every ``RAY_POLL_SECONDS`` while saves sent with Ray calls are pending."""
-        while not stop.is_set():
-            channels = self._transport.open_channels()
-            poller = select.poll()
-            poller.register(self._wake_pipe[0], select.POLLIN)
-            by_fd = {}
-            for index, client in channels.items():
-                with contextlib.suppress(OSError, ValueError):
-                    poller.register(client.fileno(), select.POLLRDHUP)
-                    by_fd[client.fileno()] = index
-            on_ray = self._inflight.on_ray()
-            events = poller.poll(RAY_POLL_SECONDS * 1000 if on_ray or not channels else None)
-            if stop.is_set():
-                return
-            if not ray.is_initialized():
-                return  # Ray went down under this process; the next pool starts a new watcher
-            try:
-                for fd, _ in events:
-                    if fd == self._wake_pipe[0]:
-                        os.read(fd, 4096)
-                    elif fd in by_fd:
-                        self._recover(by_fd[fd])
-                if on_ray and ray.is_initialized():
-                    self._check_ray_saves(on_ray, timeout=0.0)
-            except Exception as error:  # Ray going down, a writer gone for good: the next flush raises it
-                log.warning("fedckpt: could not send the saves of a writer that died again: %s", error)
-                stop.wait(RAY_POLL_SECONDS)
+        self._watcher.stop(wait)
 
     # ---- waiting --------------------------------------------------------------------------
 
@@ -382,7 +332,7 @@ class Coordinator:
         errors.update(self._take_held_errors(None if selected is None else set(selected)))
         self._take_in_notices()
         if errors:
-            raise _checkpoint_error("Saving failed", errors)
+            raise CheckpointError.naming("Saving failed", errors)
 
     def writer_stats(self) -> list[WriterStats]:
         """Each writer's counters; empty without a pool."""
@@ -446,11 +396,3 @@ def _exit_with_failure() -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(1)
-
-
-def _checkpoint_error(what: str, errors: dict[str, BaseException]) -> CheckpointError:
-    details = "; ".join(f"{key}: {type(error).__name__}: {error}" for key, error in sorted(errors.items()))
-    error = CheckpointError(f"{what}. {details}")
-    error.__cause__ = next(iter(errors.values()))
-    error.errors = errors  # type: ignore[attr-defined]
-    return error

@@ -15,7 +15,6 @@ loses, and how it is recovered, is in ``recovery.py``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import pickle
@@ -41,9 +40,16 @@ from fedckpt.runtime.messages import (
     WriterInfo,
     WriterStats,
 )
-from fedckpt.runtime.sequence import SequenceCounter
-from fedckpt.runtime.staging import StagingFull, shared_memory_available
+from fedckpt.runtime.staging import shared_memory_available
 from fedckpt.runtime.writer import incarnation
+from fedckpt.runtime.writer.process import (
+    JOB_CHECK_SECONDS,
+    fedckpt_version,
+    job_ended,
+    lower_priority,
+    run_as_batch_work,
+    shared_counter,
+)
 from fedckpt.runtime.writer.queue import KeyQueue, QueuedSave
 from fedckpt.runtime.writer.recovery import LostSaves
 from fedckpt.runtime.writer.staged import CallerDied, StagedBytes
@@ -51,21 +57,6 @@ from fedckpt.storage.dedup import ContentIndex
 from fedckpt.storage.local import Persisted, persist_checkpoint
 
 log = logging.getLogger("fedckpt.writer")
-
-
-def _run_as_batch_work() -> None:
-    """Every thread of this process (Linux): the scheduler does not let a writer woken by a save
-    preempt the training that sent it; it still gets its fair share of the CPU."""
-    with contextlib.suppress(OSError, AttributeError):
-        for thread_id in os.listdir("/proc/self/task"):
-            os.sched_setscheduler(int(thread_id), os.SCHED_BATCH, os.sched_param(0))
-
-
-def _lower_priority() -> None:
-    """Run background I/O at a lower CPU priority (Linux: per thread), so that on a busy node
-    training and this actor's own answers come first."""
-    with contextlib.suppress(OSError):
-        os.nice(10)
 
 
 def _transportable(error: BaseException) -> BaseException:
@@ -91,7 +82,7 @@ class CheckpointWriter:
     """Ray actor body; see :func:`writer_actor_class` for the options it runs with."""
 
     def __init__(self, index: int, pool_size: int, coalesce: bool, io_threads: int, job_id: str | None = None) -> None:
-        _run_as_batch_work()
+        run_as_batch_work()
         self.job_id = job_id  # the job whose end ends this pool (None: a named pool)
         self.version = fedckpt_version()
         self._watching_job: asyncio.Task | None = None
@@ -104,7 +95,7 @@ class CheckpointWriter:
         self.epoch = self.incarnation.epoch  # sequences of a restarted writer sort after the old ones
         self.number = 0  # without a shared counter
         local = channel.channel_supported() and shared_memory_available()
-        self.counter = _shared_counter() if local else None
+        self.counter = shared_counter() if local else None
         local = self.counter is not None  # else callers on this node use Ray calls
         self.arrived = 0  # saves numbered from this incarnation's counter that reached it
         self.waits_answered = 0
@@ -113,7 +104,7 @@ class CheckpointWriter:
         self.bytes_written = 0
         self.bytes_linked = 0
         self.io = ThreadPoolExecutor(
-            max_workers=io_threads, thread_name_prefix="fedckpt-io", initializer=_lower_priority
+            max_workers=io_threads, thread_name_prefix="fedckpt-io", initializer=lower_priority
         )
         self.staged = StagedBytes()
         self.content_index = ContentIndex()
@@ -335,35 +326,6 @@ class CheckpointWriter:
         if state.error is None and self.keys.get(key) is state:
             del self.keys[key]
         self._mark_if_quiet()
-
-
-# How often a job's own pool asks whether its job still runs.
-JOB_CHECK_SECONDS = 2.0
-
-
-def job_ended(job_id: str | None) -> bool:
-    """Whether Ray's job table says job ``job_id`` ended (False where it cannot be told)."""
-    from ray._private import state  # no public API without the dashboard
-
-    try:
-        jobs = state.jobs()
-    except Exception:
-        return False
-    return any(job.get("JobID") == job_id and job.get("IsDead") for job in jobs)
-
-
-def fedckpt_version() -> str:
-    from fedckpt import __version__
-
-    return __version__
-
-
-def _shared_counter() -> SequenceCounter | None:
-    try:
-        return SequenceCounter.create()
-    except StagingFull:
-        log.warning("fedckpt: /dev/shm is full; callers on this node reach writer %s through Ray calls", os.getpid())
-        return None
 
 
 def writer_actor_class() -> Any:

@@ -1,0 +1,57 @@
+"""The writer's process: how it is scheduled, whether its job still runs, and the counter file it
+shares with the callers on its node."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+from fedckpt.runtime.sequence import SequenceCounter
+from fedckpt.runtime.staging import StagingFull
+
+log = logging.getLogger("fedckpt.writer")
+
+
+def run_as_batch_work() -> None:
+    """Every thread of this process (Linux): the scheduler does not let a writer woken by a save
+    preempt the training that sent it; it still gets its fair share of the CPU."""
+    with contextlib.suppress(OSError, AttributeError):
+        for thread_id in os.listdir("/proc/self/task"):
+            os.sched_setscheduler(int(thread_id), os.SCHED_BATCH, os.sched_param(0))
+
+
+def lower_priority() -> None:
+    """Run background I/O at a lower CPU priority (Linux: per thread), so that on a busy node
+    training and this actor's own answers come first."""
+    with contextlib.suppress(OSError):
+        os.nice(10)
+
+
+# How often a job's own pool asks whether its job still runs.
+JOB_CHECK_SECONDS = 2.0
+
+
+def job_ended(job_id: str | None) -> bool:
+    """Whether Ray's job table says job ``job_id`` ended (False where it cannot be told)."""
+    from ray._private import state  # no public API without the dashboard
+
+    try:
+        jobs = state.jobs()
+    except Exception:
+        return False
+    return any(job.get("JobID") == job_id and job.get("IsDead") for job in jobs)
+
+
+def fedckpt_version() -> str:
+    from fedckpt import __version__
+
+    return __version__
+
+
+def shared_counter() -> SequenceCounter | None:
+    try:
+        return SequenceCounter.create()
+    except StagingFull:
+        log.warning("fedckpt: /dev/shm is full; callers on this node reach writer %s through Ray calls", os.getpid())
+        return None
