@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,7 +48,11 @@ def test_simulation_writes_every_checkpoint_and_carries_client_state(tmp_path):
     clients, rounds, steps = 4, 3, 3
     output: list[str] = []
     summary = run_example(tmp_path, "--num-clients", str(clients), "--num-rounds", str(rounds), *SMALL, output=output)
-    assert all(f"[ROUND {r}/{rounds}]" in output[0] for r in range(1, rounds + 1))  # progress, as Flower prints it
+    # Progress as Flower prints it, and a line per round with the model's loss and the checkpoints written.
+    assert all(f"[ROUND {r}/{rounds}]" in output[0] for r in range(1, rounds + 1))
+    assert re.search(
+        rf"\[ROUND {rounds}/{rounds}\] loss [0-9.e-]+, accuracy [0-9.e-]+, \d+ checkpoints written", output[0]
+    )
     assert summary["rounds_completed"] == rounds and summary["resumed_from_round"] == 0
     assert summary["blocked_seconds"] > 0 and summary["sync_seconds_estimate"] > 0
     # Per client and round: pre, state, post; the server: latest and state per round, best when it improved.

@@ -21,20 +21,18 @@ from __future__ import annotations
 import io
 import logging
 import math
-import random
 import threading
 import time
 from collections.abc import Callable, Mapping
 from logging import INFO
 from typing import Any
 
-import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log as progress  # Flower's own log: the lines Strategy.start prints
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from fedckpt.flower import strategy_state
 from fedckpt.flower.timing import BlockedTime
 from fedckpt.runtime import lifecycle
 from fedckpt.server_module import ServerCheckpointAndStateModule
@@ -125,7 +123,7 @@ class ServerCheckpoints:
     ) -> Result:
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        configured = _configuration(strategy)  # what the rounds reassign is the strategy's state
+        configured = strategy_state.configuration(strategy)  # what the rounds reassign is the strategy's state
         result = Result()
         with self.blocked.measure():
             saved = self.module.maybe_load_state(self.state_name)
@@ -161,11 +159,34 @@ class ServerCheckpoints:
                 result.evaluate_metrics_serverapp[server_round] = central_metrics
             with self.blocked.measure():
                 self._checkpoint(server_round, arrays, evaluate_metrics, central_metrics, strategy, configured, result)
+            self._report_round(server_round, num_rounds, evaluate_metrics, central_metrics)
         progress(INFO, "")
         progress(INFO, "Strategy execution finished in %.2fs", time.time() - started)
         for line in io.StringIO(str(result)):
             progress(INFO, "\t%s", line.rstrip("\n"))
         return result
+
+    def _report_round(
+        self,
+        server_round: int,
+        num_rounds: int,
+        evaluate_metrics: MetricRecord | None,
+        central_metrics: MetricRecord | None,
+    ) -> None:
+        """One line per round: the global model's loss and accuracy where reported, the checkpoints
+        the pool has written and the time the server has waited on fedckpt."""
+        metrics = {**_scalars(evaluate_metrics), **_scalars(central_metrics)}
+        figures = [f"{name} {metrics[name]:.4g}" for name in (self.loss_key, "accuracy") if name in metrics]
+        written = sum(stats.saved for stats in lifecycle.coordinator().writer_stats())
+        progress(
+            INFO,
+            "[ROUND %s/%s] %s%d checkpoints written, server blocked %.3f s",
+            server_round,
+            num_rounds,
+            "".join(f"{figure}, " for figure in figures),
+            written,
+            self.blocked.seconds,
+        )
 
     def _checkpoint(
         self,
@@ -190,8 +211,8 @@ class ServerCheckpoints:
             {
                 "server_round": server_round,
                 "arrays": state_dict,
-                "strategy_state": _strategy_state(strategy, configured),
-                "rng": _rng_state(),
+                "strategy_state": strategy_state.learned(strategy, configured),
+                "rng": strategy_state.rng(),
                 "history": {field: _plain(getattr(result, field)) for field in HISTORY_FIELDS},
             },
         )
@@ -218,9 +239,9 @@ class ServerCheckpoints:
 
     def _restore(self, saved: dict[str, Any], strategy: Strategy, result: Result) -> ArrayRecord:
         self.resumed_from_round = int(saved["server_round"])
-        _restore_strategy(strategy, saved.get("strategy_state", {"": saved.get("strategy", {})}))
+        strategy_state.restore(strategy, saved.get("strategy_state", {"": saved.get("strategy", {})}))
         if "rng" in saved:
-            _restore_rng(saved["rng"])
+            strategy_state.restore_rng(saved["rng"])
         for field, rounds in saved.get("history", {}).items():
             getattr(result, field).update({int(r): MetricRecord(values) for r, values in rounds.items()})
         progress(INFO, "Resuming after round %s from %s", self.resumed_from_round, self.state_name)
@@ -235,63 +256,3 @@ def _scalars(record: MetricRecord | None) -> dict[str, float]:
 
 def _plain(history: Mapping[int, MetricRecord]) -> dict[int, dict[str, Any]]:
     return {server_round: dict(record) for server_round, record in history.items()}
-
-
-def _strategies(strategy: Strategy) -> dict[str, Strategy]:
-    """The strategy and those it wraps (a differential-privacy wrapper's ``strategy``, and so on),
-    by attribute path from the outermost ("" is the strategy itself)."""
-    found = {"": strategy}
-    pending = [("", strategy)]
-    while pending:
-        path, current = pending.pop()
-        for name, value in vars(current).items():
-            if isinstance(value, Strategy) and all(value is not known for known in found.values()):
-                inner = f"{path}.{name}" if path else name
-                found[inner] = value
-                pending.append((inner, value))
-    return found
-
-
-def _configuration(strategy: Strategy) -> dict[str, dict[str, Any]]:
-    """Each strategy's attributes before the first round: its configuration."""
-    return {path: dict(vars(each)) for path, each in _strategies(strategy).items()}
-
-
-def _strategy_state(strategy: Strategy, configured: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each strategy's attributes the rounds set or replaced (FedAdam's moments, a wrapper's last
-    arrays): its learned state, not its configuration, nor the strategies it wraps."""
-    missing = object()
-    return {
-        path: {
-            name: value
-            for name, value in vars(each).items()
-            if configured.get(path, {}).get(name, missing) is not value
-            and not callable(value)
-            and not isinstance(value, Strategy)
-        }
-        for path, each in _strategies(strategy).items()
-    }
-
-
-def _restore_strategy(strategy: Strategy, state: dict[str, dict[str, Any]]) -> None:
-    strategies = _strategies(strategy)
-    unknown = sorted(set(state) - set(strategies))
-    if unknown:
-        raise ValueError(
-            f"The saved server state holds the state of wrapped strategies {unknown} that "
-            f"{type(strategy).__name__} does not have: resume with the strategy the run was started with"
-        )
-    for path, attributes in state.items():
-        vars(strategies[path]).update(attributes)
-
-
-def _rng_state() -> dict[str, Any]:
-    """The server process's random generators (a DP wrapper's noise comes from numpy's): a resumed
-    run draws what the uninterrupted one would have."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
