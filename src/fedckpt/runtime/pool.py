@@ -15,6 +15,7 @@ from fedckpt.runtime.messages import WriterInfo, WriterStats
 from fedckpt.runtime.settings import POOL_SETTINGS, Settings
 from fedckpt.runtime.writer import writer_actor_class
 from fedckpt.runtime.writer.incarnation import CLOCK_OFFSET_FILE_ENV
+from fedckpt.runtime.writer.process import fedckpt_version
 
 
 def writer_name(index: int) -> str:
@@ -106,12 +107,11 @@ def pool_namespace(settings: Settings) -> tuple[str, str | None]:
 
 def _check_joinable(info: WriterInfo, settings: Settings, namespace: str) -> None:
     """A pool of another fedckpt version, or with settings other than those this process chose, is an error."""
-    from fedckpt import __version__
-
-    if info.version != __version__:
+    version = fedckpt_version()
+    if info.version != version:
         raise CheckpointError(
             f"The writer pool in Ray namespace {namespace!r} runs fedckpt {info.version}, this process "
-            f"fedckpt {__version__}: their messages and files may differ. Use the same version everywhere, "
+            f"fedckpt {version}: their messages and files may differ. Use the same version everywhere, "
             "or another namespace (fedckpt.init(namespace=...))"
         )
     pool = {"num_writers": info.pool_size, "coalesce": info.coalesce, "io_threads": info.io_threads}

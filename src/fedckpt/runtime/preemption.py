@@ -13,10 +13,12 @@ thread: in Ray's worker processes SIGTERM belongs to Ray, and the driver's flush
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -29,20 +31,17 @@ log = logging.getLogger("fedckpt")
 sigterm_handled = threading.Event()
 
 
-def keeping_sigterm_handler() -> Any:
+@contextlib.contextmanager
+def keeping_sigterm_handler() -> Iterator[None]:
     """Around a ``ray.init`` that fedckpt makes: Ray would replace the handler the program has
     (the user's own, or the default) with its own."""
-    return _KeptHandler()
-
-
-class _KeptHandler:
-    def __enter__(self) -> None:
-        main = threading.current_thread() is threading.main_thread()
-        self.handler = signal.getsignal(signal.SIGTERM) if main else None
-
-    def __exit__(self, *exc: object) -> None:
-        if self.handler is not None:
-            signal.signal(signal.SIGTERM, self.handler)
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
 
 
 def install(grace_seconds: float) -> None:

@@ -27,7 +27,8 @@ import struct
 import uuid
 from collections.abc import Iterator
 
-from fedckpt.runtime.staging import PREFIX, SHM_DIR, hold_as_owner, reserve
+from fedckpt.runtime.staging import PREFIX, SHM_DIR, reserve
+from fedckpt.storage.atomic import hold_as_owner
 
 _NUMBER = struct.Struct("<Q")
 _COUNTER, _QUIET_MARK = 0, _NUMBER.size  # offsets in the file

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import mmap
 import os
 import threading
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedckpt.storage.atomic import owner_alive
+from fedckpt.storage.atomic import hold_as_owner, owner_alive
 
 SHM_DIR = "/dev/shm"
 PREFIX = "fedckpt-"
@@ -190,13 +189,6 @@ class StagingArena:
             os.close(fd)
             raise
         return Segment(path, size, buffer, fd)
-
-
-def hold_as_owner(fd: int) -> None:
-    """Hold a shared flock on a file this process created, for as long as ``fd`` is open: the
-    kernel drops it when the process dies, in whatever PID namespace it ran."""
-    with contextlib.suppress(OSError):  # no flock here: owner_alive then counts the file as alive
-        fcntl.flock(fd, fcntl.LOCK_SH)
 
 
 def reserve(fd: int, size: int) -> None:

@@ -40,17 +40,14 @@ def claim_temp(temp: str, link_from: str | None = None) -> None:
     side = temp + CLAIM_SUFFIX
     if link_from is not None:
         os.link(link_from, side)
-    else:
-        os.close(os.open(side, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-    fd = None
-    try:
         fd = os.open(side, os.O_RDONLY)
-        with contextlib.suppress(OSError):  # no flock on this file system: owner_alive removes nothing there
-            fcntl.flock(fd, fcntl.LOCK_SH)
+    else:
+        fd = os.open(side, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        hold_as_owner(fd)
         os.rename(side, temp)
     except BaseException:
-        if fd is not None:
-            os.close(fd)
+        os.close(fd)
         remove_quietly(side)
         raise
     with _owned_lock:
@@ -125,6 +122,13 @@ def remove_stale_temps(temp_dir: str) -> list[str]:
                 remove_quietly(path)
                 removed.append(name)
     return removed
+
+
+def hold_as_owner(fd: int) -> None:
+    """Hold a shared flock on a file this process made, for as long as ``fd`` is open: the kernel
+    drops it when the process dies, in whatever PID namespace it ran (see :func:`owner_alive`)."""
+    with contextlib.suppress(OSError):  # no flock here: owner_alive then counts the file as alive
+        fcntl.flock(fd, fcntl.LOCK_SH)
 
 
 def owner_alive(path: str) -> bool:
