@@ -285,7 +285,7 @@ class EveryDtype(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from fedckpt.snapshot import SAFETENSORS_CODES
+        from fedckpt.storage.formats.safetensors_file import SAFETENSORS_CODES
 
         generator = torch.Generator().manual_seed(0)
         for index, name in enumerate(sorted(SAFETENSORS_CODES)):

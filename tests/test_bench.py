@@ -4,14 +4,26 @@ import json
 
 import pytest
 import ray
+import torch
 
 import fedckpt
-from fedckpt.bench import runner
+from fedckpt.bench import cases, runner
 from fedckpt.bench.measure import burst_size, percentile, raw_write_fsync
 from fedckpt.bench.methods import SAVE_METHODS, Fedckpt
 from fedckpt.cli import main
 
 SAVE_METHOD_NAMES = [method.name for method in SAVE_METHODS]
+
+
+@pytest.fixture(autouse=True)
+def tiny_cases(monkeypatch):
+    """Cases small enough for a test, known to the bench only while it runs."""
+    tiny = cases.Case(
+        "tiny", "fp32 and bf16, ~1 MiB", lambda: cases.linear_stack(1, 4, (torch.float32, torch.bfloat16))
+    )
+    tiny_loop = cases.Case("tiny-loop", "small CNN, 4 steps", cases.small_cnn, kind="loop", steps=4)
+    for case in (tiny, tiny_loop):
+        monkeypatch.setitem(cases.CASES, case.name, case)
 
 
 def test_bench_save_case_reports_every_method(ray_instance, tmp_path, capsys):

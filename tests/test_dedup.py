@@ -23,7 +23,7 @@ from fedckpt.cli import main as fedckpt_cli
 from fedckpt.runtime import lifecycle
 from fedckpt.snapshot import snapshot_state
 from fedckpt.storage import manifest
-from fedckpt.storage.formats import write_state_file
+from fedckpt.storage.formats.torch_zip import write_state_file
 
 
 def linked_bytes() -> int:

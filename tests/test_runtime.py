@@ -84,6 +84,7 @@ def test_a_killed_writer_restarts_and_acknowledged_saves_survive(ray_instance, t
         writer = ray.get_actor(writer_name(0), namespace="fedckpt-kill")
         pid = ray.get(writer.stats.remote()).pid
         checkpointer = PerRoundStateCheckpointer(tmp_path)
+        resends_before = fedckpt.stats().resends
         for counter in range(6):
             for key in range(3):
                 checkpointer.save_checkpoint(f"k{key}.pt", {"counter": counter, "x": torch.full((2 * MB,), counter)})
@@ -91,7 +92,10 @@ def test_a_killed_writer_restarts_and_acknowledged_saves_survive(ray_instance, t
         for key in range(3):  # keep saving while it restarts
             checkpointer.save_checkpoint(f"k{key}.pt", {"counter": 6, "x": torch.full((2 * MB,), 6)})
         fedckpt.flush()
-        assert ray.get(writer.stats.remote()).pid != pid
+        restarted = ray.get(writer.stats.remote())
+        assert restarted.pid != pid
+        # What this process sent again is what the new incarnation received from an earlier one.
+        assert fedckpt.stats().resends - resends_before == restarted.resends
         for key in range(3):
             state = checkpointer.load_checkpoint(f"k{key}.pt")
             assert state["counter"] == 6 and torch.all(state["x"] == 6)
@@ -251,6 +255,7 @@ def test_a_restarted_writer_waits_for_the_saves_its_predecessor_lost(runtime, tm
 def test_object_store_staging_round_trip(ray_instance, tmp_path):
     """The transport for writers on another node (or without /dev/shm): Ray's object store."""
     fedckpt.init(namespace="fedckpt-object-store", shared_memory_staging=False, num_writers=1)
+    before = fedckpt.stats()
     try:
         from fedckpt import LatestTorchModuleCheckpointer
 
@@ -264,6 +269,9 @@ def test_object_store_staging_round_trip(ray_instance, tmp_path):
         PerRoundStateCheckpointer(tmp_path).save_checkpoint("s.pt", {"w": expected})
         assert torch.equal(PerRoundStateCheckpointer(tmp_path).load_checkpoint("s.pt")["w"], expected)
         assert not any(name.startswith(f"fedckpt-{os.getpid()}-") for name in os.listdir("/dev/shm"))
+        after = fedckpt.stats()
+        assert after.bytes_shared_memory == before.bytes_shared_memory
+        assert after.bytes_object_store - before.bytes_object_store >= 2 * expected.nbytes
     finally:
         lifecycle.coordinator().stop_writers()
         fedckpt.init()

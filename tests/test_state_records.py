@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedckpt import state_records
 from fedckpt.snapshot import snapshot_state
-from fedckpt.state_records import _RecordCollector, describe
-from fedckpt.storage.formats import write_state_file
+from fedckpt.storage.formats import torch_records as state_records
+from fedckpt.storage.formats.torch_records import _RecordCollector, describe
+from fedckpt.storage.formats.torch_zip import write_state_file
 
 
 def fresh_records(state) -> list[tuple[str, bytes]]:

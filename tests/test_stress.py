@@ -6,8 +6,9 @@ The full variant (10,000 clients) runs by hand: FEDCKPT_STRESS_CLIENTS=10000 pyt
 import json
 import os
 
+from load import run_stress
+
 import fedckpt
-from fedckpt.bench.stress import run_stress
 from fedckpt.runtime import lifecycle
 
 CLIENTS = int(os.environ.get("FEDCKPT_STRESS_CLIENTS", "300"))

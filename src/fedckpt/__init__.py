@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from fedckpt.errors import CheckpointError, ScoreError
     from fedckpt.modes import CheckpointMode
     from fedckpt.runtime.lifecycle import flush, init, shutdown
+    from fedckpt.runtime.stats import ProcessStats, stats
     from fedckpt.server_module import ServerCheckpointAndStateModule
     from fedckpt.state import PerRoundStateCheckpointer
 
@@ -41,6 +42,8 @@ _EXPORTS = {
     "flush": "fedckpt.runtime.lifecycle",
     "init": "fedckpt.runtime.lifecycle",
     "shutdown": "fedckpt.runtime.lifecycle",
+    "stats": "fedckpt.runtime.stats",
+    "ProcessStats": "fedckpt.runtime.stats",
     "ServerCheckpointAndStateModule": "fedckpt.server_module",
     "PerRoundStateCheckpointer": "fedckpt.state",
 }
@@ -71,10 +74,12 @@ __all__ = [
     "FunctionTorchModuleCheckpointer",
     "LatestTorchModuleCheckpointer",
     "PerRoundStateCheckpointer",
+    "ProcessStats",
     "ScoreError",
     "ServerCheckpointAndStateModule",
     "TorchModuleCheckpointer",
     "flush",
     "init",
     "shutdown",
+    "stats",
 ]

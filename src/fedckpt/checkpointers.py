@@ -24,7 +24,7 @@ from fedckpt.policies import (
     loss_score,
     metric_score_function,
 )
-from fedckpt.runtime import lifecycle
+from fedckpt.runtime import lifecycle, stats
 from fedckpt.runtime.messages import SaveRequest
 from fedckpt.snapshot import MODULE, STATE, Snapshot, snapshot_module, snapshot_state
 from fedckpt.storage import formats, manifest, reading
@@ -91,7 +91,8 @@ class TorchModuleCheckpointer(ABC):
     def save_model(self, model: nn.Module, score: float | None = None, score_name: str | None = None) -> None:
         """Snapshot ``model`` and save it in the background (for subclasses' ``maybe_checkpoint``)."""
         request = self.save_request(score, score_name)
-        lifecycle.coordinator().save([request], snapshot_model(model, request.kind))
+        with stats.recorder.timed("blocked_seconds"):
+            lifecycle.coordinator().save([request], snapshot_model(model, request.kind))
 
     def save_request(self, score: float | None, score_name: str | None) -> SaveRequest:
         return SaveRequest(checkpoint_key(self.checkpoint_path), self.file_format, score, score_name)
@@ -198,7 +199,8 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
         """Save ``model`` in the background if its score is the best so far."""
         request = self.decide(loss, metrics)
         if request is not None:
-            lifecycle.coordinator().save([request], snapshot_model(model, request.kind))
+            with stats.recorder.timed("blocked_seconds"):
+                lifecycle.coordinator().save([request], snapshot_model(model, request.kind))
             self.accepted(request)
 
 

@@ -1,5 +1,6 @@
 """The ``fedckpt`` command: ``ls`` lists checkpoints with their manifest data, ``verify`` re-hashes them,
-``bench`` compares fedckpt with other ways to save a model."""
+``status`` shows the live writer pools of a Ray cluster, ``bench`` compares fedckpt with other ways to
+save a model. Only ``status`` and ``bench`` import Ray (and ``bench`` torch)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,10 @@ def build_parser(describe_bench_cases: bool = True) -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     verify = commands.add_parser("verify", help="re-hash every checkpoint; exit 1 on any mismatch")
     verify.add_argument("directory")
+    status = commands.add_parser("status", help="the live writer pools of a Ray cluster: queues and throughput")
+    status.add_argument("--address", default="auto", help="the Ray cluster (default: auto, the one on this machine)")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between the two readings for the rates")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench = commands.add_parser(
         "bench",
         help="time fedckpt beside torch.save, a hand-rolled async save and dcp.async_save on the same model",
@@ -104,10 +109,10 @@ def build_parser(describe_bench_cases: bool = True) -> argparse.ArgumentParser:
 
 
 def _cases_help() -> str:
-    from fedckpt.bench.cases import DEFAULT_CASES, QUICK_CASES, visible_case_names
+    from fedckpt.bench.cases import DEFAULT_CASES, QUICK_CASES, case_names
 
     return (
-        f"cases to run, of: {' '.join(visible_case_names())} (default: {' '.join(DEFAULT_CASES)}; "
+        f"cases to run, of: {' '.join(case_names())} (default: {' '.join(DEFAULT_CASES)}; "
         f"with --quick: {' '.join(QUICK_CASES)})"
     )
 
@@ -123,11 +128,57 @@ def command_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_status(address: str, interval: float, as_json: bool) -> int:
+    import warnings
+
+    import ray  # only for this command
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")  # Ray's tips, not ours
+
+    from fedckpt.runtime.pool_status import live_writers
+
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    except ConnectionError as error:
+        print(f"fedckpt status: no Ray cluster at {address}: {error}", file=sys.stderr)
+        return 2
+    try:
+        writers = live_writers(interval)
+    finally:
+        ray.shutdown()
+    if as_json:
+        rows = [{**asdict(writer), "stats": asdict(writer.stats)} for writer in writers]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not writers:
+        print(f"No fedckpt writers on the Ray cluster at {address}")
+        return 0
+    console = Console()
+    for namespace in sorted({writer.namespace for writer in writers}):
+        pool = [writer for writer in writers if writer.namespace == namespace]
+        table = Table(
+            title=f"pool {namespace}: {len(pool)} writer(s)", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False
+        )
+        for column in ("#", "node", "queue", "saved", "failed", "resent", "written", "saves/s", "MiB/s"):
+            table.add_column(column, justify="left" if column == "node" else "right", no_wrap=True)
+        for writer in pool:
+            stats = writer.stats
+            table.add_row(
+                str(writer.index), writer.node_ip, str(stats.pending), str(stats.saved), str(stats.failed),
+                str(stats.resends), _human_bytes(stats.bytes_written), f"{writer.saves_per_second:.1f}",
+                f"{writer.bytes_per_second / (1 << 20):.1f}",
+            )  # fmt: skip
+        console.print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     args = build_parser(describe_bench_cases=bool(words) and words[0] == "bench").parse_args(argv)
     if args.command == "bench":
         return command_bench(args)
+    if args.command == "status":
+        return command_status(args.address, args.interval, args.json)
     if not os.path.isdir(args.directory):
         print(f"fedckpt: {args.directory} is not a directory", file=sys.stderr)
         return 2

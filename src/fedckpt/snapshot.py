@@ -1,8 +1,9 @@
-"""Caller-side snapshots: what to copy, and where each byte goes in the checkpoint file.
+"""Caller-side snapshots: what to copy, as byte views of live memory and tensor metadata.
 
 A snapshot lists the tensors of a model (or the records ``torch.save`` would write for a state)
-as flat byte views of the live memory, in the order of the file's data section, plus a small
-layout. Nothing is copied until :meth:`Snapshot.copy_into` fills a staging buffer: that single
+as flat byte views of the live memory, plus a small layout; the file format
+(:mod:`fedckpt.storage.formats`) decides the order of the bytes in the file, which is the order
+they are staged in. Nothing is copied until :meth:`Snapshot.copy_into` fills a staging buffer: that single
 copy is the moment the state is frozen, and the only part of a save the caller waits for.
 """
 
@@ -20,25 +21,18 @@ import torch
 from torch import nn
 
 from fedckpt.skeleton import skeleton_of
-from fedckpt.state_records import state_records
 from fedckpt.storage.formats import MODULE, STATE
-
-# torch dtype name -> safetensors dtype code, for every dtype a model checkpoint can hold.
-SAFETENSORS_CODES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
-    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
-    "complex64": "C64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-    "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ",
-}  # fmt: skip
+from fedckpt.storage.formats.safetensors_file import SAFETENSORS_CODES, TensorInfo, data_section
+from fedckpt.storage.formats.torch_records import state_records
 
 
 @dataclass
 class Snapshot:
     """One save's bytes (as views of live memory, in file order) and their layout.
 
-    ``layout`` travels to the writer: for a module, ``tensors`` (name, safetensors dtype code,
-    shape, begin, end) and the pickled ``skeleton``; for a state, ``records`` (name, begin, end).
+    ``layout`` travels to the writer: for a module, ``tensors`` (the file's
+    ``TensorEntry`` list, :mod:`fedckpt.storage.formats.safetensors_file`) and the pickled
+    ``skeleton``; for a state, ``records`` (name, begin, end).
     """
 
     kind: str
@@ -210,15 +204,14 @@ def snapshot_module(model: nn.Module) -> Snapshot:
         reused = reused and from_cache
     if reused and plan.last is not None:
         return plan.last  # same tensors in the same memory: the same byte views and layout
-    # Widest dtypes first, as safetensors lays them out: every tensor stays naturally aligned.
-    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
-    entries, sources, offset = [], [], 0
-    for name in order:
-        tensor, view = tensors[name], views[name]
-        code = SAFETENSORS_CODES[dtype_name(tensor.dtype)]
-        entries.append((name, code, tuple(tensor.shape), offset, offset + view.size))
-        sources.append(view)
-        offset += view.size
+    entries = data_section(
+        {
+            name: TensorInfo(dtype_name(tensor.dtype), tensor.element_size(), tuple(tensor.shape), views[name].size)
+            for name, tensor in tensors.items()
+        }
+    )
+    sources = [views[name] for name, *_ in entries]
+    offset = sum(view.size for view in sources)
     snapshot = Snapshot(MODULE, offset, sources, {"tensors": entries, "skeleton": plan.pickled})
     plan.last = snapshot if len(plan.views) == len(tensors) else None
     return snapshot

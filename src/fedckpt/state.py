@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedckpt.checkpointers import wait_until_readable
-from fedckpt.runtime import lifecycle
+from fedckpt.runtime import lifecycle, stats
 from fedckpt.runtime.messages import SaveRequest
 from fedckpt.snapshot import STATE, Snapshot, snapshot_state
 from fedckpt.storage import manifest, reading
@@ -69,7 +69,8 @@ class PerRoundStateCheckpointer:
         if not isinstance(checkpoint_dict, Mapping):
             raise TypeError(f"State for {path} must be a dict, got {type(checkpoint_dict).__name__}")
         try:
-            return StateSnapshot(path, snapshot_state(checkpoint_dict))
+            with stats.recorder.timed("blocked_seconds"):
+                return StateSnapshot(path, snapshot_state(checkpoint_dict))
         except TypeError as error:
             raise TypeError(f"State for {path} cannot be saved: {error}") from error
 
@@ -83,7 +84,8 @@ class PerRoundStateCheckpointer:
             if server_round is None
             else SaveRequest(key, STATE, float(server_round), ROUND_SCORE_NAME)
         )
-        lifecycle.coordinator().save([request], state.snapshot)
+        with stats.recorder.timed("blocked_seconds"):
+            lifecycle.coordinator().save([request], state.snapshot)
 
     def saved_round(self, checkpoint_name: str) -> int | None:
         """The round a checkpoint on storage was saved with (see :meth:`save_checkpoint`), or None.

@@ -23,7 +23,6 @@ class Case:
             dict (saved with ``PerRoundStateCheckpointer`` by fedckpt).
         kind: ``"save"`` times single saves and bursts; ``"loop"`` times a training loop that saves every step.
         steps: the number of training steps of a loop case.
-        hidden: left out of ``--help`` and of the default run (for the tests).
     """
 
     name: str
@@ -31,7 +30,6 @@ class Case:
     build: Callable[[], nn.Module | dict]
     kind: str = "save"
     steps: int = 0
-    hidden: bool = False
 
 
 def linear_stack(megabytes: float, layers: int = 8, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> nn.Module:
@@ -127,13 +125,6 @@ CASES: dict[str, Case] = {
             kind="loop",
             steps=60,
         ),  # fmt: skip
-        Case(
-            "tiny",
-            "fp32 and bf16, ~1 MiB (tests)",
-            lambda: linear_stack(1, 4, (torch.float32, torch.bfloat16)),
-            hidden=True,
-        ),  # fmt: skip
-        Case("tiny-loop", "small CNN, 4 steps (tests)", small_cnn, kind="loop", steps=4, hidden=True),
     )
 }
 # fp32-400mb is the old blocking_time.py default; it is opt-in so the default run stays in ~10 GB.
@@ -141,6 +132,6 @@ DEFAULT_CASES = ("mlp-305kb", "sgd-state-305kb", "small-2000", "fp32-100mb", "fp
 QUICK_CASES = ("mlp-305kb", "sgd-state-305kb", "small-2000", "fp32-100mb", "mixed-100mb", "cnn-loop")
 
 
-def visible_case_names() -> list[str]:
-    """The case names ``--cases`` offers (hidden test cases left out)."""
-    return [name for name, case in CASES.items() if not case.hidden]
+def case_names() -> list[str]:
+    """The case names ``--cases`` offers."""
+    return list(CASES)

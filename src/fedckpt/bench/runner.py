@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 import fedckpt  # noqa: E402
 from fedckpt.bench import report as reporting  # noqa: E402
-from fedckpt.bench.cases import CASES, DEFAULT_CASES, QUICK_CASES, Case, visible_case_names  # noqa: E402
+from fedckpt.bench.cases import CASES, DEFAULT_CASES, QUICK_CASES, Case, case_names  # noqa: E402
 from fedckpt.bench.measure import (  # noqa: E402
     SaveSamples,
     burst_size,
@@ -53,7 +53,7 @@ def run_bench(
     """Run the benchmark, print one table per case, and return the report (also written to ``json_path``).
 
     Args:
-        cases: case names (see ``fedckpt.bench.cases.CASES``); default: every non-hidden case but
+        cases: case names (see ``fedckpt.bench.cases.CASES``); default: every case but
             ``fp32-400mb``, or the 100 MiB ones with ``quick``.
         repeats: saves per method and case (loops per method for loop cases); default 10, or 5 with ``quick``.
         directory: where to make the run's temp directory (default: the system's temp dir). Removed at the end.
@@ -66,7 +66,7 @@ def run_bench(
     names = list(cases) if cases else list(QUICK_CASES if quick else DEFAULT_CASES)
     unknown = [name for name in names if name not in CASES]
     if unknown:
-        raise ValueError(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(visible_case_names())}")
+        raise ValueError(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(case_names())}")
     repeats = repeats if repeats is not None else QUICK_REPEATS if quick else DEFAULT_REPEATS
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")

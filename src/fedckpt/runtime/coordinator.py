@@ -11,10 +11,7 @@ server's round commit) waits for those saves, and this process may stay idle for
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
-import os
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -24,13 +21,14 @@ from typing import Any
 import ray
 
 from fedckpt.errors import CheckpointError
-from fedckpt.runtime import preemption, ray_session
+from fedckpt.runtime import preemption, ray_session, stats
 from fedckpt.runtime.channel import ChannelClosed
-from fedckpt.runtime.inflight import Batch, InflightSave, InflightSaves, SaveState
-from fedckpt.runtime.messages import ABANDONED, UNKNOWN, SaveDone, SaveRequest, WriterStats
+from fedckpt.runtime.exit import flush_at_exit
+from fedckpt.runtime.inflight import Batch, InflightSaves, SaveState
+from fedckpt.runtime.messages import SaveRequest, WriterStats
 from fedckpt.runtime.pool import WriterPool
+from fedckpt.runtime.resend import Resender
 from fedckpt.runtime.settings import Settings
-from fedckpt.runtime.staging import remove_orphans
 from fedckpt.runtime.transport import Enqueued, Route, Staged, Transport
 from fedckpt.runtime.watcher import RAY_POLL_SECONDS, Watcher
 from fedckpt.snapshot import Snapshot
@@ -53,19 +51,20 @@ class Coordinator:
         self.settings = settings.validated()
         self.started_ray = False
         self._pool: WriterPool | None = None
-        self._transport = Transport(settings.shared_memory_staging, settings.max_inflight_bytes, self._on_done)
+        self._transport = Transport(
+            settings.shared_memory_staging,
+            settings.max_inflight_bytes,
+            lambda writer, notices: self._resender.on_done(writer, notices),
+        )
         self._inflight = InflightSaves()
+        self._resender = Resender(lambda: self._pool, self._transport, self._inflight)
         self._save_lock = threading.RLock()  # one save at a time: staging memory, per-key order
         self._pool_lock = threading.RLock()
-        self._recovering: dict[int, threading.Lock] = defaultdict(threading.Lock)
-        self._resending = threading.Lock()
-        # Errors of saves sent again in the background, for the next call on their key or flush.
-        self._held_errors: dict[str, BaseException] = {}
         self._watcher = Watcher(
             self._transport.open_channels,
             self._inflight.on_ray,
-            self._recover,
-            lambda saves: self._check_ray_saves(saves, timeout=0.0),
+            self._resender.recover,
+            lambda saves: self._resender.check_ray_saves(saves, timeout=0.0),
         )
 
     # ---- the pool -------------------------------------------------------------------------
@@ -91,8 +90,8 @@ class Coordinator:
                     self._watcher.start()
                     preemption.install(self.settings.preemption_grace_seconds)
                     # Re-registered after any ray.init so that it runs before Ray's own exit hook.
-                    atexit.unregister(self._flush_at_exit)
-                    atexit.register(self._flush_at_exit)
+                    atexit.unregister(flush_at_exit)
+                    atexit.register(flush_at_exit, self)
             return self._pool
 
     def writers(self, create: bool = True) -> list[Any] | None:
@@ -134,8 +133,8 @@ class Coordinator:
         with self._save_lock:
             pool = self.pool()
             assert pool is not None
-            self._take_in_notices()  # frees staging memory, and brings news of failed saves
-            held = self._take_held_errors({request.key for request in requests})
+            self._resender.take_in_notices()  # frees staging memory, and brings news of failed saves
+            held = self._resender.take_held_errors({request.key for request in requests})
             if held:
                 raise CheckpointError.naming("An earlier save failed, so this save was not started", held)
             self._make_room(snapshot.nbytes)
@@ -145,6 +144,7 @@ class Coordinator:
             local = all(self._transport.route(pool, index) is Route.CHANNEL for index in groups)
             staged = self._transport.stage(snapshot, shared_memory=local)
             self._inflight.add(staged, self._enqueue(pool, staged, groups))
+            stats.recorder.add(saves=len(requests), snapshots=1)
 
     def _enqueue(
         self, pool: WriterPool, staged: Staged, groups: dict[int, list[SaveRequest]]
@@ -156,7 +156,7 @@ class Coordinator:
             retry = {}
             for index, answer in answers.items():
                 if isinstance(answer, ChannelClosed):
-                    self._recover(index)
+                    self._resender.recover(index)
                     retry[index] = groups[index]
                 else:
                     sent.extend((enqueued.request, index, enqueued) for enqueued in answer)
@@ -177,7 +177,7 @@ class Coordinator:
             pool = self._pool
             if pool is None:
                 raise CheckpointError("The writer pool went away while saves were in flight")
-            self._resend_and_recover()
+            self._resender.resend_and_recover()
             sent = [save for save in batch.saves if save.state is SaveState.SENT]
             if not sent:
                 continue
@@ -186,102 +186,9 @@ class Coordinator:
                 try:
                     self._transport.channel(pool, first.writer).pump(0.5)
                 except ChannelClosed:
-                    self._recover(first.writer)
+                    self._resender.recover(first.writer)
             else:
-                self._check_ray_saves(sent, timeout=RAY_POLL_SECONDS)
-
-    # ---- notices, losses and re-sends -----------------------------------------------------------
-
-    def _on_done(self, writer: int, notices: list[SaveDone]) -> None:
-        for notice in notices:
-            self._finished(writer, notice)
-
-    def _finished(self, writer: int, notice: SaveDone) -> None:
-        """A save left its writer; a failure is held for this process's next call on its key."""
-        save, released = self._inflight.done(writer, notice.sequence)
-        for staged in released:
-            self._transport.release(staged)
-        if save is not None and notice.error is not None:
-            self._held_errors[save.request.key] = notice.error
-
-    def _take_in_notices(self) -> None:
-        """Done notices that arrived (channels), and Ray saves that finished (without waiting)."""
-        self._transport.take_in_notices()
-        on_ray = self._inflight.on_ray()
-        if on_ray:
-            self._check_ray_saves(on_ray, timeout=0.0)
-
-    def _check_ray_saves(self, saves: list[InflightSave], timeout: float) -> None:
-        """Take in the outcomes of Ray-route saves that resolved; lost ones are sent again."""
-        refs = [save.done_ref for save in saves]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        if not ready and timeout > 0:
-            ready, _ = ray.wait(refs, num_returns=1, timeout=0)
-        resolved = set(ready)
-        for save in saves:
-            if save.done_ref not in resolved:
-                continue
-            try:
-                notice = ray.get(save.done_ref)
-            except ray.exceptions.RayError as error:  # the writer is gone for good, or Ray is going down
-                log.debug("fedckpt: waiting for a save of %s failed: %s", save.request.key, error)
-                self._inflight.lost_one(save)
-                continue
-            if notice.outcome in (UNKNOWN, ABANDONED):
-                self._inflight.lost_one(save)
-            else:
-                self._finished(save.writer, notice)
-        if any(save.state is SaveState.LOST for save in saves):
-            self._resend_and_recover()
-
-    def _recover(self, writer: int) -> None:
-        """Writer ``writer``'s channel closed: it died. Wait until Ray restarted it, then send it
-        what it held of this process's saves again."""
-        with self._recovering[writer]:
-            pool = self._pool
-            if pool is None or not ray.is_initialized():
-                # Ray went down under this process (any Ray call would start a new instance): the
-                # next call reports what was lost.
-                return
-            client = self._transport.open_channels().get(writer)
-            if client is not None:
-                with contextlib.suppress(ChannelClosed, TimeoutError):
-                    client.pump(0.0)  # notices it sent before it died
-                if not client.closed:
-                    return  # recovered by another thread meanwhile
-            self._transport.drop_channel(writer)
-            self._inflight.writer_lost(writer, Route.CHANNEL)
-            info = pool.refresh(writer)
-        if self._inflight.lost(writer):
-            log.warning("fedckpt: writer %d restarted (pid %d); sending its lost saves again", writer, info.pid)
-        self._resend_and_recover(writer)
-
-    def _resend_and_recover(self, writer: int | None = None) -> None:
-        for closed in self._resend_lost(writer):
-            self._recover(closed)
-
-    def _resend_lost(self, writer: int | None = None) -> set[int]:
-        """Send the lost saves (of ``writer``, or all) again, with their sequences. Returns the
-        writers whose channel closed meanwhile (to recover, outside this lock)."""
-        pool = self._pool
-        closed: set[int] = set()
-        if pool is None:
-            return closed
-        with self._resending:
-            for batch, save in self._inflight.lost(writer):
-                if save.writer in closed:
-                    continue
-                answer = self._transport.enqueue(pool, batch.staged, {save.writer: [save.request]})[save.writer]
-                if isinstance(answer, ChannelClosed):
-                    closed.add(save.writer)
-                else:
-                    self._inflight.resent(save, save.writer, answer[0])
-        return closed
-
-    def _take_held_errors(self, keys: set[str] | None) -> dict[str, BaseException]:
-        """Errors of background re-sends for ``keys`` (or all), cleared: each is reported once."""
-        chosen = [key for key in list(self._held_errors) if keys is None or key in keys]
-        return {key: self._held_errors.pop(key) for key in chosen if key in self._held_errors}
+                self._resender.check_ray_saves(sent, timeout=RAY_POLL_SECONDS)
 
     def stop_watcher(self, wait: float = 2.0) -> None:
         """Stop the watcher thread (before Ray disconnects); the next pool starts a new one."""
@@ -290,7 +197,7 @@ class Coordinator:
     # ---- waiting --------------------------------------------------------------------------
 
     def inflight_bytes(self) -> int:
-        self._take_in_notices()
+        self._resender.take_in_notices()
         return self._inflight.nbytes
 
     def wait_readable(self, *keys: str) -> None:
@@ -305,7 +212,8 @@ class Coordinator:
         deadline = _Deadline(timeout)
         selected = None if keys is None else sorted(set(keys))
         try:
-            self._flush(pool, selected, deadline)
+            with stats.recorder.timed("waited_seconds"):
+                self._flush(pool, selected, deadline)
         except ray.exceptions.RayError as error:  # a writer gone for good, or Ray going down
             lost = sorted({save.request.key for _, save in self._inflight.lost()})
             raise CheckpointError(
@@ -314,23 +222,23 @@ class Coordinator:
             ) from error
 
     def _flush(self, pool: WriterPool, selected: list[str] | None, deadline: _Deadline) -> None:
-        self._resend_and_recover()  # a writer must hold a save to wait for it
+        self._resender.resend_and_recover()  # a writer must hold a save to wait for it
         if selected is None:
             groups: dict[int, list[str] | None] = dict.fromkeys(range(pool.size))
         else:
             groups = defaultdict(list)
             for key in selected:
                 groups[pool.owner_of(key)].append(key)  # type: ignore[union-attr]
-        errors = self._take_held_errors(None if selected is None else set(selected))
+        errors = self._resender.take_held_errors(None if selected is None else set(selected))
         for index, group in groups.items():
             while True:
                 try:
                     errors.update(self._transport.wait(pool, index, group, deadline.left()))
                     break
                 except ChannelClosed:
-                    self._recover(index)
-        errors.update(self._take_held_errors(None if selected is None else set(selected)))
-        self._take_in_notices()
+                    self._resender.recover(index)
+        errors.update(self._resender.take_held_errors(None if selected is None else set(selected)))
+        self._resender.take_in_notices()
         if errors:
             raise CheckpointError.naming("Saving failed", errors)
 
@@ -351,48 +259,18 @@ class Coordinator:
         """Drop the pool and everything in flight (after a flush, or after Ray was shut down on purpose)."""
         self.stop_watcher()
         with self._pool_lock:
-            atexit.unregister(self._flush_at_exit)
-            self._held_errors.clear()
+            atexit.unregister(flush_at_exit)
+            self._resender.held_errors.clear()
             self._pool = None
             for batch in self._inflight.clear():
                 self._transport.release(batch.staged)
             self._transport.close()
 
-    def _flush_at_exit(self) -> None:
-        """A process that exits normally loses nothing it saved, and leaves no staging memory behind.
+    def release_staging_at_exit(self) -> None:
+        """Close the staging memory unless saves still need it (their writers read it)."""
+        if self._inflight.nbytes == 0 or not ray.is_initialized():
+            self._transport.close()
 
-        If saves failed, the process exits with status 1 once the error is printed: an exception in
-        an exit handler would leave the status 0, as if everything had been saved.
-        """
-        failed = False
-        try:
-            # After SIGTERM the handler flushed for its grace period already: SIGKILL is near.
-            if self._pool is not None and ray.is_initialized() and not preemption.sigterm_handled.is_set():
-                try:
-                    self.flush()
-                except Exception as error:
-                    log.error("fedckpt: saves failed before exit: %s", error)
-                    failed = True
-        finally:
-            self.stop_watcher()  # before Ray's own exit hook disconnects this process
-            if self._inflight.nbytes == 0 or not ray.is_initialized():
-                self._transport.close()
-            if not ray.is_initialized():
-                # Ray was shut down under this process (Flower does, after a simulation): its workers
-                # were killed without cleaning up, so remove their staging segments now.
-                remove_orphans(settle_seconds=1.0, grace_seconds=0.0)
-        if failed:
-            _exit_with_failure()
-
-
-def _exit_with_failure() -> None:
-    """Exit now with status 1. The exit handlers registered before fedckpt's would not run after
-    ``os._exit``; the ones that matter here run first: Ray's shutdown, then logging's and stdio's flush."""
-    with contextlib.suppress(Exception):
-        if ray.is_initialized():
-            ray_session.unwrapped_shutdown()
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(1)
+    @property
+    def has_pool(self) -> bool:
+        return self._pool is not None

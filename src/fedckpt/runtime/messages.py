@@ -95,6 +95,8 @@ class WriterStats:
     bytes_linked: int  # checkpoint bytes not written because identical content was linked
     pid: int
     waits_answered: int = 0  # waits and flushes callers on this node sent over the channel
+    resends: int = 0  # saves received again after an earlier incarnation lost them
+    node_id: str = ""
 
 
 # ---- the node-local channel (see fedckpt.runtime.channel) ----------------------------------------

@@ -55,13 +55,13 @@ class WriterPool:
         namespace, job_id = pool_namespace(settings)
         actor = writer_actor_class()
         first = actor.options(**_actor_options(namespace, 0)).remote(
-            0, settings.num_writers, settings.coalesce, settings.io_threads, job_id
+            0, settings.num_writers, settings.coalesce, settings.io_threads, job_id, namespace
         )
         info = ray.get(first.describe.remote())
         _check_joinable(info, settings, namespace)
         rest = [
             actor.options(**_actor_options(namespace, index)).remote(
-                index, info.pool_size, info.coalesce, info.io_threads, info.job_id
+                index, info.pool_size, info.coalesce, info.io_threads, info.job_id, namespace
             )
             for index in range(1, info.pool_size)
         ]

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from fedckpt.runtime import stats
 from fedckpt.runtime.channel import ChannelClient, ChannelClosed, channel_supported
 from fedckpt.runtime.messages import (
     Ack,
@@ -165,10 +166,12 @@ class Transport:
                 self.arena.release(segment)
                 raise
             payload = SharedMemoryPayload(segment.path, snapshot.nbytes, snapshot.packed_layout)
+            stats.recorder.add(bytes_shared_memory=snapshot.nbytes)
             return Staged(snapshot.nbytes, snapshot.packed_layout, segment, payload)
         array = np.empty(snapshot.nbytes, dtype=np.uint8)
         snapshot.copy_into(array)
         payload = _object_store_payload(snapshot.packed_layout, array)
+        stats.recorder.add(bytes_object_store=snapshot.nbytes)
         return Staged(snapshot.nbytes, snapshot.packed_layout, None, payload, portable=payload)
 
     def _warn_staging_full(self, nbytes: int, error: StagingFull) -> None:
@@ -217,6 +220,8 @@ class Transport:
                 except ChannelClosed as error:
                     calls[index] = error
             else:
+                if staged.portable is None:
+                    stats.recorder.add(bytes_object_store=staged.nbytes)
                 payload = staged.portable_payload()
                 calls[index] = [pool.handles[index].enqueue.remote(request, payload) for request in group]
         answers: dict[int, list[Enqueued] | ChannelClosed] = {}

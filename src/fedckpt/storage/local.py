@@ -11,7 +11,9 @@ from fedckpt.storage import manifest
 from fedckpt.storage.atomic import claim_temp, discard_temp, publish, write_durable_temp
 from fedckpt.storage.checksum import checksum_of
 from fedckpt.storage.dedup import ContentIndex, link_identical
-from fedckpt.storage.formats import MODULE, safetensors_header, write_module_file, write_state_file
+from fedckpt.storage.formats import MODULE
+from fedckpt.storage.formats.safetensors_file import safetensors_header, write_module_file
+from fedckpt.storage.formats.torch_zip import write_state_file
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pickle
-from concurrent.futures import ThreadPoolExecutor
+import time
 from typing import Any
 
 import ray
@@ -42,46 +41,27 @@ from fedckpt.runtime.messages import (
 )
 from fedckpt.runtime.staging import shared_memory_available
 from fedckpt.runtime.writer import incarnation
+from fedckpt.runtime.writer.io import SaveIO, transportable
+from fedckpt.runtime.writer.metrics import WriterMetrics
 from fedckpt.runtime.writer.process import (
     JOB_CHECK_SECONDS,
     fedckpt_version,
     job_ended,
-    lower_priority,
     run_as_batch_work,
     shared_counter,
 )
 from fedckpt.runtime.writer.queue import KeyQueue, QueuedSave
 from fedckpt.runtime.writer.recovery import LostSaves
-from fedckpt.runtime.writer.staged import CallerDied, StagedBytes
-from fedckpt.storage.dedup import ContentIndex
-from fedckpt.storage.local import Persisted, persist_checkpoint
 
 log = logging.getLogger("fedckpt.writer")
-
-
-def _transportable(error: BaseException) -> BaseException:
-    """The error itself when it can be sent to the caller, else a RuntimeError with its text."""
-    try:
-        pickle.dumps(error)
-        return error
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
-
-
-def _persist(save: QueuedSave, data: memoryview, writer_name: str, content_index: ContentIndex) -> Persisted | None:
-    """The I/O thread's part of one save."""
-    request = save.request
-    layout = pickle.loads(save.payload.layout)
-    return persist_checkpoint(
-        request.key, request.kind, layout, data, save.sequence, request.score, request.score_name, writer_name,
-        content_index,
-    )  # fmt: skip
 
 
 class CheckpointWriter:
     """Ray actor body; see :func:`writer_actor_class` for the options it runs with."""
 
-    def __init__(self, index: int, pool_size: int, coalesce: bool, io_threads: int, job_id: str | None = None) -> None:
+    def __init__(
+        self, index: int, pool_size: int, coalesce: bool, io_threads: int, job_id: str | None = None, pool: str = ""
+    ) -> None:
         run_as_batch_work()
         self.job_id = job_id  # the job whose end ends this pool (None: a named pool)
         self.version = fedckpt_version()
@@ -100,15 +80,9 @@ class CheckpointWriter:
         self.arrived = 0  # saves numbered from this incarnation's counter that reached it
         self.waits_answered = 0
         self.keys: dict[str, KeyQueue] = {}
-        self.counts = {SAVED: 0, SUPERSEDED: 0, FAILED: 0, ABANDONED: 0}
-        self.bytes_written = 0
-        self.bytes_linked = 0
-        self.io = ThreadPoolExecutor(
-            max_workers=io_threads, thread_name_prefix="fedckpt-io", initializer=lower_priority
-        )
-        self.staged = StagedBytes()
-        self.content_index = ContentIndex()
+        self.metrics = WriterMetrics(pool, index)  # pool: the Ray namespace it is named in
         self.name = f"writer-{index}@{os.getpid()}"
+        self.io = SaveIO(io_threads, self.name)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.lost = LostSaves(self.incarnation.restarted, self.name, self._hold_error)
         self.channel_address = channel.new_address(f"writer-{index}") if local else None
@@ -141,9 +115,7 @@ class CheckpointWriter:
         while not await loop.run_in_executor(None, job_ended, self.job_id):
             await asyncio.sleep(JOB_CHECK_SECONDS)
         log.info("fedckpt: %s: job %s ended; writing what is queued, then stopping", self.name, self.job_id)
-        await self.flush()
-        self.io.shutdown(wait=True)
-        incarnation.end(self.actor_id)
+        await self._write_everything_and_end()
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     async def _serve_channel(self) -> None:
@@ -187,18 +159,21 @@ class CheckpointWriter:
         sequence = tuple(request.sequence)
         if sequence[0] == self.epoch:
             self.arrived += 1
+        else:  # numbered by an earlier incarnation, which lost it
+            self.metrics.resent()
         state = self.keys.setdefault(request.key, KeyQueue())
         # A save sent again after a restart of this writer: nobody waits for its arrival any longer.
         awaited = self.lost.arrived(request.key, sequence)
         save = QueuedSave(request, sequence, payload, asyncio.get_running_loop().create_future())
+        self.metrics.arrived()
         if notify is not None:
             save.outcome.add_done_callback(lambda done: notify.send(done.result()))
         if awaited is not None:  # from now on, waiting for the save itself covers it
             save.outcome.add_done_callback(lambda _: awaited.done() or awaited.set_result(None))
         try:
-            save.segment = self.staged.map(payload)
+            self.io.map_segment(save)
         except OSError as error:  # its caller's segment is gone: nothing of it can be written
-            self._finish(save, FAILED, _transportable(error))
+            self._finish(save, FAILED, transportable(error))
             return Ack(sequence, self.epoch)
         for dropped in state.add(save, self.coalesce):
             self._finish(dropped, SUPERSEDED)
@@ -268,59 +243,50 @@ class CheckpointWriter:
 
     async def stop(self) -> None:
         """Finish every queued save, then end this actor (it is not restarted)."""
-        await self.flush()
-        self.io.shutdown(wait=True)
-        incarnation.end(self.actor_id)
+        await self._write_everything_and_end()
         ray.actor.exit_actor()
+
+    async def _write_everything_and_end(self) -> None:
+        """Write what is queued; the next writer of this name is a new one, not a restart."""
+        await self.flush()
+        self.io.shutdown()
+        incarnation.end(self.actor_id)
 
     async def stats(self) -> WriterStats:
         return WriterStats(
-            saved=self.counts[SAVED],
-            superseded=self.counts[SUPERSEDED],
-            failed=self.counts[FAILED],
-            abandoned=self.counts[ABANDONED],
+            saved=self.metrics.counts[SAVED],
+            superseded=self.metrics.counts[SUPERSEDED],
+            failed=self.metrics.counts[FAILED],
+            abandoned=self.metrics.counts[ABANDONED],
             keys=len(self.keys),
             pending=sum(len(state.pending()) for state in self.keys.values()),
             awaiting_resend=self.lost.count(),
-            bytes_written=self.bytes_written,
-            bytes_linked=self.bytes_linked,
+            bytes_written=self.metrics.bytes_written,
+            bytes_linked=self.metrics.bytes_linked,
+            resends=self.metrics.resends,
+            node_id=self.node_id,
             pid=os.getpid(),
             waits_answered=self.waits_answered,
         )
 
     def _finish(self, save: QueuedSave, outcome: str, error: BaseException | None = None) -> None:
-        self.counts[outcome] += 1
+        self.metrics.finished(outcome, time.monotonic() - save.arrived)
         save.segment = None
         if error is not None:
             self.keys.setdefault(save.request.key, KeyQueue()).error = error
         save.outcome.set_result(SaveDone(save.sequence, outcome, error))
 
     async def _drain(self, key: str, state: KeyQueue) -> None:
-        loop = asyncio.get_running_loop()
+        """Write the key's queued saves one at a time, in sequence order."""
         while state.queue:
             save = state.active = state.queue.popleft()
-            outcome, failure = FAILED, None
-            try:
-                data = await self.staged.get(save.payload, save.segment)
-                persisted = await loop.run_in_executor(self.io, _persist, save, data, self.name, self.content_index)
-                del data
-                outcome = SUPERSEDED if persisted is None else SAVED
-                if persisted is not None:
-                    if persisted.linked:
-                        self.bytes_linked += persisted.entry.bytes
-                    else:
-                        self.bytes_written += persisted.entry.bytes
+            written = await self.io.write(save)
+            if written.persisted is not None:
+                self.metrics.persisted(written.persisted.entry.bytes, written.persisted.linked)
+            if written.outcome in (SAVED, SUPERSEDED):
                 self.lost.superseded_on_disk(key, save.sequence)  # this save or a newer one is on disk
-            except CallerDied as reason:  # nobody is left to hear of it
-                log.error("fedckpt: dropped a save of %s: %s; the checkpoint on disk is unchanged", key, reason)
-                outcome = ABANDONED
-            except Exception as error:  # for its caller (next call) and the next flush or load of the key
-                log.error("fedckpt: saving %s failed: %s: %s", key, type(error).__name__, error)
-                failure = _transportable(error)
-            finally:
-                self.staged.finished(save.payload)
-                state.active = None
-                self._finish(save, outcome, failure)
+            state.active = None
+            self._finish(save, written.outcome, written.error)
         state.draining = False
         # Forget idle keys without an error to report: a long run touches many keys.
         if state.error is None and self.keys.get(key) is state:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ class QueuedSave:
     payload: Payload
     outcome: asyncio.Future  # resolves to SAVED, SUPERSEDED, FAILED or ABANDONED once it left memory
     segment: memoryview | None = None  # the caller's staging segment, mapped when the save arrived
+    arrived: float = field(default_factory=time.monotonic)
 
 
 @dataclass

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import ray
+import ray.cloudpickle
 import torch
+
+# This module lives beside the tests, not in an installed package: Ray workers get its functions by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 WIDTH = 16  # a Linear(16, 16): the load is in the number of saves, not in bytes
 

@@ -1,0 +1,58 @@
+"""What fedckpt does when its process exits: flush, free the staging memory, and fail loudly."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING
+
+import ray
+
+from fedckpt.runtime import preemption, ray_session
+from fedckpt.runtime.staging import remove_orphans
+
+if TYPE_CHECKING:
+    from fedckpt.runtime.coordinator import Coordinator
+
+log = logging.getLogger("fedckpt")
+
+
+def flush_at_exit(coordinator: Coordinator) -> None:
+    """A process that exits normally loses nothing it saved, and leaves no staging memory behind.
+
+    If saves failed, the process exits with status 1 once the error is printed: an exception in
+    an exit handler would leave the status 0, as if everything had been saved.
+    """
+    failed = False
+    try:
+        # After SIGTERM the handler flushed for its grace period already: SIGKILL is near.
+        if coordinator.has_pool and ray.is_initialized() and not preemption.sigterm_handled.is_set():
+            try:
+                coordinator.flush()
+            except Exception as error:
+                log.error("fedckpt: saves failed before exit: %s", error)
+                failed = True
+    finally:
+        coordinator.stop_watcher()  # before Ray's own exit hook disconnects this process
+        coordinator.release_staging_at_exit()
+        if not ray.is_initialized():
+            # Ray was shut down under this process (Flower does, after a simulation): its workers
+            # were killed without cleaning up, so remove their staging segments now.
+            remove_orphans(settle_seconds=1.0, grace_seconds=0.0)
+    if failed:
+        _exit_with_failure()
+
+
+def _exit_with_failure() -> None:
+    """Exit now with status 1. The exit handlers registered before fedckpt's would not run after
+    ``os._exit``; the ones that matter here run first: Ray's shutdown, then logging's and stdio's flush."""
+    with contextlib.suppress(Exception):
+        if ray.is_initialized():
+            ray_session.unwrapped_shutdown()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(1)

@@ -1,0 +1,62 @@
+"""This process's counters: what ``fedckpt.stats()`` returns."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class ProcessStats:
+    """What this process saved since it started (or since ``fedckpt.shutdown()``).
+
+    Bytes are counted where they were staged: in this node's shared memory (read there by a writer
+    on the same node), or in Ray's object store (a writer on another node, no usable ``/dev/shm``,
+    or a full staging budget). One snapshot saved under several keys is staged once.
+    """
+
+    saves: int  # checkpoint saves acknowledged (one per checkpoint file)
+    snapshots: int  # save calls: one copy each
+    bytes_shared_memory: int
+    bytes_object_store: int
+    resends: int  # saves sent again because their writer died before writing them
+    blocked_seconds: float  # inside save calls: the snapshot, the copy, sending (backpressure included)
+    waited_seconds: float  # inside flushes and waits for pending saves (loads of pending checkpoints)
+
+
+class StatsRecorder:
+    """Thread-safe accumulators behind :class:`ProcessStats`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = {field.name: 0 for field in fields(ProcessStats)}
+
+    def add(self, **amounts: float) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                self._values[name] += amount
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Add the time spent in the block to ``name`` (``blocked_seconds`` or ``waited_seconds``)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(**{name: time.perf_counter() - start})
+
+    def snapshot(self) -> ProcessStats:
+        with self._lock:
+            return ProcessStats(**self._values)  # type: ignore[arg-type]
+
+
+# Process-wide: the counters outlive a coordinator replaced by fedckpt.init() or fedckpt.shutdown().
+recorder = StatsRecorder()
+
+
+def stats() -> ProcessStats:
+    """This process's save counters since it started: saves, bytes by transport, time blocked and waited."""
+    return recorder.snapshot()

@@ -1,0 +1,85 @@
+"""The writer's I/O: a save's staged bytes to storage, on a small thread pool.
+
+Kept apart from the per-key queue (``queue.py``) and the restart bookkeeping (``recovery.py``): this
+part knows where a save's bytes are and how they reach a file, not in what order saves go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from fedckpt.runtime.messages import ABANDONED, FAILED, SAVED, SUPERSEDED
+from fedckpt.runtime.writer.process import lower_priority
+from fedckpt.runtime.writer.queue import QueuedSave
+from fedckpt.runtime.writer.staged import CallerDied, StagedBytes
+from fedckpt.storage.dedup import ContentIndex
+from fedckpt.storage.local import Persisted, persist_checkpoint
+
+log = logging.getLogger("fedckpt.writer")
+
+
+def transportable(error: BaseException) -> BaseException:
+    """The error itself when it can be sent to the caller, else a RuntimeError with its text."""
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    """How one save ended: SAVED, SUPERSEDED (a newer version was on storage), FAILED or ABANDONED."""
+
+    outcome: str
+    error: BaseException | None = None
+    persisted: Persisted | None = None
+
+
+class SaveIO:
+    """Writes saves' staged bytes to storage; one save of a key at a time is the caller's concern."""
+
+    def __init__(self, io_threads: int, writer_name: str) -> None:
+        self.writer_name = writer_name
+        self.staged = StagedBytes()
+        self.content_index = ContentIndex()
+        self.executor = ThreadPoolExecutor(
+            max_workers=io_threads, thread_name_prefix="fedckpt-io", initializer=lower_priority
+        )
+
+    def map_segment(self, save: QueuedSave) -> None:
+        """Map the save's staging segment as it arrives (see :meth:`StagedBytes.map`)."""
+        save.segment = self.staged.map(save.payload)
+
+    async def write(self, save: QueuedSave) -> WriteOutcome:
+        """Fetch the save's bytes and persist them; every error becomes the outcome, for its caller."""
+        key = save.request.key
+        try:
+            data = await self.staged.get(save.payload, save.segment)
+            persisted = await asyncio.get_running_loop().run_in_executor(self.executor, self._persist, save, data)
+            del data
+            return WriteOutcome(SUPERSEDED if persisted is None else SAVED, persisted=persisted)
+        except CallerDied as reason:  # nobody is left to hear of it
+            log.error("fedckpt: dropped a save of %s: %s; the checkpoint on disk is unchanged", key, reason)
+            return WriteOutcome(ABANDONED)
+        except Exception as error:  # for its caller (next call) and the next flush or load of the key
+            log.error("fedckpt: saving %s failed: %s: %s", key, type(error).__name__, error)
+            return WriteOutcome(FAILED, transportable(error))
+        finally:
+            self.staged.finished(save.payload)
+
+    def _persist(self, save: QueuedSave, data: memoryview) -> Persisted | None:
+        """The I/O thread's part of one save."""
+        request = save.request
+        layout = pickle.loads(save.payload.layout)
+        return persist_checkpoint(
+            request.key, request.kind, layout, data, save.sequence, request.score, request.score_name,
+            self.writer_name, self.content_index,
+        )  # fmt: skip
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True)
