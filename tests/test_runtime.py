@@ -14,7 +14,7 @@ import torch
 import fedckpt
 from fedckpt import PerRoundStateCheckpointer
 from fedckpt.runtime import lifecycle
-from fedckpt.runtime.messages import UNKNOWN, ObjectStorePayload, SaveRequest
+from fedckpt.runtime.messages import ObjectStorePayload, Outcome, SaveRequest
 from fedckpt.runtime.pool import shard_of, writer_name
 from fedckpt.runtime.settings import Settings
 from fedckpt.runtime.writer.incarnation import CLOCK_OFFSET_FILE_ENV
@@ -227,7 +227,7 @@ def test_a_restarted_writer_waits_for_the_saves_its_predecessor_lost(runtime, tm
     key, ghost = str(tmp_path / "lost.pt"), str(tmp_path / "ghost.pt")
     writer = _writer_of(key)
     old_epoch = 1  # an incarnation long gone
-    assert ray.get(writer.wait_saved.remote(key, (old_epoch, 7), old_epoch)).outcome == UNKNOWN
+    assert ray.get(writer.wait_saved.remote(key, (old_epoch, 7), old_epoch)).outcome == Outcome.UNKNOWN
     flushed, read = writer.flush.remote([key]), writer.wait_key.remote(key)
     assert ray.wait([flushed, read], num_returns=2, timeout=1.0)[0] == []  # both wait for the re-send
     ray.get(writer.enqueue.remote(SaveRequest(key, "state", sequence=(old_epoch, 7)), payload))

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
-# Outcomes of one save, as the writer reports them.
-SAVED = "saved"
-SUPERSEDED = "superseded"  # a newer save of the same key replaced it before or on disk
-FAILED = "failed"  # the error is held for the next call, flush or load of that key
-UNKNOWN = "unknown"  # issued to an earlier incarnation of a restarted writer: send it again
-# For a writer on another node: the caller died before the writer fetched the snapshot from Ray's
-# object store, so there is nothing left to write.
-ABANDONED = "abandoned"
-OUTCOMES = (SAVED, SUPERSEDED, FAILED, ABANDONED)
+
+class Outcome(StrEnum):
+    """How one save left the writer, as the writer reports it."""
+
+    SAVED = "saved"
+    SUPERSEDED = "superseded"  # a newer save of the same key replaced it before or on disk
+    FAILED = "failed"  # the error is held for the next call, flush or load of that key
+    UNKNOWN = "unknown"  # issued to an earlier incarnation of a restarted writer: send it again
+    # For a writer on another node: the caller died before the writer fetched the snapshot from Ray's
+    # object store, so there is nothing left to write.
+    ABANDONED = "abandoned"
 
 
 @dataclass(frozen=True)
@@ -133,5 +136,5 @@ class SaveDone:
     wait of its key, from any process)."""
 
     sequence: tuple[int, int]
-    outcome: str
+    outcome: Outcome
     error: BaseException | None = None

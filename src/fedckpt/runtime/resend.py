@@ -19,7 +19,7 @@ import ray
 from fedckpt.runtime import stats
 from fedckpt.runtime.channel import ChannelClosed
 from fedckpt.runtime.inflight import InflightSave, InflightSaves, SaveState
-from fedckpt.runtime.messages import ABANDONED, UNKNOWN, SaveDone
+from fedckpt.runtime.messages import Outcome, SaveDone
 from fedckpt.runtime.pool import WriterPool
 from fedckpt.runtime.transport import Route, Transport
 
@@ -75,7 +75,7 @@ class Resender:
                 log.debug("fedckpt: waiting for a save of %s failed: %s", save.request.key, error)
                 self._inflight.lost_one(save)
                 continue
-            if notice.outcome in (UNKNOWN, ABANDONED):
+            if notice.outcome in (Outcome.UNKNOWN, Outcome.ABANDONED):
                 self._inflight.lost_one(save)
             else:
                 self.finished(save.writer, notice)

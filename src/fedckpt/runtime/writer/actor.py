@@ -24,13 +24,9 @@ import ray
 
 from fedckpt.runtime import channel
 from fedckpt.runtime.messages import (
-    ABANDONED,
-    FAILED,
-    SAVED,
-    SUPERSEDED,
-    UNKNOWN,
     Ack,
     Enqueue,
+    Outcome,
     Payload,
     Reply,
     SaveDone,
@@ -173,10 +169,10 @@ class CheckpointWriter:
         try:
             self.io.map_segment(save)
         except OSError as error:  # its caller's segment is gone: nothing of it can be written
-            self._finish(save, FAILED, transportable(error))
+            self._finish(save, Outcome.FAILED, transportable(error))
             return Ack(sequence, self.epoch)
         for dropped in state.add(save, self.coalesce):
-            self._finish(dropped, SUPERSEDED)
+            self._finish(dropped, Outcome.SUPERSEDED)
         if not state.draining:
             state.draining = True
             asyncio.get_running_loop().create_task(self._drain(request.key, state))
@@ -189,18 +185,18 @@ class CheckpointWriter:
     async def wait_saved(self, key: str, sequence: tuple[int, int], writer_epoch: int) -> SaveDone:
         """Wait until one save left memory: saved, superseded, failed or abandoned.
 
-        ``UNKNOWN`` when an earlier incarnation of this writer took the save: it died with it.
+        ``Outcome.UNKNOWN`` when an earlier incarnation of this writer took the save: it died with it.
         """
         sequence = tuple(sequence)
         if writer_epoch != self.epoch:
             self.lost.expect(key, sequence)
-            return SaveDone(sequence, UNKNOWN)
+            return SaveDone(sequence, Outcome.UNKNOWN)
         state = self.keys.get(key)
         save = state.find(sequence) if state else None
         if save is not None:
             return await save.outcome
         failed = state is not None and state.error is not None
-        return SaveDone(sequence, FAILED if failed else SAVED)
+        return SaveDone(sequence, Outcome.FAILED if failed else Outcome.SAVED)
 
     async def wait_key(self, key: str) -> BaseException | None:
         """Wait for every save of ``key`` issued before this call; return (and clear) its error."""
@@ -254,10 +250,10 @@ class CheckpointWriter:
 
     async def stats(self) -> WriterStats:
         return WriterStats(
-            saved=self.metrics.counts[SAVED],
-            superseded=self.metrics.counts[SUPERSEDED],
-            failed=self.metrics.counts[FAILED],
-            abandoned=self.metrics.counts[ABANDONED],
+            saved=self.metrics.counts[Outcome.SAVED],
+            superseded=self.metrics.counts[Outcome.SUPERSEDED],
+            failed=self.metrics.counts[Outcome.FAILED],
+            abandoned=self.metrics.counts[Outcome.ABANDONED],
             keys=len(self.keys),
             pending=sum(len(state.pending()) for state in self.keys.values()),
             awaiting_resend=self.lost.count(),
@@ -269,7 +265,7 @@ class CheckpointWriter:
             waits_answered=self.waits_answered,
         )
 
-    def _finish(self, save: QueuedSave, outcome: str, error: BaseException | None = None) -> None:
+    def _finish(self, save: QueuedSave, outcome: Outcome, error: BaseException | None = None) -> None:
         self.metrics.finished(outcome, time.monotonic() - save.arrived)
         save.segment = None
         if error is not None:
@@ -283,7 +279,7 @@ class CheckpointWriter:
             written = await self.io.write(save)
             if written.persisted is not None:
                 self.metrics.persisted(written.persisted.entry.bytes, written.persisted.linked)
-            if written.outcome in (SAVED, SUPERSEDED):
+            if written.outcome in (Outcome.SAVED, Outcome.SUPERSEDED):
                 self.lost.superseded_on_disk(key, save.sequence)  # this save or a newer one is on disk
             state.active = None
             self._finish(save, written.outcome, written.error)

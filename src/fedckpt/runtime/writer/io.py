@@ -12,7 +12,7 @@ import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from fedckpt.runtime.messages import ABANDONED, FAILED, SAVED, SUPERSEDED
+from fedckpt.runtime.messages import Outcome
 from fedckpt.runtime.writer.process import lower_priority
 from fedckpt.runtime.writer.queue import QueuedSave
 from fedckpt.runtime.writer.staged import CallerDied, StagedBytes
@@ -35,7 +35,7 @@ def transportable(error: BaseException) -> BaseException:
 class WriteOutcome:
     """How one save ended: SAVED, SUPERSEDED (a newer version was on storage), FAILED or ABANDONED."""
 
-    outcome: str
+    outcome: Outcome
     error: BaseException | None = None
     persisted: Persisted | None = None
 
@@ -62,13 +62,13 @@ class SaveIO:
             data = await self.staged.get(save.payload, save.segment)
             persisted = await asyncio.get_running_loop().run_in_executor(self.executor, self._persist, save, data)
             del data
-            return WriteOutcome(SUPERSEDED if persisted is None else SAVED, persisted=persisted)
+            return WriteOutcome(Outcome.SUPERSEDED if persisted is None else Outcome.SAVED, persisted=persisted)
         except CallerDied as reason:  # nobody is left to hear of it
             log.error("fedckpt: dropped a save of %s: %s; the checkpoint on disk is unchanged", key, reason)
-            return WriteOutcome(ABANDONED)
+            return WriteOutcome(Outcome.ABANDONED)
         except Exception as error:  # for its caller (next call) and the next flush or load of the key
             log.error("fedckpt: saving %s failed: %s: %s", key, type(error).__name__, error)
-            return WriteOutcome(FAILED, transportable(error))
+            return WriteOutcome(Outcome.FAILED, transportable(error))
         finally:
             self.staged.finished(save.payload)
 

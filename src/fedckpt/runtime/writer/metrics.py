@@ -14,7 +14,7 @@ import logging
 
 from ray.util import metrics
 
-from fedckpt.runtime.messages import ABANDONED, FAILED, SAVED, SUPERSEDED
+from fedckpt.runtime.messages import Outcome
 
 log = logging.getLogger("fedckpt.writer")
 
@@ -27,7 +27,7 @@ class WriterMetrics:
     """Counts outcomes, bytes, re-sends and latency; mirrors each into a Ray metric."""
 
     def __init__(self, pool: str, index: int) -> None:
-        self.counts = {SAVED: 0, SUPERSEDED: 0, FAILED: 0, ABANDONED: 0}
+        self.counts = {Outcome.SAVED: 0, Outcome.SUPERSEDED: 0, Outcome.FAILED: 0, Outcome.ABANDONED: 0}
         self.bytes_written = 0
         self.bytes_linked = 0
         self.resends = 0
@@ -55,7 +55,7 @@ class WriterMetrics:
         self.depth += 1
         self._queue.set(self.depth, self._tags)
 
-    def finished(self, outcome: str, seconds: float) -> None:
+    def finished(self, outcome: Outcome, seconds: float) -> None:
         """A save left the writer, ``seconds`` after it arrived."""
         self.depth -= 1
         self._queue.set(self.depth, self._tags)

@@ -16,7 +16,7 @@ class QueuedSave:
     request: SaveRequest
     sequence: tuple[int, int]
     payload: Payload
-    outcome: asyncio.Future  # resolves to SAVED, SUPERSEDED, FAILED or ABANDONED once it left memory
+    outcome: asyncio.Future  # resolves to a SaveDone (saved, superseded, failed, abandoned) once it left memory
     segment: memoryview | None = None  # the caller's staging segment, mapped when the save arrived
     arrived: float = field(default_factory=time.monotonic)
 
