@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/main_job.py --repeats 5 --json main_job.json
 
 Runs ``examples/flower_simulation/run.py`` with its default settings (10 clients, 5 rounds, the
-305 KB MLP) with ``--checkpointing fedckpt`` and ``--checkpointing sync``, each in its own process
-with a fresh local Ray on 127.0.0.1, interleaved (the order reverses every repeat), and prints the
+305 KB MLP) and its ``sync`` baseline (``flower_baselines.py``), each in its own process with a
+fresh local Ray on 127.0.0.1, interleaved (the order reverses every repeat), and prints the
 medians of ``blocked_seconds`` (time clients and server waited on checkpointing, restores included)
 and ``wall_seconds``, with fedckpt's figures as ratios of sync's. ``--with-none`` adds runs without
 checkpoints.

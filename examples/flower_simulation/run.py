@@ -9,9 +9,8 @@ state (optimizer momentum, step counter), restored at the start of each round in
 worker runs it. The server keeps the latest and the best global model and its state per round.
 
 Run it again with the same ``--checkpoint-dir`` after it was killed, at any moment, and it goes on
-from the last round that was durably saved. ``--checkpointing sync`` saves the same checkpoints
-with FL4Health's synchronous ``torch.save`` and ``none`` saves nothing (the baselines of
-``benchmarks/flower_walltime.py``).
+from the last round that was durably saved. The apps read that directory from Flower's run config
+(``context.run_config["checkpoint-dir"]``, declared in this directory's pyproject.toml).
 
 The last line of output is a JSON summary: rounds_completed, resumed_from_round,
 checkpoints_written, blocked_seconds (time training waited on checkpointing: the clients' and the
@@ -28,30 +27,41 @@ import sys
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_ADDRESS", "local")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # keep Ray's future default, silence its notice
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # Ray workers inherit it (Flower passes it on)
+APP_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, APP_DIR)  # Ray workers inherit it (Flower passes it on)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from flwr.simulation import run_simulation  # noqa: E402
+from flwr.app import Context, RecordDict, UserConfig  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.common.config import get_fused_config_from_dir  # noqa: E402
+from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES  # noqa: E402
+from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes  # noqa: E402
+from flwr.serverapp import ServerApp  # noqa: E402
+from flwr.simulation.run_simulation import _run_simulation  # noqa: E402
+from flwr.supercore.constant import NOOP_FEDERATION_ID  # noqa: E402
+from flwr.supercore.run import Run  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.supercore.telemetry import EventType  # noqa: E402
 
 import client_app  # noqa: E402
 import task  # noqa: E402
-from checkpointing import MODES  # noqa: E402
 from server_app import Options, Outcome, make_server_app  # noqa: E402
 
 
-def parse_options(argv: list[str] | None = None) -> Options:
+def parse_options(argv: list[str] | None = None) -> tuple[Options, str]:
+    """The run's settings and its checkpoint directory."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-clients", type=int, default=10)
     parser.add_argument("--num-rounds", type=int, default=5)
     parser.add_argument("--checkpoint-dir", default=None, help="default: a new temporary directory")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpointing", choices=MODES, default="fedckpt")
     parser.add_argument("--width", type=int, default=256, help="hidden width (2 layers: 4*width^2*2 bytes of weights)")
     parser.add_argument("--depth", type=int, default=2, help="hidden layers")
     parser.add_argument("--local-steps", type=int, default=5)
@@ -67,12 +77,9 @@ def parse_options(argv: list[str] | None = None) -> Options:
     args = parser.parse_args(argv)
     if args.num_clients < 2 or args.num_rounds < 1:
         parser.error("--num-clients must be at least 2 (FedAvg's minimum) and --num-rounds at least 1")
-    directory = args.checkpoint_dir or tempfile.mkdtemp(prefix="fedckpt-flower-")
-    return Options(
+    options = Options(
         num_clients=args.num_clients,
         num_rounds=args.num_rounds,
-        checkpoint_dir=directory,
-        checkpointing=args.checkpointing,
         seed=args.seed,
         width=args.width,
         depth=args.depth,
@@ -81,14 +88,46 @@ def parse_options(argv: list[str] | None = None) -> Options:
         lr=args.lr,
         simulated_accelerator_ms=args.simulated_accelerator_ms,
     )
+    return options, os.path.abspath(args.checkpoint_dir or tempfile.mkdtemp(prefix="fedckpt-flower-"))
 
 
-def sync_seconds_per_byte(options: Options) -> float:
+def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, run_config: UserConfig) -> None:
+    """Flower's ``run_simulation``, with ``run_config`` as the run config's overrides (``flwr run --run-config``).
+
+    Flower 1.42's ``run_simulation`` leaves ``context.run_config`` empty: a run config is an app's
+    ``[tool.flwr.app.config]`` (this directory's pyproject.toml) with the run's overrides, and only
+    the simulation behind ``flwr run`` passes it on. This starts that simulation in this process, as
+    ``run_simulation`` does, so that the ServerApp can hand its outcome to the summary. It uses
+    Flower internals: it holds for the flwr that pyproject.toml pins (1.42).
+    """
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = dict(run_config)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+    fused = get_fused_config_from_dir(Path(APP_DIR), run.override_config)  # raises on a key pyproject.toml lacks
+    _run_simulation(
+        num_supernodes=num_supernodes,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"include_dashboard": False, "log_to_driver": True},
+        },
+        server_app_context=Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused),
+        app_dir=APP_DIR,
+        run=run,
+        is_app=True,  # the clients' run config: APP_DIR's pyproject.toml with the run's overrides
+    )
+
+
+def sync_seconds_per_byte(options: Options, checkpoint_dir: str) -> float:
     """Calibration: how long a synchronous ``torch.save`` of the model takes here, per byte."""
     model = task.Net(options.width, options.depth)
-    os.makedirs(options.checkpoint_dir, exist_ok=True)
+    os.makedirs(checkpoint_dir, exist_ok=True)
     timings = []
-    with tempfile.TemporaryDirectory(dir=options.checkpoint_dir) as scratch:
+    with tempfile.TemporaryDirectory(dir=checkpoint_dir) as scratch:
         for attempt in range(3):
             start = time.perf_counter()
             torch.save(model, os.path.join(scratch, f"calibration-{attempt}.pt"))
@@ -96,25 +135,27 @@ def sync_seconds_per_byte(options: Options) -> float:
     return statistics.median(timings) / task.model_bytes(model)
 
 
-def summarize(options: Options, outcome: Outcome, wall_seconds: float, seconds_per_byte: float) -> dict:
+def client_total(outcome: Outcome, key: str) -> float:
+    """A client metric, summed over the train and evaluate replies of the rounds this run ran."""
     result = outcome.result
     assert result is not None
+    histories = (result.train_metrics_clientapp, result.evaluate_metrics_clientapp)
     this_run = [r for r in result.train_metrics_clientapp if r > outcome.resumed_from_round]
+    return sum(float(history[r][key]) for history in histories for r in this_run if r in history)
 
-    def total(key: str) -> float:
-        records = [result.train_metrics_clientapp, result.evaluate_metrics_clientapp]
-        return sum(float(history[r][key]) for history in records for r in this_run if r in history)
 
-    checkpoint_bytes = total("checkpoint-bytes") + outcome.server_checkpoint_bytes
-    written = outcome.checkpoints_written
-    if options.checkpointing == "sync":
-        written += int(total("checkpoint-saves"))
+def summarize(
+    options: Options, checkpoint_dir: str, outcome: Outcome, wall_seconds: float, seconds_per_byte: float
+) -> dict:
+    result = outcome.result
+    assert result is not None
+    checkpoint_bytes = client_total(outcome, "checkpoint-bytes") + outcome.server_checkpoint_bytes
     final_loss = result.evaluate_metrics_clientapp.get(max(result.evaluate_metrics_clientapp, default=0), {})
     return {
         "rounds_completed": max(result.train_metrics_clientapp, default=outcome.resumed_from_round),
         "resumed_from_round": outcome.resumed_from_round,
-        "checkpoints_written": written,
-        "blocked_seconds": round(total("fedckpt-blocked-s") + outcome.server_blocked_seconds, 4),
+        "checkpoints_written": outcome.checkpoints_written,
+        "blocked_seconds": round(client_total(outcome, "fedckpt-blocked-s") + outcome.server_blocked_seconds, 4),
         "sync_seconds_estimate": round(checkpoint_bytes * seconds_per_byte, 4),
         "checkpoint_bytes": int(checkpoint_bytes),
         "bytes_written": outcome.bytes_written,
@@ -122,30 +163,22 @@ def summarize(options: Options, outcome: Outcome, wall_seconds: float, seconds_p
         "wall_seconds": round(wall_seconds, 3),
         "final_loss": final_loss.get("loss"),
         "final_accuracy": final_loss.get("accuracy"),
-        "checkpointing": options.checkpointing,
+        "checkpointing": "fedckpt",
         "num_clients": options.num_clients,
         "num_rounds": options.num_rounds,
         "model_bytes": task.model_bytes(task.Net(options.width, options.depth)),
         "simulated_accelerator_ms": options.simulated_accelerator_ms,
-        "checkpoint_dir": os.path.abspath(options.checkpoint_dir),
+        "checkpoint_dir": checkpoint_dir,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = parse_options(argv)
-    seconds_per_byte = sync_seconds_per_byte(options)
+    options, checkpoint_dir = parse_options(argv)
+    seconds_per_byte = sync_seconds_per_byte(options, checkpoint_dir)
     outcome = Outcome()
     start = time.perf_counter()
-    run_simulation(
-        server_app=make_server_app(options, outcome),
-        client_app=client_app.app,
-        num_supernodes=options.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"include_dashboard": False, "log_to_driver": True},
-        },
-    )
-    summary = summarize(options, outcome, time.perf_counter() - start, seconds_per_byte)
+    simulate(make_server_app(options, outcome), client_app.app, options.num_clients, {"checkpoint-dir": checkpoint_dir})
+    summary = summarize(options, checkpoint_dir, outcome, time.perf_counter() - start, seconds_per_byte)
     print(json.dumps(summary), flush=True)
     return 0
 
