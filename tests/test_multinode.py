@@ -384,7 +384,7 @@ def test_a_writer_restarted_on_another_node_is_sent_saves_through_the_object_sto
         ray.get(client.save_states.remote(["s.pt"], 2, MB))
         if ray.get(client.load_state.remote("s.pt"))[1] != 2:
             pytest.fail("the save to the restarted writer was not read back")
-        mapped = ray.get(writer.__ray_call__.remote(lambda writer: sorted(writer.staged.segments._maps)))
+        mapped = ray.get(writer.__ray_call__.remote(lambda writer: sorted(writer.io.staged.segments._maps)))
         ray.kill(client)
     finally:
         lifecycle.coordinator().stop_writers()
