@@ -1,6 +1,11 @@
 """Shared fixtures: one real local Ray instance on loopback for the whole session."""
 
+import faulthandler
 import os
+
+# Enabled before pytest's own faulthandler plugin, which then leaves it on at exit: a crash while
+# the interpreter shuts down (after the summary) prints every thread's stack instead of nothing.
+faulthandler.enable()
 
 # Before Ray is imported anywhere: keep Ray on 127.0.0.1 and start a fresh local instance.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -31,6 +36,26 @@ def ray_instance():
     from fedckpt.runtime.staging import remove_orphans
 
     remove_orphans(settle_seconds=2.0, grace_seconds=0.0)  # Ray workers may still be exiting
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 for the whole session (stopped at its end)."""
+    from s3_server import S3Server
+
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_dir(s3_server, runtime):
+    """A checkpoint directory in a new bucket, with this process's saves and loads set up for it."""
+    fedckpt.init(storage_options=s3_server.options())
+    yield f"s3://{s3_server.new_bucket()}/run"
+    fedckpt.flush()
+    fedckpt.init(storage_options={})
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The example Flower simulation end to end: real Flower, real Ray (its own, on 127.0.0.1), real files."""
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import torch
 from conftest import assert_same_tensors
 
 from fedckpt.cli import main as fedckpt_cli
+from fedckpt.storage.base import storage_for
 from fedckpt.storage.reading import read_state_dict
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flower_simulation" / "run.py"
@@ -105,16 +107,20 @@ def kill_session(session):
     raise AssertionError(f"processes of session {session} survived SIGKILL: {session_processes(session)}")
 
 
-def durable_round(directory):
-    path = Path(directory) / "server" / "server_state.pt"
-    return torch.load(path, weights_only=False)["server_round"] if path.exists() else 0
+def durable_round(directory, storage_options=None):
+    """The round of the server state on storage (0: none yet); a URL is read through its manifest entry."""
+    path = f"{directory}/server/server_state.pt"
+    storage = storage_for(path, storage_options)
+    if not storage.exists(path):
+        return 0
+    return torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=False)["server_round"]
 
 
-def kill_once_durable(process, directory, server_round):
+def kill_once_durable(process, directory, server_round, storage_options=None):
     """SIGKILL a run (its whole session: no flush, no exit handlers) once ``server_round`` is durable."""
     try:
         deadline = time.monotonic() + 300
-        while durable_round(directory) < server_round:
+        while durable_round(directory, storage_options) < server_round:
             assert process.poll() is None, "the run ended before it was killed"
             assert time.monotonic() < deadline, "no round became durable in time"
             time.sleep(0.05)  # polling a condition, bounded by the deadline
@@ -151,6 +157,31 @@ def test_simulation_killed_with_sigkill_resumes_from_the_last_durable_round(tmp_
     leftovers = [name for name in os.listdir("/dev/shm") if name.startswith("fedckpt-")]
     dead = [name for name in leftovers if not os.path.exists(f"/proc/{name.split('-')[1]}")]
     assert dead == [], "staging segments of killed processes were not removed"
+
+
+def test_a_run_on_s3_killed_with_sigkill_resumes_from_the_last_durable_round(s3_server):
+    directory, options = f"s3://{s3_server.new_bucket()}/run", s3_server.options()
+    env = {**ENV, **s3_server.env()}  # the standard AWS variables: the example passes no options
+    rounds = 4
+    arguments = ["--num-clients", "3", "--num-rounds", str(rounds), *SMALL]
+    process = subprocess.Popen(
+        example_command(directory, *arguments), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    kill_once_durable(process, directory, 2, options)
+    killed_at = durable_round(directory, options)
+    assert 2 <= killed_at < rounds
+    assert storage_for(directory, options).verify(directory).problems == []  # nothing torn on the store
+
+    completed = subprocess.run(
+        example_command(directory, *arguments), capture_output=True, text=True, env=env, timeout=420
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from_round"] == killed_at and summary["rounds_completed"] == rounds
+    assert durable_round(directory, options) == rounds
+    report = storage_for(directory, options).verify(directory)
+    assert report.problems == [] and report.checked >= 3 * 3 + 3
 
 
 def test_a_server_app_that_never_flushes_still_gets_every_client_save(tmp_path):

@@ -13,13 +13,13 @@ import pytest
 import ray
 import torch
 from conftest import assert_same_tensors, make_model
+from fedckpt.storage.local import persist_checkpoint
 from torch import nn
 
 import fedckpt
 from fedckpt import CheckpointError, LatestTorchModuleCheckpointer, PerRoundStateCheckpointer
 from fedckpt.runtime import lifecycle
 from fedckpt.storage import manifest
-from fedckpt.storage.local import persist_checkpoint
 from fedckpt.storage.paths import CONTROL_DIR, TEMP_DIR
 
 MB = 1 << 20

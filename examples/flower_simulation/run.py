@@ -88,7 +88,9 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, str]:
         lr=args.lr,
         simulated_accelerator_ms=args.simulated_accelerator_ms,
     )
-    return options, os.path.abspath(args.checkpoint_dir or tempfile.mkdtemp(prefix="fedckpt-flower-"))
+    directory = args.checkpoint_dir or tempfile.mkdtemp(prefix="fedckpt-flower-")
+    # A URL (s3://bucket/run, with the AWS environment variables) stays as it is.
+    return options, directory if "://" in directory else os.path.abspath(directory)
 
 
 def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, run_config: UserConfig) -> None:
@@ -123,11 +125,14 @@ def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, 
 
 
 def sync_seconds_per_byte(options: Options, checkpoint_dir: str) -> float:
-    """Calibration: how long a synchronous ``torch.save`` of the model takes here, per byte."""
+    """Calibration: how long a synchronous ``torch.save`` of the model takes here, per byte (on the
+    checkpoint directory's file system; in the system's temp directory for a URL)."""
     model = task.Net(options.width, options.depth)
-    os.makedirs(checkpoint_dir, exist_ok=True)
+    local = None if "://" in checkpoint_dir else checkpoint_dir
+    if local is not None:
+        os.makedirs(local, exist_ok=True)
     timings = []
-    with tempfile.TemporaryDirectory(dir=checkpoint_dir) as scratch:
+    with tempfile.TemporaryDirectory(dir=local) as scratch:
         for attempt in range(3):
             start = time.perf_counter()
             torch.save(model, os.path.join(scratch, f"calibration-{attempt}.pt"))

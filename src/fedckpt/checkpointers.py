@@ -27,7 +27,8 @@ from fedckpt.policies import (
 from fedckpt.runtime import lifecycle, stats
 from fedckpt.runtime.messages import SaveRequest
 from fedckpt.snapshot import MODULE, STATE, Snapshot, snapshot_module, snapshot_state
-from fedckpt.storage import formats, manifest, reading
+from fedckpt.storage import reading
+from fedckpt.storage.base import storage_for, storage_options_for
 from fedckpt.storage.paths import checkpoint_key, checkpoint_path_in
 
 log = logging.getLogger("fedckpt")
@@ -95,7 +96,8 @@ class TorchModuleCheckpointer(ABC):
             lifecycle.coordinator().save([request], snapshot_model(model, request.kind))
 
     def save_request(self, score: float | None, score_name: str | None) -> SaveRequest:
-        return SaveRequest(checkpoint_key(self.checkpoint_path), self.file_format, score, score_name)
+        key = checkpoint_key(self.checkpoint_path)
+        return SaveRequest(key, self.file_format, score, score_name, storage_options=storage_options_for(key))
 
     def load_checkpoint(self, path_to_checkpoint: str | None = None) -> nn.Module:
         """The saved ``nn.Module`` (waits for pending saves of it). Runs pickle: trusted files only.
@@ -104,18 +106,20 @@ class TorchModuleCheckpointer(ABC):
         """
         path = self.checkpoint_path if path_to_checkpoint is None else os.fspath(path_to_checkpoint)
         wait_until_readable(path)
-        if formats.file_format(path) == MODULE:
-            return reading.read_module(path)
-        return reading.read_state(path)
+        source, file_format = reading.checkpoint_source(path)
+        if file_format == MODULE:
+            return reading.read_module(source)
+        return reading.read_state(source)
 
     def load_state_dict(self, path_to_checkpoint: str | None = None) -> dict:
         """The saved tensors by state-dict name. A safetensors file is read without running pickle;
         a ``torch.save`` file of the module needs pickle (load only files you trust)."""
         path = self.checkpoint_path if path_to_checkpoint is None else os.fspath(path_to_checkpoint)
         wait_until_readable(path)
-        if formats.file_format(path) == MODULE:
-            return reading.read_state_dict(path)
-        saved = reading.read_state(path)
+        source, file_format = reading.checkpoint_source(path)
+        if file_format == MODULE:
+            return reading.read_state_dict(source)
+        saved = reading.read_state(source)
         if isinstance(saved, nn.Module):
             return saved.state_dict()
         if isinstance(saved, Mapping) and all(isinstance(value, torch.Tensor) for value in saved.values()):
@@ -189,7 +193,7 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
         Returns the best score now in force.
         """
         wait_until_readable(self.checkpoint_path)
-        entry = manifest.read_entry(self.checkpoint_path)
+        entry = storage_for(self.checkpoint_path).read_entry(self.checkpoint_path)
         on_disk = entry.score if entry is not None and entry.score_name == self.checkpoint_score_name else None
         if on_disk is not None and is_improvement(on_disk, self.best_score, self.maximize):
             self.best_score = on_disk

@@ -15,8 +15,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from fedckpt.storage.checksum import file_matches
-from fedckpt.storage.manifest import iter_entries
+from fedckpt.storage.base import storage_for
 
 
 def _human_bytes(count: int) -> str:
@@ -35,7 +34,7 @@ def _iso(timestamp: float) -> str:
 def command_ls(directory: str, as_json: bool) -> int:
     rows = [
         {"path": os.path.relpath(path, directory), **asdict(entry), "saved_at_iso": _iso(entry.saved_at)}
-        for path, entry in iter_entries(directory)
+        for path, entry in storage_for(directory).iter_entries(directory)
     ]
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -61,21 +60,16 @@ def command_ls(directory: str, as_json: bool) -> int:
 
 
 def command_verify(directory: str) -> int:
-    problems, checked = [], 0
-    for path, entry in iter_entries(directory):
-        checked += 1
-        if not os.path.exists(path):
-            problems.append(f"{path}: missing (the manifest records {entry.bytes} bytes)")
-            continue
-        size = os.path.getsize(path)
-        if size != entry.bytes:
-            problems.append(f"{path}: size {size} bytes, the manifest records {entry.bytes}")
-        elif not file_matches(path, entry.checksum):
-            problems.append(f"{path}: checksum does not match the manifest ({entry.checksum})")
-    for problem in problems:
+    report = storage_for(directory).verify(directory)
+    for problem in report.problems:
         print(f"CORRUPT {problem}", file=sys.stderr)
-    print(f"verified {checked} checkpoint(s) under {directory}: {len(problems)} problem(s)")
-    return 1 if problems else 0
+    for leftover in report.leftovers:
+        print(f"LEFTOVER {leftover} (no manifest entry names it: an upload cut off by a crash)")
+    print(
+        f"verified {report.checked} checkpoint(s) under {directory}: {len(report.problems)} problem(s)"
+        + (f", {len(report.leftovers)} leftover object(s)" if report.leftovers else "")
+    )
+    return 1 if report.problems else 0
 
 
 def build_parser(describe_bench_cases: bool = True) -> argparse.ArgumentParser:
@@ -179,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return command_bench(args)
     if args.command == "status":
         return command_status(args.address, args.interval, args.json)
-    if not os.path.isdir(args.directory):
+    if not storage_for(args.directory).is_directory(args.directory):
         print(f"fedckpt: {args.directory} is not a directory", file=sys.stderr)
         return 2
     if args.command == "ls":

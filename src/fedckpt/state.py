@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,8 @@ from fedckpt.checkpointers import wait_until_readable
 from fedckpt.runtime import lifecycle, stats
 from fedckpt.runtime.messages import SaveRequest
 from fedckpt.snapshot import STATE, Snapshot, snapshot_state
-from fedckpt.storage import manifest, reading
+from fedckpt.storage import reading
+from fedckpt.storage.base import storage_for, storage_options_for
 from fedckpt.storage.paths import checkpoint_key, checkpoint_path_in
 
 log = logging.getLogger("fedckpt")
@@ -47,7 +47,7 @@ class PerRoundStateCheckpointer:
         """Those of ``checkpoint_names`` that exist, after their pending saves (one round trip for all)."""
         paths = [self._path(name) for name in checkpoint_names]
         wait_until_readable(*paths)
-        return [name for name, path in zip(checkpoint_names, paths, strict=True) if os.path.exists(path)]
+        return [name for name, path in zip(checkpoint_names, paths, strict=True) if storage_for(path).exists(path)]
 
     def save_checkpoint(
         self, checkpoint_name: str, checkpoint_dict: Mapping[str, Any], server_round: int | None = None
@@ -79,10 +79,9 @@ class PerRoundStateCheckpointer:
         log.info("Saving state as %s", state.path)
         key = checkpoint_key(state.path)
         self._saved_keys.add(key)
-        request = (
-            SaveRequest(key, STATE)
-            if server_round is None
-            else SaveRequest(key, STATE, float(server_round), ROUND_SCORE_NAME)
+        score = None if server_round is None else float(server_round)
+        request = SaveRequest(
+            key, STATE, score, None if score is None else ROUND_SCORE_NAME, storage_options=storage_options_for(key)
         )
         with stats.recorder.timed("blocked_seconds"):
             lifecycle.coordinator().save([request], state.snapshot)
@@ -92,7 +91,8 @@ class PerRoundStateCheckpointer:
 
         Reads the manifest entry only; call :meth:`existing` first to see pending saves of it.
         """
-        entry = manifest.read_entry(self._path(checkpoint_name))
+        path = self._path(checkpoint_name)
+        entry = storage_for(path).read_entry(path)
         if entry is None or entry.score_name != ROUND_SCORE_NAME or entry.score is None:
             return None
         return int(entry.score)
@@ -106,10 +106,12 @@ class PerRoundStateCheckpointer:
         path = self._path(checkpoint_name)
         if wait:
             wait_until_readable(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"No state checkpoint at {path}")
         log.info("Loading state from checkpoint at %s", path)
-        return reading.read_state(path, mmap=mmap)
+        try:
+            source, _ = reading.checkpoint_source(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"No state checkpoint at {path}") from None
+        return reading.read_state(source, mmap=mmap)
 
     def checkpoint_exists(self, checkpoint_name: str, **kwargs: Any) -> bool:
         """Whether the checkpoint exists, counting saves already issued but not yet written."""
@@ -119,7 +121,7 @@ class PerRoundStateCheckpointer:
             )
         path = self._path(checkpoint_name)
         wait_until_readable(path)
-        return os.path.exists(path)
+        return storage_for(path).exists(path)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every save made through this checkpointer is durable; raise if one failed."""

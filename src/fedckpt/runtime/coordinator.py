@@ -105,12 +105,13 @@ class Coordinator:
 
     def _lost_ray_instance(self) -> None:
         """Ray was shut down (or replaced) under us: report saves that did not reach the disk."""
-        from fedckpt.storage.manifest import read_entry
+        from fedckpt.storage.base import storage_for
 
         lost = []
         for batch in self._inflight.clear():
             for save in batch.saves:
-                entry = read_entry(save.request.key)
+                key = save.request.key
+                entry = storage_for(key, save.request.storage_options).read_entry(key)
                 if entry is None or tuple(entry.sequence) < tuple(save.request.sequence):
                     lost.append(save.request.key)
             self._transport.release(batch.staged)

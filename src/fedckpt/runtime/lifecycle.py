@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import ray
 
 from fedckpt.runtime import preemption, ray_session
 from fedckpt.runtime.coordinator import Coordinator
 from fedckpt.runtime.settings import Settings
+from fedckpt.storage.base import set_default_storage_options
 
 log = logging.getLogger("fedckpt")
 
@@ -29,6 +32,7 @@ def init(
     io_threads: int | None = None,
     shared_memory_staging: bool | None = None,
     preemption_grace_seconds: float | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Configure the runtime and start (or join) Ray and the writer pool now.
 
@@ -41,9 +45,13 @@ def init(
     on another node, the copy goes into Ray's object store. On SIGTERM (preemption by Slurm or
     Kubernetes) the saves already acknowledged get ``preemption_grace_seconds`` (default 25; 0: leave
     SIGTERM alone) to reach storage, then the handler that was in place runs (see
-    :mod:`fedckpt.runtime.preemption`; installed from the main thread only).
+    :mod:`fedckpt.runtime.preemption`; installed from the main thread only). ``storage_options`` are
+    fsspec's options for checkpoint URLs (``s3://...``: ``endpoint_url``, ``key``, ``secret``, ...),
+    for this process's saves and loads; without them credentials come from the environment.
     """
     global _coordinator
+    if storage_options is not None:
+        set_default_storage_options(storage_options)
     defaults = Settings.from_env()
     chosen = {
         "num_writers": num_writers, "namespace": namespace, "max_inflight_bytes": max_inflight_bytes,

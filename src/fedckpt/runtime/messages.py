@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -55,6 +55,8 @@ class SaveRequest:
     # The (writer epoch, number) a save was first acknowledged with; set when it is sent again
     # after a writer restart, so that it still loses against anything issued after it.
     sequence: tuple[int, int] | None = None
+    # fsspec options of a checkpoint URL (credentials, endpoint); never shown in a repr.
+    storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

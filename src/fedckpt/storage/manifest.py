@@ -47,6 +47,9 @@ class ManifestEntry:
     checksum: str  # "<algorithm>:<hex>", see fedckpt.storage.checksum
     saved_at: float
     writer: str
+    # On an object store: the object holding this version, relative to the entry's directory
+    # (``versions/<name>/<sequence>-<random>``); None for a file, which is the checkpoint itself.
+    object: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), allow_nan=True, sort_keys=True)

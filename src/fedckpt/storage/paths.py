@@ -1,8 +1,14 @@
-"""Names of checkpoint files and of fedckpt's own files beside them."""
+"""Names of checkpoint files and of fedckpt's own files beside them.
+
+A checkpoint is a local path or a URL of an fsspec file system (``s3://bucket/run-7/best.pt``).
+URLs are joined and normalised as POSIX paths after their ``protocol://``.
+"""
 
 from __future__ import annotations
 
 import os
+import posixpath
+import re
 import socket
 import uuid
 
@@ -12,9 +18,30 @@ ENTRY_SUFFIX = ".json"
 TEMP_SUFFIX = ".tmp"
 
 
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
+
+
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a location on an fsspec file system other than local files."""
+    match = _URL.match(os.fspath(path))
+    return match is not None and match.group(1).lower() not in ("file", "local")
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    match = _URL.match(url)
+    assert match is not None
+    return match.group(1).lower(), match.group(2)
+
+
 def checkpoint_key(path: str | os.PathLike[str]) -> str:
-    """The runtime's key of a checkpoint: its absolute, normalised path."""
-    return os.path.abspath(os.fspath(path))
+    """The runtime's key of a checkpoint: its absolute, normalised path, or its normalised URL."""
+    path = os.fspath(path)
+    if is_url(path):
+        protocol, rest = _split_url(path)
+        return f"{protocol}://{posixpath.normpath(rest).lstrip('/')}"
+    if _URL.match(path):  # file:// and local://
+        path = _split_url(path)[1]
+    return os.path.abspath(path)
 
 
 def checkpoint_path_in(directory: str | os.PathLike[str], name: str) -> str:
@@ -25,9 +52,10 @@ def checkpoint_path_in(directory: str | os.PathLike[str], name: str) -> str:
         raise ValueError("A checkpoint name must not be empty")
     if "\x00" in name:
         raise ValueError(f"Checkpoint name {name!r} contains a NUL character")
-    if os.path.isabs(name):  # FL4Health accepts the full path of a file inside the directory
-        inside = os.path.relpath(os.path.normpath(name), os.path.abspath(os.fspath(directory)))
-        if inside == os.curdir or inside.split(os.sep)[0] == os.pardir:
+    if os.path.isabs(name) or is_url(name):  # FL4Health accepts the full path of a file inside the directory
+        base, full = checkpoint_key(directory), checkpoint_key(name)
+        inside = posixpath.relpath(full, base) if is_url(full) else os.path.relpath(full, base)
+        if is_url(full) != is_url(base) or inside == os.curdir or inside.split(os.sep)[0] == os.pardir:
             raise ValueError(f"Checkpoint path {name!r} is not inside the checkpoint directory {directory!r}")
         name = inside
     parts = os.path.normpath(name).split(os.sep)

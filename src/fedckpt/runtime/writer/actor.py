@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -140,7 +141,7 @@ class CheckpointWriter:
         """Queue a save and acknowledge at once (Ray calls: callers on other nodes)."""
         if request.sequence is None:
             number = self.counter.take() if self.counter is not None else self._next_number()
-            request = SaveRequest(request.key, request.kind, request.score, request.score_name, (self.epoch, number))
+            request = replace(request, sequence=(self.epoch, number))
         return self._enqueue(request, payload, None)
 
     def _next_number(self) -> int:

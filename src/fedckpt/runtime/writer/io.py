@@ -16,8 +16,8 @@ from fedckpt.runtime.messages import Outcome
 from fedckpt.runtime.writer.process import lower_priority
 from fedckpt.runtime.writer.queue import QueuedSave
 from fedckpt.runtime.writer.staged import CallerDied, StagedBytes
+from fedckpt.storage.base import Persisted, SaveTarget, storage_for
 from fedckpt.storage.dedup import ContentIndex
-from fedckpt.storage.local import Persisted, persist_checkpoint
 
 log = logging.getLogger("fedckpt.writer")
 
@@ -75,11 +75,11 @@ class SaveIO:
     def _persist(self, save: QueuedSave, data: memoryview) -> Persisted | None:
         """The I/O thread's part of one save."""
         request = save.request
-        layout = pickle.loads(save.payload.layout)
-        return persist_checkpoint(
-            request.key, request.kind, layout, data, save.sequence, request.score, request.score_name,
-            self.writer_name, self.content_index,
+        target = SaveTarget(
+            request.key, request.kind, pickle.loads(save.payload.layout), save.sequence, request.score,
+            request.score_name, self.writer_name,
         )  # fmt: skip
+        return storage_for(request.key, request.storage_options).persist(target, data, self.content_index)
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True)

@@ -26,20 +26,25 @@ def write_state_file(layout: dict[str, Any], data: memoryview, path: str) -> str
     Buffered, unlike model files: a state is read back soon (a Flower client restores it at the start
     of its next round), and from the page cache that read is a memory copy, not a disk read.
     """
-    records = [(name, data[begin:end]) for name, begin, end in layout["records"]]
-    records += [("version", memoryview(TORCH_FORMAT_VERSION)), (".data/serialization_id", _serialization_id(records))]
     out = HashingFile(path, direct=False)
     try:
-        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for name, record in records:
-                _write_record(archive, out, TORCH_ARCHIVE + name, record)
+        write_state_records(layout, data, out)
     finally:
         checksum = out.close()
     assert checksum is not None
     return checksum
 
 
-def _write_record(archive: zipfile.ZipFile, out: HashingFile, name: str, record: memoryview) -> None:
+def write_state_records(layout: dict[str, Any], data: memoryview, out: Any) -> None:
+    """The state file's bytes, front to back, into ``out`` (anything with ``write`` and ``tell``)."""
+    records = [(name, data[begin:end]) for name, begin, end in layout["records"]]
+    records += [("version", memoryview(TORCH_FORMAT_VERSION)), (".data/serialization_id", _serialization_id(records))]
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, record in records:
+            _write_record(archive, out, TORCH_ARCHIVE + name, record)
+
+
+def _write_record(archive: zipfile.ZipFile, out: Any, name: str, record: memoryview) -> None:
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     info.file_size = len(record)
     zip64 = len(record) > zipfile.ZIP64_LIMIT

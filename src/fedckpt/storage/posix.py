@@ -1,27 +1,70 @@
-"""Persisting one checkpoint version on a local (or shared, POSIX) file system."""
+"""The POSIX backend: checkpoints on a local or shared POSIX file system (NFS, Lustre, CephFS...).
+
+A version is a temp file written and fsynced, renamed into place under the checkpoint's publishing
+lock, with its manifest entry (see :mod:`fedckpt.storage.manifest`).
+"""
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 from fedckpt.storage import manifest
 from fedckpt.storage.atomic import claim_temp, discard_temp, publish, write_durable_temp
-from fedckpt.storage.checksum import checksum_of
+from fedckpt.storage.base import Persisted, SaveTarget, Storage, VerifyReport
+from fedckpt.storage.checksum import checksum_of, file_matches
 from fedckpt.storage.dedup import ContentIndex, link_identical
 from fedckpt.storage.formats import MODULE
 from fedckpt.storage.formats.safetensors_file import safetensors_header, write_module_file
 from fedckpt.storage.formats.torch_zip import write_state_file
 
 
-@dataclass(frozen=True)
-class Persisted:
-    """A version now on storage."""
+class PosixStorage(Storage):
+    """Checkpoints as files; each version renamed into place (see the module docstring)."""
 
-    entry: manifest.ManifestEntry
-    linked: bool  # its content was on storage already: hard-linked, not written
+    def persist(self, target: SaveTarget, data: memoryview, content_index: ContentIndex | None) -> Persisted | None:
+        return persist_checkpoint(
+            target.path, target.kind, target.layout, data, target.sequence, target.score, target.score_name,
+            target.writer_name, content_index,
+        )  # fmt: skip
+
+    def read_entry(self, path: str) -> manifest.ManifestEntry | None:
+        return manifest.read_entry(path)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def local_path(self, path: str) -> str | None:
+        return path
+
+    def read_bytes(self, path: str) -> bytes:
+        with open(path, "rb") as file:
+            return file.read()
+
+    def is_directory(self, root: str) -> bool:
+        return os.path.isdir(root)
+
+    def iter_entries(self, root: str) -> Iterator[tuple[str, manifest.ManifestEntry]]:
+        return manifest.iter_entries(root)
+
+    def verify(self, root: str) -> VerifyReport:
+        problems, checked = [], 0
+        for path, entry in manifest.iter_entries(root):
+            checked += 1
+            if not os.path.exists(path):
+                problems.append(f"{path}: missing (the manifest records {entry.bytes} bytes)")
+                continue
+            size = os.path.getsize(path)
+            if size != entry.bytes:
+                problems.append(f"{path}: size {size} bytes, the manifest records {entry.bytes}")
+            elif not file_matches(path, entry.checksum):
+                problems.append(f"{path}: checksum does not match the manifest ({entry.checksum})")
+        return VerifyReport(checked, problems)
+
+
+POSIX = PosixStorage()
 
 
 def persist_checkpoint(

@@ -1,0 +1,113 @@
+"""The storage interface: where the checkpoints of one location live, and how a version is committed.
+
+Two backends: :class:`~fedckpt.storage.posix.PosixStorage` (local or shared POSIX file systems:
+temp file, fsync, rename) and :class:`~fedckpt.storage.fsspec_storage.FsspecStorage` (S3, GCS,
+Azure and any fsspec URL: each version its own object, the manifest object written last as the
+commit). :func:`storage_for` picks one from the checkpoint's path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedckpt.storage.dedup import ContentIndex
+from fedckpt.storage.manifest import ManifestEntry
+from fedckpt.storage.paths import is_url
+
+
+@dataclass(frozen=True)
+class Persisted:
+    """A version now on storage."""
+
+    entry: ManifestEntry
+    linked: bool  # its content was on storage already: linked or copied there, not written
+
+
+@dataclass(frozen=True)
+class SaveTarget:
+    """One version to persist: what the writer knows of a save besides its bytes."""
+
+    path: str
+    kind: str
+    layout: dict[str, Any]
+    sequence: tuple[int, int]
+    score: float | None
+    score_name: str | None
+    writer_name: str
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What ``fedckpt verify`` found below a directory."""
+
+    checked: int
+    problems: list[str]  # versions missing, or not what their manifest entry records
+    leftovers: list[str] = field(default_factory=list)  # objects no entry names (uploads cut off by a crash)
+
+
+class Storage(ABC):
+    """The checkpoints of one file system: persisting versions in order, and reading them back."""
+
+    @abstractmethod
+    def persist(self, target: SaveTarget, data: memoryview, content_index: ContentIndex | None) -> Persisted | None:
+        """Write one version atomically and record it in the manifest; None (nothing changed) when
+        the checkpoint already holds a newer sequence."""
+
+    @abstractmethod
+    def read_entry(self, path: str) -> ManifestEntry | None:
+        """The manifest entry of the version a reader sees now (None: none saved)."""
+
+    @abstractmethod
+    def exists(self, path: str) -> bool:
+        """Whether a version of the checkpoint can be read."""
+
+    @abstractmethod
+    def local_path(self, path: str) -> str | None:
+        """A local file holding the current version, to read in place; None: use :meth:`read_bytes`."""
+
+    @abstractmethod
+    def read_bytes(self, path: str) -> bytes:
+        """The current version's content (``FileNotFoundError`` if there is none)."""
+
+    @abstractmethod
+    def is_directory(self, root: str) -> bool:
+        """Whether ``root`` is a directory (or a prefix) that can hold checkpoints."""
+
+    @abstractmethod
+    def iter_entries(self, root: str) -> Iterator[tuple[str, ManifestEntry]]:
+        """Every (checkpoint path, entry) below ``root``, in path order."""
+
+    @abstractmethod
+    def verify(self, root: str) -> VerifyReport:
+        """Check every checkpoint below ``root`` against its manifest entry."""
+
+
+# fsspec options for checkpoint URLs from fedckpt.init(storage_options=...): this process's default.
+_default_options: dict[str, Any] = {}
+
+
+def set_default_storage_options(options: Mapping[str, Any] | None) -> None:
+    _default_options.clear()
+    _default_options.update(options or {})
+
+
+def storage_options_for(path: str) -> dict[str, Any] | None:
+    """The options a writer needs for ``path`` (None for local paths, or when none were given)."""
+    return dict(_default_options) if _default_options and is_url(path) else None
+
+
+def storage_for(path: str, storage_options: Mapping[str, Any] | None = None) -> Storage:
+    """The storage backend of ``path``: POSIX for local paths, fsspec for URLs (with
+    ``storage_options``, else this process's default; credentials otherwise come from the
+    environment, as fsspec's backends find them)."""
+    if not is_url(path):
+        from fedckpt.storage.posix import POSIX
+
+        return POSIX
+    from fedckpt.storage.fsspec_storage import FsspecStorage  # fsspec is imported for URLs only
+
+    options = _default_options if storage_options is None else storage_options
+    return FsspecStorage(path.split("://", 1)[0].lower(), dict(options))

@@ -1,0 +1,313 @@
+"""The fsspec backend: checkpoints on object stores (S3, GCS, Azure) and any fsspec file system.
+
+An object store has no rename, so a version is never written where a reader looks:
+
+- each version is an object of its own, ``<dir>/.fedckpt/versions/<name>/<epoch>-<number>-<random>``,
+  uploaded in parts straight from the staging memory (a model file whose content is on the store
+  already is copied there by the server instead);
+- the manifest entry ``<dir>/.fedckpt/<name>.json`` names the current version's object. Writing it
+  is the commit, and it is conditional where the store offers conditional writes (S3: ``If-Match``
+  on the entry's ETag, ``If-None-Match: *`` for the first): of two incarnations of a writer racing,
+  the older sequence never replaces the newer one's entry;
+- then the superseded object is deleted. A reader follows the entry; one whose object was deleted
+  meanwhile reads the entry again. Objects left by uploads cut off by a crash are deleted by the
+  next writer of the key, and ``fedckpt verify`` lists them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import posixpath
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+
+from fedckpt.storage.base import Persisted, SaveTarget, Storage, VerifyReport
+from fedckpt.storage.checksum import RunningChecksum, checksum_of
+from fedckpt.storage.dedup import ContentIndex
+from fedckpt.storage.formats import MODULE
+from fedckpt.storage.formats.safetensors_file import safetensors_header
+from fedckpt.storage.formats.torch_zip import write_state_records
+from fedckpt.storage.manifest import ManifestEntry
+from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, entry_path
+
+log = logging.getLogger("fedckpt.storage")
+
+VERSIONS_DIR = "versions"
+PART_BYTES = 64 << 20  # multipart upload part size (S3: 5 MiB to 5 GiB)
+COMMIT_ATTEMPTS = 20  # conditional writes lost to another writer of the key before giving up
+READ_ATTEMPTS = 5  # a reader's object deleted under it by a newer commit
+CONDITIONAL_PROTOCOLS = ("s3", "s3a")
+
+# Keys whose leftovers this process already looked for (once per key and process).
+_cleaned: set[str] = set()
+_cleaned_lock = threading.Lock()
+
+
+class HashingStream:
+    """Writes through to ``out`` while hashing and counting (``tell`` for zipfile)."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.checksum = RunningChecksum()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.checksum.update(view)
+        self.out.write(view)
+        self.size += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+
+def version_name(name: str, sequence: tuple[int, int]) -> str:
+    """A fresh object name for one version (relative to the control directory): sortable by
+    sequence, unique per upload (two incarnations may upload the same sequence)."""
+    return f"{VERSIONS_DIR}/{name}/{sequence[0]:020d}-{sequence[1]:020d}-{uuid.uuid4().hex[:12]}"
+
+
+def sequence_of(object_name: str) -> tuple[int, int] | None:
+    parts = posixpath.basename(object_name).split("-")
+    if len(parts) != 3 or not (parts[0].isdigit() and parts[1].isdigit()):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+class FsspecStorage(Storage):
+    """Checkpoints as objects, committed by their manifest entry (see the module docstring)."""
+
+    def __init__(self, protocol: str, storage_options: dict[str, Any]) -> None:
+        self.protocol = protocol
+        try:
+            # No listings cache: a listing cached by one call (a clean-up, verify) would hide objects
+            # written after it from later ones (s3fs sizes an object from its parent's listing).
+            options = {"use_listings_cache": False, **storage_options}
+            self.fs = fsspec.filesystem(protocol, **options)  # fsspec reuses equal instances
+        except ImportError as error:
+            extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure"}.get(protocol)
+            hint = f"pip install 'fedckpt[{extra}]'" if extra else f"install fsspec's implementation of {protocol}://"
+            raise ImportError(f"Checkpoints at {protocol}:// URLs need {hint}: {error}") from error
+        self.conditional = protocol in CONDITIONAL_PROTOCOLS
+
+    # ---- writing ---------------------------------------------------------------------------------
+
+    def persist(self, target: SaveTarget, data: memoryview, content_index: ContentIndex | None) -> Persisted | None:
+        control = posixpath.dirname(entry_path(target.path))
+        name = posixpath.basename(target.path)
+        obj = version_name(name, target.sequence)
+        url = f"{control}/{obj}"
+        linked = False
+        try:
+            if target.kind == MODULE:
+                header = safetensors_header(target.layout)
+                checksum, size = checksum_of(header, data), len(header) + len(data)
+                linked = content_index is not None and self._copy_identical(content_index, checksum, url)
+                if not linked:
+                    self._upload(url, lambda out: (out.write(header), _write_parts(out, data)))
+            else:
+                stream: list[HashingStream] = []
+                self._upload(url, lambda out: write_state_records(target.layout, data, _hashing(out, stream)))
+                checksum, size = stream[0].checksum.value(), stream[0].size
+            entry = ManifestEntry(
+                name=name, format=target.kind, sequence=tuple(target.sequence), score=target.score,
+                score_name=target.score_name, bytes=size, checksum=checksum, saved_at=time.time(),
+                writer=target.writer_name, object=obj,
+            )  # fmt: skip
+            committed = self._commit(target.path, entry)
+        except BaseException:
+            self._remove(url)
+            raise
+        if not committed:
+            self._remove(url)
+            return None
+        if content_index is not None and target.kind == MODULE:
+            content_index.record(checksum, target.path)
+        self._clean_leftovers_once(target.path, entry)
+        return Persisted(entry, linked)
+
+    def _upload(self, url: str, write: Any) -> None:
+        """One object written through ``write(out)``: in parts of PART_BYTES (multipart on S3). An
+        upload that fails is aborted by fsspec; one cut off by a crash leaves no object."""
+        with self.fs.open(url, "wb", block_size=PART_BYTES) as out:
+            write(out)
+
+    def _copy_identical(self, content_index: ContentIndex, checksum: str, url: str) -> bool:
+        """Copy a checkpoint with the same content on the server (no upload); False if none is known."""
+        candidate = content_index.candidate(checksum)
+        if candidate is None:
+            return False
+        entry = self.read_entry(candidate) if candidate.startswith(f"{self.protocol}://") else None
+        if entry is None or entry.checksum != checksum or entry.object is None:
+            return False
+        try:
+            self.fs.copy(self._object_url(candidate, entry), url)
+        except FileNotFoundError:  # superseded and deleted meanwhile
+            return False
+        return True
+
+    def _commit(self, path: str, entry: ManifestEntry) -> bool:
+        """Write ``entry`` as the checkpoint's current one unless a newer sequence is there."""
+        entry_url = entry_path(path)
+        for _ in range(COMMIT_ATTEMPTS):
+            current, tag = self._read_entry_and_tag(entry_url)
+            if current is not None and tuple(current.sequence) > tuple(entry.sequence):
+                return False
+            try:
+                self._write_entry(entry_url, entry, tag)
+            except (FileExistsError, _PreconditionFailed):
+                continue  # another writer committed in between: look again
+            if current is not None and current.object is not None and current.object != entry.object:
+                self._remove(self._object_url(path, current))
+            return True
+        raise TimeoutError(f"{path}: {COMMIT_ATTEMPTS} conditional writes of its manifest entry lost to other writers")
+
+    def _write_entry(self, entry_url: str, entry: ManifestEntry, tag: str | None) -> None:
+        condition: dict[str, str] = {}
+        if self.conditional:
+            condition = {"IfMatch": tag} if tag is not None else {"IfNoneMatch": "*"}
+        try:
+            self.fs.pipe_file(entry_url, entry.to_json().encode(), **condition)
+        except OSError as error:
+            if self.conditional and error.errno == errno.EINVAL and "recondition" in str(error):
+                raise _PreconditionFailed(str(error)) from error
+            raise
+
+    def _read_entry_and_tag(self, entry_url: str) -> tuple[ManifestEntry | None, str | None]:
+        """The entry and its ETag: the tag first, so that the content read is at least as new."""
+        try:
+            tag = self.fs.info(entry_url).get("ETag") if self.conditional else None
+            return ManifestEntry.from_json(self.fs.cat_file(entry_url).decode()), tag
+        except FileNotFoundError:
+            return None, None
+
+    def _clean_leftovers_once(self, path: str, committed: ManifestEntry) -> None:
+        """Delete the key's objects older than the committed version (uploads cut off by a crash,
+        superseded versions whose deletion was lost), the first time this process commits the key."""
+        with _cleaned_lock:
+            if path in _cleaned:
+                return
+            _cleaned.add(path)
+        for url in self._version_objects(path):
+            sequence = sequence_of(url)
+            if sequence is not None and sequence < tuple(committed.sequence):
+                self._remove(url)
+
+    def _version_objects(self, path: str) -> list[str]:
+        control = posixpath.dirname(entry_path(path))
+        prefix = f"{control}/{VERSIONS_DIR}/{posixpath.basename(path)}"
+        try:
+            return [f"{self.protocol}://{found}" for found in self.fs.find(prefix)]
+        except FileNotFoundError:
+            return []
+
+    def _remove(self, url: str) -> None:
+        try:
+            self.fs.rm_file(url)
+        except FileNotFoundError:
+            pass
+        except OSError as error:  # a leftover for the next writer or verify, not a failed save
+            log.warning("fedckpt: could not delete %s: %s", url, error)
+
+    # ---- reading ---------------------------------------------------------------------------------
+
+    def _object_url(self, path: str, entry: ManifestEntry) -> str:
+        assert entry.object is not None
+        return f"{posixpath.dirname(entry_path(path))}/{entry.object}"
+
+    def read_entry(self, path: str) -> ManifestEntry | None:
+        return self._read_entry_and_tag(entry_path(path))[0]
+
+    def exists(self, path: str) -> bool:
+        return self.read_entry(path) is not None
+
+    def local_path(self, path: str) -> str | None:
+        return None
+
+    def read_bytes(self, path: str) -> bytes:
+        for _ in range(READ_ATTEMPTS):
+            entry = self.read_entry(path)
+            if entry is None or entry.object is None:
+                raise FileNotFoundError(f"No checkpoint at {path}")
+            try:
+                return self.fs.cat_file(self._object_url(path, entry))
+            except FileNotFoundError:
+                continue  # a newer version was committed and this one deleted: follow the entry again
+        raise FileNotFoundError(f"{path}: its manifest entry kept naming objects that were gone")
+
+    def is_directory(self, root: str) -> bool:
+        try:
+            return self.fs.isdir(root)
+        except FileNotFoundError:
+            return False
+
+    def iter_entries(self, root: str) -> Iterator[tuple[str, ManifestEntry]]:
+        for path, _ in sorted(self._entries(root)):
+            entry = self.read_entry(path)
+            if entry is not None:
+                yield path, entry
+
+    def _entries(self, root: str) -> list[tuple[str, str]]:
+        """(checkpoint URL, entry URL) of every manifest entry below ``root``."""
+        found = []
+        for key in self.fs.find(root):
+            parent = posixpath.dirname(key)
+            if posixpath.basename(parent) == CONTROL_DIR and key.endswith(ENTRY_SUFFIX):
+                checkpoint = posixpath.join(posixpath.dirname(parent), posixpath.basename(key)[: -len(ENTRY_SUFFIX)])
+                found.append((f"{self.protocol}://{checkpoint}", f"{self.protocol}://{key}"))
+        return found
+
+    def verify(self, root: str) -> VerifyReport:
+        problems, named, checked = [], set(), 0
+        for path, entry in self.iter_entries(root):
+            checked += 1
+            url = self._object_url(path, entry)
+            named.add(self.fs._strip_protocol(url))
+            try:
+                size, checksum = self._size_and_checksum(url, entry.checksum.partition(":")[0])
+            except FileNotFoundError:
+                problems.append(f"{path}: its object {entry.object} is missing")
+                continue
+            if size != entry.bytes:
+                problems.append(f"{path}: size {size} bytes, the manifest records {entry.bytes}")
+            elif checksum != entry.checksum:
+                problems.append(f"{path}: checksum does not match the manifest ({entry.checksum})")
+        leftovers = [
+            f"{self.protocol}://{key}"
+            for key in self.fs.find(root)
+            if f"/{CONTROL_DIR}/{VERSIONS_DIR}/" in f"/{key}" and key not in named
+        ]
+        return VerifyReport(checked, problems, sorted(leftovers))
+
+    def _size_and_checksum(self, url: str, algorithm: str) -> tuple[int, str]:
+        running, size = RunningChecksum(algorithm), 0
+        with self.fs.open(url, "rb", block_size=PART_BYTES) as source:
+            while chunk := source.read(PART_BYTES):
+                running.update(chunk)
+                size += len(chunk)
+        return size, running.value()
+
+
+class _PreconditionFailed(Exception):
+    """A conditional write of a manifest entry lost: the entry changed since it was read."""
+
+
+def _hashing(out: Any, holder: list[HashingStream]) -> HashingStream:
+    holder.append(HashingStream(out))
+    return holder[0]
+
+
+def _write_parts(out: Any, data: memoryview) -> None:
+    """The staged bytes in part-sized slices: no copy of the whole snapshot is made."""
+    for start in range(0, len(data), PART_BYTES):
+        out.write(data[start : start + PART_BYTES])

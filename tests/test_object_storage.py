@@ -1,0 +1,201 @@
+"""Checkpoints on S3, against a real S3-protocol server (moto's server mode) on 127.0.0.1, through
+s3fs and botocore as a user's program talks to it."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import ray
+import s3fs
+import torch
+from conftest import assert_same_tensors, make_model
+
+import fedckpt
+from fedckpt import (
+    BestLossTorchModuleCheckpointer,
+    BestMetricTorchModuleCheckpointer,
+    CheckpointError,
+    CheckpointMode,
+    ClientCheckpointAndStateModule,
+    LatestTorchModuleCheckpointer,
+    PerRoundStateCheckpointer,
+)
+from fedckpt.runtime.pool import writer_name
+from fedckpt.storage.base import storage_for
+
+
+def _objects(s3_server, url: str) -> list[str]:
+    return sorted(s3fs.S3FileSystem(**s3_server.options()).find(url.removeprefix("s3://")))
+
+
+def test_every_checkpointer_and_the_state_round_trip(s3_dir, s3_server):
+    pre = [
+        LatestTorchModuleCheckpointer(s3_dir, "pre_latest.safetensors"),
+        BestLossTorchModuleCheckpointer(s3_dir, "pre_best.pt"),
+    ]
+    post = BestMetricTorchModuleCheckpointer(s3_dir, "post_best.safetensors", "accuracy", prefix="", maximize=True)
+    state = PerRoundStateCheckpointer(s3_dir)
+    module = ClientCheckpointAndStateModule(pre_aggregation=pre, post_aggregation=post, state_checkpointer=state)
+    local, global_ = make_model(1), make_model(2)
+    module.maybe_checkpoint(local, 0.3, {}, CheckpointMode.PRE_AGGREGATION)
+    module.maybe_checkpoint(global_, 0.3, {"accuracy": 0.7}, CheckpointMode.POST_AGGREGATION)
+    saved_local = {name: tensor.clone() for name, tensor in local.state_dict().items()}
+    optimizer = torch.optim.SGD(local.parameters(), lr=0.1, momentum=0.9)
+    local(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    state.save_checkpoint("client_state.pt", {"optimizer": optimizer.state_dict(), "round": 3}, server_round=3)
+
+    # Loads wait for the saves (no flush): read-your-writes.
+    assert_same_tensors(pre[0].load_state_dict(), saved_local)
+    assert_same_tensors(pre[1].load_checkpoint().state_dict(), saved_local)  # a .pt holds torch.save(model)
+    assert_same_tensors(post.load_checkpoint().state_dict(), global_.state_dict())
+    restored = state.load_checkpoint("client_state.pt")
+    assert restored["round"] == 3
+    assert_same_tensors(restored["optimizer"]["state"][0], optimizer.state_dict()["state"][0])
+    assert state.saved_round("client_state.pt") == 3 and state.checkpoint_exists("client_state.pt")
+    assert not state.checkpoint_exists("never_saved.pt")
+    with pytest.raises(FileNotFoundError, match="never_saved.pt"):
+        state.load_checkpoint("never_saved.pt")
+
+    # A new checkpointer takes its bar from the checkpoint on the store.
+    assert BestMetricTorchModuleCheckpointer(
+        s3_dir, "post_best.safetensors", "accuracy", prefix="", maximize=True
+    ).resume_best_score() == pytest.approx(0.7)
+    # One object per version, the entries beside them; nothing written where a reader does not look.
+    names = [key.split("/run/", 1)[1] for key in _objects(s3_server, s3_dir)]
+    assert sorted(name for name in names if not name.startswith(".fedckpt/versions/")) == [
+        ".fedckpt/client_state.pt.json", ".fedckpt/post_best.safetensors.json",
+        ".fedckpt/pre_best.pt.json", ".fedckpt/pre_latest.safetensors.json",
+    ]  # fmt: skip
+    assert len(names) == 8
+
+
+def test_superseded_versions_are_deleted_and_identical_content_is_copied_not_uploaded(s3_dir, s3_server):
+    model = make_model(3)
+    latest = LatestTorchModuleCheckpointer(s3_dir, "latest.safetensors")
+    for step in range(5):
+        with torch.no_grad():
+            model.body[0].bias.fill_(step)
+        latest.maybe_checkpoint(model, 0.1, {})
+        fedckpt.flush()
+    versions = [key for key in _objects(s3_server, s3_dir) if "/versions/latest.safetensors/" in key]
+    assert len(versions) == 1  # the four superseded objects are gone
+    assert latest.load_state_dict()["body.0.bias"].eq(4).all()
+
+    stats_before = lifecycle_writer_stats()
+    twin = LatestTorchModuleCheckpointer(s3_dir, "twin.safetensors")
+    twin.maybe_checkpoint(model, 0.1, {})
+    fedckpt.flush()
+    stats_after = lifecycle_writer_stats()
+    assert stats_after["bytes_linked"] - stats_before["bytes_linked"] > 0  # a server-side copy
+    assert stats_after["bytes_written"] == stats_before["bytes_written"]
+    assert_same_tensors(twin.load_state_dict(), model.state_dict())
+
+
+def lifecycle_writer_stats() -> dict[str, int]:
+    from fedckpt.runtime import lifecycle
+
+    stats = lifecycle.coordinator().writer_stats()
+    return {"bytes_linked": sum(s.bytes_linked for s in stats), "bytes_written": sum(s.bytes_written for s in stats)}
+
+
+@ray.remote(num_cpus=0)
+def _load_in_another_worker(directory: str) -> list[float]:
+    """A Ray worker with its credentials and endpoint from the standard AWS environment variables."""
+    checkpointer = LatestTorchModuleCheckpointer(directory, "shared.safetensors")
+    return checkpointer.load_state_dict()["body.0.bias"].tolist()
+
+
+def test_a_save_is_readable_from_another_ray_worker_at_once(s3_dir, s3_server):
+    model = make_model(4)
+    with torch.no_grad():
+        model.body[0].bias.fill_(7.0)
+    LatestTorchModuleCheckpointer(s3_dir, "shared.safetensors").maybe_checkpoint(model, 0.1, {})
+    # No flush: the other worker's load waits for the save.
+    remote = _load_in_another_worker.options(runtime_env={"env_vars": s3_server.env()})
+    assert ray.get(remote.remote(s3_dir)) == [7.0] * 32
+
+
+def test_verify_finds_a_corrupted_object_and_lists_leftovers(s3_dir, s3_server):
+    checkpointer = LatestTorchModuleCheckpointer(s3_dir, "m.safetensors")
+    checkpointer.maybe_checkpoint(make_model(5), 0.1, {})
+    PerRoundStateCheckpointer(s3_dir).save_checkpoint("s.pt", {"x": torch.ones(10)})
+    fedckpt.flush()
+    env = {**os.environ, **s3_server.env()}  # the CLI takes the standard AWS environment
+    clean = subprocess.run([sys.executable, "-m", "fedckpt.cli", "verify", s3_dir], env=env, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert clean.returncode == 0 and "verified 2 checkpoint(s)" in clean.stdout, clean.stderr
+    fs = s3fs.S3FileSystem(**s3_server.options())
+    (version,) = [key for key in fs.find(s3_dir.removeprefix("s3://")) if "/versions/m.safetensors/" in key]
+    content = bytearray(fs.cat_file(version))
+    content[-1] ^= 0xFF
+    fs.pipe_file(version, bytes(content))
+    fs.pipe_file(f"{s3_dir.removeprefix('s3://')}/.fedckpt/versions/s.pt/00-00-cut-off-upload", b"partial")
+    found = subprocess.run([sys.executable, "-m", "fedckpt.cli", "verify", s3_dir], env=env, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert found.returncode == 1
+    assert f"CORRUPT {s3_dir}/m.safetensors: checksum does not match" in found.stderr
+    assert "LEFTOVER" in found.stdout and "cut-off-upload" in found.stdout
+    listed = subprocess.run([sys.executable, "-m", "fedckpt.cli", "ls", s3_dir], env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert "m.safetensors" in listed.stdout and "s.pt" in listed.stdout
+
+
+def test_a_missing_bucket_is_a_clear_error_at_the_first_flush(s3_server, runtime):
+    fedckpt.init(storage_options=s3_server.options())
+    try:
+        checkpointer = LatestTorchModuleCheckpointer("s3://no-such-bucket-here/run", "m.safetensors")
+        checkpointer.maybe_checkpoint(make_model(6), 0.1, {})
+        with pytest.raises(CheckpointError, match="s3://no-such-bucket-here/run/m.safetensors"):
+            fedckpt.flush()
+    finally:
+        fedckpt.init(storage_options={})
+
+
+def test_a_writer_killed_mid_upload_keeps_per_key_order_and_every_acknowledged_save(s3_server, ray_instance):
+    fedckpt.init(namespace="fedckpt-s3-kill", num_writers=1, io_threads=1, storage_options=s3_server.options())
+    directory = f"s3://{s3_server.new_bucket()}/run"
+    try:
+        writer = ray.get_actor(writer_name(0), namespace="fedckpt-s3-kill")
+        pid = ray.get(writer.stats.remote()).pid
+        states = PerRoundStateCheckpointer(directory)
+        for counter in range(4):
+            for key in range(2):
+                states.save_checkpoint(f"k{key}.pt", {"counter": counter, "x": torch.full((4 << 20,), counter)})
+        os.kill(pid, signal.SIGKILL)  # uploads under way, more queued
+        for key in range(2):
+            states.save_checkpoint(f"k{key}.pt", {"counter": 4, "x": torch.full((4 << 20,), 4)})
+        fedckpt.flush()
+        assert ray.get(writer.stats.remote()).pid != pid
+        storage = storage_for(directory)
+        for key in range(2):
+            state = states.load_checkpoint(f"k{key}.pt")
+            assert state["counter"] == 4 and torch.all(state["x"] == 4)
+            assert storage.read_entry(f"{directory}/k{key}.pt").sequence[1] >= 1
+        report = storage.verify(directory)
+        assert report.checked == 2 and report.problems == []
+    finally:
+        from fedckpt.runtime import lifecycle
+
+        lifecycle.coordinator().stop_writers()
+        fedckpt.init(storage_options={})
+
+
+def test_the_server_stopped_mid_upload_is_an_error_naming_the_checkpoint_and_the_last_version_stays(s3_dir, s3_server):
+    states = PerRoundStateCheckpointer(s3_dir)
+    states.save_checkpoint("state.pt", {"version": 1, "x": torch.ones(8)})
+    fedckpt.flush()
+    states.save_checkpoint("state.pt", {"version": 2, "x": torch.zeros(32 << 20)})  # 128 MiB: two parts
+    s3_server.stop()  # while its upload is under way, or before it starts
+    try:
+        with pytest.raises(CheckpointError, match=f"{s3_dir}/state.pt"):
+            fedckpt.flush()
+    finally:
+        s3_server.start()
+    assert states.load_checkpoint("state.pt")["version"] == 1  # the committed version is intact
+    states.save_checkpoint("state.pt", {"version": 3, "x": torch.ones(8)})  # saving resumes
+    fedckpt.flush()
+    assert states.load_checkpoint("state.pt")["version"] == 3
+    assert storage_for(s3_dir).verify(s3_dir).problems == []
