@@ -13,7 +13,7 @@ import pytest
 import ray
 import torch
 from conftest import assert_same_tensors, make_model
-from fedckpt.storage.local import persist_checkpoint
+from fedckpt.storage.posix import persist_checkpoint
 from torch import nn
 
 import fedckpt

@@ -199,3 +199,17 @@ def test_the_server_stopped_mid_upload_is_an_error_naming_the_checkpoint_and_the
     fedckpt.flush()
     assert states.load_checkpoint("state.pt")["version"] == 3
     assert storage_for(s3_dir).verify(s3_dir).problems == []
+
+
+def test_options_given_to_a_checkpointer_serve_its_saves_and_loads(s3_server, runtime):
+    directory = f"s3://{s3_server.new_bucket()}/run"  # no fedckpt.init(storage_options=...) in this test
+    options = s3_server.options()
+    model = make_model(8)
+    checkpointer = BestLossTorchModuleCheckpointer(directory, "best.safetensors", storage_options=options)
+    checkpointer.maybe_checkpoint(model, 0.5, {})
+    states = PerRoundStateCheckpointer(directory, storage_options=options)
+    states.save_checkpoint("state.pt", {"round": 2}, server_round=2)
+    assert_same_tensors(checkpointer.load_state_dict(), model.state_dict())
+    assert states.load_checkpoint("state.pt") == {"round": 2} and states.saved_round("state.pt") == 2
+    resumed = BestLossTorchModuleCheckpointer(directory, "best.safetensors", storage_options=options)
+    assert resumed.resume_best_score() == pytest.approx(0.5)

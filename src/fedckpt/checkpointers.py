@@ -11,6 +11,7 @@ import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,11 +68,16 @@ class TorchModuleCheckpointer(ABC):
             it. Checked at the first save or load, so a checkpointer used only for its decisions may
             be built with empty ones, as in FL4Health. ``.safetensors`` names get safetensors files;
             any other name gets ``torch.save``'s format (see :func:`model_file_format`).
+        storage_options: fsspec options when ``checkpoint_dir`` is a URL (``s3://...``); default:
+            ``fedckpt.init(storage_options=...)``, else the standard environment.
     """
 
-    def __init__(self, checkpoint_dir: str, checkpoint_name: str) -> None:
+    def __init__(
+        self, checkpoint_dir: str, checkpoint_name: str, *, storage_options: Mapping[str, Any] | None = None
+    ) -> None:
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_name = checkpoint_name
+        self.storage_options = storage_options
         self._checkpoint_path: str | None = None
 
     @property
@@ -97,7 +103,8 @@ class TorchModuleCheckpointer(ABC):
 
     def save_request(self, score: float | None, score_name: str | None) -> SaveRequest:
         key = checkpoint_key(self.checkpoint_path)
-        return SaveRequest(key, self.file_format, score, score_name, storage_options=storage_options_for(key))
+        options = storage_options_for(key, self.storage_options)
+        return SaveRequest(key, self.file_format, score, score_name, storage_options=options)
 
     def load_checkpoint(self, path_to_checkpoint: str | None = None) -> nn.Module:
         """The saved ``nn.Module`` (waits for pending saves of it). Runs pickle: trusted files only.
@@ -106,7 +113,7 @@ class TorchModuleCheckpointer(ABC):
         """
         path = self.checkpoint_path if path_to_checkpoint is None else os.fspath(path_to_checkpoint)
         wait_until_readable(path)
-        source, file_format = reading.checkpoint_source(path)
+        source, file_format = reading.checkpoint_source(path, self.storage_options)
         if file_format == MODULE:
             return reading.read_module(source)
         return reading.read_state(source)
@@ -116,7 +123,7 @@ class TorchModuleCheckpointer(ABC):
         a ``torch.save`` file of the module needs pickle (load only files you trust)."""
         path = self.checkpoint_path if path_to_checkpoint is None else os.fspath(path_to_checkpoint)
         wait_until_readable(path)
-        source, file_format = reading.checkpoint_source(path)
+        source, file_format = reading.checkpoint_source(path, self.storage_options)
         if file_format == MODULE:
             return reading.read_state_dict(source)
         saved = reading.read_state(source)
@@ -141,8 +148,10 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
         checkpoint_score_function: CheckpointScoreFunctionType,
         checkpoint_score_name: str | None = None,
         maximize: bool = False,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(checkpoint_dir, checkpoint_name)
+        super().__init__(checkpoint_dir, checkpoint_name, storage_options=storage_options)
         self.best_score: float | None = None
         self.checkpoint_score_function = checkpoint_score_function
         if checkpoint_score_name is None:
@@ -193,7 +202,7 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
         Returns the best score now in force.
         """
         wait_until_readable(self.checkpoint_path)
-        entry = storage_for(self.checkpoint_path).read_entry(self.checkpoint_path)
+        entry = storage_for(self.checkpoint_path, self.storage_options).read_entry(self.checkpoint_path)
         on_disk = entry.score if entry is not None and entry.score_name == self.checkpoint_score_name else None
         if on_disk is not None and is_improvement(on_disk, self.best_score, self.maximize):
             self.best_score = on_disk
@@ -211,8 +220,12 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
 class LatestTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
     """Saves the model on every call."""
 
-    def __init__(self, checkpoint_dir: str, checkpoint_name: str) -> None:
-        super().__init__(checkpoint_dir, checkpoint_name, latest_score, "Latest", False)
+    def __init__(
+        self, checkpoint_dir: str, checkpoint_name: str, *, storage_options: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(
+            checkpoint_dir, checkpoint_name, latest_score, "Latest", False, storage_options=storage_options
+        )
 
     def resume_best_score(self) -> float | None:
         return None  # it has no bar to resume
@@ -225,8 +238,10 @@ class LatestTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
 class BestLossTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
     """Saves the model when its loss is the lowest so far."""
 
-    def __init__(self, checkpoint_dir: str, checkpoint_name: str) -> None:
-        super().__init__(checkpoint_dir, checkpoint_name, loss_score, "Loss", False)
+    def __init__(
+        self, checkpoint_dir: str, checkpoint_name: str, *, storage_options: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(checkpoint_dir, checkpoint_name, loss_score, "Loss", False, storage_options=storage_options)
 
 
 class BestMetricTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
@@ -242,6 +257,9 @@ class BestMetricTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
         metric: str,
         prefix: str = "val - prediction - ",
         maximize: bool = False,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.metric_key = f"{prefix}{metric}"
-        super().__init__(checkpoint_dir, checkpoint_name, metric_score_function(self.metric_key), metric, maximize)
+        score = metric_score_function(self.metric_key)
+        super().__init__(checkpoint_dir, checkpoint_name, score, metric, maximize, storage_options=storage_options)

@@ -13,7 +13,7 @@ from fedckpt.runtime import lifecycle, stats
 from fedckpt.runtime.messages import SaveRequest
 from fedckpt.snapshot import STATE, Snapshot, snapshot_state
 from fedckpt.storage import reading
-from fedckpt.storage.base import storage_for, storage_options_for
+from fedckpt.storage.base import Storage, storage_for, storage_options_for
 from fedckpt.storage.paths import checkpoint_key, checkpoint_path_in
 
 log = logging.getLogger("fedckpt")
@@ -36,9 +36,13 @@ class PerRoundStateCheckpointer:
     Files are ``torch.save``'s format: ``torch.load(path, weights_only=False)`` reads them.
     """
 
-    def __init__(self, checkpoint_dir: str | Path) -> None:
+    def __init__(self, checkpoint_dir: str | Path, *, storage_options: Mapping[str, Any] | None = None) -> None:
         self.checkpoint_dir = checkpoint_dir
+        self.storage_options = storage_options  # for a URL directory; see TorchModuleCheckpointer
         self._saved_keys: set[str] = set()
+
+    def _storage(self, path: str) -> Storage:
+        return storage_for(path, self.storage_options)
 
     def _path(self, checkpoint_name: str) -> str:
         return checkpoint_path_in(self.checkpoint_dir, checkpoint_name)
@@ -47,7 +51,7 @@ class PerRoundStateCheckpointer:
         """Those of ``checkpoint_names`` that exist, after their pending saves (one round trip for all)."""
         paths = [self._path(name) for name in checkpoint_names]
         wait_until_readable(*paths)
-        return [name for name, path in zip(checkpoint_names, paths, strict=True) if storage_for(path).exists(path)]
+        return [name for name, path in zip(checkpoint_names, paths, strict=True) if self._storage(path).exists(path)]
 
     def save_checkpoint(
         self, checkpoint_name: str, checkpoint_dict: Mapping[str, Any], server_round: int | None = None
@@ -81,7 +85,11 @@ class PerRoundStateCheckpointer:
         self._saved_keys.add(key)
         score = None if server_round is None else float(server_round)
         request = SaveRequest(
-            key, STATE, score, None if score is None else ROUND_SCORE_NAME, storage_options=storage_options_for(key)
+            key,
+            STATE,
+            score,
+            None if score is None else ROUND_SCORE_NAME,
+            storage_options=storage_options_for(key, self.storage_options),
         )
         with stats.recorder.timed("blocked_seconds"):
             lifecycle.coordinator().save([request], state.snapshot)
@@ -92,7 +100,7 @@ class PerRoundStateCheckpointer:
         Reads the manifest entry only; call :meth:`existing` first to see pending saves of it.
         """
         path = self._path(checkpoint_name)
-        entry = storage_for(path).read_entry(path)
+        entry = self._storage(path).read_entry(path)
         if entry is None or entry.score_name != ROUND_SCORE_NAME or entry.score is None:
             return None
         return int(entry.score)
@@ -108,7 +116,7 @@ class PerRoundStateCheckpointer:
             wait_until_readable(path)
         log.info("Loading state from checkpoint at %s", path)
         try:
-            source, _ = reading.checkpoint_source(path)
+            source, _ = reading.checkpoint_source(path, self.storage_options)
         except FileNotFoundError:
             raise FileNotFoundError(f"No state checkpoint at {path}") from None
         return reading.read_state(source, mmap=mmap)
@@ -121,7 +129,7 @@ class PerRoundStateCheckpointer:
             )
         path = self._path(checkpoint_name)
         wait_until_readable(path)
-        return storage_for(path).exists(path)
+        return self._storage(path).exists(path)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every save made through this checkpointer is durable; raise if one failed."""

@@ -94,9 +94,13 @@ def set_default_storage_options(options: Mapping[str, Any] | None) -> None:
     _default_options.update(options or {})
 
 
-def storage_options_for(path: str) -> dict[str, Any] | None:
-    """The options a writer needs for ``path`` (None for local paths, or when none were given)."""
-    return dict(_default_options) if _default_options and is_url(path) else None
+def storage_options_for(path: str, chosen: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The options a writer needs for ``path``: ``chosen`` (a checkpointer's), else this process's
+    default; None for local paths, or when none were given."""
+    if not is_url(path):
+        return None
+    options = _default_options if chosen is None else chosen
+    return dict(options) if options else None
 
 
 def storage_for(path: str, storage_options: Mapping[str, Any] | None = None) -> Storage:

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 import safetensors
@@ -27,10 +28,10 @@ from fedckpt.storage.base import storage_for
 Source = str | bytes  # a local file's path, or a version's content
 
 
-def checkpoint_source(path: str) -> tuple[Source, str]:
+def checkpoint_source(path: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Source, str]:
     """Where to read checkpoint ``path`` from, and its format (``module``, ``state`` or ``unknown``).
     ``FileNotFoundError`` if it has no version."""
-    storage = storage_for(path)
+    storage = storage_for(path, storage_options)
     local = storage.local_path(path)
     if local is not None:
         return local, formats.file_format(local)
