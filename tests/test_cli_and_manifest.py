@@ -149,9 +149,8 @@ def test_a_file_system_without_locks_is_a_clear_error_to_writers_and_a_warning_t
     """NFS mounted with ``nolock`` answers every lock with ENOLCK (injected here: the fault cannot be
     made without such a mount). Publishing refuses with an error that says what to do, and nothing
     already saved is lost; ls and verify read on, with one warning."""
-    from fedckpt.storage.posix import persist_checkpoint
-
     from fedckpt.snapshot import snapshot_state
+    from fedckpt.storage.posix import persist_checkpoint
 
     path = str(tmp_path / "state.pt")
 
@@ -182,9 +181,8 @@ def test_threads_of_one_process_never_publish_under_each_other(tmp_path):
     not roll the publisher's staged entry forward in the middle of its publish."""
     import threading
 
-    from fedckpt.storage.posix import persist_checkpoint
-
     from fedckpt.snapshot import snapshot_state
+    from fedckpt.storage.posix import persist_checkpoint
 
     path = str(tmp_path / "contested.pt")
     failures: list[BaseException] = []

@@ -299,6 +299,7 @@ def test_a_save_sent_just_before_its_caller_died_is_written(runtime, tmp_path):
 def publish_every_other_version(path: str, parity: int, versions: int) -> None:
     """One incarnation of a writer: publishes the versions of one parity, as fast as it can."""
     import numpy as np
+
     from fedckpt.storage.posix import persist_checkpoint
 
     for number in range(parity, versions, 2):

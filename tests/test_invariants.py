@@ -13,7 +13,6 @@ import pytest
 import ray
 import torch
 from conftest import assert_same_tensors, make_model
-from fedckpt.storage.posix import persist_checkpoint
 from torch import nn
 
 import fedckpt
@@ -21,6 +20,7 @@ from fedckpt import CheckpointError, LatestTorchModuleCheckpointer, PerRoundStat
 from fedckpt.runtime import lifecycle
 from fedckpt.storage import manifest
 from fedckpt.storage.paths import CONTROL_DIR, TEMP_DIR
+from fedckpt.storage.posix import persist_checkpoint
 
 MB = 1 << 20
 
