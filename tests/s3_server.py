@@ -83,3 +83,45 @@ class S3Server:
         name = f"fedckpt-{uuid.uuid4().hex[:12]}"
         s3fs.S3FileSystem(**self.options()).mkdir(name)
         return name
+
+
+class AuthenticatingS3Server:
+    """moto's server as its own process (``python -m moto.server``), checking every request's
+    signature once a user with S3 rights exists: the server a test gives wrong credentials to."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.key: dict[str, str] = {}
+        self.process: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> AuthenticatingS3Server:
+        import json
+        import os
+        import subprocess
+        import sys
+
+        import boto3
+
+        # Four requests go unchecked: creating the user, its rights, its key and the bucket.
+        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_until_listening(self.port, up=True)
+        anonymous = {"endpoint_url": self.endpoint, "region_name": "us-east-1",
+                     "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}  # fmt: skip
+        iam = boto3.client("iam", **anonymous)
+        iam.create_user(UserName="trainer")
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="trainer", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        created = iam.create_access_key(UserName="trainer")["AccessKey"]
+        self.key = {"key": created["AccessKeyId"], "secret": created["SecretAccessKey"]}
+        boto3.client("s3", **anonymous).create_bucket(Bucket="checked")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)

@@ -99,6 +99,12 @@ def build_parser(describe_bench_cases: bool = True) -> argparse.ArgumentParser:
     bench.add_argument("--dir", help="make the run's temp directory here (default: the system temp dir)")
     bench.add_argument("--json", metavar="FILE", help="also write every raw sample to FILE")
     bench.add_argument("--quick", action="store_true", help="small cases and fewer repeats (a few minutes)")
+    bench.add_argument(
+        "--storage",
+        metavar="URL",
+        help="instead: persist each case to this object store URL (s3://bucket/prefix) beside a plain put of the "
+        "same bytes (default cases: fp32-100mb fp32-1gb; credentials from the environment)",
+    )
     return parser
 
 
@@ -114,6 +120,16 @@ def _cases_help() -> str:
 def command_bench(args: argparse.Namespace) -> int:
     from fedckpt.bench.runner import run_bench  # torch and Ray: only for this command
 
+    if args.storage:
+        from fedckpt.bench.object_store import run_object_store_bench
+        from fedckpt.bench.runner import default_console
+
+        cases = args.cases or ["fp32-100mb", "fp32-1gb"]
+        result = run_object_store_bench(args.storage, cases, args.repeats or 3, default_console())
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as out:
+                json.dump(result, out, indent=2)
+        return 0
     try:
         run_bench(cases=args.cases, repeats=args.repeats, directory=args.dir, json_path=args.json, quick=args.quick)
     except ValueError as error:

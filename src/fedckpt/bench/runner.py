@@ -70,7 +70,7 @@ def run_bench(
     repeats = repeats if repeats is not None else QUICK_REPEATS if quick else DEFAULT_REPEATS
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    console = console if console is not None else _default_console()
+    console = console if console is not None else default_console()
     if shutdown is None:
         shutdown = not ray.is_initialized()
     if directory is not None:
@@ -227,7 +227,7 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
-def _default_console() -> Console:
+def default_console() -> Console:
     console = Console()
     # A redirected stdout would get rich's default 80 columns, which folds the tables.
     return console if console.is_terminal else Console(width=180)

@@ -27,6 +27,7 @@ from typing import Any
 
 import fsspec
 
+from fedckpt.storage import s3_upload
 from fedckpt.storage.base import Persisted, SaveTarget, Storage, VerifyReport
 from fedckpt.storage.checksum import RunningChecksum, checksum_of
 from fedckpt.storage.dedup import ContentIndex
@@ -49,18 +50,19 @@ _cleaned: set[str] = set()
 _cleaned_lock = threading.Lock()
 
 
-class HashingStream:
-    """Writes through to ``out`` while hashing and counting (``tell`` for zipfile)."""
+class FilePieces:
+    """What a file writer (zipfile) writes, kept as the pieces it wrote, hashed and counted: record
+    data stays a view of the staging memory, so nothing is copied before the upload."""
 
-    def __init__(self, out: Any) -> None:
-        self.out = out
+    def __init__(self) -> None:
+        self.pieces: list[memoryview] = []
         self.checksum = RunningChecksum()
         self.size = 0
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         self.checksum.update(view)
-        self.out.write(view)
+        self.pieces.append(view)
         self.size += len(view)
         return len(view)
 
@@ -114,11 +116,12 @@ class FsspecStorage(Storage):
                 checksum, size = checksum_of(header, data), len(header) + len(data)
                 linked = content_index is not None and self._copy_identical(content_index, checksum, url)
                 if not linked:
-                    self._upload(url, lambda out: (out.write(header), _write_parts(out, data)))
+                    self._upload_pieces(url, [memoryview(header), data])
             else:
-                stream: list[HashingStream] = []
-                self._upload(url, lambda out: write_state_records(target.layout, data, _hashing(out, stream)))
-                checksum, size = stream[0].checksum.value(), stream[0].size
+                written = FilePieces()
+                write_state_records(target.layout, data, written)
+                checksum, size = written.checksum.value(), written.size
+                self._upload_pieces(url, written.pieces)
             entry = ManifestEntry(
                 name=name, format=target.kind, sequence=tuple(target.sequence), score=target.score,
                 score_name=target.score_name, bytes=size, checksum=checksum, saved_at=time.time(),
@@ -136,11 +139,17 @@ class FsspecStorage(Storage):
         self._clean_leftovers_once(target.path, entry)
         return Persisted(entry, linked)
 
-    def _upload(self, url: str, write: Any) -> None:
-        """One object written through ``write(out)``: in parts of PART_BYTES (multipart on S3). An
-        upload that fails is aborted by fsspec; one cut off by a crash leaves no object."""
+    def _upload_pieces(self, url: str, pieces: list[memoryview]) -> None:
+        """One object, the concatenation of ``pieces``. On S3 its parts go up concurrently from the
+        staging memory (:mod:`~fedckpt.storage.s3_upload`); elsewhere through fsspec's file writer,
+        in parts of PART_BYTES. A failed upload is aborted; one cut off by a crash leaves no object."""
+        if self.protocol in CONDITIONAL_PROTOCOLS:
+            s3_upload.upload(self.fs, self.fs._strip_protocol(url), pieces)
+            return
         with self.fs.open(url, "wb", block_size=PART_BYTES) as out:
-            write(out)
+            for piece in pieces:
+                for start in range(0, len(piece), PART_BYTES):  # part-sized slices: no copy of the whole
+                    out.write(piece[start : start + PART_BYTES])
 
     def _copy_identical(self, content_index: ContentIndex, checksum: str, url: str) -> bool:
         """Copy a checkpoint with the same content on the server (no upload); False if none is known."""
@@ -300,14 +309,3 @@ class FsspecStorage(Storage):
 
 class _PreconditionFailed(Exception):
     """A conditional write of a manifest entry lost: the entry changed since it was read."""
-
-
-def _hashing(out: Any, holder: list[HashingStream]) -> HashingStream:
-    holder.append(HashingStream(out))
-    return holder[0]
-
-
-def _write_parts(out: Any, data: memoryview) -> None:
-    """The staged bytes in part-sized slices: no copy of the whole snapshot is made."""
-    for start in range(0, len(data), PART_BYTES):
-        out.write(data[start : start + PART_BYTES])
