@@ -35,7 +35,20 @@ def _address(view: memoryview) -> int:
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else 0
 
 
-class HashingFile:
+class FrontToBackFile:
+    """A file written front to back: all a zip writer asks besides ``write`` is where it is."""
+
+    size = 0
+
+    def tell(self) -> int:
+        """Bytes written so far. There is no ``seek``: zipfile then writes front to back."""
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+
+class HashingFile(FrontToBackFile):
     """A new binary file written front to back; ``close()`` returns the checksum of what was written
     (None with ``checksum=False``, for bytes whose checksum is known already)."""
 
@@ -74,13 +87,6 @@ class HashingFile:
             raise
         self.size += len(view)
         return len(view)
-
-    def tell(self) -> int:
-        """Bytes written so far. There is no ``seek``: zipfile then writes front to back."""
-        return self.size
-
-    def flush(self) -> None:
-        pass
 
     def close(self) -> str | None:
         """Write what is buffered, set the file's length, close it; returns the checksum (``xxh3:<hex>``)."""

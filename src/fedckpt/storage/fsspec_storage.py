@@ -31,6 +31,7 @@ from fedckpt.storage import s3_upload
 from fedckpt.storage.base import Persisted, SaveTarget, Storage, VerifyReport
 from fedckpt.storage.checksum import RunningChecksum, checksum_of
 from fedckpt.storage.dedup import ContentIndex
+from fedckpt.storage.direct import FrontToBackFile
 from fedckpt.storage.formats import MODULE
 from fedckpt.storage.formats.safetensors_file import safetensors_header
 from fedckpt.storage.formats.torch_zip import write_state_records
@@ -50,7 +51,7 @@ _cleaned: set[str] = set()
 _cleaned_lock = threading.Lock()
 
 
-class FilePieces:
+class FilePieces(FrontToBackFile):
     """What a file writer (zipfile) writes, kept as the pieces it wrote, hashed and counted: record
     data stays a view of the staging memory, so nothing is copied before the upload."""
 
@@ -65,12 +66,6 @@ class FilePieces:
         self.pieces.append(view)
         self.size += len(view)
         return len(view)
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        pass
 
 
 def version_name(name: str, sequence: tuple[int, int]) -> str:
