@@ -257,19 +257,13 @@ def test_parts_cut_a_header_and_the_data_at_exact_part_boundaries():
 def test_a_store_without_conditional_writes_still_keeps_per_key_order(tmp_path):
     """fsspec's in-memory file system stands in for GCS or Azure (no conditional writes here): the
     generic upload path, the order check before the commit, and verify."""
-    from fedckpt.snapshot import snapshot_state
-    from fedckpt.storage.base import SaveTarget
     from fedckpt.storage.fsspec_storage import FsspecStorage
 
     storage = FsspecStorage("memory", {})
     path = f"memory://generic-{os.getpid()}/run/state.pt"
 
     def persist(version: int, sequence: tuple[int, int]):
-        snapshot = snapshot_state({"version": version, "x": torch.full((1000,), version)})
-        staged = np.empty(snapshot.nbytes, dtype=np.uint8)
-        snapshot.copy_into(staged)
-        target = SaveTarget(path, "state", snapshot.layout, sequence, None, None, "test")
-        return storage.persist(target, memoryview(staged), None)
+        return _persist_state(storage, path, version, sequence)
 
     assert persist(2, (1, 2)) is not None
     assert persist(1, (1, 1)) is None  # an older sequence never replaces a newer version
@@ -277,3 +271,32 @@ def test_a_store_without_conditional_writes_still_keeps_per_key_order(tmp_path):
     assert persist(3, (2, 0)) is not None
     report = storage.verify(f"memory://generic-{os.getpid()}/run")
     assert report.checked == 1 and report.problems == [] and report.leftovers == []
+
+
+def _persist_state(storage, path: str, version: int, sequence: tuple[int, int]):
+    """One state version persisted the way a writer does (without Ray)."""
+    from fedckpt.snapshot import snapshot_state
+    from fedckpt.storage.base import SaveTarget
+
+    snapshot = snapshot_state({"version": version, "x": torch.full((1000,), version)})
+    staged = np.empty(snapshot.nbytes, dtype=np.uint8)
+    snapshot.copy_into(staged)
+    target = SaveTarget(path, "state", snapshot.layout, sequence, None, None, "test")
+    return storage.persist(target, memoryview(staged), None)
+
+
+def test_a_lost_conditional_write_is_recognised_as_a_race_and_the_newer_save_still_commits(s3_server):
+    from fedckpt.storage.fsspec_storage import FsspecStorage, _PreconditionFailed
+    from fedckpt.storage.paths import entry_path
+
+    storage = FsspecStorage("s3", s3_server.options())
+    path = f"s3://{s3_server.new_bucket()}/run/state.pt"
+    assert _persist_state(storage, path, 1, (1, 1)) is not None
+    current = storage.read_entry(path)
+    with pytest.raises(_PreconditionFailed):  # If-Match on an ETag that is not the entry's any more
+        storage._write_entry(entry_path(path), current, '"not-the-current-etag"')
+    with pytest.raises((_PreconditionFailed, FileExistsError)):  # If-None-Match on an existing entry
+        storage._write_entry(entry_path(path), current, None)
+    assert _persist_state(storage, path, 2, (1, 2)) is not None
+    assert torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=False)["version"] == 2
+    assert storage.verify(path.rsplit("/", 1)[0]).problems == []

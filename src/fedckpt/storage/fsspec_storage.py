@@ -16,9 +16,9 @@ An object store has no rename, so a version is never written where a reader look
 
 from __future__ import annotations
 
-import errno
 import logging
 import posixpath
+import random
 import threading
 import time
 import uuid
@@ -122,17 +122,36 @@ class FsspecStorage(Storage):
                 score_name=target.score_name, bytes=size, checksum=checksum, saved_at=time.time(),
                 writer=target.writer_name, object=obj,
             )  # fmt: skip
-            committed = self._commit(target.path, entry)
         except BaseException:
             self._remove(url)
             raise
+        try:
+            committed = self._commit(target.path, entry)
+        except BaseException:
+            # The entry's write may have reached the store though its answer did not: if the entry
+            # names this object, the save is committed; else the object is left to the next clean-up
+            # (deleting it could leave a committed entry naming nothing).
+            if not self._names(target.path, obj):
+                raise
+            committed = True
         if not committed:
             self._remove(url)
             return None
         if content_index is not None and target.kind == MODULE:
             content_index.record(checksum, target.path)
-        self._clean_leftovers_once(target.path, entry)
+        try:
+            self._clean_leftovers_once(target.path, entry)
+        except Exception as error:  # the save is committed; leftovers wait for the next writer
+            log.warning("fedckpt: could not clean up old versions of %s: %s", target.path, error)
         return Persisted(entry, linked)
+
+    def _names(self, path: str, obj: str) -> bool:
+        """Whether the checkpoint's entry names ``obj`` now (False if it cannot be read)."""
+        try:
+            current = self.read_entry(path)
+        except Exception:
+            return False
+        return current is not None and current.object == obj
 
     def _upload_pieces(self, url: str, pieces: list[memoryview]) -> None:
         """One object, the concatenation of ``pieces``. On S3 its parts go up concurrently from the
@@ -149,27 +168,31 @@ class FsspecStorage(Storage):
     def _copy_identical(self, content_index: ContentIndex, checksum: str, url: str) -> bool:
         """Copy a checkpoint with the same content on the server (no upload); False if none is known."""
         candidate = content_index.candidate(checksum)
-        if candidate is None:
+        if candidate is None or not candidate.startswith(f"{self.protocol}://"):
             return False
-        entry = self.read_entry(candidate) if candidate.startswith(f"{self.protocol}://") else None
-        if entry is None or entry.checksum != checksum or entry.object is None:
-            return False
+        # The index is shared by the node's writers (other runs, buckets, credentials): any failure
+        # here (superseded and deleted meanwhile, no right to read it) means uploading instead.
         try:
-            self.fs.copy(self._object_url(candidate, entry), url)
-        except FileNotFoundError:  # superseded and deleted meanwhile
+            entry = self.read_entry(candidate)
+            if entry is None or entry.checksum != checksum or entry.object is None:
+                return False
+            self.fs.cp_file(self._object_url(candidate, entry), url)
+        except Exception as error:
+            log.debug("fedckpt: no server-side copy from %s (%s); uploading", candidate, error)
             return False
         return True
 
     def _commit(self, path: str, entry: ManifestEntry) -> bool:
         """Write ``entry`` as the checkpoint's current one unless a newer sequence is there."""
         entry_url = entry_path(path)
-        for _ in range(COMMIT_ATTEMPTS):
+        for attempt in range(COMMIT_ATTEMPTS):
             current, tag = self._read_entry_and_tag(entry_url)
             if current is not None and tuple(current.sequence) > tuple(entry.sequence):
                 return False
             try:
                 self._write_entry(entry_url, entry, tag)
             except (FileExistsError, _PreconditionFailed):
+                _backoff(attempt)
                 continue  # another writer committed in between: look again
             if current is not None and current.object is not None and current.object != entry.object:
                 self._remove(self._object_url(path, current))
@@ -183,7 +206,7 @@ class FsspecStorage(Storage):
         try:
             self.fs.pipe_file(entry_url, entry.to_json().encode(), **condition)
         except OSError as error:
-            if self.conditional and error.errno == errno.EINVAL and "recondition" in str(error):
+            if self.conditional and _lost_race(error, tag):
                 raise _PreconditionFailed(str(error)) from error
             raise
 
@@ -201,11 +224,12 @@ class FsspecStorage(Storage):
         with _cleaned_lock:
             if path in _cleaned:
                 return
-            _cleaned.add(path)
         for url in self._version_objects(path):
             sequence = sequence_of(url)
             if sequence is not None and sequence < tuple(committed.sequence):
                 self._remove(url)
+        with _cleaned_lock:
+            _cleaned.add(path)  # only once it succeeded: an error (no ListBucket right) tries again
 
     def _version_objects(self, path: str) -> list[str]:
         control = posixpath.dirname(entry_path(path))
@@ -300,6 +324,23 @@ class FsspecStorage(Storage):
                 running.update(chunk)
                 size += len(chunk)
         return size, running.value()
+
+
+def _lost_race(error: OSError, tag: str | None) -> bool:
+    """Whether a conditional write of an entry failed because another writer's came first: S3's
+    412 (PreconditionFailed), 409 (ConditionalRequestConflict: retry), or 404 for If-Match on an
+    entry deleted meanwhile. s3fs keeps botocore's error as the cause."""
+    response = getattr(error.__cause__, "response", None) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = response.get("Error", {}).get("Code")
+    if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+        return True
+    return tag is not None and isinstance(error, FileNotFoundError)
+
+
+def _backoff(attempt: int) -> None:
+    """A short, jittered pause before looking at a contested entry again."""
+    time.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))
 
 
 class _PreconditionFailed(Exception):

@@ -67,7 +67,9 @@ def checkpoint_path_in(directory: str | os.PathLike[str], name: str) -> str:
         raise ValueError(f"Checkpoint name {name[:40]!r}... has a path component longer than 200 bytes")
     # Normalized, so that the writer (which keys by absolute path) and a loader name the same file:
     # "a/../b" would otherwise need a directory "a" to exist to be read back.
-    return os.path.join(os.fspath(directory), os.path.normpath(name))
+    joined = os.path.join(os.fspath(directory), os.path.normpath(name))
+    # A URL is normalised as the writer keys it (an object store's keys are literal: "a/../b" is a name).
+    return checkpoint_key(joined) if is_url(joined) else joined
 
 
 def control_dir(checkpoint_path: str) -> str:

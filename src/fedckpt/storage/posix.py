@@ -19,6 +19,7 @@ from fedckpt.storage.dedup import ContentIndex, link_identical
 from fedckpt.storage.formats import MODULE
 from fedckpt.storage.formats.safetensors_file import safetensors_header, write_module_file
 from fedckpt.storage.formats.torch_zip import write_state_file
+from fedckpt.storage.paths import is_url
 
 
 class PosixStorage(Storage):
@@ -100,7 +101,8 @@ def persist_checkpoint(
 
         def write(temp: str) -> None:
             nonlocal linked
-            linked = candidate is not None and link_identical(candidate, checksum, temp)
+            # The node's content index also names checkpoints on object stores: never links to those.
+            linked = candidate is not None and not is_url(candidate) and link_identical(candidate, checksum, temp)
             if not linked:
                 claim_temp(temp)
                 write_module_file(header, data, temp)
