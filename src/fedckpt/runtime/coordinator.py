@@ -238,8 +238,10 @@ class Coordinator:
                     break
                 except ChannelClosed:
                     self._resender.recover(index)
-        errors.update(self._resender.take_held_errors(None if selected is None else set(selected)))
+        # The writers' failure notices came before their answers: take them in first, so that one
+        # failure is reported by this flush, not again by the next call on its key.
         self._resender.take_in_notices()
+        errors.update(self._resender.take_held_errors(None if selected is None else set(selected)))
         if errors:
             raise CheckpointError.naming("Saving failed", errors)
 
