@@ -254,7 +254,11 @@ class FsspecStorage(Storage):
         return f"{posixpath.dirname(entry_path(path))}/{entry.object}"
 
     def read_entry(self, path: str) -> ManifestEntry | None:
-        return self._read_entry_and_tag(entry_path(path))[0]
+        """The entry alone (one GET): only a commit needs its ETag, and the HEAD that reads it."""
+        try:
+            return ManifestEntry.from_json(self.fs.cat_file(entry_path(path)).decode())
+        except FileNotFoundError:
+            return None
 
     def exists(self, path: str) -> bool:
         return self.read_entry(path) is not None
