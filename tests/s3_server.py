@@ -14,7 +14,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from moto.server import ThreadedMotoServer
+from werkzeug.serving import make_server
 
 CREDENTIALS = {"key": "testing", "secret": "testing"}
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
@@ -83,6 +85,34 @@ class S3Server:
         name = f"fedckpt-{uuid.uuid4().hex[:12]}"
         s3fs.S3FileSystem(**self.options()).mkdir(name)
         return name
+
+
+class _ConditionIgnoringMotoServer(ThreadedMotoServer):
+    """moto's server behind a filter that drops the If-Match and If-None-Match headers."""
+
+    def _server_entry(self) -> None:
+        app = DomainDispatcherApplication(create_backend_app)
+
+        def ignoring_conditions(environ: dict[str, Any], start_response: Any) -> Any:
+            environ.pop("HTTP_IF_MATCH", None)
+            environ.pop("HTTP_IF_NONE_MATCH", None)
+            return app(environ, start_response)
+
+        self._server = make_server(
+            self._ip_address, self._port, ignoring_conditions, True, request_handler=MotoRequestHandler
+        )
+        self._server_ready_event.set()
+        self._server.serve_forever()
+
+
+class ConditionIgnoringS3Server(S3Server):
+    """An S3-compatible store that stores every write whatever its conditions say, as stores without
+    conditional writes do (older MinIO, Ceph RGW and others ignore the headers)."""
+
+    def start(self) -> None:
+        self.server = _ConditionIgnoringMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        _wait_until_listening(self.port, up=True)
 
 
 class AuthenticatingS3Server:

@@ -259,7 +259,7 @@ def test_a_store_without_conditional_writes_still_keeps_per_key_order(tmp_path):
     generic upload path, the order check before the commit, and verify."""
     from fedckpt.storage.fsspec_storage import FsspecStorage
 
-    storage = FsspecStorage("memory", {})
+    storage = FsspecStorage(f"memory://generic-{os.getpid()}", {})
     path = f"memory://generic-{os.getpid()}/run/state.pt"
 
     def persist(version: int, sequence: tuple[int, int]):
@@ -267,7 +267,7 @@ def test_a_store_without_conditional_writes_still_keeps_per_key_order(tmp_path):
 
     assert persist(2, (1, 2)) is not None
     assert persist(1, (1, 1)) is None  # an older sequence never replaces a newer version
-    assert torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=False)["version"] == 2
+    assert torch.load(io.BytesIO(storage.read_version(path).data), weights_only=False)["version"] == 2
     assert persist(3, (2, 0)) is not None
     report = storage.verify(f"memory://generic-{os.getpid()}/run")
     assert report.checked == 1 and report.problems == [] and report.leftovers == []
@@ -289,7 +289,7 @@ def test_a_lost_conditional_write_is_recognised_as_a_race_and_the_newer_save_sti
     from fedckpt.storage.fsspec_storage import FsspecStorage, _PreconditionFailed
     from fedckpt.storage.paths import entry_path
 
-    storage = FsspecStorage("s3", s3_server.options())
+    storage = FsspecStorage("s3://", s3_server.options())
     path = f"s3://{s3_server.new_bucket()}/run/state.pt"
     assert _persist_state(storage, path, 1, (1, 1)) is not None
     current = storage.read_entry(path)
@@ -298,5 +298,58 @@ def test_a_lost_conditional_write_is_recognised_as_a_race_and_the_newer_save_sti
     with pytest.raises((_PreconditionFailed, FileExistsError)):  # If-None-Match on an existing entry
         storage._write_entry(entry_path(path), current, None)
     assert _persist_state(storage, path, 2, (1, 2)) is not None
-    assert torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=False)["version"] == 2
+    assert torch.load(io.BytesIO(storage.read_version(path).data), weights_only=False)["version"] == 2
     assert storage.verify(path.rsplit("/", 1)[0]).problems == []
+
+
+def test_a_store_that_ignores_conditional_writes_is_an_error_naming_it_unless_the_weaker_order_is_accepted(runtime):
+    from s3_server import ConditionIgnoringS3Server
+
+    server = ConditionIgnoringS3Server()
+    server.start()
+    try:
+        directory = f"s3://{server.new_bucket()}/run"
+        states = PerRoundStateCheckpointer(directory, storage_options=server.options())
+        states.save_checkpoint("state.pt", {"version": 1})
+        with pytest.raises(CheckpointError, match=r"run/state\.pt.*does not honour conditional writes"):
+            fedckpt.flush()
+        storage = storage_for(directory, server.options())
+        assert storage.read_entry(f"{directory}/state.pt") is None
+        assert storage.verify(directory).leftovers == []  # the check comes before the upload
+
+        accepted = PerRoundStateCheckpointer(directory, storage_options=server.options(conditional_writes=False))
+        accepted.save_checkpoint("state.pt", {"version": 2})
+        fedckpt.flush()
+        assert accepted.load_checkpoint("state.pt") == {"version": 2}
+    finally:
+        server.stop()
+
+
+def test_an_entry_naming_a_missing_object_is_a_corrupt_checkpoint_not_a_missing_one(s3_dir):
+    """A resume must not read a dangling entry as "no state yet" and start the run from scratch."""
+    from fedckpt import CorruptCheckpointError
+
+    states = PerRoundStateCheckpointer(s3_dir)
+    states.save_checkpoint("state.pt", {"version": 1})
+    fedckpt.flush()
+    storage, path = storage_for(s3_dir), f"{s3_dir}/state.pt"
+    entry = storage.read_entry(path)
+    storage.fs.rm_file(storage._object_url(path, entry))
+    with pytest.raises(CorruptCheckpointError, match=r"run/state\.pt.*missing"):
+        states.load_checkpoint("state.pt")
+    assert storage.verify(s3_dir).problems == [f"{path}: its object {entry.object} is missing"]
+
+
+def test_an_upload_cut_off_by_a_crash_is_listed_by_verify_and_aborted_by_the_next_writer_of_its_key(s3_dir):
+    storage, path = storage_for(s3_dir), f"{s3_dir}/state.pt"
+    cut_off = storage.fs._strip_protocol(f"{storage._versions_prefix(path)}{0:020d}-{0:020d}-abcdef123456")
+    bucket, key, _ = storage.fs.split_path(cut_off)
+    upload = storage.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+    storage.fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+    assert storage.verify(s3_dir).leftovers == [f"s3://{cut_off} (incomplete multipart upload)"]
+
+    states = PerRoundStateCheckpointer(s3_dir)
+    states.save_checkpoint("state.pt", {"version": 1})
+    fedckpt.flush()
+    report = storage.verify(s3_dir)
+    assert report.checked == 1 and report.problems == [] and report.leftovers == []

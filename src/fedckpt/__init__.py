@@ -20,7 +20,7 @@ if TYPE_CHECKING:
         TorchModuleCheckpointer,
     )
     from fedckpt.client_module import ClientCheckpointAndStateModule
-    from fedckpt.errors import CheckpointError, ScoreError
+    from fedckpt.errors import CheckpointError, CorruptCheckpointError, ScoreError
     from fedckpt.modes import CheckpointMode
     from fedckpt.runtime.lifecycle import flush, init, shutdown
     from fedckpt.runtime.stats import ProcessStats, stats
@@ -37,6 +37,7 @@ _EXPORTS = {
     "TorchModuleCheckpointer": "fedckpt.checkpointers",
     "ClientCheckpointAndStateModule": "fedckpt.client_module",
     "CheckpointError": "fedckpt.errors",
+    "CorruptCheckpointError": "fedckpt.errors",
     "ScoreError": "fedckpt.errors",
     "CheckpointMode": "fedckpt.modes",
     "flush": "fedckpt.runtime.lifecycle",
@@ -69,6 +70,7 @@ __all__ = [
     "BestLossTorchModuleCheckpointer",
     "BestMetricTorchModuleCheckpointer",
     "CheckpointError",
+    "CorruptCheckpointError",
     "CheckpointMode",
     "ClientCheckpointAndStateModule",
     "FunctionTorchModuleCheckpointer",

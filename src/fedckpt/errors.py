@@ -23,6 +23,11 @@ class CheckpointError(RuntimeError):
         return error
 
 
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint whose manifest entry names a version that is missing from storage: never read as
+    "no checkpoint", which would restart a run from scratch. ``fedckpt verify`` lists such entries."""
+
+
 class ScoreError(TypeError, ValueError):
     """A loss or metric that is not a number (raised in the caller, before anything is saved).
 

@@ -40,6 +40,14 @@ class SaveTarget:
 
 
 @dataclass(frozen=True)
+class StoredVersion:
+    """A checkpoint's current version, read whole."""
+
+    entry: ManifestEntry | None  # None: a file no fedckpt manifest records (POSIX only)
+    data: bytes
+
+
+@dataclass(frozen=True)
 class VerifyReport:
     """What ``fedckpt verify`` found below a directory."""
 
@@ -66,11 +74,12 @@ class Storage(ABC):
 
     @abstractmethod
     def local_path(self, path: str) -> str | None:
-        """A local file holding the current version, to read in place; None: use :meth:`read_bytes`."""
+        """A local file holding the current version, to read in place; None: use :meth:`read_version`."""
 
     @abstractmethod
-    def read_bytes(self, path: str) -> bytes:
-        """The current version's content (``FileNotFoundError`` if there is none)."""
+    def read_version(self, path: str) -> StoredVersion:
+        """The current version (``FileNotFoundError`` if there is none; ``CorruptCheckpointError``
+        if the manifest names a version that is missing)."""
 
     @abstractmethod
     def is_directory(self, root: str) -> bool:
@@ -114,4 +123,4 @@ def storage_for(path: str, storage_options: Mapping[str, Any] | None = None) -> 
     from fedckpt.storage.fsspec_storage import FsspecStorage  # fsspec is imported for URLs only
 
     options = _default_options if storage_options is None else storage_options
-    return FsspecStorage(path.split("://", 1)[0].lower(), dict(options))
+    return FsspecStorage(path, dict(options))

@@ -10,12 +10,17 @@ An object store has no rename, so a version is never written where a reader look
   on the entry's ETag, ``If-None-Match: *`` for the first): of two incarnations of a writer racing,
   the older sequence never replaces the newer one's entry;
 - then the superseded object is deleted. A reader follows the entry; one whose object was deleted
-  meanwhile reads the entry again. Objects left by uploads cut off by a crash are deleted by the
-  next writer of the key, and ``fedckpt verify`` lists them.
+  meanwhile reads the entry again. Objects left by uploads cut off by a crash (and, on S3, their
+  incomplete multipart uploads) are deleted by the next writer of the key; ``fedckpt verify`` lists them.
+
+On S3 the conditional writes are checked first (:mod:`~fedckpt.storage.s3_store`): a store that
+ignores them is an error, unless the ``conditional_writes=False`` storage option accepts the weaker
+order (see docs/storage.md).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import posixpath
 import random
@@ -27,8 +32,9 @@ from typing import Any
 
 import fsspec
 
-from fedckpt.storage import s3_upload
-from fedckpt.storage.base import Persisted, SaveTarget, Storage, VerifyReport
+from fedckpt.errors import CorruptCheckpointError
+from fedckpt.storage import s3_store, s3_upload
+from fedckpt.storage.base import Persisted, SaveTarget, Storage, StoredVersion, VerifyReport
 from fedckpt.storage.checksum import RunningChecksum, checksum_of
 from fedckpt.storage.dedup import ContentIndex
 from fedckpt.storage.direct import FrontToBackFile
@@ -44,7 +50,7 @@ VERSIONS_DIR = "versions"
 PART_BYTES = 64 << 20  # multipart upload part size (S3: 5 MiB to 5 GiB)
 COMMIT_ATTEMPTS = 20  # conditional writes lost to another writer of the key before giving up
 READ_ATTEMPTS = 5  # a reader's object deleted under it by a newer commit
-CONDITIONAL_PROTOCOLS = ("s3", "s3a")
+CONDITIONAL_OPTION = "conditional_writes"  # fedckpt's own storage option (not passed to fsspec)
 
 # Keys whose leftovers this process already looked for (once per key and process).
 _cleaned: set[str] = set()
@@ -84,22 +90,34 @@ def sequence_of(object_name: str) -> tuple[int, int] | None:
 class FsspecStorage(Storage):
     """Checkpoints as objects, committed by their manifest entry (see the module docstring)."""
 
-    def __init__(self, protocol: str, storage_options: dict[str, Any]) -> None:
-        self.protocol = protocol
+    def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
+        """The file system of ``url`` with ``storage_options`` (and any options its URL carries,
+        such as an Azure account in ``abfs://container@account``)."""
+        self.protocol = url.split("://", 1)[0].lower()
+        options = dict(storage_options)
+        self.conditional = self.protocol in s3_store.S3_PROTOCOLS and options.pop(CONDITIONAL_OPTION, True)
         try:
+            implementation = fsspec.get_filesystem_class(self.protocol)
+            options = {**implementation._get_kwargs_from_urls(url), **options}
             # No listings cache: a listing cached by one call (a clean-up, verify) would hide objects
             # written after it from later ones (s3fs sizes an object from its parent's listing).
-            options = {"use_listings_cache": False, **storage_options}
-            self.fs = fsspec.filesystem(protocol, **options)  # fsspec reuses equal instances
+            if _accepts(implementation, "use_listings_cache"):
+                options.setdefault("use_listings_cache", False)
+            self.fs = implementation(**options)  # fsspec reuses equal instances
         except ImportError as error:
-            extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure"}.get(protocol)
-            hint = f"pip install 'fedckpt[{extra}]'" if extra else f"install fsspec's implementation of {protocol}://"
-            raise ImportError(f"Checkpoints at {protocol}:// URLs need {hint}: {error}") from error
-        self.conditional = protocol in CONDITIONAL_PROTOCOLS
+            extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure"}.get(
+                self.protocol
+            )
+            hint = (
+                f"pip install 'fedckpt[{extra}]'" if extra else f"install fsspec's implementation of {self.protocol}://"
+            )
+            raise ImportError(f"Checkpoints at {self.protocol}:// URLs need {hint}: {error}") from error
 
     # ---- writing ---------------------------------------------------------------------------------
 
     def persist(self, target: SaveTarget, data: memoryview, content_index: ContentIndex | None) -> Persisted | None:
+        if self.conditional:  # before anything is uploaded: a store that fails the check keeps nothing
+            s3_store.check_conditional_writes_once(self.fs, posixpath.dirname(entry_path(target.path)))
         control = posixpath.dirname(entry_path(target.path))
         name = posixpath.basename(target.path)
         obj = version_name(name, target.sequence)
@@ -157,7 +175,7 @@ class FsspecStorage(Storage):
         """One object, the concatenation of ``pieces``. On S3 its parts go up concurrently from the
         staging memory (:mod:`~fedckpt.storage.s3_upload`); elsewhere through fsspec's file writer,
         in parts of PART_BYTES. A failed upload is aborted; one cut off by a crash leaves no object."""
-        if self.protocol in CONDITIONAL_PROTOCOLS:
+        if self.protocol in s3_store.S3_PROTOCOLS:
             s3_upload.upload(self.fs, self.fs._strip_protocol(url), pieces)
             return
         with self.fs.open(url, "wb", block_size=PART_BYTES) as out:
@@ -206,7 +224,7 @@ class FsspecStorage(Storage):
         try:
             self.fs.pipe_file(entry_url, entry.to_json().encode(), **condition)
         except OSError as error:
-            if self.conditional and _lost_race(error, tag):
+            if self.conditional and s3_store.lost_race(error, tag):
                 raise _PreconditionFailed(str(error)) from error
             raise
 
@@ -228,16 +246,24 @@ class FsspecStorage(Storage):
             sequence = sequence_of(url)
             if sequence is not None and sequence < tuple(committed.sequence):
                 self._remove(url)
+        for upload in self._incomplete_uploads(self._versions_prefix(path)):
+            sequence = sequence_of(upload.path)
+            if sequence is not None and sequence < tuple(committed.sequence):
+                s3_store.abort_upload(self.fs, upload)
         with _cleaned_lock:
             _cleaned.add(path)  # only once it succeeded: an error (no ListBucket right) tries again
 
+    def _versions_prefix(self, path: str) -> str:
+        return f"{posixpath.dirname(entry_path(path))}/{VERSIONS_DIR}/{posixpath.basename(path)}/"
+
     def _version_objects(self, path: str) -> list[str]:
-        control = posixpath.dirname(entry_path(path))
-        prefix = f"{control}/{VERSIONS_DIR}/{posixpath.basename(path)}"
         try:
-            return [f"{self.protocol}://{found}" for found in self.fs.find(prefix)]
+            return [f"{self.protocol}://{found}" for found in self.fs.find(self._versions_prefix(path))]
         except FileNotFoundError:
             return []
+
+    def _incomplete_uploads(self, prefix: str) -> list[s3_store.IncompleteUpload]:
+        return s3_store.incomplete_uploads(self.fs, prefix) if self.protocol in s3_store.S3_PROTOCOLS else []
 
     def _remove(self, url: str) -> None:
         try:
@@ -266,16 +292,25 @@ class FsspecStorage(Storage):
     def local_path(self, path: str) -> str | None:
         return None
 
-    def read_bytes(self, path: str) -> bytes:
-        for _ in range(READ_ATTEMPTS):
+    def read_version(self, path: str) -> StoredVersion:
+        missing = None
+        for attempt in range(READ_ATTEMPTS):
             entry = self.read_entry(path)
             if entry is None or entry.object is None:
                 raise FileNotFoundError(f"No checkpoint at {path}")
             try:
-                return self.fs.cat_file(self._object_url(path, entry))
+                return StoredVersion(entry, self.fs.cat_file(self._object_url(path, entry)))
             except FileNotFoundError:
-                continue  # a newer version was committed and this one deleted: follow the entry again
-        raise FileNotFoundError(f"{path}: its manifest entry kept naming objects that were gone")
+                # A commit writes the new entry before it deletes the old object: an entry that
+                # still names an object found missing is dangling, not a version being replaced.
+                if entry.object == missing:
+                    raise CorruptCheckpointError(
+                        f"{path}: its manifest entry names the object {entry.object}, which is missing "
+                        f"(fedckpt verify lists such entries)"
+                    ) from None
+                missing = entry.object
+                _backoff(attempt)
+        raise TimeoutError(f"{path}: a newer version was committed during each of {READ_ATTEMPTS} reads")
 
     def is_directory(self, root: str) -> bool:
         try:
@@ -303,23 +338,36 @@ class FsspecStorage(Storage):
         problems, named, checked = [], set(), 0
         for path, entry in self.iter_entries(root):
             checked += 1
-            url = self._object_url(path, entry)
-            named.add(self.fs._strip_protocol(url))
-            try:
-                size, checksum = self._size_and_checksum(url, entry.checksum.partition(":")[0])
-            except FileNotFoundError:
-                problems.append(f"{path}: its object {entry.object} is missing")
-                continue
-            if size != entry.bytes:
-                problems.append(f"{path}: size {size} bytes, the manifest records {entry.bytes}")
-            elif checksum != entry.checksum:
-                problems.append(f"{path}: checksum does not match the manifest ({entry.checksum})")
+            problem = self._check_version(path, entry)
+            if problem is not None and "missing" in problem:
+                newer = self.read_entry(path)  # a live run may have replaced and deleted it since
+                if newer is not None and newer.object != entry.object:
+                    entry, problem = newer, self._check_version(path, newer)
+            named.add(self.fs._strip_protocol(self._object_url(path, entry)))
+            if problem is not None:
+                problems.append(problem)
         leftovers = [
             f"{self.protocol}://{key}"
             for key in self.fs.find(root)
             if f"/{CONTROL_DIR}/{VERSIONS_DIR}/" in f"/{key}" and key not in named
         ]
+        leftovers += [
+            f"{self.protocol}://{upload.path} (incomplete multipart upload)"
+            for upload in self._incomplete_uploads(root)
+        ]
         return VerifyReport(checked, problems, sorted(leftovers))
+
+    def _check_version(self, path: str, entry: ManifestEntry) -> str | None:
+        """What is wrong with the version ``entry`` names (None: its size and checksum match)."""
+        try:
+            size, checksum = self._size_and_checksum(self._object_url(path, entry), entry.checksum.partition(":")[0])
+        except FileNotFoundError:
+            return f"{path}: its object {entry.object} is missing"
+        if size != entry.bytes:
+            return f"{path}: size {size} bytes, the manifest records {entry.bytes}"
+        if checksum != entry.checksum:
+            return f"{path}: checksum does not match the manifest ({entry.checksum})"
+        return None
 
     def _size_and_checksum(self, url: str, algorithm: str) -> tuple[int, str]:
         running, size = RunningChecksum(algorithm), 0
@@ -330,16 +378,10 @@ class FsspecStorage(Storage):
         return size, running.value()
 
 
-def _lost_race(error: OSError, tag: str | None) -> bool:
-    """Whether a conditional write of an entry failed because another writer's came first: S3's
-    412 (PreconditionFailed), 409 (ConditionalRequestConflict: retry), or 404 for If-Match on an
-    entry deleted meanwhile. s3fs keeps botocore's error as the cause."""
-    response = getattr(error.__cause__, "response", None) or {}
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    code = response.get("Error", {}).get("Code")
-    if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
-        return True
-    return tag is not None and isinstance(error, FileNotFoundError)
+def _accepts(implementation: type, option: str) -> bool:
+    """Whether a file system's constructor takes ``option`` (by name, or through ``**kwargs``)."""
+    parameters = inspect.signature(implementation.__init__).parameters.values()
+    return any(p.name == option or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _backoff(attempt: int) -> None:

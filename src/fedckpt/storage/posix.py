@@ -13,7 +13,7 @@ from typing import Any
 
 from fedckpt.storage import manifest
 from fedckpt.storage.atomic import claim_temp, discard_temp, publish, write_durable_temp
-from fedckpt.storage.base import Persisted, SaveTarget, Storage, VerifyReport
+from fedckpt.storage.base import Persisted, SaveTarget, Storage, StoredVersion, VerifyReport
 from fedckpt.storage.checksum import checksum_of, file_matches
 from fedckpt.storage.dedup import ContentIndex, link_identical
 from fedckpt.storage.formats import MODULE
@@ -40,9 +40,9 @@ class PosixStorage(Storage):
     def local_path(self, path: str) -> str | None:
         return path
 
-    def read_bytes(self, path: str) -> bytes:
+    def read_version(self, path: str) -> StoredVersion:
         with open(path, "rb") as file:
-            return file.read()
+            return StoredVersion(self.read_entry(path), file.read())
 
     def is_directory(self, root: str) -> bool:
         return os.path.isdir(root)

@@ -35,8 +35,10 @@ def checkpoint_source(path: str, storage_options: Mapping[str, Any] | None = Non
     local = storage.local_path(path)
     if local is not None:
         return local, formats.file_format(local)
-    data = storage.read_bytes(path)
-    return data, formats.STATE if data[:2] == b"PK" else formats.MODULE
+    version = storage.read_version(path)
+    if version.entry is not None:
+        return version.data, version.entry.format
+    return version.data, formats.STATE if version.data[:2] == b"PK" else formats.MODULE
 
 
 def _load_tensors(source: Source) -> dict[str, torch.Tensor]:

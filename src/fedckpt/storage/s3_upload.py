@@ -59,11 +59,21 @@ async def _multipart(fs: Any, bucket: str, key: str, parts: list[list[memoryview
             )
             return {"PartNumber": number, "ETag": answer["ETag"]}
 
+    sending = [asyncio.ensure_future(send(number, part)) for number, part in enumerate(parts, 1)]
     try:
-        done = await asyncio.gather(*(send(number, part) for number, part in enumerate(parts, 1)))
+        done = await asyncio.gather(*sending)
         await fs._call_s3(
             "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}
         )
-    except BaseException:
-        await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+    except BaseException as error:
+        for part in sending:  # a failed part stops the others: no part goes up after the abort
+            part.cancel()
+        await asyncio.gather(*sending, return_exceptions=True)
+        try:
+            await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+        except Exception as abort_error:  # the upload's own error is the one to report
+            error.add_note(
+                f"aborting multipart upload {upload_id} failed too ({abort_error}): its parts stay until "
+                "the next writer of the key aborts it, or a bucket lifecycle rule"
+            )
         raise
