@@ -113,7 +113,7 @@ def durable_round(directory, storage_options=None):
     storage = storage_for(path, storage_options)
     if not storage.exists(path):
         return 0
-    return torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=False)["server_round"]
+    return torch.load(io.BytesIO(storage.read_version(path).data), weights_only=False)["server_round"]
 
 
 def kill_once_durable(process, directory, server_round, storage_options=None):

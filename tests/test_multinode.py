@@ -29,6 +29,7 @@ from fedckpt.cli import main as fedckpt_cli
 from fedckpt.runtime import lifecycle
 from fedckpt.runtime.pool import shard_of
 from fedckpt.runtime.staging import PREFIX, SHM_DIR, remove_orphans
+from fedckpt.storage.base import storage_for
 from fedckpt.storage.paths import checkpoint_key
 
 # Workers of this cluster cannot import this test module: ship its functions and classes by value.
@@ -39,6 +40,7 @@ pytestmark = pytest.mark.timeout(180)
 
 MB = 1 << 20
 NODE_NAMES = ("head", "b", "c")
+GPU_SLOTS_PER_NODE = 1
 # The GCS declares a node dead after 3 missed health checks 0.5 s apart (the default takes 30 s).
 HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 3}
 
@@ -47,7 +49,7 @@ class ClusterNodes:
     """The running cluster, its nodes by name and their Ray node ids."""
 
     def __init__(self) -> None:
-        node_args = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": 512 * MB}
+        self.node_args = node_args = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": 512 * MB}
         self.cluster = Cluster(
             initialize_head=True,
             head_node_args={
@@ -58,8 +60,9 @@ class ClusterNodes:
             },
         )
         self.nodes = {"head": self.cluster.head_node}
-        for name in NODE_NAMES[1:]:
-            self.nodes[name] = self.cluster.add_node(**node_args, resources={f"node_{name}": 100})
+        for name in NODE_NAMES[1:]:  # an emulated GPU slot each, which ClientApps ask halves of
+            resources = {f"node_{name}": 100, "gpu_slot": GPU_SLOTS_PER_NODE}
+            self.nodes[name] = self.cluster.add_node(**node_args, resources=resources)
         self.cluster.wait_for_nodes()
         self.ids: dict[str, str] = {}
 
@@ -69,6 +72,15 @@ class ClusterNodes:
             for name in NODE_NAMES:
                 if f"node_{name}" in node["Resources"]:
                     self.ids[name] = node["NodeID"]
+
+    def add(self, name: str) -> None:
+        """A worker node of this name again (after :meth:`remove`), with a new node id."""
+        resources = {f"node_{name}": 100, "gpu_slot": GPU_SLOTS_PER_NODE}
+        self.nodes[name] = self.cluster.add_node(**self.node_args, resources=resources)
+        self.cluster.wait_for_nodes()
+        self.ids[name] = next(
+            node["NodeID"] for node in ray.nodes() if node["Alive"] and f"node_{name}" in node["Resources"]
+        )
 
     def alive(self) -> list[str]:
         return [name for name in NODE_NAMES if name in self.nodes]
@@ -227,6 +239,14 @@ class Client:
         """Whether this process has staging segments in /dev/shm (the transport to writers on its node)."""
         return any(name.startswith(f"{PREFIX}{os.getpid()}-") for name in os.listdir(SHM_DIR))
 
+    def stats(self) -> fedckpt.ProcessStats:
+        return fedckpt.stats()
+
+    def writers_of(self, names: list[str]) -> dict[str, str]:
+        """The writer that wrote each checkpoint's current version, as its manifest entry names it."""
+        paths = {name: os.path.join(self.directory, name) for name in names}
+        return {name: storage_for(path).read_entry(path).writer for name, path in paths.items()}
+
 
 def client_on(name: str, directory, namespace: str):
     return Client.options(resources={f"node_{name}": 1}).remote(str(directory), namespace)
@@ -349,46 +369,184 @@ def test_saves_on_every_node_are_read_right_after_on_every_other_node(cluster, t
         fedckpt.flush()
         assert state_counter_on_disk(str(tmp_path / "rw.pt")) == counter
         assert model_counter_on_disk(str(tmp_path / "rw.safetensors")) == counter
-        # All nodes share one /dev/shm here, so staging there for a writer on another node would go
-        # unnoticed; on separate machines the writer could not read it.
+        # Every client staged in its own node's /dev/shm, and nothing went through Ray's object store:
+        # the keys' home is on one node, the bytes were written by each saver's node.
+        assert len(set(hosts)) < len(NODE_NAMES)  # so some savers were away from the home
         for name, client in clients.items():
-            writer_here = any(
-                hosts[shard_of(checkpoint_key(tmp_path / key), len(writers))] == cluster.ids[name]
-                for key in ("rw.pt", "rw.safetensors")
-            )
-            assert ray.get(client.staged_in_shared_memory.remote()) == writer_here, name
+            assert ray.get(client.staged_in_shared_memory.remote()), name
+            assert ray.get(client.stats.remote()).bytes_object_store == 0, name
         for client in clients.values():
             ray.kill(client)
     finally:
         lifecycle.coordinator().stop_writers()
 
 
-def test_a_writer_restarted_on_another_node_is_sent_saves_through_the_object_store(cluster, tmp_path):
-    """A client beside its writer stages in /dev/shm; once the writer process died and Ray restarted it
-    on another node, the client's saves reach it through the object store: it maps no /dev/shm segment."""
+def test_a_home_restarted_on_another_node_has_the_saves_written_where_they_were_staged(cluster, tmp_path):
+    """A client beside its key's home stages in /dev/shm; once the home died and Ray restarted it on
+    another node, the client still stages in its own /dev/shm and its node's writer writes the save:
+    the home maps no segment and nothing goes through Ray's object store."""
     namespace = "fedckpt-multinode-moved"
     fedckpt.init(namespace=namespace, num_writers=1)
     try:
-        writer = lifecycle.coordinator().writers()[0]
-        home = writer_nodes([writer])[0]
-        client = Client.options(resources={f"node_{cluster.name_of(home)}": 1}).remote(str(tmp_path), namespace)
+        home = lifecycle.coordinator().writers()[0]
+        first_node = writer_nodes([home])[0]
+        client = Client.options(resources={f"node_{cluster.name_of(first_node)}": 1}).remote(str(tmp_path), namespace)
         ray.get(client.save_states.remote(["s.pt"], 1, MB))
         if not ray.get(client.staged_in_shared_memory.remote()):
             pytest.fail("a client beside its writer did not stage in /dev/shm")
-        for _ in range(20):  # Ray restarts the writer on a random node
-            os.kill(ray.get(writer.describe.remote()).pid, signal.SIGKILL)
-            if writer_nodes([writer])[0] != home:
+        for _ in range(20):  # Ray restarts the home on a random node
+            os.kill(ray.get(home.describe.remote()).pid, signal.SIGKILL)
+            if writer_nodes([home])[0] != first_node:
                 break
         else:
-            pytest.fail("Ray restarted the writer on its node every time")
+            pytest.fail("Ray restarted the home on its node every time")
         ray.get(client.save_states.remote(["s.pt"], 2, MB))
         if ray.get(client.load_state.remote("s.pt"))[1] != 2:
-            pytest.fail("the save to the restarted writer was not read back")
-        mapped = ray.get(writer.__ray_call__.remote(lambda writer: sorted(writer.io.staged.segments._maps)))
+            pytest.fail("the save to the restarted home was not read back")
+        mapped = ray.get(home.__ray_call__.remote(lambda writer: sorted(writer.io.staged.segments._maps)))
+        written_by = ray.get(client.writers_of.remote(["s.pt"]))["s.pt"]
+        stats = ray.get(client.stats.remote())
         ray.kill(client)
     finally:
         lifecycle.coordinator().stop_writers()
-    assert mapped == [], "the writer read a /dev/shm segment of a process on another node"
+    assert mapped == [], "the home read a /dev/shm segment of a process on another node"
+    assert written_by.startswith(f"node-{first_node[:8]}-"), written_by
+    assert stats.bytes_object_store == 0
+
+
+def _writer_node(writer: str, homes: list) -> str:
+    """The node (first 8 characters of its id) of the writer a manifest entry names."""
+    if writer.startswith("node-"):
+        return writer.split("-")[1]
+    pid = int(writer.rsplit("@", 1)[1])
+    return next(info.node_id[:8] for info in homes if info.pid == pid)
+
+
+def test_clients_on_every_node_have_their_saves_written_on_their_own_node(cluster, tmp_path):
+    """Clients on all three nodes save states and a model for several rounds: none of their bytes goes
+    through Ray's object store, every version was written by a writer on the saving client's node,
+    and node writers run exactly on the nodes whose clients' keys have their home elsewhere."""
+    namespace = "fedckpt-multinode-local"
+    fedckpt.init(namespace=namespace, num_writers=1)
+    try:
+        homes = ray.get([writer.describe.remote() for writer in lifecycle.coordinator().writers()])
+        clients = {name: client_on(name, tmp_path / name, namespace) for name in NODE_NAMES}
+        names = ["s0.pt", "s1.pt"]
+        for counter in range(4):
+            ray.get([client.save_states.remote(names, counter, MB) for client in clients.values()])
+            ray.get([client.save_model.remote("m.safetensors", counter, 256) for client in clients.values()])
+        ray.get([client.flush.remote() for client in clients.values()])
+        for name, client in clients.items():
+            stats = ray.get(client.stats.remote())
+            assert stats.bytes_object_store == 0 and stats.bytes_shared_memory > 0, name
+            written_by = ray.get(client.writers_of.remote([*names, "m.safetensors"]))
+            assert {_writer_node(writer, homes) for writer in written_by.values()} == {cluster.ids[name][:8]}, name
+            assert state_counter_on_disk(str(tmp_path / name / "s0.pt")) == 3
+            assert model_counter_on_disk(str(tmp_path / name / "m.safetensors")) == 3
+        node_writers = lifecycle.coordinator().pool().node_writers()
+        nodes_with_writers = {stats.node_id for stats in ray.get([writer.stats.remote() for writer in node_writers])}
+        assert nodes_with_writers == set(cluster.ids.values()) - {homes[0].node_id}
+        for client in clients.values():
+            ray.kill(client)
+    finally:
+        lifecycle.coordinator().stop_writers()
+
+
+def test_a_node_writer_killed_mid_run_loses_no_acknowledged_save(cluster, tmp_path):
+    """SIGKILL the writer of a node while it writes a burst of saves a client there acknowledged: Ray
+    restarts it on the same node, the home's write calls reach it again, and every save is on disk."""
+    namespace = "fedckpt-multinode-node-writer-kill"
+    fedckpt.init(namespace=namespace, num_writers=1)
+    try:
+        home_node = cluster.name_of(writer_nodes(lifecycle.coordinator().writers())[0])
+        away = next(name for name in NODE_NAMES if name != home_node)
+        client = client_on(away, tmp_path, namespace)
+        names = [f"late_{index}.pt" for index in range(16)]
+        ray.get(client.save_late.remote(names, 1))
+        pool = lifecycle.coordinator().pool()
+        (node_writer,) = pool.node_writers()
+        before = ray.get(node_writer.stats.remote())
+        os.kill(before.pid, signal.SIGKILL)
+        lost = [name for name in names if state_counter_on_disk(str(tmp_path / name)) != 1]
+        ray.get(client.flush.remote())
+        fedckpt.flush()
+        assert [name for name in names if state_counter_on_disk(str(tmp_path / name)) != 1] == []
+        after = ray.get(node_writer.stats.remote())
+        assert after.pid != before.pid and after.node_id == before.node_id == cluster.ids[away]
+        assert lost, "every save was written before the kill: nothing was written again"
+        ray.kill(client)
+    finally:
+        lifecycle.coordinator().stop_writers()
+
+
+def test_a_node_lost_with_acknowledged_saves_staged_on_it_is_an_error_naming_them(cluster, tmp_path, capsys):
+    """A node goes (SIGKILL of all its processes) while its writer writes saves a client there had
+    acknowledged, their home on another node: the bytes went with the node, so a flush from any
+    process raises ``CheckpointError`` naming those checkpoints and the lost node; each keeps a
+    complete earlier version, and ``fedckpt verify`` is clean. Node ``c`` goes, and comes back
+    as a new node for the next tests."""
+    namespace = "fedckpt-multinode-node-lost"
+    fedckpt.init(namespace=namespace, num_writers=1)
+    home = lifecycle.coordinator().writers()[0]
+    for _ in range(20):  # the home must survive: not on the victim
+        if writer_nodes([home])[0] != cluster.ids["c"]:
+            break
+        os.kill(ray.get(home.describe.remote()).pid, signal.SIGKILL)
+    else:
+        pytest.fail("Ray restarted the home on the victim node every time")
+    client = client_on("c", tmp_path, namespace)
+    names = [f"late_{index}.pt" for index in range(16)]
+    ray.get(client.save_states.remote(names, 0, 1024))
+    ray.get(client.flush.remote())
+    ray.get(client.save_late.remote(names, 1))
+    cluster.remove("c")
+    with pytest.raises(fedckpt.CheckpointError, match="lost") as raised:
+        fedckpt.flush(timeout=120)
+    failed = set(raised.value.errors)
+    assert failed, "no save was lost with the node"
+    assert all("node" in str(error) for error in raised.value.errors.values())
+    for name in names:
+        counter = state_counter_on_disk(str(tmp_path / name))
+        assert counter in (0, 1)  # a complete version: the earlier one, or the new one if it was written
+        assert (counter == 0) == (checkpoint_key(str(tmp_path / name)) in failed), name
+    fedckpt.flush()  # each error is reported once
+    capsys.readouterr()
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0
+    lifecycle.coordinator().stop_writers()
+    cluster.add("c")
+
+
+def test_writers_never_hold_the_gpu_slots_clientapps_ask_for(cluster, tmp_path):
+    """Clients ask for fractions of emulated GPU slots (a custom resource on the worker nodes) until
+    every slot is taken; their saves still go through (node writers start without any resource), and
+    once the clients are gone every slot is free again: no writer holds one."""
+    namespace = "fedckpt-multinode-gpu-slots"
+    fedckpt.init(namespace=namespace, num_writers=1)
+    try:
+        workers = [name for name in cluster.alive() if name != "head"]
+        total = GPU_SLOTS_PER_NODE * len(workers)
+        clients = [
+            Client.options(resources={f"node_{name}": 1, "gpu_slot": 0.5}).remote(
+                str(tmp_path / f"{name}{index}"), namespace
+            )
+            for name in workers
+            for index in range(2 * GPU_SLOTS_PER_NODE)
+        ]
+        ray.get([client.save_states.remote(["s.pt"], 1, MB) for client in clients], timeout=120)
+        ray.get([client.flush.remote() for client in clients], timeout=120)
+        assert ray.available_resources().get("gpu_slot", 0) == 0  # the clients hold every slot
+        for client in clients:
+            ray.kill(client)
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get("gpu_slot", 0) != total:
+            assert time.monotonic() < deadline, f"writers hold gpu slots: {ray.available_resources()}"
+            time.sleep(0.2)  # resource views update asynchronously
+        node_writers = lifecycle.coordinator().pool().node_writers()
+        assert {ray.get(writer.stats.remote()).node_id for writer in node_writers} >= {
+            cluster.ids[n] for n in workers
+        } - {writer_nodes(lifecycle.coordinator().writers())[0]}
+    finally:
+        lifecycle.coordinator().stop_writers()
 
 
 def test_a_node_with_writers_removed_mid_run_loses_no_acknowledged_save(cluster, tmp_path, capsys):

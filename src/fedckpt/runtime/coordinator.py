@@ -142,8 +142,7 @@ class Coordinator:
             groups: dict[int, list[SaveRequest]] = defaultdict(list)
             for request in requests:
                 groups[pool.owner_of(request.key)].append(request)
-            local = all(self._transport.route(pool, index) is Route.CHANNEL for index in groups)
-            staged = self._transport.stage(snapshot, shared_memory=local)
+            staged = self._transport.stage(snapshot, shared_memory=self._transport.arena is not None)
             self._inflight.add(staged, self._enqueue(pool, staged, groups))
             stats.recorder.add(saves=len(requests), snapshots=1)
 

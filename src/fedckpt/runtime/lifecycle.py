@@ -26,6 +26,7 @@ SHUTDOWN_FLUSH_TIMEOUT_SECONDS = 600.0
 
 def init(
     num_writers: int | None = None,
+    writers_per_node: int | None = None,
     namespace: str | None = None,
     max_inflight_bytes: int | None = None,
     coalesce: bool | None = None,
@@ -37,8 +38,10 @@ def init(
     """Configure the runtime and start (or join) Ray and the writer pool now.
 
     Optional: without it, the first save does the same with defaults (``FEDCKPT_*`` environment
-    variables override them). ``num_writers``, ``coalesce`` and ``io_threads`` belong to the pool
-    and are set by the first process that creates it; ``max_inflight_bytes`` caps the snapshot
+    variables override them). ``num_writers`` (the writers that order saves, each the home of a
+    share of the keys), ``writers_per_node`` (the writers that write the saves staged on a node whose
+    keys' home runs elsewhere), ``coalesce`` and ``io_threads`` belong to the pool and are set by the
+    first process that creates it; ``max_inflight_bytes`` caps the snapshot
     bytes this process has in flight before a save waits (backpressure). With
     ``shared_memory_staging`` (the default where ``/dev/shm`` is writable) a save is copied into
     reused shared memory that writers on the same node read directly; without it, or for a writer
@@ -54,12 +57,14 @@ def init(
         set_default_storage_options(storage_options)
     defaults = Settings.from_env()
     chosen = {
-        "num_writers": num_writers, "namespace": namespace, "max_inflight_bytes": max_inflight_bytes,
+        "num_writers": num_writers, "writers_per_node": writers_per_node, "namespace": namespace,
+        "max_inflight_bytes": max_inflight_bytes,
         "coalesce": coalesce, "io_threads": io_threads, "shared_memory_staging": shared_memory_staging,
         "preemption_grace_seconds": preemption_grace_seconds,
     }  # fmt: skip
     settings = Settings(
         num_writers=defaults.num_writers if num_writers is None else num_writers,
+        writers_per_node=defaults.writers_per_node if writers_per_node is None else writers_per_node,
         namespace=defaults.namespace if namespace is None else namespace,
         max_inflight_bytes=defaults.max_inflight_bytes if max_inflight_bytes is None else max_inflight_bytes,
         coalesce=defaults.coalesce if coalesce is None else coalesce,

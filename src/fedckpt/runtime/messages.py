@@ -21,7 +21,8 @@ class Outcome(StrEnum):
 
 @dataclass(frozen=True)
 class SharedMemoryPayload:
-    """A snapshot staged in a shared-memory segment on the writer's node, which the writer maps.
+    """A snapshot staged in a shared-memory segment on the caller's node, mapped there by the key's
+    home (on that node) or by the node's writer (a home elsewhere has it written there).
 
     The caller sends it only once its copy is complete, and reuses the segment only after the
     writer reported the save done.
@@ -30,6 +31,7 @@ class SharedMemoryPayload:
     path: str
     nbytes: int
     layout: bytes  # the snapshot's pickled layout
+    node_id: str  # the Ray node whose /dev/shm holds the segment
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,24 @@ class Ack:
 
 
 @dataclass(frozen=True)
+class PoolShape:
+    """What every writer of a pool is created with, fixed by the process that creates the pool."""
+
+    pool_size: int  # homes: key k belongs to home shard_of(k, pool_size)
+    writers_per_node: int  # node writers per node (docs/design.md: clusters)
+    coalesce: bool
+    io_threads: int
+    job_id: str | None  # the Ray job whose end ends the pool (None: a named pool, shared by jobs)
+    namespace: str  # the pool's Ray namespace
+
+
+@dataclass(frozen=True)
 class WriterInfo:
     """Who a writer is and where it runs (``describe``)."""
 
     index: int
     pool_size: int
+    writers_per_node: int
     coalesce: bool
     io_threads: int
     epoch: int

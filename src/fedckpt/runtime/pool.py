@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedckpt.errors import CheckpointError
 from fedckpt.runtime import ray_session
-from fedckpt.runtime.messages import WriterInfo, WriterStats
+from fedckpt.runtime.messages import PoolShape, WriterInfo, WriterStats
 from fedckpt.runtime.settings import POOL_SETTINGS, Settings
-from fedckpt.runtime.writer import writer_actor_class
+from fedckpt.runtime.shards import shard_of
+from fedckpt.runtime.writer import node_writer_actor_class, writer_actor_class
 from fedckpt.runtime.writer.incarnation import CLOCK_OFFSET_FILE_ENV
+from fedckpt.runtime.writer.node_writer import node_writer_name
 from fedckpt.runtime.writer.process import fedckpt_version
 
 
 def writer_name(index: int) -> str:
     return f"fedckpt-writer-{index}"
-
-
-def shard_of(key: str, pool_size: int) -> int:
-    """The writer index that owns ``key``: stable across processes and runs."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") % pool_size
 
 
 class WriterPool:
@@ -40,6 +37,31 @@ class WriterPool:
         self.infos = infos
         self.session = ray_session.session_id()
         self.generation = ray_session.generation
+        self._nodes_with_writers: set[str] = set()
+
+    @property
+    def shape(self) -> PoolShape:
+        first = self.infos[0]
+        return PoolShape(
+            first.pool_size, first.writers_per_node, first.coalesce, first.io_threads, first.job_id, self.namespace
+        )
+
+    def ensure_node_writers(self, node_id: str) -> None:
+        """Start the writers of ``node_id`` (this process's node) unless they run: pinned to it, they
+        write the saves staged there whose keys' homes run on other nodes."""
+        if node_id in self._nodes_with_writers:
+            return
+        shape = self.shape
+        actor = node_writer_actor_class()
+        strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)  # it goes when its node goes
+        writers = [
+            actor.options(
+                **_actor_options(self.namespace, node_writer_name(node_id, index)), scheduling_strategy=strategy
+            ).remote(node_id, index, shape)
+            for index in range(shape.writers_per_node)
+        ]
+        ray.get([writer.describe.remote() for writer in writers])
+        self._nodes_with_writers.add(node_id)
 
     @property
     def size(self) -> int:
@@ -54,15 +76,15 @@ class WriterPool:
         unless this process chose others: then :class:`CheckpointError`)."""
         namespace, job_id = pool_namespace(settings)
         actor = writer_actor_class()
-        first = actor.options(**_actor_options(namespace, 0)).remote(
-            0, settings.num_writers, settings.coalesce, settings.io_threads, job_id, namespace
+        shape = PoolShape(
+            settings.num_writers, settings.writers_per_node, settings.coalesce, settings.io_threads, job_id, namespace
         )
+        first = actor.options(**_actor_options(namespace, writer_name(0))).remote(0, shape)
         info = ray.get(first.describe.remote())
         _check_joinable(info, settings, namespace)
+        shape = cls(namespace, [first], [info]).shape  # the pool's, where it existed already
         rest = [
-            actor.options(**_actor_options(namespace, index)).remote(
-                index, info.pool_size, info.coalesce, info.io_threads, info.job_id, namespace
-            )
+            actor.options(**_actor_options(namespace, writer_name(index))).remote(index, shape)
             for index in range(1, info.pool_size)
         ]
         return cls(namespace, [first, *rest], [info, *_describe(rest)])
@@ -88,9 +110,22 @@ class WriterPool:
     def stats(self) -> list[WriterStats]:
         return ray.get([handle.stats.remote() for handle in self.handles])
 
+    def node_writers(self) -> list[Any]:
+        """The handles of every node writer of this pool (on any node)."""
+        prefix = node_writer_name("", 0)[: -len("-0")]
+        named = ray.util.list_named_actors(all_namespaces=True)
+        found = [actor["name"] for actor in named if actor["namespace"] == self.namespace]
+        handles = []
+        for name in found:
+            if name.startswith(prefix):
+                with contextlib.suppress(ValueError):  # gone meanwhile
+                    handles.append(ray.get_actor(name, namespace=self.namespace))
+        return handles
+
     def stop(self) -> None:
-        """Stop every writer once its queued saves are written."""
-        for handle in self.handles:
+        """Stop every writer once its queued saves are written (homes first: they wait for the node
+        writers' writes they ordered)."""
+        for handle in [*self.handles, *self.node_writers()]:
             with contextlib.suppress(ray.exceptions.RayActorError):  # exiting is how stop() answers
                 ray.get(handle.stop.options(max_task_retries=0).remote())
 
@@ -114,7 +149,10 @@ def _check_joinable(info: WriterInfo, settings: Settings, namespace: str) -> Non
             f"fedckpt {version}: their messages and files may differ. Use the same version everywhere, "
             "or another namespace (fedckpt.init(namespace=...))"
         )
-    pool = {"num_writers": info.pool_size, "coalesce": info.coalesce, "io_threads": info.io_threads}
+    pool = {
+        "num_writers": info.pool_size, "writers_per_node": info.writers_per_node, "coalesce": info.coalesce,
+        "io_threads": info.io_threads,
+    }  # fmt: skip
     differ = {name: (getattr(settings, name), pool[name]) for name in POOL_SETTINGS if name in settings.explicit}
     differ = {name: values for name, values in differ.items() if values[0] != values[1]}
     if differ:
@@ -126,9 +164,9 @@ def _check_joinable(info: WriterInfo, settings: Settings, namespace: str) -> Non
         )
 
 
-def _actor_options(namespace: str, index: int) -> dict[str, Any]:
+def _actor_options(namespace: str, name: str) -> dict[str, Any]:
     return {
-        "name": writer_name(index),
+        "name": name,
         "namespace": namespace,
         "lifetime": "detached",  # not owned by whichever client process happened to create it
         "get_if_exists": True,

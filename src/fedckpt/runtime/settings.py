@@ -11,6 +11,7 @@ T = TypeVar("T")
 
 _ENV_VARIABLES = {
     "num_writers": "FEDCKPT_NUM_WRITERS",
+    "writers_per_node": "FEDCKPT_WRITERS_PER_NODE",
     "namespace": "FEDCKPT_NAMESPACE",
     "max_inflight_bytes": "FEDCKPT_MAX_INFLIGHT_BYTES",
     "io_threads": "FEDCKPT_IO_THREADS",
@@ -34,7 +35,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 # The settings that belong to the pool: fixed by the process that creates it.
-POOL_SETTINGS = ("num_writers", "coalesce", "io_threads")
+POOL_SETTINGS = ("num_writers", "writers_per_node", "coalesce", "io_threads")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class Settings:
     """
 
     num_writers: int = 1  # one process per pool: a writer process costs ~1 s of CPU to start
+    # Per node whose callers save keys homed on another node (docs/design.md: clusters).
+    writers_per_node: int = 1
     namespace: str | None = None
     max_inflight_bytes: int = 2 << 30
     coalesce: bool = True
@@ -67,6 +70,7 @@ class Settings:
             base,
             explicit=frozenset(named),
             num_writers=_env_int("FEDCKPT_NUM_WRITERS", base.num_writers),
+            writers_per_node=_env_int("FEDCKPT_WRITERS_PER_NODE", base.writers_per_node),
             namespace=os.environ.get("FEDCKPT_NAMESPACE") or None,
             max_inflight_bytes=_env_int("FEDCKPT_MAX_INFLIGHT_BYTES", base.max_inflight_bytes),
             io_threads=_env_int("FEDCKPT_IO_THREADS", base.io_threads),
@@ -79,6 +83,8 @@ class Settings:
     def validated(self) -> Settings:
         if self.num_writers < 1:
             raise ValueError(f"num_writers must be at least 1, got {self.num_writers}")
+        if self.writers_per_node < 1:
+            raise ValueError(f"writers_per_node must be at least 1, got {self.writers_per_node}")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be at least 1, got {self.io_threads}")
         if self.max_inflight_bytes < 1:

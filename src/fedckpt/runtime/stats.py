@@ -13,9 +13,9 @@ from dataclasses import dataclass, fields
 class ProcessStats:
     """What this process saved since it started (or since ``fedckpt.shutdown()``).
 
-    Bytes are counted where they were staged: in this node's shared memory (read there by a writer
-    on the same node), or in Ray's object store (a writer on another node, no usable ``/dev/shm``,
-    or a full staging budget). One snapshot saved under several keys is staged once.
+    Bytes are counted where they were staged: in this node's shared memory (written from there by a
+    writer on the same node, whichever node its key's home is on), or in Ray's object store (no
+    usable ``/dev/shm``, or a full staging budget). One snapshot saved under several keys is staged once.
     """
 
     saves: int  # checkpoint saves acknowledged (one per checkpoint file)

@@ -1,13 +1,14 @@
 """How a snapshot's bytes and its save messages reach the writers.
 
-* A writer on this process's node: the snapshot is copied into a reused shared-memory segment,
-  which the writer maps; the save takes its sequence from the writer's counter and goes over the
-  node-local channel as one message, which nothing waits on; the writer pushes a ``SaveDone``
-  notice back when the save left its memory, read at this process's next call.
-* A writer on another node (or no usable ``/dev/shm``): the snapshot is copied into Ray's object
-  store and the save goes out as Ray calls (``enqueue``, then ``wait_saved`` to hear when it is done).
-* A writer that Ray restarted on another node: a save staged in shared memory is sent again from a
-  copy in the object store, made when first needed.
+The snapshot is copied into a reused shared-memory segment of this node (Ray's object store only
+where ``/dev/shm`` is not usable, or ``shared_memory_staging=False``). Then, per key's home writer:
+
+* a home on this process's node maps the segment; the save takes its sequence from the home's
+  counter and goes over the node-local channel as one message, which nothing waits on; the home
+  pushes a ``SaveDone`` notice back when the save left its memory, read at this process's next call;
+* a home on another node gets Ray calls (``enqueue``, then ``wait_saved`` to hear when it is done)
+  naming the segment and this node, and has this node's writer write the bytes: they never leave
+  the node (docs/design.md: clusters). The node's writers are started by its first such save.
 """
 
 from __future__ import annotations
@@ -57,15 +58,6 @@ class Staged:
     layout: bytes
     segment: Segment | None  # the shared-memory segment, back to the arena once every save of it is done
     payload: Payload
-    portable: ObjectStorePayload | None = None  # the same bytes in Ray's object store
-
-    def portable_payload(self) -> ObjectStorePayload:
-        """The bytes in Ray's object store (a copy of the segment, made once)."""
-        if self.portable is None:
-            assert self.segment is not None
-            array = np.array(self.segment.array[: self.nbytes])  # a copy: the segment gets reused
-            self.portable = _object_store_payload(self.layout, array)
-        return self.portable
 
 
 @dataclass(frozen=True)
@@ -95,13 +87,17 @@ class Transport:
     # ---- routes and channels ----------------------------------------------------------------
 
     def route(self, pool: WriterPool, index: int, staged: Staged | None = None) -> Route:
-        """The channel for a writer on this node (and bytes in shared memory), Ray otherwise."""
+        """The channel for a home on this node (and bytes in shared memory), Ray otherwise."""
         if self.arena is None or (staged is not None and staged.segment is None):
             return Route.RAY
+        info = pool.infos[index]
+        return Route.CHANNEL if info.node_id == self.node() and info.channel_address else Route.RAY
+
+    def node(self) -> str:
+        """This process's Ray node."""
         if self.node_id is None:
             self.node_id = ray.get_runtime_context().get_node_id()
-        info = pool.infos[index]
-        return Route.CHANNEL if info.node_id == self.node_id and info.channel_address else Route.RAY
+        return self.node_id
 
     def channel(self, pool: WriterPool, index: int) -> ChannelClient:
         """The open channel to writer ``index`` (connected on first use)."""
@@ -165,14 +161,14 @@ class Transport:
             except BaseException:
                 self.arena.release(segment)
                 raise
-            payload = SharedMemoryPayload(segment.path, snapshot.nbytes, snapshot.packed_layout)
+            payload = SharedMemoryPayload(segment.path, snapshot.nbytes, snapshot.packed_layout, self.node())
             stats.recorder.add(bytes_shared_memory=snapshot.nbytes)
             return Staged(snapshot.nbytes, snapshot.packed_layout, segment, payload)
         array = np.empty(snapshot.nbytes, dtype=np.uint8)
         snapshot.copy_into(array)
         payload = _object_store_payload(snapshot.packed_layout, array)
         stats.recorder.add(bytes_object_store=snapshot.nbytes)
-        return Staged(snapshot.nbytes, snapshot.packed_layout, None, payload, portable=payload)
+        return Staged(snapshot.nbytes, snapshot.packed_layout, None, payload)
 
     def _warn_staging_full(self, nbytes: int, error: StagingFull) -> None:
         """Once per process: the save goes on through Ray's object store, slower."""
@@ -220,10 +216,9 @@ class Transport:
                 except ChannelClosed as error:
                     calls[index] = error
             else:
-                if staged.portable is None:
-                    stats.recorder.add(bytes_object_store=staged.nbytes)
-                payload = staged.portable_payload()
-                calls[index] = [pool.handles[index].enqueue.remote(request, payload) for request in group]
+                if isinstance(staged.payload, SharedMemoryPayload):
+                    pool.ensure_node_writers(staged.payload.node_id)  # they write it for the home
+                calls[index] = [pool.handles[index].enqueue.remote(request, staged.payload) for request in group]
         answers: dict[int, list[Enqueued] | ChannelClosed] = {}
         for index, call in calls.items():
             if isinstance(call, ChannelClosed):

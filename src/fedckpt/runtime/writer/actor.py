@@ -29,9 +29,11 @@ from fedckpt.runtime.messages import (
     Enqueue,
     Outcome,
     Payload,
+    PoolShape,
     Reply,
     SaveDone,
     SaveRequest,
+    SharedMemoryPayload,
     WaitCall,
     WriterInfo,
     WriterStats,
@@ -40,13 +42,8 @@ from fedckpt.runtime.staging import shared_memory_available
 from fedckpt.runtime.writer import incarnation
 from fedckpt.runtime.writer.io import SaveIO, transportable
 from fedckpt.runtime.writer.metrics import WriterMetrics
-from fedckpt.runtime.writer.process import (
-    JOB_CHECK_SECONDS,
-    fedckpt_version,
-    job_ended,
-    run_as_batch_work,
-    shared_counter,
-)
+from fedckpt.runtime.writer.node_writer import NodeWriters
+from fedckpt.runtime.writer.process import fedckpt_version, run_as_batch_work, shared_counter, wait_for_job_end
 from fedckpt.runtime.writer.queue import KeyQueue, QueuedSave
 from fedckpt.runtime.writer.recovery import LostSaves
 
@@ -56,17 +53,16 @@ log = logging.getLogger("fedckpt.writer")
 class CheckpointWriter:
     """Ray actor body; see :func:`writer_actor_class` for the options it runs with."""
 
-    def __init__(
-        self, index: int, pool_size: int, coalesce: bool, io_threads: int, job_id: str | None = None, pool: str = ""
-    ) -> None:
+    def __init__(self, index: int, shape: PoolShape) -> None:
         run_as_batch_work()
-        self.job_id = job_id  # the job whose end ends this pool (None: a named pool)
+        self.shape = shape
+        self.job_id = shape.job_id  # the job whose end ends this pool (None: a named pool)
         self.version = fedckpt_version()
         self._watching_job: asyncio.Task | None = None
         self.index = index
-        self.pool_size = pool_size
-        self.coalesce = coalesce
-        self.io_threads = io_threads
+        self.pool_size = shape.pool_size
+        self.coalesce = shape.coalesce
+        self.io_threads = shape.io_threads
         self.actor_id = ray.get_runtime_context().get_actor_id()
         self.incarnation = incarnation.begin(self.actor_id)
         self.epoch = self.incarnation.epoch  # sequences of a restarted writer sort after the old ones
@@ -77,9 +73,10 @@ class CheckpointWriter:
         self.arrived = 0  # saves numbered from this incarnation's counter that reached it
         self.waits_answered = 0
         self.keys: dict[str, KeyQueue] = {}
-        self.metrics = WriterMetrics(pool, index)  # pool: the Ray namespace it is named in
+        self.metrics = WriterMetrics(shape.namespace, str(index))
         self.name = f"writer-{index}@{os.getpid()}"
-        self.io = SaveIO(io_threads, self.name)
+        self.io = SaveIO(shape.io_threads, self.name)
+        self.node_writers = NodeWriters(shape)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.lost = LostSaves(self.incarnation.restarted, self.name, self._hold_error)
         self.channel_address = channel.new_address(f"writer-{index}") if local else None
@@ -93,6 +90,7 @@ class CheckpointWriter:
         return WriterInfo(
             index=self.index,
             pool_size=self.pool_size,
+            writers_per_node=self.shape.writers_per_node,
             coalesce=self.coalesce,
             io_threads=self.io_threads,
             epoch=self.epoch,
@@ -108,9 +106,8 @@ class CheckpointWriter:
     async def _end_with_job(self) -> None:
         """A job's own pool goes away with the job: once Ray reports the job ended, write what is
         queued, then end this actor for good (it is detached, so nothing else would)."""
-        loop = asyncio.get_running_loop()
-        while not await loop.run_in_executor(None, job_ended, self.job_id):
-            await asyncio.sleep(JOB_CHECK_SECONDS)
+        assert self.job_id is not None
+        await wait_for_job_end(self.job_id)
         log.info("fedckpt: %s: job %s ended; writing what is queued, then stopping", self.name, self.job_id)
         await self._write_everything_and_end()
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
@@ -168,7 +165,8 @@ class CheckpointWriter:
         if awaited is not None:  # from now on, waiting for the save itself covers it
             save.outcome.add_done_callback(lambda _: awaited.done() or awaited.set_result(None))
         try:
-            self.io.map_segment(save)
+            if self._stages_here(payload):
+                self.io.map_segment(save)
         except OSError as error:  # its caller's segment is gone: nothing of it can be written
             self._finish(save, Outcome.FAILED, transportable(error))
             return Ack(sequence, self.epoch)
@@ -178,6 +176,10 @@ class CheckpointWriter:
             state.draining = True
             asyncio.get_running_loop().create_task(self._drain(request.key, state))
         return Ack(sequence, self.epoch)
+
+    def _stages_here(self, payload: Payload) -> bool:
+        """Whether the save's bytes are on this node (else its node's writer writes them)."""
+        return not isinstance(payload, SharedMemoryPayload) or payload.node_id == self.node_id
 
     def _hold_error(self, key: str, error: BaseException) -> None:
         """Report ``error`` to the next flush or wait of ``key`` (from any process)."""
@@ -277,9 +279,12 @@ class CheckpointWriter:
         """Write the key's queued saves one at a time, in sequence order."""
         while state.queue:
             save = state.active = state.queue.popleft()
-            written = await self.io.write(save)
-            if written.persisted is not None:
-                self.metrics.persisted(written.persisted.entry.bytes, written.persisted.linked)
+            if self._stages_here(save.payload):
+                written = await self.io.write(save)
+                if written.persisted is not None:
+                    self.metrics.persisted(written.persisted.entry.bytes, written.persisted.linked)
+            else:
+                written = await self.node_writers.write(save)
             if written.outcome in (Outcome.SAVED, Outcome.SUPERSEDED):
                 self.lost.superseded_on_disk(key, save.sequence)  # this save or a newer one is on disk
             state.active = None

@@ -4,7 +4,8 @@ Ray exports them on each node's Prometheus endpoint (and the dashboard's Metrics
 ``ray_`` prefix: ``ray_fedckpt_saves_total{outcome="saved"}``, ``ray_fedckpt_bytes_written_total``,
 ``ray_fedckpt_bytes_linked_total``, ``ray_fedckpt_queue_depth``, ``ray_fedckpt_save_seconds``
 (a histogram), ``ray_fedckpt_resends_total``. Every metric is tagged with the writer's pool (its
-Ray namespace) and index. They need Ray's metrics agent: ``pip install fedckpt[metrics]``
+Ray namespace) and the writer (a home's index, a node writer's name). They need Ray's metrics
+agent: ``pip install fedckpt[metrics]``
 (``ray[default]``); without it they are counted here only.
 """
 
@@ -26,13 +27,13 @@ LATENCY_BOUNDARIES = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 
 class WriterMetrics:
     """Counts outcomes, bytes, re-sends and latency; mirrors each into a Ray metric."""
 
-    def __init__(self, pool: str, index: int) -> None:
+    def __init__(self, pool: str, writer: str) -> None:
         self.counts = {Outcome.SAVED: 0, Outcome.SUPERSEDED: 0, Outcome.FAILED: 0, Outcome.ABANDONED: 0}
         self.bytes_written = 0
         self.bytes_linked = 0
         self.resends = 0
         self.depth = 0  # saves arrived and not yet finished with
-        self._tags = {"pool": pool, "writer": str(index)}
+        self._tags = {"pool": pool, "writer": writer}
         keys = ("pool", "writer")
         self._saves = metrics.Counter(
             "fedckpt_saves", "Saves that left the writer, by outcome (saved, superseded, failed, abandoned)",

@@ -3,6 +3,7 @@ shares with the callers on its node."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -30,6 +31,13 @@ def lower_priority() -> None:
 
 # How often a job's own pool asks whether its job still runs.
 JOB_CHECK_SECONDS = 2.0
+
+
+async def wait_for_job_end(job_id: str) -> None:
+    """Return once Ray's job table says job ``job_id`` ended (checked every JOB_CHECK_SECONDS)."""
+    loop = asyncio.get_running_loop()
+    while not await loop.run_in_executor(None, job_ended, job_id):
+        await asyncio.sleep(JOB_CHECK_SECONDS)
 
 
 def job_ended(job_id: str | None) -> bool:
