@@ -119,7 +119,7 @@ def test_status_shows_the_live_pool(metrics_pool, tmp_path):
     shown = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=120, check=True)
     rows = [row for row in json.loads(shown.stdout) if row["namespace"] == metrics_pool.namespace]
     stats = metrics_pool.stats()
-    assert sorted(row["index"] for row in rows) == [0, 1]
+    assert sorted(row["writer"] for row in rows) == ["0", "1"]
     assert sum(row["stats"]["saved"] for row in rows) == sum(s.saved for s in stats)
     assert {row["node_ip"] for row in rows} == {"127.0.0.1"}
     table = subprocess.run(

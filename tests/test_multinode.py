@@ -7,9 +7,11 @@ it last.
 
 import contextlib
 import ipaddress
+import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -28,6 +30,7 @@ from fedckpt import LatestTorchModuleCheckpointer, PerRoundStateCheckpointer
 from fedckpt.cli import main as fedckpt_cli
 from fedckpt.runtime import lifecycle
 from fedckpt.runtime.pool import shard_of
+from fedckpt.runtime.pool_status import live_writers
 from fedckpt.runtime.staging import PREFIX, SHM_DIR, remove_orphans
 from fedckpt.storage.base import storage_for
 from fedckpt.storage.paths import checkpoint_key
@@ -446,6 +449,8 @@ def test_clients_on_every_node_have_their_saves_written_on_their_own_node(cluste
         node_writers = lifecycle.coordinator().pool().node_writers()
         nodes_with_writers = {stats.node_id for stats in ray.get([writer.stats.remote() for writer in node_writers])}
         assert nodes_with_writers == set(cluster.ids.values()) - {homes[0].node_id}
+        shown = {status.writer for status in live_writers(0.0) if status.namespace == namespace}
+        assert shown == {"0"} | {f"{node[:8]}/0" for node in nodes_with_writers}  # fedckpt status lists them
         for client in clients.values():
             ray.kill(client)
     finally:
@@ -631,3 +636,35 @@ def test_a_flush_in_another_process_covers_saves_a_dead_writer_held(cluster, tmp
     assert cluster.name_of(writer_nodes(writers)[0]) != victim
     ray.get(client.flush.remote())
     ray.kill(client)
+
+
+def test_a_flower_simulation_spread_over_the_nodes_is_killed_and_resumed(cluster, tmp_path):
+    """The example Flower simulation joins the cluster; its ClientApps (one CPU each, one CPU per node)
+    run on every node, so a client saves from different nodes in different rounds. SIGKILLed once a
+    round is durable, the same command resumes from that round and ends with every client's steps
+    counted once; the clients' checkpoints were written on the nodes that saved them."""
+    from test_flower_simulation import ENV, SMALL, client_states, durable_round, example_command, kill_once_durable
+
+    env = {**ENV, "RAY_ADDRESS": cluster.cluster.address}
+    clients, rounds, steps = 6, 5, 3
+    options = ["--num-clients", str(clients), "--num-rounds", str(rounds), *SMALL]
+    command = example_command(tmp_path, *options)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+    )
+    kill_once_durable(process, tmp_path, 2)  # the example's driver: its job's ClientApps and writers go with it
+    killed_at = durable_round(tmp_path)
+    assert 2 <= killed_at < rounds
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0
+
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=420)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from_round"] == killed_at and summary["rounds_completed"] == rounds
+    for client in range(clients):
+        assert client_states(tmp_path, client)[rounds]["local_steps"] == rounds * steps
+    writers = {
+        entry.writer for path, entry in storage_for(str(tmp_path)).iter_entries(str(tmp_path)) if "/clients/" in path
+    }
+    assert any(writer.startswith("node-") for writer in writers), (writers, [l for l in completed.stderr.splitlines() if "actor" in l.lower() or "resource" in l.lower()])
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0

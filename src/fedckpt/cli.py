@@ -174,7 +174,7 @@ def command_status(address: str, interval: float, as_json: bool) -> int:
         for writer in pool:
             stats = writer.stats
             table.add_row(
-                str(writer.index), writer.node_ip, str(stats.pending), str(stats.saved), str(stats.failed),
+                writer.writer, writer.node_ip, str(stats.pending), str(stats.saved), str(stats.failed),
                 str(stats.resends), _human_bytes(stats.bytes_written), f"{writer.saves_per_second:.1f}",
                 f"{writer.bytes_per_second / (1 << 20):.1f}",
             )  # fmt: skip

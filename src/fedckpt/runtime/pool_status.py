@@ -15,7 +15,8 @@ import ray
 
 from fedckpt.runtime.messages import WriterStats
 
-WRITER_NAME = re.compile(r"^fedckpt-writer-(\d+)$")
+# A home (``fedckpt-writer-<index>``) or a node writer (``fedckpt-node-<node id>-<index>``).
+WRITER_NAME = re.compile(r"^fedckpt-(?:writer-(?P<home>\d+)|node-(?P<node>[0-9a-f]+)-(?P<slot>\d+))$")
 STATS_TIMEOUT_SECONDS = 10.0
 
 
@@ -24,7 +25,7 @@ class WriterStatus:
     """One writer as ``fedckpt status`` shows it."""
 
     namespace: str
-    index: int
+    writer: str  # a home's index ("0"), or a node writer's node and index ("1a2b3c4d/0")
     node_ip: str
     stats: WriterStats
     saves_per_second: float
@@ -38,7 +39,9 @@ def live_writers(interval: float) -> list[WriterStatus]:
         match = WRITER_NAME.match(actor["name"])
         if match:
             handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-            handles[(actor["namespace"], int(match.group(1)))] = handle
+            home = match["home"]
+            label = home if home is not None else f"{match['node'][:8]}/{match['slot']}"
+            handles[(actor["namespace"], home is None, label)] = handle
     first = _read(handles)
     started = time.monotonic()
     time.sleep(interval)  # a measurement window for the rates, not a synchronisation
@@ -51,7 +54,7 @@ def live_writers(interval: float) -> list[WriterStatus]:
         statuses.append(
             WriterStatus(
                 namespace=where[0],
-                index=where[1],
+                writer=where[2],
                 node_ip=ips.get(now.node_id, now.node_id[:8]),
                 stats=now,
                 saves_per_second=(_finished(now) - _finished(before)) / elapsed,
@@ -65,7 +68,7 @@ def _finished(stats: WriterStats) -> int:
     return stats.saved + stats.superseded + stats.failed + stats.abandoned
 
 
-def _read(handles: dict[tuple[str, int], Any]) -> dict[tuple[str, int], WriterStats]:
+def _read(handles: dict[tuple[str, bool, str], Any]) -> dict[tuple[str, bool, str], WriterStats]:
     """Each writer's counters; a writer that does not answer (restarting, or gone) is left out."""
     refs = {where: handle.stats.remote() for where, handle in handles.items()}
     ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=STATS_TIMEOUT_SECONDS)

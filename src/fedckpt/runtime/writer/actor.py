@@ -249,6 +249,8 @@ class CheckpointWriter:
         """Write what is queued; the next writer of this name is a new one, not a restart."""
         await self.flush()
         self.io.shutdown()
+        if self.counter is not None:  # callers that still map it see a writer that is gone
+            self.counter.close(remove=True)
         incarnation.end(self.actor_id)
 
     async def stats(self) -> WriterStats:

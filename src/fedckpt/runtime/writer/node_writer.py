@@ -23,6 +23,7 @@ from fedckpt.runtime.writer.io import SaveIO, WriteOutcome, transportable
 from fedckpt.runtime.writer.metrics import WriterMetrics
 from fedckpt.runtime.writer.process import run_as_batch_work, wait_for_job_end
 from fedckpt.runtime.writer.queue import QueuedSave
+from fedckpt.storage.base import storage_for
 
 log = logging.getLogger("fedckpt.writer")
 
@@ -117,13 +118,27 @@ class NodeWriters:
             return await handle.write.remote(save.request, save.sequence, payload)
         except (ValueError, ray.exceptions.RayError) as error:  # its node is gone, and the writer with it
             self.handles.pop(name, None)
-            lost = NodeLostError(
-                f"the save of {save.request.key} (sequence {save.sequence}) was staged on node {payload.node_id}, "
-                f"whose writer is gone ({type(error).__name__}): its node was lost with the bytes; the "
-                "checkpoint keeps its last written version"
-            )
-            log.error("fedckpt: %s", lost)
-            return WriteOutcome(Outcome.FAILED, lost)
+            return await asyncio.get_running_loop().run_in_executor(None, _outcome_after_loss, save, error)
+
+
+def _outcome_after_loss(save: QueuedSave, error: BaseException) -> WriteOutcome:
+    """The save's node went while its writer had it: it may have published the save before its
+    answer was lost, so storage tells. A save not there is lost with the node."""
+    key = save.request.key
+    try:
+        entry = storage_for(key, save.request.storage_options).read_entry(key)
+    except Exception:  # unreadable now: the save cannot be shown to be there
+        entry = None
+    if entry is not None and tuple(entry.sequence) >= save.sequence:
+        return WriteOutcome(Outcome.SAVED if tuple(entry.sequence) == save.sequence else Outcome.SUPERSEDED)
+    assert isinstance(save.payload, SharedMemoryPayload)
+    lost = NodeLostError(
+        f"the save of {key} (sequence {save.sequence}) was staged on node {save.payload.node_id}, whose "
+        f"writer is gone ({type(error).__name__}): its node was lost with the bytes; the checkpoint keeps "
+        "its last written version"
+    )
+    log.error("fedckpt: %s", lost)
+    return WriteOutcome(Outcome.FAILED, lost)
 
 
 def node_writer_actor_class() -> Any:
