@@ -617,6 +617,7 @@ def test_a_node_with_writers_removed_mid_run_loses_no_acknowledged_save(cluster,
     assert f"verified {len(expected) + 2} checkpoint(s)" in capsys.readouterr().out
     for client in [*savers, late]:
         ray.kill(client)
+    cluster.add(victim)  # the next tests run on three nodes again
 
 
 def test_a_flush_in_another_process_covers_saves_a_dead_writer_held(cluster, tmp_path):
@@ -636,6 +637,7 @@ def test_a_flush_in_another_process_covers_saves_a_dead_writer_held(cluster, tmp
     assert cluster.name_of(writer_nodes(writers)[0]) != victim
     ray.get(client.flush.remote())
     ray.kill(client)
+    cluster.add(victim)
 
 
 def test_a_flower_simulation_spread_over_the_nodes_is_killed_and_resumed(cluster, tmp_path):
@@ -666,5 +668,5 @@ def test_a_flower_simulation_spread_over_the_nodes_is_killed_and_resumed(cluster
     writers = {
         entry.writer for path, entry in storage_for(str(tmp_path)).iter_entries(str(tmp_path)) if "/clients/" in path
     }
-    assert any(writer.startswith("node-") for writer in writers), (writers, [l for l in completed.stderr.splitlines() if "actor" in l.lower() or "resource" in l.lower()])
+    assert any(writer.startswith("node-") for writer in writers), writers  # written away from the home's node
     assert fedckpt_cli(["verify", str(tmp_path)]) == 0
