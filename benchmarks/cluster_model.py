@@ -6,9 +6,9 @@
 
 Two designs get every checkpoint of one round to storage:
 
-- **today's pool**: a fixed pool of ``--pool-writers`` writer actors that Ray places on arbitrary
-  nodes (at most one per node here). Each checkpoint key is owned by one writer (``shard_of``, a
-  hash of the key, in ``src/fedckpt/runtime/pool.py``); a caller uses shared memory only when that
+- **fixed pool** (fedckpt before node-local writers): ``--pool-writers`` writer actors that Ray
+  places on arbitrary nodes (at most one per node here). Each checkpoint key is owned by one writer (``shard_of``, a
+  hash of the key, in ``src/fedckpt/runtime/shards.py``); a caller uses shared memory only when that
   writer is on its own node, and otherwise ships the snapshot through Ray's object store to the
   writer's node (caller NIC out -> writer node NIC in). The writer then uploads to storage (writer
   node NIC out). So nearly every byte crosses the network twice, and the writer nodes' NICs and the
@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from rich.console import Console
 from rich.table import Table
@@ -70,7 +70,7 @@ class Cluster:
     nic_gbps: float = 25.0  # Gbit/s per node, each direction
     storage_gbps: float = 100.0  # GB/s, the storage's aggregate bandwidth
     writer_gbps: float = 1.5  # GB/s one writer process pushes through checksum + upload
-    pool_writers: int = 2  # writers in today's pool
+    pool_writers: int = 2  # writers in the fixed pool
     writers_per_node: int = 1  # writers per node, node-local design
     control_bytes: int = 512  # bytes of control messages per save, node-local design
     dedup_post_aggregation: bool = False
@@ -167,7 +167,7 @@ def pool_design(cluster: Cluster) -> DesignResult:
     if writers < nodes:
         resources.append(Resource("caller node NIC out", node_bytes, cluster.nic_bytes_per_s))
     return DesignResult(
-        design="today's pool",
+        design="fixed pool",
         checkpoint_bytes=cluster.checkpoint_bytes,
         written_bytes=writers * written_per_writer,
         network_bytes=shipped + writers * written_per_writer,
@@ -271,58 +271,41 @@ def print_sweep(console: Console, cluster: Cluster, nics: list[float]) -> None:
     console.print(table)
 
 
+# Each Cluster field's command-line help (the option is the field's name with dashes).
+OPTION_HELP = {
+    "nodes": "nodes in the cluster",
+    "clients_per_node": "Flower clients (ClientApps) per node",
+    "model_mb": "MB (10^6 bytes) per model checkpoint",
+    "checkpoints_per_client": "model checkpoints per client per round, e.g. FL4Health's pre- and post-aggregation ones",
+    "state_mb": "MB of a per-round state file per client, 0 for none",
+    "nic_gbps": "NIC bandwidth per node in Gbit/s, full duplex, for the per-resource table",
+    "storage_gbps": "aggregate storage bandwidth in GB/s: an object store scales by prefix; an NFS box might give 2",
+    "writer_gbps": "GB/s one writer process pushes through checksum + upload",
+    "pool_writers": "writers in the fixed pool, at most one per node",
+    "writers_per_node": "writers per node in the node-local design",
+    "control_bytes": "bytes of control messages per save to the key's home actor, node-local design",
+    "dedup_post_aggregation": "write every client's post-aggregation copy of the global model once per node "
+    "(node-local) or once per writer (pool, after the transfer)",
+}
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[Cluster, list[float]]:
     defaults = Cluster()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--nodes", type=int, default=defaults.nodes, help="nodes in the cluster (default: %(default)s)")
-    parser.add_argument("--clients-per-node", type=int, default=defaults.clients_per_node,
-                        help="Flower clients (ClientApps) per node (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--model-mb", type=float, default=defaults.model_mb,
-                        help="MB (10^6 bytes) per model checkpoint (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--checkpoints-per-client", type=int, default=defaults.checkpoints_per_client,
-                        help="model checkpoints per client per round, e.g. FL4Health's pre- and post-aggregation "
-                             "ones (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--state-mb", type=float, default=defaults.state_mb,
-                        help="MB of a per-round state file per client, 0 for none (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--nic-gbps", type=float, default=defaults.nic_gbps,
-                        help="NIC bandwidth per node in Gbit/s, full duplex, for the per-resource table "
-                             "(default: %(default)s)")  # fmt: skip
-    parser.add_argument("--storage-gbps", type=float, default=defaults.storage_gbps,
-                        help="aggregate storage bandwidth in GB/s: an object store scales by prefix; an NFS box "
-                             "might give 2 (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--writer-gbps", type=float, default=defaults.writer_gbps,
-                        help="GB/s one writer process pushes through checksum + upload "
-                             "(default: %(default)s)")  # fmt: skip
-    parser.add_argument("--pool-writers", type=int, default=defaults.pool_writers,
-                        help="writers in today's pool, at most one per node (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--writers-per-node", type=int, default=defaults.writers_per_node,
-                        help="writers per node in the node-local design (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--control-bytes", type=int, default=defaults.control_bytes,
-                        help="bytes of control messages per save to the key's home actor, node-local design "
-                             "(default: %(default)s)")  # fmt: skip
+    for option in fields(Cluster):
+        flag, default = "--" + option.name.replace("_", "-"), getattr(defaults, option.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=OPTION_HELP[option.name])
+        else:
+            help_text = f"{OPTION_HELP[option.name]} (default: %(default)s)"
+            parser.add_argument(flag, type=type(default), default=default, help=help_text)
     parser.add_argument("--nics", type=float, nargs="+", default=[10.0, 25.0, 100.0],
                         help="NIC speeds in Gbit/s for the sweep (default: 10 25 100)")  # fmt: skip
-    parser.add_argument("--dedup-post-aggregation", action="store_true",
-                        help="write every client's post-aggregation copy of the global model once per node "
-                             "(node-local) or once per writer (pool, after the transfer)")  # fmt: skip
     args = parser.parse_args(argv)
     if min(args.nics) <= 0:
         parser.error("--nics must all be above 0")
     try:
-        cluster = Cluster(
-            nodes=args.nodes,
-            clients_per_node=args.clients_per_node,
-            model_mb=args.model_mb,
-            checkpoints_per_client=args.checkpoints_per_client,
-            state_mb=args.state_mb,
-            nic_gbps=args.nic_gbps,
-            storage_gbps=args.storage_gbps,
-            writer_gbps=args.writer_gbps,
-            pool_writers=args.pool_writers,
-            writers_per_node=args.writers_per_node,
-            control_bytes=args.control_bytes,
-            dedup_post_aggregation=args.dedup_post_aggregation,
-        )
+        cluster = Cluster(**{option.name: getattr(args, option.name) for option in fields(Cluster)})
     except ValueError as error:
         parser.error(str(error))
     return cluster, args.nics
