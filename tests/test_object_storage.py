@@ -24,6 +24,7 @@ from fedckpt import (
     LatestTorchModuleCheckpointer,
     PerRoundStateCheckpointer,
 )
+from fedckpt.runtime import lifecycle
 from fedckpt.runtime.pool import writer_name
 from fedckpt.storage.base import storage_for
 
@@ -171,6 +172,7 @@ def test_a_writer_killed_mid_upload_keeps_per_key_order_and_every_acknowledged_s
             states.save_checkpoint(f"k{key}.pt", {"counter": 4, "x": torch.full((4 << 20,), 4)})
         fedckpt.flush()
         assert ray.get(writer.stats.remote()).pid != pid
+        assert lifecycle.coordinator().inflight_bytes() == 0  # every save this process sent was done
         storage = storage_for(directory)
         for key in range(2):
             state = states.load_checkpoint(f"k{key}.pt")
@@ -179,8 +181,6 @@ def test_a_writer_killed_mid_upload_keeps_per_key_order_and_every_acknowledged_s
         report = storage.verify(directory)
         assert report.checked == 2 and report.problems == []
     finally:
-        from fedckpt.runtime import lifecycle
-
         lifecycle.coordinator().stop_writers()
         fedckpt.init(storage_options={})
 

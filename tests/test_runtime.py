@@ -104,6 +104,26 @@ def test_a_killed_writer_restarts_and_acknowledged_saves_survive(ray_instance, t
         fedckpt.init()
 
 
+def test_a_flush_right_after_a_writer_restart_waits_for_the_saves_sent_again(ray_instance, tmp_path):
+    """Saves acknowledged by a writer that then died are sent again with their old sequences, which
+    the new incarnation's counter never numbered: its quiet mark (nothing numbered, nothing pending)
+    must not let this process's flush return before they are written. No save follows the kill."""
+    fedckpt.init(namespace="fedckpt-quiet-restart", num_writers=1, io_threads=1)
+    try:
+        writer = ray.get_actor(writer_name(0), namespace="fedckpt-quiet-restart")
+        pid = ray.get(writer.stats.remote()).pid
+        checkpointer = PerRoundStateCheckpointer(tmp_path)
+        for key in range(4):
+            checkpointer.save_checkpoint(f"k{key}.pt", {"counter": 1, "x": torch.full((4 * MB,), 1)})
+        os.kill(pid, signal.SIGKILL)  # with saves still queued in the writer
+        fedckpt.flush()
+        assert ray.get(writer.stats.remote()).pid != pid
+        on_disk = {key: torch.load(tmp_path / f"k{key}.pt", weights_only=False)["counter"] for key in range(4)}
+        assert on_disk == dict.fromkeys(range(4), 1)
+    finally:
+        fedckpt.init()
+
+
 def test_a_writer_restarted_on_a_node_whose_clock_is_behind_still_publishes_newer_versions(
     ray_instance, tmp_path, monkeypatch
 ):

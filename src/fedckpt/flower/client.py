@@ -32,6 +32,7 @@ from fedckpt.flower import context_state
 from fedckpt.flower.timing import BlockedTime
 from fedckpt.modes import CheckpointMode
 from fedckpt.policies import Scalar
+from fedckpt.runtime import lifecycle
 from fedckpt.state import PerRoundStateCheckpointer
 
 SLOTS = (0, 1)
@@ -80,6 +81,7 @@ class ClientCheckpoints:
         self.context = context
         self.context_state_max_bytes = context_state_max_bytes
         self._rounds: dict[int, int | None] | None = None  # slot -> round of the state in it
+        lifecycle.warm_up_in_background()  # joining the pool overlaps with the round's training
         with self.blocked.measure():
             self.module.resume_best_scores()
 

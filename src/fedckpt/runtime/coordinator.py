@@ -103,6 +103,14 @@ class Coordinator:
         """Create (or find) the writer pool now rather than at the first save."""
         self.pool()
 
+    def warm_up(self) -> None:
+        """Join the pool and connect to the homes on this node: what this process's first save waits for."""
+        pool = self.pool()
+        assert pool is not None
+        for index in range(pool.size):
+            if self._transport.route(pool, index) is Route.CHANNEL:
+                self._transport.connect(pool, index)
+
     def _lost_ray_instance(self) -> None:
         """Ray was shut down (or replaced) under us: report saves that did not reach the disk."""
         from fedckpt.storage.base import storage_for
@@ -143,8 +151,22 @@ class Coordinator:
             for request in requests:
                 groups[pool.owner_of(request.key)].append(request)
             staged = self._transport.stage(snapshot, shared_memory=self._transport.arena is not None)
-            self._inflight.add(staged, self._enqueue(pool, staged, groups))
+            sent = self._enqueue(pool, staged, groups)
+            batch = self._inflight.add(staged, sent)
             stats.recorder.add(saves=len(requests), snapshots=1)
+            self._resend_if_their_channel_closed(batch, sent)
+
+    def _resend_if_their_channel_closed(self, batch: Batch, sent: list[tuple[SaveRequest, int, Enqueued]]) -> None:
+        """A writer that died between a save's post and this process tracking the save was recovered
+        (by the watcher) without it: such a save is lost, and sent again now."""
+        orphaned = set()
+        for save, (_, writer, enqueued) in zip(batch.saves, sent, strict=True):
+            if enqueued.channel is not None and enqueued.channel.closed:
+                self._inflight.lost_one(save)
+                orphaned.add(writer)
+        for writer in orphaned:
+            self._resender.recover(writer)  # unless the watcher did already
+            self._resender.resend_and_recover(writer)
 
     def _enqueue(
         self, pool: WriterPool, staged: Staged, groups: dict[int, list[SaveRequest]]

@@ -79,11 +79,13 @@ class InflightSaves:
     # ---- transitions ---------------------------------------------------------------------------
 
     def done(self, writer: int, sequence: tuple[int, int]) -> tuple[InflightSave | None, list[Staged]]:
-        """SENT -> DONE. Returns the save, and the staged snapshots no save needs any longer (to release)."""
+        """SENT (or LOST) -> DONE. Returns the save, and the staged snapshots no save needs any longer
+        (to release). A LOST save's notice comes from the incarnation it was just sent again to,
+        read before the re-send was recorded: it is done all the same."""
         with self._lock:
             found = self._by_sequence.get((writer, tuple(sequence)))
-            if found is None or found[1].state is not SaveState.SENT:
-                return None, []  # a notice from before a re-send, or of a save not tracked here
+            if found is None or found[1].state is SaveState.DONE:
+                return None, []  # a second notice of one save (sent twice), or of a save not tracked here
             batch, save = found
             save.state = SaveState.DONE
             return save, self._release_if_finished(batch)
@@ -103,8 +105,10 @@ class InflightSaves:
                 save.state = SaveState.LOST
 
     def resent(self, save: InflightSave, writer: int, answer: Enqueued) -> None:
-        """LOST -> SENT: sent again, with its sequence."""
+        """LOST -> SENT: sent again, with its sequence (unless its notice came first)."""
         with self._lock:
+            if save.state is SaveState.DONE:
+                return
             save.writer, save.route, save.done_ref = writer, answer.route, answer.done_ref
             self._by_sequence[(writer, save.request.sequence)] = (self._batch_of(save), save)
             save.state = SaveState.SENT

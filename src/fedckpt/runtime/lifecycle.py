@@ -128,6 +128,30 @@ def start_writers_when_ray_is_up(within: float = 300.0) -> threading.Thread:
     return thread
 
 
+_warming_up: threading.Thread | None = None
+
+
+def warm_up_in_background() -> None:
+    """In a process already connected to Ray (a Flower ClientApp worker), join the writer pool and open
+    the channels to this node's writers on a background thread, once: the process's first save, after
+    a round of training, then need not wait for them. Does nothing without Ray (it never starts Ray)."""
+    global _warming_up
+    if not ray.is_initialized():
+        return
+    with _lock:
+        if _warming_up is not None:
+            return
+        _warming_up = threading.Thread(target=_warm_up, name="fedckpt-warm-up", daemon=True)
+    _warming_up.start()
+
+
+def _warm_up() -> None:
+    try:
+        coordinator().warm_up()
+    except Exception as error:  # the first save tries again, and raises
+        log.debug("fedckpt: warming up in the background failed: %s", error)
+
+
 def flush(timeout: float | None = None) -> None:
     """Wait until every save issued before this call, by any process, is durable on storage.
 

@@ -69,6 +69,7 @@ class Enqueued:
     route: Route
     done_ref: Any
     request: SaveRequest
+    channel: ChannelClient | None = None  # the channel that carried it (channel route)
 
 
 class Transport:
@@ -110,6 +111,12 @@ class Transport:
             client = ChannelClient(address, lambda notices: self._on_done(index, notices))
             self._channels[index] = client
             return client
+
+    def connect(self, pool: WriterPool, index: int) -> None:
+        """Open the channel to writer ``index`` (on this node) and map its counter, ahead of a save."""
+        self.channel(pool, index)
+        if pool.infos[index].counter_path is not None:
+            self._counter(pool, index)
 
     def sequences(self, pool: WriterPool, index: int, count: int) -> list[tuple[int, int]]:
         """``count`` sequences from the counter of writer ``index`` (on this node)."""
@@ -212,7 +219,7 @@ class Transport:
                         numbers = iter(self.sequences(pool, index, len(group)))
                         group = [replace(r, sequence=r.sequence or next(numbers)) for r in group]  # noqa: PLW2901
                     client.post(Enqueue(group, staged.payload))
-                    calls[index] = group
+                    calls[index] = (group, client)
                 except ChannelClosed as error:
                     calls[index] = error
             else:
@@ -224,9 +231,9 @@ class Transport:
             if isinstance(call, ChannelClosed):
                 answers[index] = call
             elif routes[index] is Route.CHANNEL:
-                epoch = pool.infos[index].epoch
+                epoch, (group, client) = pool.infos[index].epoch, call
                 answers[index] = [
-                    Enqueued(Ack(request.sequence, epoch), Route.CHANNEL, None, request) for request in call
+                    Enqueued(Ack(request.sequence, epoch), Route.CHANNEL, None, request, client) for request in group
                 ]
             else:
                 acks = ray.get(call)
