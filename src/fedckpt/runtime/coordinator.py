@@ -104,12 +104,16 @@ class Coordinator:
         self.pool()
 
     def warm_up(self) -> None:
-        """Join the pool and connect to the homes on this node: what this process's first save waits for."""
+        """Join the pool, connect to the homes on this node and start this node's writers if a home
+        runs elsewhere: what this process's first saves would wait for."""
         pool = self.pool()
         assert pool is not None
-        for index in range(pool.size):
-            if self._transport.route(pool, index) is Route.CHANNEL:
+        routes = {index: self._transport.route(pool, index) for index in range(pool.size)}
+        for index, route in routes.items():
+            if route is Route.CHANNEL:
                 self._transport.connect(pool, index)
+        if self._transport.arena is not None and Route.RAY in routes.values():
+            pool.ensure_node_writers(self._transport.node())
 
     def _lost_ray_instance(self) -> None:
         """Ray was shut down (or replaced) under us: report saves that did not reach the disk."""

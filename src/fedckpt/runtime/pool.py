@@ -16,7 +16,7 @@ from fedckpt.runtime.settings import POOL_SETTINGS, Settings
 from fedckpt.runtime.shards import shard_of
 from fedckpt.runtime.writer import node_writer_actor_class, writer_actor_class
 from fedckpt.runtime.writer.incarnation import CLOCK_OFFSET_FILE_ENV
-from fedckpt.runtime.writer.node_writer import node_writer_name
+from fedckpt.runtime.writer.node_writer import NODE_WRITER_PREFIX, node_writer_name
 from fedckpt.runtime.writer.process import fedckpt_version
 
 
@@ -41,10 +41,7 @@ class WriterPool:
 
     @property
     def shape(self) -> PoolShape:
-        first = self.infos[0]
-        return PoolShape(
-            first.pool_size, first.writers_per_node, first.coalesce, first.io_threads, first.job_id, self.namespace
-        )
+        return _shape_of(self.infos[0], self.namespace)
 
     def ensure_node_writers(self, node_id: str) -> None:
         """Start the writers of ``node_id`` (this process's node) unless they run: pinned to it, they
@@ -82,7 +79,7 @@ class WriterPool:
         first = actor.options(**_actor_options(namespace, writer_name(0))).remote(0, shape)
         info = ray.get(first.describe.remote())
         _check_joinable(info, settings, namespace)
-        shape = cls(namespace, [first], [info]).shape  # the pool's, where it existed already
+        shape = _shape_of(info, namespace)  # the pool's, where it existed already
         rest = [
             actor.options(**_actor_options(namespace, writer_name(index))).remote(index, shape)
             for index in range(1, info.pool_size)
@@ -112,14 +109,12 @@ class WriterPool:
 
     def node_writers(self) -> list[Any]:
         """The handles of every node writer of this pool (on any node)."""
-        prefix = node_writer_name("", 0)[: -len("-0")]
         named = ray.util.list_named_actors(all_namespaces=True)
-        found = [actor["name"] for actor in named if actor["namespace"] == self.namespace]
         handles = []
-        for name in found:
-            if name.startswith(prefix):
+        for actor in named:
+            if actor["namespace"] == self.namespace and actor["name"].startswith(NODE_WRITER_PREFIX):
                 with contextlib.suppress(ValueError):  # gone meanwhile
-                    handles.append(ray.get_actor(name, namespace=self.namespace))
+                    handles.append(ray.get_actor(actor["name"], namespace=self.namespace))
         return handles
 
     def stop(self) -> None:
@@ -162,6 +157,11 @@ def _check_joinable(info: WriterInfo, settings: Settings, namespace: str) -> Non
             f"process chose: {described}. A pool's settings are fixed by the process that creates it; "
             "choose the same, or another namespace"
         )
+
+
+def _shape_of(info: WriterInfo, namespace: str) -> PoolShape:
+    """The shape a pool's writers were created with, as one of them describes it."""
+    return PoolShape(info.pool_size, info.writers_per_node, info.coalesce, info.io_threads, info.job_id, namespace)
 
 
 def _actor_options(namespace: str, name: str) -> dict[str, Any]:

@@ -55,7 +55,6 @@ class Staged:
     """One snapshot's bytes, copied out of the caller's tensors, with how they are sent."""
 
     nbytes: int
-    layout: bytes
     segment: Segment | None  # the shared-memory segment, back to the arena once every save of it is done
     payload: Payload
 
@@ -170,12 +169,12 @@ class Transport:
                 raise
             payload = SharedMemoryPayload(segment.path, snapshot.nbytes, snapshot.packed_layout, self.node())
             stats.recorder.add(bytes_shared_memory=snapshot.nbytes)
-            return Staged(snapshot.nbytes, snapshot.packed_layout, segment, payload)
+            return Staged(snapshot.nbytes, segment, payload)
         array = np.empty(snapshot.nbytes, dtype=np.uint8)
         snapshot.copy_into(array)
         payload = _object_store_payload(snapshot.packed_layout, array)
         stats.recorder.add(bytes_object_store=snapshot.nbytes)
-        return Staged(snapshot.nbytes, snapshot.packed_layout, None, payload)
+        return Staged(snapshot.nbytes, None, payload)
 
     def _warn_staging_full(self, nbytes: int, error: StagingFull) -> None:
         """Once per process: the save goes on through Ray's object store, slower."""

@@ -116,9 +116,9 @@ class FsspecStorage(Storage):
     # ---- writing ---------------------------------------------------------------------------------
 
     def persist(self, target: SaveTarget, data: memoryview, content_index: ContentIndex | None) -> Persisted | None:
-        if self.conditional:  # before anything is uploaded: a store that fails the check keeps nothing
-            s3_store.check_conditional_writes_once(self.fs, posixpath.dirname(entry_path(target.path)))
         control = posixpath.dirname(entry_path(target.path))
+        if self.conditional:  # before anything is uploaded: a store that fails the check keeps nothing
+            s3_store.check_conditional_writes_once(self.fs, control)
         name = posixpath.basename(target.path)
         obj = version_name(name, target.sequence)
         url = f"{control}/{obj}"

@@ -56,13 +56,9 @@ class CheckpointWriter:
     def __init__(self, index: int, shape: PoolShape) -> None:
         run_as_batch_work()
         self.shape = shape
-        self.job_id = shape.job_id  # the job whose end ends this pool (None: a named pool)
         self.version = fedckpt_version()
         self._watching_job: asyncio.Task | None = None
         self.index = index
-        self.pool_size = shape.pool_size
-        self.coalesce = shape.coalesce
-        self.io_threads = shape.io_threads
         self.actor_id = ray.get_runtime_context().get_actor_id()
         self.incarnation = incarnation.begin(self.actor_id)
         self.epoch = self.incarnation.epoch  # sequences of a restarted writer sort after the old ones
@@ -85,14 +81,14 @@ class CheckpointWriter:
     async def describe(self) -> WriterInfo:
         """Who this writer is; starts its channel first, so callers on its node can connect."""
         await self._serve_channel()
-        if self.job_id is not None and self._watching_job is None:
+        if self.shape.job_id is not None and self._watching_job is None:
             self._watching_job = asyncio.get_running_loop().create_task(self._end_with_job())
         return WriterInfo(
             index=self.index,
-            pool_size=self.pool_size,
+            pool_size=self.shape.pool_size,
             writers_per_node=self.shape.writers_per_node,
-            coalesce=self.coalesce,
-            io_threads=self.io_threads,
+            coalesce=self.shape.coalesce,
+            io_threads=self.shape.io_threads,
             epoch=self.epoch,
             restarted=self.lost.restarted,
             pid=os.getpid(),
@@ -100,15 +96,16 @@ class CheckpointWriter:
             channel_address=self.channel_address,
             counter_path=None if self.counter is None else self.counter.path,
             version=self.version,
-            job_id=self.job_id,
+            job_id=self.shape.job_id,
         )
 
     async def _end_with_job(self) -> None:
         """A job's own pool goes away with the job: once Ray reports the job ended, write what is
         queued, then end this actor for good (it is detached, so nothing else would)."""
-        assert self.job_id is not None
-        await wait_for_job_end(self.job_id)
-        log.info("fedckpt: %s: job %s ended; writing what is queued, then stopping", self.name, self.job_id)
+        job_id = self.shape.job_id  # the job whose end ends this pool (None: a named pool)
+        assert job_id is not None
+        await wait_for_job_end(job_id)
+        log.info("fedckpt: %s: job %s ended; writing what is queued, then stopping", self.name, job_id)
         await self._write_everything_and_end()
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
@@ -170,7 +167,7 @@ class CheckpointWriter:
         except OSError as error:  # its caller's segment is gone: nothing of it can be written
             self._finish(save, Outcome.FAILED, transportable(error))
             return Ack(sequence, self.epoch)
-        for dropped in state.add(save, self.coalesce):
+        for dropped in state.add(save, self.shape.coalesce):
             self._finish(dropped, Outcome.SUPERSEDED)
         if not state.draining:
             state.draining = True

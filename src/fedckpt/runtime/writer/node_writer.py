@@ -28,8 +28,11 @@ from fedckpt.storage.base import storage_for
 log = logging.getLogger("fedckpt.writer")
 
 
+NODE_WRITER_PREFIX = "fedckpt-node-"
+
+
 def node_writer_name(node_id: str, index: int) -> str:
-    return f"fedckpt-node-{node_id}-{index}"
+    return f"{NODE_WRITER_PREFIX}{node_id}-{index}"
 
 
 def node_writer_of(key: str, node_id: str, writers_per_node: int) -> str:
