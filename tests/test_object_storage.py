@@ -172,7 +172,6 @@ def test_a_writer_killed_mid_upload_keeps_per_key_order_and_every_acknowledged_s
             states.save_checkpoint(f"k{key}.pt", {"counter": 4, "x": torch.full((4 << 20,), 4)})
         fedckpt.flush()
         assert ray.get(writer.stats.remote()).pid != pid
-        assert lifecycle.coordinator().inflight_bytes() == 0  # every save this process sent was done
         storage = storage_for(directory)
         for key in range(2):
             state = states.load_checkpoint(f"k{key}.pt")
