@@ -13,12 +13,12 @@ import torch
 
 import fedckpt
 from fedckpt import PerRoundStateCheckpointer
+from fedckpt.errors import SaveLostError
 from fedckpt.runtime import lifecycle
 from fedckpt.runtime.messages import ObjectStorePayload, Outcome, SaveRequest
 from fedckpt.runtime.pool import shard_of, writer_name
 from fedckpt.runtime.settings import Settings
 from fedckpt.runtime.writer.incarnation import CLOCK_OFFSET_FILE_ENV
-from fedckpt.runtime.writer.recovery import SaveLostError
 from fedckpt.storage import manifest
 
 MB = 1 << 20
@@ -247,10 +247,10 @@ def test_a_restarted_writer_waits_for_the_saves_its_predecessor_lost(runtime, tm
     key, ghost = str(tmp_path / "lost.pt"), str(tmp_path / "ghost.pt")
     writer = _writer_of(key)
     old_epoch = 1  # an incarnation long gone
-    assert ray.get(writer.wait_saved.remote(key, (old_epoch, 7), old_epoch)).outcome == Outcome.UNKNOWN
+    assert ray.get(writer.wait_saved.remote("lost-1", key, (old_epoch, 7), old_epoch)).outcome == Outcome.UNKNOWN
     flushed, read = writer.flush.remote([key]), writer.wait_key.remote(key)
     assert ray.wait([flushed, read], num_returns=2, timeout=1.0)[0] == []  # both wait for the re-send
-    ray.get(writer.enqueue.remote(SaveRequest(key, "state", sequence=(old_epoch, 7)), payload))
+    ray.get(writer.enqueue.remote(SaveRequest(key, "state", sequence=(old_epoch, 7), save_id="lost-1"), payload))
     assert ray.get(flushed, timeout=30) == {} and ray.get(read, timeout=30) is None
     assert torch.load(key, weights_only=False)["v"] == "re-sent"
 
@@ -259,7 +259,7 @@ def test_a_restarted_writer_waits_for_the_saves_its_predecessor_lost(runtime, tm
     grace = ray.get(writer.__ray_call__.remote(lambda actor: actor.lost.grace_seconds))
     ray.get(writer.__ray_call__.remote(lambda actor: setattr(actor.lost, "grace_seconds", 3.0)))
     try:
-        ray.get(writer.wait_saved.remote(ghost, (old_epoch, 8), old_epoch))
+        ray.get(writer.wait_saved.remote("ghost-1", ghost, (old_epoch, 8), old_epoch))
         assert ray.get(writer.stats.remote()).awaiting_resend == 1
         flushed = writer.flush.remote(None)
         assert ray.wait([flushed], timeout=1.0)[0] == []

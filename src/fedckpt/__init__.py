@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from fedckpt._version import __version__
 from fedckpt.runtime import shutdown_hook
 
 if TYPE_CHECKING:
@@ -64,9 +65,8 @@ def __dir__() -> list[str]:
 
 shutdown_hook.install()  # ray.shutdown flushes first, once Ray is imported
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "BestLossTorchModuleCheckpointer",
     "BestMetricTorchModuleCheckpointer",
     "CheckpointError",

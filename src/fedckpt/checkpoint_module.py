@@ -11,7 +11,7 @@ from torch import nn
 
 from fedckpt.checkpointers import FunctionTorchModuleCheckpointer, TorchModuleCheckpointer, snapshot_model
 from fedckpt.policies import Scalar
-from fedckpt.runtime import lifecycle
+from fedckpt.runtime import lifecycle, stats
 from fedckpt.runtime.messages import SaveRequest
 from fedckpt.state import PerRoundStateCheckpointer
 from fedckpt.storage.paths import checkpoint_key
@@ -63,7 +63,8 @@ def checkpoint_model(
         chosen = [
             (saver, request) for saver, request in zip(deciding, requests, strict=True) if request.kind == file_format
         ]
-        lifecycle.coordinator().save([request for _, request in chosen], snapshot_model(model, file_format))
+        with stats.recorder.timed("blocked_seconds"):
+            lifecycle.coordinator().save([request for _, request in chosen], snapshot_model(model, file_format))
         for saver, request in chosen:
             saver.accepted(request)
 

@@ -33,3 +33,8 @@ class ScoreError(TypeError, ValueError):
 
     Both a ``TypeError`` and a ``ValueError``: what ``float()`` raises depends on the value.
     """
+
+
+class SaveLostError(RuntimeError):
+    """An acknowledged save that never reached storage: its writer is gone for good, or died with it
+    while its caller died too (the checkpoint keeps its last written version)."""

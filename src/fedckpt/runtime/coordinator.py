@@ -1,11 +1,11 @@
 """The caller side of the runtime, one per process: the facade over the pool, the transport and the
 saves in flight.
 
-A save copies the snapshot once (:mod:`~fedckpt.runtime.transport`), sends one message per writer
-involved and waits for their acknowledgements: that is all it blocks for. It writes no files. A
-background thread, the watcher, notices when a writer dies (its channel closes, or a Ray call says
-so) and sends what that writer lost again at once, because a flush in any other process (a
-server's round commit) waits for those saves, and this process may stay idle for a long time.
+A save copies the snapshot once (:mod:`~fedckpt.runtime.transport`), records each of its saves
+(:mod:`~fedckpt.runtime.inflight`), sends them (:mod:`~fedckpt.runtime.delivery`) and waits for
+the acknowledgements of those that go by Ray calls: that is all it blocks for. It writes no files.
+A flush waits for the writers (every process's saves issued before it) and then for this process's
+own records, each one durable or failed.
 """
 
 from __future__ import annotations
@@ -16,32 +16,25 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import ray
 
 from fedckpt.errors import CheckpointError
-from fedckpt.runtime import preemption, ray_session, stats
+from fedckpt.runtime import failpoints, preemption, ray_session, stats, tickets
 from fedckpt.runtime.channel import ChannelClosed
+from fedckpt.runtime.delivery import Delivery, WriterGone
 from fedckpt.runtime.exit import flush_at_exit
-from fedckpt.runtime.inflight import Batch, InflightSaves, SaveState
+from fedckpt.runtime.inflight import InflightSaves, SaveRecord
 from fedckpt.runtime.messages import SaveRequest, WriterStats
 from fedckpt.runtime.pool import WriterPool
-from fedckpt.runtime.resend import Resender
 from fedckpt.runtime.settings import Settings
-from fedckpt.runtime.transport import Enqueued, Route, Staged, Transport
-from fedckpt.runtime.watcher import RAY_POLL_SECONDS, Watcher
+from fedckpt.runtime.transport import Route, Transport
+from fedckpt.runtime.watcher import Watcher
 from fedckpt.snapshot import Snapshot
 
 log = logging.getLogger("fedckpt")
-
-
-class _Deadline:
-    def __init__(self, timeout: float | None):
-        self.end = None if timeout is None else time.monotonic() + timeout
-
-    def left(self) -> float | None:
-        return None if self.end is None else max(0.0, self.end - time.monotonic())
 
 
 class Coordinator:
@@ -54,18 +47,18 @@ class Coordinator:
         self._transport = Transport(
             settings.shared_memory_staging,
             settings.max_inflight_bytes,
-            lambda writer, notices: self._resender.on_done(writer, notices),
+            lambda notices: self._delivery.on_notices(notices),
         )
-        self._inflight = InflightSaves()
-        self._resender = Resender(lambda: self._pool, self._transport, self._inflight)
-        self._save_lock = threading.RLock()  # one save at a time: staging memory, per-key order
-        self._pool_lock = threading.RLock()
+        self._inflight = InflightSaves(lambda batch: self._transport.release(batch.staged))
         self._watcher = Watcher(
             self._transport.open_channels,
-            self._inflight.on_ray,
-            self._resender.recover,
-            lambda saves: self._resender.check_ray_saves(saves, timeout=0.0),
+            lambda index, client, deadline: self._delivery.writer_died(index, client, deadline),
+            lambda deadline: self._delivery.resend_lost(None, deadline),
         )
+        self._delivery = Delivery(lambda: self._pool, self._transport, self._inflight, self._watcher.wake)
+        self._save_lock = threading.RLock()  # one save at a time: staging memory, backpressure
+        self._pool_lock = threading.RLock()
+        stats.recorder.pending = self._inflight.pending
 
     # ---- the pool -------------------------------------------------------------------------
 
@@ -114,6 +107,7 @@ class Coordinator:
                 self._transport.connect(pool, index)
         if self._transport.arena is not None and Route.RAY in routes.values():
             pool.ensure_node_writers(self._transport.node())
+        self._watcher.wake()  # it watches the new channels
 
     def _lost_ray_instance(self) -> None:
         """Ray was shut down (or replaced) under us: report saves that did not reach the disk."""
@@ -121,11 +115,11 @@ class Coordinator:
 
         lost = []
         for batch in self._inflight.clear():
-            for save in batch.saves:
-                key = save.request.key
-                entry = storage_for(key, save.request.storage_options).read_entry(key)
-                if entry is None or tuple(entry.sequence) < tuple(save.request.sequence):
-                    lost.append(save.request.key)
+            for record in batch.records:
+                request = record.request
+                entry = storage_for(request.key, request.storage_options).read_entry(request.key)
+                if entry is None or request.sequence is None or tuple(entry.sequence) < tuple(request.sequence):
+                    lost.append(request.key)
             self._transport.release(batch.staged)
         self._pool = None
         self._watcher.stop(wait=0.0)  # it watched the lost instance; a new pool starts a new one
@@ -143,51 +137,26 @@ class Coordinator:
         message (writers on this node) or for the acknowledgements (Ray calls)."""
         if not requests:
             return
-        with self._save_lock:
+        with stats.recorder.timed("blocked_seconds"), self._save_lock:
             pool = self.pool()
             assert pool is not None
-            self._resender.take_in_notices()  # frees staging memory, and brings news of failed saves
-            held = self._resender.take_held_errors({request.key for request in requests})
+            self._take_in()  # frees staging memory, and brings news of failed saves
+            held = self._inflight.take_errors({request.key for request in requests})
             if held:
                 raise CheckpointError.naming("An earlier save failed, so this save was not started", held)
             self._make_room(snapshot.nbytes)
-            groups: dict[int, list[SaveRequest]] = defaultdict(list)
-            for request in requests:
-                groups[pool.owner_of(request.key)].append(request)
-            staged = self._transport.stage(snapshot, shared_memory=self._transport.arena is not None)
-            sent = self._enqueue(pool, staged, groups)
-            batch = self._inflight.add(staged, sent)
+            homes = [pool.owner_of(request.key) for request in requests]
+            room = tickets.room_for(snapshot.packed_layout, requests) if self._transport.arena is not None else 0
+            staged = self._transport.stage(snapshot, room)
+            batch = self._inflight.add(staged, snapshot.nbytes, list(zip(requests, homes, strict=True)))
             stats.recorder.add(saves=len(requests), snapshots=1)
-            self._resend_if_their_channel_closed(batch, sent)
+            self._delivery.send(batch.records)
 
-    def _resend_if_their_channel_closed(self, batch: Batch, sent: list[tuple[SaveRequest, int, Enqueued]]) -> None:
-        """A writer that died between a save's post and this process tracking the save was recovered
-        (by the watcher) without it: such a save is lost, and sent again now."""
-        orphaned = set()
-        for save, (_, writer, enqueued) in zip(batch.saves, sent, strict=True):
-            if enqueued.channel is not None and enqueued.channel.closed:
-                self._inflight.lost_one(save)
-                orphaned.add(writer)
-        for writer in orphaned:
-            self._resender.recover(writer)  # unless the watcher did already
-            self._resender.resend_and_recover(writer)
-
-    def _enqueue(
-        self, pool: WriterPool, staged: Staged, groups: dict[int, list[SaveRequest]]
-    ) -> list[tuple[SaveRequest, int, Enqueued]]:
-        """Send the requests; a writer whose channel closed is recovered and sent them again."""
-        sent = []
-        while groups:
-            answers = self._transport.enqueue(pool, staged, groups)
-            retry = {}
-            for index, answer in answers.items():
-                if isinstance(answer, ChannelClosed):
-                    self._resender.recover(index)
-                    retry[index] = groups[index]
-                else:
-                    sent.extend((enqueued.request, index, enqueued) for enqueued in answer)
-            groups = retry
-        return sent
+    def _take_in(self) -> None:
+        """The notices that arrived on the channels; a channel found closed is its writer's death."""
+        for index, client in self._transport.take_in_notices():
+            self._delivery.writer_died(index, client)
+        self._delivery.resend_lost()
 
     def _make_room(self, nbytes: int) -> None:
         """Backpressure: wait for older saves until this snapshot fits in the in-flight budget."""
@@ -195,35 +164,54 @@ class Coordinator:
             oldest = self._inflight.oldest()
             if oldest is None:
                 return
-            self._wait_for(oldest)
+            self._settle(oldest.records, None)
 
-    def _wait_for(self, batch: Batch) -> None:
-        """Block until every save of ``batch`` left its writer, sending lost ones again."""
-        while not batch.finished():
-            pool = self._pool
-            if pool is None:
-                raise CheckpointError("The writer pool went away while saves were in flight")
-            self._resender.resend_and_recover()
-            sent = [save for save in batch.saves if save.state is SaveState.SENT]
-            if not sent:
+    def _settle(self, records: list[SaveRecord], deadline: float | None) -> None:
+        """Block until each of ``records`` is durable or failed: send the lost ones again, read the
+        channels the others' notices come on, wait for the Ray ones' callbacks. ``TimeoutError``
+        once ``deadline`` (``time.monotonic``) passed."""
+        while True:
+            pending = [record for record in records if not record.finished]
+            if not pending:
+                return
+            seen = self._inflight.transitions
+            lost = [record for record in pending if record.lost]
+            if lost:
+                self._delivery.send(lost, deadline)
                 continue
-            first = sent[0]
-            if first.route is Route.CHANNEL:
-                try:
-                    self._transport.channel(pool, first.writer).pump(0.5)
-                except ChannelClosed:
-                    self._resender.recover(first.writer)
-            else:
-                self._resender.check_ray_saves(sent, timeout=RAY_POLL_SECONDS)
+            on_channel = next((record for record in pending if record.channel is not None), None)
+            if on_channel is not None:
+                failpoints.reach("settle.reading", records=pending)
+                self._read_notice(on_channel, deadline)
+                continue
+            # Saves answered by Ray callbacks, or being sent by another thread: a transition comes.
+            failpoints.reach("settle.waiting", records=pending)
+            if not self._inflight.wait_until(partial(self._inflight_changed_since, seen), deadline):
+                raise TimeoutError(f"{len(pending)} saves not durable in time: {sorted({r.key for r in pending})}")
 
-    def stop_watcher(self, wait: float = 2.0) -> None:
+    def _inflight_changed_since(self, transitions: int) -> bool:
+        return self._inflight.transitions != transitions
+
+    def _read_notice(self, record: SaveRecord, deadline: float | None) -> None:
+        """Read the channel ``record`` went on until its notice (or its writer's death) came."""
+        client, writer = record.channel, record.writer
+        try:
+            client.read_until(lambda: record.channel is not client, deadline)
+        except ChannelClosed:
+            self._delivery.writer_died(writer, client, deadline)
+
+    def stop_watcher(self, wait: float | None = None) -> None:
         """Stop the watcher thread (before Ray disconnects); the next pool starts a new one."""
-        self._watcher.stop(wait)
+        if wait is None:
+            self._watcher.stop()
+        else:
+            self._watcher.stop(wait)
 
     # ---- waiting --------------------------------------------------------------------------
 
     def inflight_bytes(self) -> int:
-        self._resender.take_in_notices()
+        if self._pool is not None:
+            self._take_in()
         return self._inflight.nbytes
 
     def wait_readable(self, *keys: str) -> None:
@@ -231,44 +219,67 @@ class Coordinator:
         self.flush(keys)
 
     def flush(self, keys: Iterable[str] | None = None, timeout: float | None = None) -> None:
-        """Wait until saves issued before now are on disk: of ``keys``, or of every process."""
+        """Wait until saves issued before now are on storage: of ``keys``, or every one, by any
+        process. ``CheckpointError`` names those that failed; ``TimeoutError`` after ``timeout`` s."""
         pool = self.pool(create=False)
         if pool is None:
             return
-        deadline = _Deadline(timeout)
-        selected = None if keys is None else sorted(set(keys))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        selected = None if keys is None else set(keys)
+        tracked = self._inflight.unfinished(selected)
         try:
             with stats.recorder.timed("waited_seconds"):
-                self._flush(pool, selected, deadline)
-        except ray.exceptions.RayError as error:  # a writer gone for good, or Ray going down
-            lost = sorted({save.request.key for _, save in self._inflight.lost()})
+                errors = self._flush(pool, selected, tracked, deadline)
+        except TimeoutError as error:  # Ray's GetTimeoutError is one too
+            pending = sorted({record.key for record in tracked if not record.finished})
+            message = f"fedckpt.flush: not done within {timeout} s ({error}); pending here: {pending}"
+            raise TimeoutError(message) from None
+        except ray.exceptions.RayError as error:  # Ray going down
+            lost = sorted({record.key for record in tracked if not record.finished})
             raise CheckpointError(
                 f"Waiting for saves failed ({type(error).__name__}: {error}); saves acknowledged but not "
                 f"on storage: {lost or 'none known to this process'}"
             ) from error
+        if errors:
+            raise CheckpointError.naming("Saving failed", errors)
 
-    def _flush(self, pool: WriterPool, selected: list[str] | None, deadline: _Deadline) -> None:
-        self._resender.resend_and_recover()  # a writer must hold a save to wait for it
+    def _flush(
+        self, pool: WriterPool, selected: set[str] | None, tracked: list[SaveRecord], deadline: float | None
+    ) -> dict[str, BaseException]:
+        self._take_in()
+        self._delivery.resend_lost(None, deadline)  # a writer must hold a save to wait for it
         if selected is None:
             groups: dict[int, list[str] | None] = dict.fromkeys(range(pool.size))
         else:
             groups = defaultdict(list)
-            for key in selected:
+            for key in sorted(selected):
                 groups[pool.owner_of(key)].append(key)  # type: ignore[union-attr]
-        errors = self._resender.take_held_errors(None if selected is None else set(selected))
-        for index, group in groups.items():
-            while True:
-                try:
-                    errors.update(self._transport.wait(pool, index, group, deadline.left()))
-                    break
-                except ChannelClosed:
-                    self._resender.recover(index)
-        # The writers' failure notices came before their answers: take them in first, so that one
-        # failure is reported by this flush, not again by the next call on its key.
-        self._resender.take_in_notices()
-        errors.update(self._resender.take_held_errors(None if selected is None else set(selected)))
-        if errors:
-            raise CheckpointError.naming("Saving failed", errors)
+        errors: dict[str, BaseException] = {}
+        for index, group in groups.items():  # every process's saves issued before now
+            try:
+                errors.update(self._wait_for_writer(pool, index, group, deadline))
+            except WriterGone as gone:  # what it held is lost: this process's saves among it FAILED
+                errors.update(dict.fromkeys(group or [f"(every checkpoint of writer {index})"], gone))
+        self._settle(tracked, deadline)  # and each of this process's own: durable, or failed
+        own = self._inflight.take_errors(selected)
+        self._inflight.mark_reported(errors)  # one failure, raised once
+        if own:  # they name the saves; a lost writer's general error adds nothing then
+            errors = {key: error for key, error in errors.items() if not isinstance(error, WriterGone)}
+        return {**errors, **own}
+
+    def _wait_for_writer(
+        self, pool: WriterPool, index: int, keys: list[str] | None, deadline: float | None
+    ) -> dict[str, BaseException]:
+        """Writer ``index``'s answer to a flush of ``keys``, once it has every save sent before it."""
+        while True:
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                return self._transport.wait(pool, index, keys, left)
+            except ChannelClosed:
+                self._delivery.writer_died(index, self._transport.current_channel(index), deadline)
+            except ray.exceptions.RayActorError as error:
+                self._delivery.writer_died(index, None, deadline)
+                raise WriterGone(f"writer {index} of the pool is gone for good: {error}") from error
 
     def writer_stats(self) -> list[WriterStats]:
         """Each writer's counters; empty without a pool."""
@@ -288,7 +299,6 @@ class Coordinator:
         self.stop_watcher()
         with self._pool_lock:
             atexit.unregister(flush_at_exit)
-            self._resender.held_errors.clear()
             self._pool = None
             for batch in self._inflight.clear():
                 self._transport.release(batch.staged)

@@ -6,20 +6,34 @@ import contextlib
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import ray
 
-from fedckpt.runtime import preemption, ray_session
+from fedckpt.runtime import preemption, ray_session, threads
 from fedckpt.runtime.staging import remove_orphans
-
-if TYPE_CHECKING:
-    from fedckpt.runtime.coordinator import Coordinator
+from fedckpt.storage.base import close_file_systems
 
 log = logging.getLogger("fedckpt")
 
+# How long exit waits for each background thread of fedckpt to return (each one's Ray calls have
+# shorter timeouts than this).
+THREAD_JOIN_SECONDS = 10.0
 
-def flush_at_exit(coordinator: Coordinator) -> None:
+
+class ExitingRuntime(Protocol):
+    """What the exit handler needs of the coordinator."""
+
+    has_pool: bool
+
+    def flush(self) -> None: ...
+
+    def stop_watcher(self) -> None: ...
+
+    def release_staging_at_exit(self) -> None: ...
+
+
+def flush_at_exit(coordinator: ExitingRuntime) -> None:
     """A process that exits normally loses nothing it saved, and leaves no staging memory behind.
 
     If saves failed, the process exits with status 1 once the error is printed: an exception in
@@ -35,7 +49,10 @@ def flush_at_exit(coordinator: Coordinator) -> None:
                 log.error("fedckpt: saves failed before exit: %s", error)
                 failed = True
     finally:
-        coordinator.stop_watcher()  # before Ray's own exit hook disconnects this process
+        # Before Ray's own exit hook disconnects this process: no thread of fedckpt in a Ray call.
+        coordinator.stop_watcher()
+        threads.stop_all(THREAD_JOIN_SECONDS)
+        close_file_systems()  # object-store sessions closed while their event loop still runs
         coordinator.release_staging_at_exit()
         if not ray.is_initialized():
             # Ray was shut down under this process (Flower does, after a simulation): its workers

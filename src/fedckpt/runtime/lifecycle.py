@@ -10,7 +10,7 @@ from typing import Any
 
 import ray
 
-from fedckpt.runtime import preemption, ray_session
+from fedckpt.runtime import preemption, ray_session, threads
 from fedckpt.runtime.coordinator import Coordinator
 from fedckpt.runtime.settings import Settings
 from fedckpt.storage.base import set_default_storage_options
@@ -104,28 +104,30 @@ def coordinator() -> Coordinator:
     return _coordinator
 
 
+# How often a ServerApp's background start looks whether the simulation connected it to Ray yet
+# (Ray has no hook for it).
+RAY_UP_CHECK_SECONDS = 0.02
+
+
 def start_writers_when_ray_is_up(within: float = 300.0) -> threading.Thread:
     """Create the writer pool in the background as soon as this process is connected to Ray.
 
     For a Flower ServerApp: its ``main()`` starts before the simulation starts Ray, and without
     this the first client to save would wait for the writers to start. Gives up after ``within``
-    seconds; a save creates the pool itself anyway.
+    seconds, or at exit; a save creates the pool itself anyway.
     """
 
     def start() -> None:
         deadline = time.monotonic() + within
         while not ray.is_initialized():
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or threads.stopping.wait(RAY_UP_CHECK_SECONDS):
                 return
-            time.sleep(0.02)
         try:
             coordinator().start_writers()
         except Exception as error:  # the first save will try again and raise
             log.warning("fedckpt: starting the writer pool in the background failed: %s", error)
 
-    thread = threading.Thread(target=start, name="fedckpt-start-writers", daemon=True)
-    thread.start()
-    return thread
+    return threads.start("fedckpt-start-writers", start)
 
 
 _warming_up: threading.Thread | None = None
@@ -141,8 +143,7 @@ def warm_up_in_background() -> None:
     with _lock:
         if _warming_up is not None:
             return
-        _warming_up = threading.Thread(target=_warm_up, name="fedckpt-warm-up", daemon=True)
-    _warming_up.start()
+        _warming_up = threads.start("fedckpt-warm-up", _warm_up)
 
 
 def _warm_up() -> None:
@@ -155,8 +156,8 @@ def _warm_up() -> None:
 def flush(timeout: float | None = None) -> None:
     """Wait until every save issued before this call, by any process, is durable on storage.
 
-    Raises ``CheckpointError`` for saves that failed, and ``TimeoutError`` (Ray's
-    ``GetTimeoutError``) if ``timeout`` seconds pass first.
+    Raises ``CheckpointError`` for saves that failed, and ``TimeoutError`` if ``timeout`` seconds
+    pass first (saves still pending then go on in the background).
     """
     coordinator().flush(timeout=timeout)
 
@@ -171,8 +172,16 @@ def flush_before_ray_shutdown() -> BaseException | None:
     except Exception as error:  # Ray still goes down; the caller hears of it afterwards
         log.error("fedckpt: saves pending at ray.shutdown() failed or timed out: %s", error)
         failure = error
-    coordinator().stop_watcher()  # not in ray.wait while Ray disconnects; a new pool restarts it
+    coordinator().stop_watcher()  # not in a Ray call while Ray disconnects; a new pool restarts it
     return failure
+
+
+def _flush_within(timeout: float) -> None:
+    coordinator().flush(timeout=timeout)
+
+
+ray_session.before_shutdown = flush_before_ray_shutdown
+preemption.flush = _flush_within
 
 
 def shutdown() -> None:

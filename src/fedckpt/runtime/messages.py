@@ -14,8 +14,8 @@ class Outcome(StrEnum):
     SUPERSEDED = "superseded"  # a newer save of the same key replaced it before or on disk
     FAILED = "failed"  # the error is held for the next call, flush or load of that key
     UNKNOWN = "unknown"  # issued to an earlier incarnation of a restarted writer: send it again
-    # For a writer on another node: the caller died before the writer fetched the snapshot from Ray's
-    # object store, so there is nothing left to write.
+    # The caller died before the writer fetched the snapshot from Ray's object store: nothing is left
+    # to write. A failure like FAILED (its error is held for the key), named apart in the counters.
     ABANDONED = "abandoned"
 
 
@@ -59,6 +59,8 @@ class SaveRequest:
     sequence: tuple[int, int] | None = None
     # fsspec options of a checkpoint URL (credentials, endpoint); never shown in a repr.
     storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # Unique per save (its caller's record): a writer answers by it, and takes a save sent twice once.
+    save_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -155,3 +157,4 @@ class SaveDone:
     sequence: tuple[int, int]
     outcome: Outcome
     error: BaseException | None = None
+    save_id: str | None = None

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedckpt.errors import CheckpointError
 from fedckpt.runtime import ray_session
 from fedckpt.runtime.messages import PoolShape, WriterInfo, WriterStats
 from fedckpt.runtime.settings import POOL_SETTINGS, Settings
 from fedckpt.runtime.shards import shard_of
-from fedckpt.runtime.writer import node_writer_actor_class, writer_actor_class
-from fedckpt.runtime.writer.incarnation import CLOCK_OFFSET_FILE_ENV
-from fedckpt.runtime.writer.node_writer import NODE_WRITER_PREFIX, node_writer_name
-from fedckpt.runtime.writer.process import fedckpt_version
+from fedckpt.runtime.writer.actor import writer_actor_class
+from fedckpt.runtime.writer.node_writer import NODE_WRITER_PREFIX, start_node_writers
+from fedckpt.runtime.writer.process import actor_options, fedckpt_version
 
 
 def writer_name(index: int) -> str:
@@ -48,16 +45,7 @@ class WriterPool:
         write the saves staged there whose keys' homes run on other nodes."""
         if node_id in self._nodes_with_writers:
             return
-        shape = self.shape
-        actor = node_writer_actor_class()
-        strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)  # it goes when its node goes
-        writers = [
-            actor.options(
-                **_actor_options(self.namespace, node_writer_name(node_id, index)), scheduling_strategy=strategy
-            ).remote(node_id, index, shape)
-            for index in range(shape.writers_per_node)
-        ]
-        ray.get([writer.describe.remote() for writer in writers])
+        start_node_writers(self.shape, node_id)
         self._nodes_with_writers.add(node_id)
 
     @property
@@ -76,12 +64,12 @@ class WriterPool:
         shape = PoolShape(
             settings.num_writers, settings.writers_per_node, settings.coalesce, settings.io_threads, job_id, namespace
         )
-        first = actor.options(**_actor_options(namespace, writer_name(0))).remote(0, shape)
+        first = actor.options(**actor_options(namespace, writer_name(0))).remote(0, shape)
         info = ray.get(first.describe.remote())
         _check_joinable(info, settings, namespace)
         shape = _shape_of(info, namespace)  # the pool's, where it existed already
         rest = [
-            actor.options(**_actor_options(namespace, writer_name(index))).remote(index, shape)
+            actor.options(**actor_options(namespace, writer_name(index))).remote(index, shape)
             for index in range(1, info.pool_size)
         ]
         return cls(namespace, [first, *rest], [info, *_describe(rest)])
@@ -99,9 +87,9 @@ class WriterPool:
         rest = [ray.get_actor(writer_name(index), namespace=namespace) for index in range(1, info.pool_size)]
         return cls(namespace, [first, *rest], [info, *_describe(rest)])
 
-    def refresh(self, index: int) -> WriterInfo:
+    def refresh(self, index: int, timeout: float | None = None) -> WriterInfo:
         """Ask writer ``index`` who it is now: after it died, this waits until Ray restarted it."""
-        self.infos[index] = ray.get(self.handles[index].describe.remote())
+        self.infos[index] = ray.get(self.handles[index].describe.remote(), timeout=timeout)
         return self.infos[index]
 
     def stats(self) -> list[WriterStats]:
@@ -162,26 +150,6 @@ def _check_joinable(info: WriterInfo, settings: Settings, namespace: str) -> Non
 def _shape_of(info: WriterInfo, namespace: str) -> PoolShape:
     """The shape a pool's writers were created with, as one of them describes it."""
     return PoolShape(info.pool_size, info.writers_per_node, info.coalesce, info.io_threads, info.job_id, namespace)
-
-
-def _actor_options(namespace: str, name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": namespace,
-        "lifetime": "detached",  # not owned by whichever client process happened to create it
-        "get_if_exists": True,
-        # A runtime env of its own gives the writer a process of its own: without it the writer takes
-        # one of the idle workers Ray starts ahead for the first tasks and actors (Flower's ClientApp
-        # actors), and one of those then waits for a process to start.
-        "runtime_env": {"env_vars": _writer_env()},
-    }
-
-
-def _writer_env() -> dict[str, str]:
-    env = {"FEDCKPT_WRITER_PROCESS": "1"}
-    if CLOCK_OFFSET_FILE_ENV in os.environ:  # fault injection (tests): a node whose clock is off
-        env[CLOCK_OFFSET_FILE_ENV] = os.environ[CLOCK_OFFSET_FILE_ENV]
-    return env
 
 
 def _describe(handles: list[Any]) -> list[WriterInfo]:

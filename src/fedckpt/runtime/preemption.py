@@ -18,17 +18,25 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
 import ray
 
+from fedckpt.runtime import threads
+
 log = logging.getLogger("fedckpt")
+
+# Past the grace period, how long the handler still waits for the flush's thread to return.
+JOIN_MARGIN_SECONDS = 2.0
 
 # Set once SIGTERM was handled: the flushes at ray.shutdown() and at exit that follow (the handler
 # handed on may exit through them) do not wait again past the grace period.
 sigterm_handled = threading.Event()
+
+# The flush a SIGTERM runs (set by fedckpt.runtime.lifecycle): every acknowledged save, within a timeout.
+flush: Callable[[float], None] | None = None
 
 
 @contextlib.contextmanager
@@ -72,21 +80,20 @@ class _FlushThenHandOn:
 
     def _flush(self) -> None:
         """In a thread of its own, bounded: the signal may have come while this thread held a lock
-        the flush needs."""
-        from fedckpt.runtime import lifecycle
-
+        the flush needs. The flush itself ends by the grace period (every wait in it has that
+        deadline), so the thread is gone before the process goes on to exit."""
         outcome: list[BaseException | None] = []
 
-        def flush() -> None:
+        def flush_within_grace() -> None:
             try:
-                lifecycle.coordinator().flush(timeout=self.grace_seconds)
+                if flush is not None:
+                    flush(self.grace_seconds)
                 outcome.append(None)
             except BaseException as error:
                 outcome.append(error)
 
-        worker = threading.Thread(target=flush, name="fedckpt-preemption-flush", daemon=True)
-        worker.start()
-        worker.join(self.grace_seconds)
+        worker = threads.start("fedckpt-preemption-flush", flush_within_grace)
+        worker.join(self.grace_seconds + JOIN_MARGIN_SECONDS)
         if not outcome:
             log.error("fedckpt: SIGTERM: saves not flushed within %.0f s; ending anyway", self.grace_seconds)
         elif outcome[0] is not None:

@@ -17,6 +17,10 @@ log = logging.getLogger("fedckpt")
 # of whether the writer pool this process knows can still be the one it talks to.
 generation = 0
 
+# What ``ray.shutdown()`` runs first, while Ray is up (set by fedckpt.runtime.lifecycle: flush every
+# save, stop fedckpt's threads); it returns the failure to raise once Ray is down.
+before_shutdown: Callable[[], BaseException | None] | None = None
+
 
 def ensure_ray() -> bool:
     """Make sure this process is connected to Ray. Returns True if fedckpt connected it.
@@ -73,10 +77,8 @@ def _flush_first(shutdown: Callable[..., Any]) -> Callable[..., Any]:
     def shutdown_after_flush(*args: Any, **kwargs: Any) -> Any:
         global generation
         failure = None
-        if ray.is_initialized():
-            from fedckpt.runtime import lifecycle
-
-            failure = lifecycle.flush_before_ray_shutdown()
+        if ray.is_initialized() and before_shutdown is not None:
+            failure = before_shutdown()
         generation += 1
         result = shutdown(*args, **kwargs)
         if failure is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
@@ -25,6 +25,12 @@ class ProcessStats:
     resends: int  # saves sent again because their writer died before writing them
     blocked_seconds: float  # inside save calls: the snapshot, the copy, sending (backpressure included)
     waited_seconds: float  # inside flushes and waits for pending saves (loads of pending checkpoints)
+    pending_saves: int = 0  # saves of this process not yet durable or failed (0 after a flush)
+    pending_bytes: int = 0  # staged bytes they hold (0 after a flush)
+    unknown_notices: int = 0  # writers' answers about saves this process never made (should stay 0)
+
+
+_GAUGES = ("pending_saves", "pending_bytes", "unknown_notices")  # read from the coordinator, not counted here
 
 
 class StatsRecorder:
@@ -32,7 +38,10 @@ class StatsRecorder:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values = {field.name: 0 for field in fields(ProcessStats)}
+        self._values = {field.name: 0 for field in fields(ProcessStats) if field.name not in _GAUGES}
+        self._depth = threading.local()
+        # The current coordinator's (pending saves, pending bytes, unknown notices).
+        self.pending: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)
 
     def add(self, **amounts: float) -> None:
         with self._lock:
@@ -41,16 +50,25 @@ class StatsRecorder:
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
-        """Add the time spent in the block to ``name`` (``blocked_seconds`` or ``waited_seconds``)."""
+        """Add the time spent in the block to ``name`` (``blocked_seconds`` or ``waited_seconds``);
+        a block inside another timed block of the same thread counts once (a module's save calls a
+        checkpointer's, which calls the coordinator's)."""
+        depth = getattr(self._depth, name, 0)
+        setattr(self._depth, name, depth + 1)
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.add(**{name: time.perf_counter() - start})
+            setattr(self._depth, name, depth)
+            if depth == 0:
+                self.add(**{name: time.perf_counter() - start})
 
     def snapshot(self) -> ProcessStats:
+        pending_saves, pending_bytes, unknown = self.pending()
         with self._lock:
-            return ProcessStats(**self._values)  # type: ignore[arg-type]
+            return ProcessStats(  # type: ignore[arg-type]
+                **self._values, pending_saves=pending_saves, pending_bytes=pending_bytes, unknown_notices=unknown
+            )
 
 
 # Process-wide: the counters outlive a coordinator replaced by fedckpt.init() or fedckpt.shutdown().

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from enum import Enum
 from functools import partial
 from typing import Any
@@ -25,11 +25,10 @@ from typing import Any
 import numpy as np
 import ray
 
-from fedckpt.runtime import stats
+from fedckpt.runtime import stats, tickets
 from fedckpt.runtime.channel import ChannelClient, ChannelClosed, channel_supported
 from fedckpt.runtime.messages import (
     Ack,
-    Enqueue,
     ObjectStorePayload,
     Payload,
     SaveDone,
@@ -47,7 +46,7 @@ log = logging.getLogger("fedckpt")
 
 class Route(Enum):
     CHANNEL = "channel"  # shared memory and the node-local channel
-    RAY = "ray"  # Ray's object store and Ray calls
+    RAY = "ray"  # Ray calls (the bytes: in shared memory on this node, or in Ray's object store)
 
 
 @dataclass(eq=False)
@@ -59,22 +58,10 @@ class Staged:
     payload: Payload
 
 
-@dataclass(frozen=True)
-class Enqueued:
-    """One request on its way: its sequence (``ack``), the route it took, (Ray) the call that
-    resolves when the save left the writer, and the request as sent."""
-
-    ack: Ack
-    route: Route
-    done_ref: Any
-    request: SaveRequest
-    channel: ChannelClient | None = None  # the channel that carried it (channel route)
-
-
 class Transport:
-    """Staging memory and the channels of this process."""
+    """Staging memory, tickets and the channels of this process; the Ray calls that carry saves."""
 
-    def __init__(self, shared_memory: bool, max_staging_bytes: int, on_done: Callable[[int, list[SaveDone]], None]):
+    def __init__(self, shared_memory: bool, max_staging_bytes: int, on_done: Callable[[list[SaveDone]], None]):
         usable = shared_memory and shared_memory_available() and channel_supported()
         self.arena = StagingArena(max_staging_bytes) if usable else None
         self._on_done = on_done
@@ -105,9 +92,9 @@ class Transport:
             client = self._channels.get(index)
             if client is not None and not client.closed:
                 return client
-            address = pool.infos[index].channel_address
-            assert address is not None
-            client = ChannelClient(address, lambda notices: self._on_done(index, notices))
+            info = pool.infos[index]
+            assert info.channel_address is not None
+            client = ChannelClient(info.channel_address, self._on_done, epoch=info.epoch)
             self._channels[index] = client
             return client
 
@@ -117,10 +104,11 @@ class Transport:
         if pool.infos[index].counter_path is not None:
             self._counter(pool, index)
 
-    def sequences(self, pool: WriterPool, index: int, count: int) -> list[tuple[int, int]]:
-        """``count`` sequences from the counter of writer ``index`` (on this node)."""
+    def numbers(self, pool: WriterPool, index: int, count: int) -> Iterator[tuple[int, int]]:
+        """``count`` sequences from the counter of writer ``index`` (on this node). Every save posted
+        takes one, a save sent again too (it keeps its own sequence): the writer counts arrivals by them."""
         first = self._counter(pool, index).take(count)
-        return [(pool.infos[index].epoch, number) for number in range(first, first + count)]
+        return iter([(pool.infos[index].epoch, number) for number in range(first, first + count)])
 
     def _counter(self, pool: WriterPool, index: int) -> SequenceCounter:
         info = pool.infos[index]
@@ -133,43 +121,52 @@ class Transport:
                 counter = self._counters[index] = SequenceCounter(info.counter_path)
         return counter
 
+    def current_channel(self, index: int) -> ChannelClient | None:
+        """The channel to writer ``index`` this process uses (closed or not), if any."""
+        with self._lock:
+            return self._channels.get(index)
+
     def open_channels(self) -> dict[int, ChannelClient]:
         with self._lock:
             return {index: client for index, client in self._channels.items() if not client.closed}
 
-    def drop_channel(self, index: int) -> None:
+    def drop_channel(self, index: int, client: ChannelClient) -> None:
+        """Forget ``client`` (its writer died), unless another channel to writer ``index`` replaced it."""
         with self._lock:
-            client = self._channels.pop(index, None)
-        if client is not None:
-            client.close()
+            if self._channels.get(index) is client:
+                del self._channels[index]
+        client.close()
 
-    def take_in_notices(self) -> None:
-        """Read the done notices that arrived on every channel (without waiting)."""
+    def take_in_notices(self) -> list[tuple[int, ChannelClient]]:
+        """Read the notices that arrived on every channel (without waiting); returns the channels
+        found closed (their writers died), for the caller to recover."""
+        closed = []
         for index, client in self.open_channels().items():
             try:
-                client.pump(0.0)
+                client.pump()
             except ChannelClosed:
-                log.debug("fedckpt: the channel to writer %d closed", index)
+                closed.append((index, client))
+        return closed
 
-    # ---- staging and sending --------------------------------------------------------------------
+    # ---- staging ----------------------------------------------------------------------------------
 
-    def stage(self, snapshot: Snapshot, shared_memory: bool) -> Staged:
-        """The blocking copy: into a reused shared-memory segment, or into Ray's object store."""
-        if shared_memory:
-            assert self.arena is not None
+    def stage(self, snapshot: Snapshot, ticket_room: int) -> Staged:
+        """The blocking copy: into a reused shared-memory segment (with ``ticket_room`` bytes to
+        spare at its end), or into Ray's object store."""
+        if self.arena is not None:
             try:
-                segment = self.arena.acquire(snapshot.nbytes)
+                segment = self.arena.acquire(snapshot.nbytes + ticket_room)
             except StagingFull as error:
                 self._warn_staging_full(snapshot.nbytes, error)
-                return self.stage(snapshot, shared_memory=False)
-            try:
-                snapshot.copy_into(segment.array)
-            except BaseException:
-                self.arena.release(segment)
-                raise
-            payload = SharedMemoryPayload(segment.path, snapshot.nbytes, snapshot.packed_layout, self.node())
-            stats.recorder.add(bytes_shared_memory=snapshot.nbytes)
-            return Staged(snapshot.nbytes, segment, payload)
+            else:
+                try:
+                    snapshot.copy_into(segment.array)
+                except BaseException:
+                    self.arena.release(segment)
+                    raise
+                payload = SharedMemoryPayload(segment.path, snapshot.nbytes, snapshot.packed_layout, self.node())
+                stats.recorder.add(bytes_shared_memory=snapshot.nbytes)
+                return Staged(snapshot.nbytes, segment, payload)
         array = np.empty(snapshot.nbytes, dtype=np.uint8)
         snapshot.copy_into(array)
         payload = _object_store_payload(snapshot.packed_layout, array)
@@ -189,68 +186,44 @@ class Transport:
         )
         warnings.warn(message, RuntimeWarning, stacklevel=2)
 
+    def write_ticket(self, staged: Staged, ticket: tickets.Ticket) -> None:
+        """Record in the segment what is sent (before it is sent): see :mod:`fedckpt.runtime.tickets`."""
+        if staged.segment is not None:
+            tickets.write(memoryview(staged.segment.buffer), ticket, staged.nbytes)
+
     def can_reuse(self, nbytes: int) -> bool:
         """Whether a free staging segment fits ``nbytes`` (or none is needed)."""
         return self.arena is None or self.arena.has_free(nbytes)
 
     def release(self, staged: Staged) -> None:
+        """Every save of ``staged`` is finished: its segment is free for the next snapshot."""
         if staged.segment is not None and self.arena is not None:
+            tickets.clear(memoryview(staged.segment.buffer))
             self.arena.release(staged.segment)
             staged.segment = None
 
-    def enqueue(
-        self, pool: WriterPool, staged: Staged, requests: dict[int, list[SaveRequest]]
-    ) -> dict[int, list[Enqueued] | ChannelClosed]:
-        """Send each writer its requests: over its channel without waiting, or with Ray calls (all
-        first, then their answers).
-
-        A writer whose channel closed is answered with the ``ChannelClosed`` error: the caller
-        recovers it and sends the requests again.
-        """
-        routes = {index: self.route(pool, index, staged) for index in requests}
-        calls: dict[int, Any] = {}
-        for index, group in requests.items():
-            if routes[index] is Route.CHANNEL:
-                assert isinstance(staged.payload, SharedMemoryPayload)
-                try:
-                    client = self.channel(pool, index)
-                    if any(request.sequence is None for request in group):
-                        numbers = iter(self.sequences(pool, index, len(group)))
-                        group = [replace(r, sequence=r.sequence or next(numbers)) for r in group]  # noqa: PLW2901
-                    client.post(Enqueue(group, staged.payload))
-                    calls[index] = (group, client)
-                except ChannelClosed as error:
-                    calls[index] = error
-            else:
-                if isinstance(staged.payload, SharedMemoryPayload):
-                    pool.ensure_node_writers(staged.payload.node_id)  # they write it for the home
-                calls[index] = [pool.handles[index].enqueue.remote(request, staged.payload) for request in group]
-        answers: dict[int, list[Enqueued] | ChannelClosed] = {}
-        for index, call in calls.items():
-            if isinstance(call, ChannelClosed):
-                answers[index] = call
-            elif routes[index] is Route.CHANNEL:
-                epoch, (group, client) = pool.infos[index].epoch, call
-                answers[index] = [
-                    Enqueued(Ack(request.sequence, epoch), Route.CHANNEL, None, request, client) for request in group
-                ]
-            else:
-                acks = ray.get(call)
-                answers[index] = [
-                    Enqueued(ack, Route.RAY, self._done_ref(pool, index, request, ack), request)
-                    for request, ack in zip(requests[index], acks, strict=True)
-                ]
-        return answers
+    # ---- Ray calls ----------------------------------------------------------------------------------
 
     @staticmethod
-    def _done_ref(pool: WriterPool, index: int, request: SaveRequest, ack: Ack) -> Any:
-        return pool.handles[index].wait_saved.remote(request.key, ack.sequence, ack.writer_epoch)
+    def enqueue_by_ray(pool: WriterPool, index: int, requests: list[SaveRequest], staged: Staged,
+                       timeout: float | None) -> list[Ack]:  # fmt: skip
+        """Queue the requests at writer ``index`` with Ray calls; its acknowledgements. A writer on
+        another node has this node's writer write bytes staged here: it is started first."""
+        if isinstance(staged.payload, SharedMemoryPayload):
+            pool.ensure_node_writers(staged.payload.node_id)
+        handle = pool.handles[index]
+        return ray.get([handle.enqueue.remote(request, staged.payload) for request in requests], timeout=timeout)
+
+    @staticmethod
+    def wait_saved_by_ray(pool: WriterPool, index: int, request: SaveRequest, ack: Ack) -> Any:
+        """The call that resolves to the save's ``SaveDone`` once it left writer ``index``."""
+        return pool.handles[index].wait_saved.remote(request.save_id, request.key, ack.sequence, ack.writer_epoch)
 
     def wait(
         self, pool: WriterPool, index: int, keys: list[str] | None, timeout: float | None
     ) -> dict[str, BaseException]:
-        """Wait until writer ``index`` wrote every save of ``keys`` (None: all) issued before now;
-        returns (and clears) their errors."""
+        """Wait until writer ``index`` wrote every save of ``keys`` (None: all) issued before now,
+        by any process; returns (and clears) their errors."""
         if self.route(pool, index) is Route.CHANNEL:
             if pool.infos[index].counter_path is not None and self._counter(pool, index).quiet():
                 return {}  # every save numbered so far is written, and no error is held

@@ -8,6 +8,7 @@ commit). :func:`storage_for` picks one from the checkpoint's path.
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -110,6 +111,13 @@ def storage_options_for(path: str, chosen: Mapping[str, Any] | None = None) -> d
         return None
     options = _default_options if chosen is None else chosen
     return dict(options) if options else None
+
+
+def close_file_systems() -> None:
+    """Close the object-store sessions this process opened (at exit, while their event loop runs)."""
+    fsspec_backend = sys.modules.get("fedckpt.storage.fsspec_storage")  # none opened if never imported
+    if fsspec_backend is not None:
+        fsspec_backend.close_sessions()
 
 
 def storage_for(path: str, storage_options: Mapping[str, Any] | None = None) -> Storage:

@@ -27,6 +27,7 @@ import random
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,6 +52,21 @@ PART_BYTES = 64 << 20  # multipart upload part size (S3: 5 MiB to 5 GiB)
 COMMIT_ATTEMPTS = 20  # conditional writes lost to another writer of the key before giving up
 READ_ATTEMPTS = 5  # a reader's object deleted under it by a newer commit
 CONDITIONAL_OPTION = "conditional_writes"  # fedckpt's own storage option (not passed to fsspec)
+
+# The file systems this process opened, closed at its exit (base.close_file_systems).
+_opened: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def close_sessions() -> None:
+    """Close every object-store session this process opened, now (s3fs would close them from its
+    finalizers during interpreter shutdown, with its event loop's thread going away)."""
+    for fs in list(_opened):
+        try:
+            s3_store.close_session(fs)
+        except Exception as error:  # at exit: nothing left to save through it
+            log.debug("fedckpt: closing %s failed: %s", type(fs).__name__, error)
+    _opened.clear()
+
 
 # Keys whose leftovers this process already looked for (once per key and process).
 _cleaned: set[str] = set()
@@ -104,6 +120,7 @@ class FsspecStorage(Storage):
             if _accepts(implementation, "use_listings_cache"):
                 options.setdefault("use_listings_cache", False)
             self.fs = implementation(**options)  # fsspec reuses equal instances
+            _opened.add(self.fs)
         except ImportError as error:
             extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure"}.get(
                 self.protocol
@@ -201,11 +218,12 @@ class FsspecStorage(Storage):
         return True
 
     def _commit(self, path: str, entry: ManifestEntry) -> bool:
-        """Write ``entry`` as the checkpoint's current one unless a newer sequence is there."""
+        """Write ``entry`` as the checkpoint's current one unless its sequence, or a newer one, is
+        there (a save sent twice is committed once)."""
         entry_url = entry_path(path)
         for attempt in range(COMMIT_ATTEMPTS):
             current, tag = self._read_entry_and_tag(entry_url)
-            if current is not None and tuple(current.sequence) > tuple(entry.sequence):
+            if current is not None and tuple(current.sequence) >= tuple(entry.sequence):
                 return False
             try:
                 self._write_entry(entry_url, entry, tag)

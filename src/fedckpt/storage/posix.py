@@ -84,8 +84,9 @@ def persist_checkpoint(
 
     A model file's checksum is computed before it is written, and names its content: if
     ``content_index`` knows a checkpoint with that content, the new version is a hard link to it.
-    Returns None, leaving the checkpoint untouched, when the version on disk has a newer sequence
-    (a re-sent save of a restarted writer must never replace a newer checkpoint).
+    Returns None, leaving the checkpoint untouched, when the version on disk has this sequence or a
+    newer one (a re-sent save of a restarted writer must never replace a newer checkpoint, nor be
+    published twice).
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if kind != MODULE:
@@ -131,8 +132,9 @@ def _publish(
             # Checked under the lock: another incarnation of this writer (Ray restarted it while the
             # old one, on a node being lost, still ran) may have published a newer version meanwhile.
             # A stale save (a rare re-send) thus costs a discarded temp file, not a read on every save.
+            # The same sequence is never published twice: a save sent twice is written once.
             current = manifest.read_entry_locked(path)
-            if current is not None and tuple(current.sequence) > tuple(sequence):
+            if current is not None and tuple(current.sequence) >= tuple(sequence):
                 discard_temp(temp)
                 return None
             entry = manifest.ManifestEntry(

@@ -1,8 +1,6 @@
-"""The writer actor: its Ray and channel surface (``actor``), each key's queue (``queue``), the
-bookkeeping of a restart (``recovery``) and its access to staged bytes (``staged``); the writers
-of a node's staged saves whose keys' homes run elsewhere (``node_writer``)."""
+"""The writer actors: a home's Ray and channel surface (``actor``), each key's queue (``queue``), the
+bookkeeping of a restart (``recovery``), its access to staged bytes (``staged``) and its I/O (``io``);
+the writers of a node's staged saves whose keys' homes run elsewhere (``node_writer``).
 
-from fedckpt.runtime.writer.actor import CheckpointWriter, writer_actor_class
-from fedckpt.runtime.writer.node_writer import NodeWriter, node_writer_actor_class
-
-__all__ = ["CheckpointWriter", "NodeWriter", "node_writer_actor_class", "writer_actor_class"]
+Nothing is imported here: a module of this package imports its siblings by their full names.
+"""

@@ -18,12 +18,14 @@ import asyncio
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import replace
 from typing import Any
 
 import ray
 
-from fedckpt.runtime import channel
+import fedckpt.runtime.writer.incarnation as incarnation
+from fedckpt.runtime import channel, tickets
 from fedckpt.runtime.messages import (
     Ack,
     Enqueue,
@@ -38,8 +40,7 @@ from fedckpt.runtime.messages import (
     WriterInfo,
     WriterStats,
 )
-from fedckpt.runtime.staging import shared_memory_available
-from fedckpt.runtime.writer import incarnation
+from fedckpt.runtime.staging import PREFIX, SHM_DIR, shared_memory_available
 from fedckpt.runtime.writer.io import SaveIO, transportable
 from fedckpt.runtime.writer.metrics import WriterMetrics
 from fedckpt.runtime.writer.node_writer import NodeWriters
@@ -48,6 +49,11 @@ from fedckpt.runtime.writer.queue import KeyQueue, QueuedSave
 from fedckpt.runtime.writer.recovery import LostSaves
 
 log = logging.getLogger("fedckpt.writer")
+
+
+# Outcomes of saves that left this writer, kept by save id: a save sent twice (its caller thought
+# this writer dead) or a ``wait_saved`` that comes late is answered from here.
+RECENT_OUTCOMES = 65536
 
 
 class CheckpointWriter:
@@ -60,26 +66,31 @@ class CheckpointWriter:
         self._watching_job: asyncio.Task | None = None
         self.index = index
         self.actor_id = ray.get_runtime_context().get_actor_id()
-        self.incarnation = incarnation.begin(self.actor_id)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.incarnation = incarnation.begin(self.actor_id, self.node_id)
         self.epoch = self.incarnation.epoch  # sequences of a restarted writer sort after the old ones
         self.number = 0  # without a shared counter
         local = channel.channel_supported() and shared_memory_available()
         self.counter = shared_counter() if local else None
         local = self.counter is not None  # else callers on this node use Ray calls
-        self.arrived = 0  # saves numbered from this incarnation's counter that reached it
+        self.arrived = 0  # saves that took a number from this incarnation's counter and reached it
         self.waits_answered = 0
         self.keys: dict[str, KeyQueue] = {}
+        self.saves_by_id: dict[str, QueuedSave] = {}  # queued or being written
+        self.recent: OrderedDict[str, SaveDone] = OrderedDict()
         self.metrics = WriterMetrics(shape.namespace, str(index))
         self.name = f"writer-{index}@{os.getpid()}"
         self.io = SaveIO(shape.io_threads, self.name)
         self.node_writers = NodeWriters(shape)
-        self.node_id = ray.get_runtime_context().get_node_id()
         self.lost = LostSaves(self.incarnation.restarted, self.name, self._hold_error)
         self.channel_address = channel.new_address(f"writer-{index}") if local else None
-        self._channel_server: asyncio.AbstractServer | None = None
+        self._channel_server: channel.ChannelServer | None = None
+        self._recovery: asyncio.Task | None = None
+        self._recovered = asyncio.Event()
 
     async def describe(self) -> WriterInfo:
         """Who this writer is; starts its channel first, so callers on its node can connect."""
+        self._start_recovery()
         await self._serve_channel()
         if self.shape.job_id is not None and self._watching_job is None:
             self._watching_job = asyncio.get_running_loop().create_task(self._end_with_job())
@@ -99,6 +110,41 @@ class CheckpointWriter:
             job_id=self.shape.job_id,
         )
 
+    # ---- a restart ------------------------------------------------------------------------------
+
+    def _start_recovery(self) -> None:
+        """Once, at this incarnation's first call: a restarted writer queues what its predecessor was
+        sent and not known finished, from the tickets in this node's segments (now) and in the
+        segments of the nodes whose writers it asks (a task that flushes wait for)."""
+        if self._recovery is not None:
+            return
+        if self.lost.restarted and self.counter is not None:
+            for found in tickets.scan(SHM_DIR, PREFIX, self.shape.namespace, self.index):
+                self._enqueue(found.request, found.payload, None)
+        self._recovery = asyncio.get_running_loop().create_task(self._recover_elsewhere())
+
+    async def _recover_elsewhere(self) -> None:
+        try:
+            if self.lost.restarted:
+                staged_elsewhere = await self.node_writers.scan(self.index, self.incarnation.previous_node)
+                for found in staged_elsewhere:
+                    self._enqueue(found.request, found.payload, None)
+                if staged_elsewhere:
+                    log.warning("fedckpt: %s: %d saves its predecessor held, staged on other nodes, queued again",
+                                self.name, len(staged_elsewhere))  # fmt: skip
+        except Exception as error:  # their callers send them again; a flush waits for what it knows
+            log.warning("fedckpt: %s could not ask the node writers for its predecessor's saves: %s", self.name, error)
+        finally:
+            self._recovered.set()
+            self._mark_if_quiet()
+
+    async def _ready(self) -> None:
+        """Before answering a flush or a wait: the predecessor's saves are queued."""
+        self._start_recovery()
+        await self._recovered.wait()
+
+    # ---- the channel ----------------------------------------------------------------------------
+
     async def _end_with_job(self) -> None:
         """A job's own pool goes away with the job: once Ray reports the job ended, write what is
         queued, then end this actor for good (it is detached, so nothing else would)."""
@@ -113,13 +159,14 @@ class CheckpointWriter:
         if self._channel_server is not None or self.channel_address is None:
             return
         try:
-            self._channel_server = await channel.serve(self.channel_address, self._on_channel_message)
+            self._channel_server = channel.ChannelServer(self.channel_address, self._on_channel_message)
         except OSError as error:  # callers fall back to Ray calls
             log.warning("fedckpt: %s cannot serve its node-local channel: %s", self.name, error)
             self.channel_address = None
 
     def _on_channel_message(self, message: Any, connection: channel.ServerConnection) -> Any:
         if isinstance(message, Enqueue):
+            self.arrived += len(message.requests)  # each took a number from the counter
             for request in message.requests:
                 self._enqueue(request, message.payload, connection)
             return None
@@ -131,34 +178,43 @@ class CheckpointWriter:
         self.waits_answered += 1
         connection.send(Reply(message.call_id, await self.flush(message.keys)))
 
+    # ---- saves ----------------------------------------------------------------------------------
+
     async def enqueue(self, request: SaveRequest, payload: Payload) -> Ack:
         """Queue a save and acknowledge at once (Ray calls: callers on other nodes)."""
+        number = self._take_number()  # every arrival takes one, so the quiet mark stays exact
         if request.sequence is None:
-            number = self.counter.take() if self.counter is not None else self._next_number()
             request = replace(request, sequence=(self.epoch, number))
         return self._enqueue(request, payload, None)
 
-    def _next_number(self) -> int:
+    def _take_number(self) -> int:
+        """A number of this incarnation's counter, taken by the writer itself (an arrival)."""
+        self.arrived += 1
+        if self.counter is not None:
+            return self.counter.take()
         self.number += 1
         return self.number
 
     def _enqueue(self, request: SaveRequest, payload: Payload, notify: channel.ServerConnection | None) -> Ack:
-        """Queue a save (its sequence set); ``notify`` hears when it left memory. The write happens
-        in the background. A failure of an earlier save of the key stays held for the next flush or
-        wait; it does not stop this save."""
-        assert request.sequence is not None
-        sequence = tuple(request.sequence)
-        if sequence[0] == self.epoch:
-            self.arrived += 1
-        else:  # numbered by an earlier incarnation, which lost it
+        """Queue a save; ``notify`` hears when it left memory. A save already queued or finished
+        here (sent twice) is taken once. The write happens in the background. A failure of an
+        earlier save of the key stays held for the next flush or wait; it does not stop this save."""
+        known = self._known(request.save_id, notify)
+        if known is not None:
+            return known
+        if request.sequence is None:  # from a ticket whose Ray enqueue had not been answered
+            request = replace(request, sequence=(self.epoch, self._take_number()))
+        sequence: tuple[int, int] = tuple(request.sequence)  # type: ignore[assignment,arg-type]
+        if sequence[0] != self.epoch:  # numbered by an earlier incarnation, which lost it
             self.metrics.resent()
         state = self.keys.setdefault(request.key, KeyQueue())
-        # A save sent again after a restart of this writer: nobody waits for its arrival any longer.
-        awaited = self.lost.arrived(request.key, sequence)
         save = QueuedSave(request, sequence, payload, asyncio.get_running_loop().create_future())
-        self.metrics.arrived()
         if notify is not None:
-            save.outcome.add_done_callback(lambda done: notify.send(done.result()))
+            save.listeners.append(notify)
+        if save.save_id is not None:
+            self.saves_by_id[save.save_id] = save
+        self.metrics.arrived()
+        awaited = self.lost.arrived(request.key, sequence)  # nobody waits for its arrival any longer
         if awaited is not None:  # from now on, waiting for the save itself covers it
             save.outcome.add_done_callback(lambda _: awaited.done() or awaited.set_result(None))
         try:
@@ -174,6 +230,22 @@ class CheckpointWriter:
             asyncio.get_running_loop().create_task(self._drain(request.key, state))
         return Ack(sequence, self.epoch)
 
+    def _known(self, save_id: str | None, notify: channel.ServerConnection | None) -> Ack | None:
+        """The acknowledgement of a save this incarnation has already (``notify`` hears of it too)."""
+        if save_id is None:
+            return None
+        queued = self.saves_by_id.get(save_id)
+        if queued is not None:
+            if notify is not None:
+                queued.listeners.append(notify)
+            return Ack(queued.sequence, self.epoch)
+        done = self.recent.get(save_id)
+        if done is not None:
+            if notify is not None:
+                notify.send(done)
+            return Ack(done.sequence, self.epoch)
+        return None
+
     def _stages_here(self, payload: Payload) -> bool:
         """Whether the save's bytes are on this node (else its node's writer writes them)."""
         return not isinstance(payload, SharedMemoryPayload) or payload.node_id == self.node_id
@@ -182,31 +254,34 @@ class CheckpointWriter:
         """Report ``error`` to the next flush or wait of ``key`` (from any process)."""
         self.keys.setdefault(key, KeyQueue()).error = error
 
-    async def wait_saved(self, key: str, sequence: tuple[int, int], writer_epoch: int) -> SaveDone:
+    async def wait_saved(self, save_id: str, key: str, sequence: tuple[int, int], writer_epoch: int) -> SaveDone:
         """Wait until one save left memory: saved, superseded, failed or abandoned.
 
-        ``Outcome.UNKNOWN`` when an earlier incarnation of this writer took the save: it died with it.
+        ``Outcome.UNKNOWN`` when this incarnation does not have it (an earlier one took it and died
+        with it): its caller sends it again, and until then flushes wait for it.
         """
-        sequence = tuple(sequence)
+        await self._ready()
+        queued = self.saves_by_id.get(save_id)
+        if queued is not None:
+            return await asyncio.shield(queued.outcome)
+        done = self.recent.get(save_id)
+        if done is not None:
+            return done
+        sequence = tuple(sequence)  # type: ignore[assignment]
         if writer_epoch != self.epoch:
             self.lost.expect(key, sequence)
-            return SaveDone(sequence, Outcome.UNKNOWN)
-        state = self.keys.get(key)
-        save = state.find(sequence) if state else None
-        if save is not None:
-            return await save.outcome
-        failed = state is not None and state.error is not None
-        return SaveDone(sequence, Outcome.FAILED if failed else Outcome.SAVED)
+        return SaveDone(sequence, Outcome.UNKNOWN, save_id=save_id)
 
     async def wait_key(self, key: str) -> BaseException | None:
         """Wait for every save of ``key`` issued before this call; return (and clear) its error."""
         return (await self.flush([key])).get(key)
 
     async def flush(self, keys: list[str] | None = None) -> dict[str, BaseException]:
-        """Wait for every save (of ``keys``, or all) issued before this call, also those an earlier
-        incarnation lost (until they are sent again); return and clear their errors."""
-        await self._take_in_channels()
-        await self.lost.settle_after_restart()
+        """Wait for every save (of ``keys``, or all) issued before this call, by any process, also
+        those an earlier incarnation lost; return and clear their errors."""
+        await self._ready()
+        if self._channel_server is not None:
+            self._channel_server.drain()  # saves whose calls returned on this node are in the sockets
         selected = list(self.keys.keys() | self.lost.keys()) if keys is None else keys
         outcomes = [save.outcome for key in selected if key in self.keys for save in self.keys[key].pending()]
         await asyncio.gather(*outcomes, *self.lost.futures(selected))
@@ -223,19 +298,8 @@ class CheckpointWriter:
 
     def _mark_if_quiet(self) -> None:
         """Set the counter's quiet mark if nothing is pending, held or awaited (see fedckpt.runtime.sequence)."""
-        if self.counter is not None and not self.keys and self.lost.count() == 0 and self.lost.settled():
+        if self.counter is not None and self._recovered.is_set() and not self.keys and self.lost.count() == 0:
             self.counter.mark_quiet(self.arrived)
-
-    async def _take_in_channels(self) -> None:
-        """Let the event loop read what the channels already hold: saves whose calls returned before
-        this wait was sent. Two turns of the loop: the first polls the sockets, the second runs what
-        that scheduled; a frame still arriving in parts gets more turns."""
-        for _ in range(2):
-            await asyncio.sleep(0)
-        for _ in range(100):
-            if not any(connection.receiving() for connection in channel.ServerConnection.open_connections):
-                return
-            await asyncio.sleep(0)
 
     async def stop(self) -> None:
         """Finish every queued save, then end this actor (it is not restarted)."""
@@ -246,6 +310,8 @@ class CheckpointWriter:
         """Write what is queued; the next writer of this name is a new one, not a restart."""
         await self.flush()
         self.io.shutdown()
+        if self._channel_server is not None:
+            self._channel_server.close()
         if self.counter is not None:  # callers that still map it see a writer that is gone
             self.counter.close(remove=True)
         incarnation.end(self.actor_id)
@@ -268,22 +334,32 @@ class CheckpointWriter:
         )
 
     def _finish(self, save: QueuedSave, outcome: Outcome, error: BaseException | None = None) -> None:
+        """The save left memory: its notices go out (before any quiet mark), then its waiters hear."""
         self.metrics.finished(outcome, time.monotonic() - save.arrived)
         save.segment = None
         if error is not None:
             self.keys.setdefault(save.request.key, KeyQueue()).error = error
-        save.outcome.set_result(SaveDone(save.sequence, outcome, error))
+        done = SaveDone(save.sequence, outcome, error, save.save_id)
+        if save.save_id is not None:
+            self.saves_by_id.pop(save.save_id, None)
+            self.recent[save.save_id] = done
+            while len(self.recent) > RECENT_OUTCOMES:
+                self.recent.popitem(last=False)
+        for listener in save.listeners:
+            listener.send(done)
+        save.outcome.set_result(done)
 
     async def _drain(self, key: str, state: KeyQueue) -> None:
         """Write the key's queued saves one at a time, in sequence order."""
         while state.queue:
             save = state.active = state.queue.popleft()
+            sent_before = save.sequence[0] != self.epoch  # an earlier incarnation may have written it
             if self._stages_here(save.payload):
-                written = await self.io.write(save)
+                written = await self.io.write(save, look_first=sent_before)
                 if written.persisted is not None:
                     self.metrics.persisted(written.persisted.entry.bytes, written.persisted.linked)
             else:
-                written = await self.node_writers.write(save)
+                written = await self.node_writers.write(save, look_first=sent_before)
             if written.outcome in (Outcome.SAVED, Outcome.SUPERSEDED):
                 self.lost.superseded_on_disk(key, save.sequence)  # this save or a newer one is on disk
             state.active = None

@@ -11,6 +11,7 @@ failed open).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ CLOCK_OFFSET_FILE_ENV = "FEDCKPT_TEST_CLOCK_OFFSET_FILE"
 class Incarnation:
     epoch: int
     restarted: bool
+    previous_node: str | None = None  # where the incarnation before ran (its callers' tickets are there)
 
 
 def _key(actor_id: str) -> str:
@@ -41,13 +43,19 @@ def _clock_ns() -> int:
     return now
 
 
-def begin(actor_id: str) -> Incarnation:
-    """Start an incarnation of actor ``actor_id``: an epoch above any earlier incarnation's, recorded."""
+def begin(actor_id: str, node_id: str | None = None) -> Incarnation:
+    """Start an incarnation of actor ``actor_id`` on node ``node_id``: an epoch above any earlier
+    incarnation's, recorded with its node."""
     recorded = internal_kv._internal_kv_get(_key(actor_id), namespace=KV_NAMESPACE)
-    previous = None if recorded is None else int(recorded)
-    epoch = _clock_ns() if previous is None else max(_clock_ns(), previous + 1)
-    internal_kv._internal_kv_put(_key(actor_id), str(epoch), overwrite=True, namespace=KV_NAMESPACE)
-    return Incarnation(epoch, restarted=previous is not None)
+    previous = None if recorded is None else json.loads(recorded)
+    if isinstance(previous, int):  # a record of fedckpt 0.1.0's first writers: the epoch alone
+        previous = {"epoch": previous, "node": None}
+    epoch = _clock_ns() if previous is None else max(_clock_ns(), previous["epoch"] + 1)
+    record = json.dumps({"epoch": epoch, "node": node_id})
+    internal_kv._internal_kv_put(_key(actor_id), record, overwrite=True, namespace=KV_NAMESPACE)
+    if previous is None:
+        return Incarnation(epoch, restarted=False)
+    return Incarnation(epoch, restarted=True, previous_node=previous["node"])
 
 
 def end(actor_id: str) -> None:

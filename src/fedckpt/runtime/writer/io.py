@@ -12,6 +12,7 @@ import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from fedckpt.errors import SaveLostError
 from fedckpt.runtime.messages import Outcome
 from fedckpt.runtime.writer.process import lower_priority
 from fedckpt.runtime.writer.queue import QueuedSave
@@ -33,7 +34,8 @@ def transportable(error: BaseException) -> BaseException:
 
 @dataclass(frozen=True)
 class WriteOutcome:
-    """How one save ended: SAVED, SUPERSEDED (a newer version was on storage), FAILED or ABANDONED."""
+    """How one save ended: SAVED, SUPERSEDED (this version or a newer one was on storage), FAILED or
+    ABANDONED (both with an error)."""
 
     outcome: Outcome
     error: BaseException | None = None
@@ -55,22 +57,35 @@ class SaveIO:
         """Map the save's staging segment as it arrives (see :meth:`StagedBytes.map`)."""
         save.segment = self.staged.map(save.payload)
 
-    async def write(self, save: QueuedSave) -> WriteOutcome:
-        """Fetch the save's bytes and persist them; every error becomes the outcome, for its caller."""
+    async def write(self, save: QueuedSave, look_first: bool = False) -> WriteOutcome:
+        """Fetch the save's bytes and persist them; every error becomes the outcome, for its caller.
+
+        ``look_first``: a save sent again (an earlier incarnation of its writer may have written it,
+        or a newer one) is checked against storage before anything is written.
+        """
         key = save.request.key
+        loop = asyncio.get_running_loop()
         try:
+            if look_first and await loop.run_in_executor(self.executor, self._on_storage_already, save):
+                return WriteOutcome(Outcome.SUPERSEDED)
             data = await self.staged.get(save.payload, save.segment)
-            persisted = await asyncio.get_running_loop().run_in_executor(self.executor, self._persist, save, data)
+            persisted = await loop.run_in_executor(self.executor, self._persist, save, data)
             del data
             return WriteOutcome(Outcome.SUPERSEDED if persisted is None else Outcome.SAVED, persisted=persisted)
-        except CallerDied as reason:  # nobody is left to hear of it
-            log.error("fedckpt: dropped a save of %s: %s; the checkpoint on disk is unchanged", key, reason)
-            return WriteOutcome(Outcome.ABANDONED)
+        except CallerDied as reason:  # its bytes are gone: an acknowledged save that cannot be written
+            log.error("fedckpt: a save of %s is lost: %s; the checkpoint on storage is unchanged", key, reason)
+            return WriteOutcome(Outcome.ABANDONED, SaveLostError(f"{key}: {reason}"))
         except Exception as error:  # for its caller (next call) and the next flush or load of the key
             log.error("fedckpt: saving %s failed: %s: %s", key, type(error).__name__, error)
             return WriteOutcome(Outcome.FAILED, transportable(error))
         finally:
             self.staged.finished(save.payload)
+
+    @staticmethod
+    def _on_storage_already(save: QueuedSave) -> bool:
+        """Whether storage holds this save's sequence, or a newer one, of its key."""
+        entry = storage_for(save.request.key, save.request.storage_options).read_entry(save.request.key)
+        return entry is not None and tuple(entry.sequence) >= save.sequence
 
     def _persist(self, save: QueuedSave, data: memoryview) -> Persisted | None:
         """The I/O thread's part of one save."""

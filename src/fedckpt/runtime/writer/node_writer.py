@@ -16,12 +16,15 @@ import time
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from fedckpt.runtime import tickets
 from fedckpt.runtime.messages import Outcome, PoolShape, SaveRequest, SharedMemoryPayload, WriterStats
 from fedckpt.runtime.shards import shard_of
+from fedckpt.runtime.staging import PREFIX, SHM_DIR
 from fedckpt.runtime.writer.io import SaveIO, WriteOutcome, transportable
 from fedckpt.runtime.writer.metrics import WriterMetrics
-from fedckpt.runtime.writer.process import run_as_batch_work, wait_for_job_end
+from fedckpt.runtime.writer.process import actor_options, run_as_batch_work, wait_for_job_end
 from fedckpt.runtime.writer.queue import QueuedSave
 from fedckpt.storage.base import storage_for
 
@@ -69,9 +72,10 @@ class NodeWriter:
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     async def write(
-        self, request: SaveRequest, sequence: tuple[int, int], payload: SharedMemoryPayload
+        self, request: SaveRequest, sequence: tuple[int, int], payload: SharedMemoryPayload, look_first: bool = False
     ) -> WriteOutcome:
-        """Write one save staged on this node; storage publishes it only over an older version."""
+        """Write one save staged on this node; storage publishes it only over an older version
+        (``look_first``: a save sent again is checked against storage before it is written)."""
         save = QueuedSave(request, tuple(sequence), payload, asyncio.get_running_loop().create_future())
         self.metrics.arrived()
         try:
@@ -79,12 +83,18 @@ class NodeWriter:
         except OSError as error:  # its caller's segment is gone: nothing of it can be written
             written = WriteOutcome(Outcome.FAILED, transportable(error))
         else:
-            written = await self.io.write(save)
+            written = await self.io.write(save, look_first)
         save.segment = None
         if written.persisted is not None:
             self.metrics.persisted(written.persisted.entry.bytes, written.persisted.linked)
         self.metrics.finished(written.outcome, time.monotonic() - save.arrived)
         return written
+
+    async def scan(self, home: int) -> list[tickets.FoundSave]:
+        """The saves staged on this node that were sent to home ``home`` and are not known finished
+        (a restarted home asks: see :mod:`fedckpt.runtime.tickets`)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, tickets.scan, SHM_DIR, PREFIX, self.shape.namespace, home)
 
     async def stats(self) -> WriterStats:
         counts = self.metrics.counts
@@ -108,7 +118,7 @@ class NodeWriters:
         self.shape = shape
         self.handles: dict[str, Any] = {}
 
-    async def write(self, save: QueuedSave) -> WriteOutcome:
+    async def write(self, save: QueuedSave, look_first: bool = False) -> WriteOutcome:
         payload = save.payload
         assert isinstance(payload, SharedMemoryPayload)
         name = node_writer_of(save.request.key, payload.node_id, self.shape.writers_per_node)
@@ -118,10 +128,61 @@ class NodeWriters:
                 loop = asyncio.get_running_loop()
                 handle = await loop.run_in_executor(None, lambda: ray.get_actor(name, namespace=self.shape.namespace))
                 self.handles[name] = handle
-            return await handle.write.remote(save.request, save.sequence, payload)
+            return await handle.write.remote(save.request, save.sequence, payload, look_first)
         except (ValueError, ray.exceptions.RayError) as error:  # its node is gone, and the writer with it
             self.handles.pop(name, None)
             return await asyncio.get_running_loop().run_in_executor(None, _outcome_after_loss, save, error)
+
+    async def scan(self, home: int, previous_node: str | None) -> list[tickets.FoundSave]:
+        """What home ``home``'s predecessor was sent of the saves staged on other nodes: the tickets
+        there, read by each node's writer. The predecessor's own node is asked too, its writers
+        started if it has none (its callers used the channel, and they may be idle)."""
+        loop = asyncio.get_running_loop()
+        this_node = ray.get_runtime_context().get_node_id()
+        nodes = await loop.run_in_executor(None, _nodes_with_writers, self.shape.namespace)
+        alive = await loop.run_in_executor(None, _alive_nodes)
+        if previous_node is not None and previous_node not in nodes | {this_node} and previous_node in alive:
+            await loop.run_in_executor(None, start_node_writers, self.shape, previous_node)
+            nodes.add(previous_node)
+        asked = [
+            ray.get_actor(node_writer_name(node, 0), namespace=self.shape.namespace).scan.remote(home)
+            for node in sorted(nodes & alive - {this_node})
+        ]
+        found = []
+        for answer in await asyncio.gather(*asked, return_exceptions=True):
+            if isinstance(answer, BaseException):  # its node is going: the saves staged there go with it
+                log.warning("fedckpt: a node writer could not be asked for its staged saves: %s", answer)
+            else:
+                found += answer
+        return found
+
+
+def _nodes_with_writers(namespace: str) -> set[str]:
+    """The nodes that have writers of pool ``namespace``."""
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return {
+        actor["name"][len(NODE_WRITER_PREFIX) :].rsplit("-", 1)[0]
+        for actor in named
+        if actor["namespace"] == namespace and actor["name"].startswith(NODE_WRITER_PREFIX)
+    }
+
+
+def _alive_nodes() -> set[str]:
+    return {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+
+
+def start_node_writers(shape: PoolShape, node_id: str) -> list[Any]:
+    """Start (or find) the writers of node ``node_id``, pinned to it (they go when it goes)."""
+    actor = node_writer_actor_class()
+    strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    writers = [
+        actor.options(
+            **actor_options(shape.namespace, node_writer_name(node_id, index)), scheduling_strategy=strategy
+        ).remote(node_id, index, shape)
+        for index in range(shape.writers_per_node)
+    ]
+    ray.get([writer.describe.remote() for writer in writers])
+    return writers
 
 
 def _outcome_after_loss(save: QueuedSave, error: BaseException) -> WriteOutcome:

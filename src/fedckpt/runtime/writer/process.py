@@ -7,9 +7,12 @@ import asyncio
 import contextlib
 import logging
 import os
+from typing import Any
 
+from fedckpt._version import __version__
 from fedckpt.runtime.sequence import SequenceCounter
 from fedckpt.runtime.staging import StagingFull
+from fedckpt.runtime.writer.incarnation import CLOCK_OFFSET_FILE_ENV
 
 log = logging.getLogger("fedckpt.writer")
 
@@ -52,9 +55,28 @@ def job_ended(job_id: str | None) -> bool:
 
 
 def fedckpt_version() -> str:
-    from fedckpt import __version__
-
     return __version__
+
+
+def actor_options(namespace: str, name: str) -> dict[str, Any]:
+    """How every writer actor (home or node writer) of a pool is created."""
+    return {
+        "name": name,
+        "namespace": namespace,
+        "lifetime": "detached",  # not owned by whichever client process happened to create it
+        "get_if_exists": True,
+        # A runtime env of its own gives the writer a process of its own: without it the writer takes
+        # one of the idle workers Ray starts ahead for the first tasks and actors (Flower's ClientApp
+        # actors), and one of those then waits for a process to start.
+        "runtime_env": {"env_vars": _writer_env()},
+    }
+
+
+def _writer_env() -> dict[str, str]:
+    env = {"FEDCKPT_WRITER_PROCESS": "1"}
+    if CLOCK_OFFSET_FILE_ENV in os.environ:  # fault injection (tests): a node whose clock is off
+        env[CLOCK_OFFSET_FILE_ENV] = os.environ[CLOCK_OFFSET_FILE_ENV]
+    return env
 
 
 def shared_counter() -> SequenceCounter | None:

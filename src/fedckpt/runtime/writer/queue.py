@@ -7,6 +7,7 @@ import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedckpt.runtime.messages import Payload, SaveRequest
 
@@ -19,6 +20,11 @@ class QueuedSave:
     outcome: asyncio.Future  # resolves to a SaveDone (saved, superseded, failed, abandoned) once it left memory
     segment: memoryview | None = None  # the caller's staging segment, mapped when the save arrived
     arrived: float = field(default_factory=time.monotonic)
+    listeners: list[Any] = field(default_factory=list)  # channel connections that hear its SaveDone
+
+    @property
+    def save_id(self) -> str | None:
+        return self.request.save_id
 
 
 @dataclass
@@ -48,9 +54,6 @@ class KeyQueue:
         for queued in dropped:
             self.queue.remove(queued)
         return dropped
-
-    def find(self, sequence: tuple[int, int]) -> QueuedSave | None:
-        return next((save for save in self.pending() if save.sequence == sequence), None)
 
     def take_error(self) -> BaseException | None:
         """The error to report (each is reported once)."""

@@ -1,28 +1,28 @@
 """A restarted writer's bookkeeping of the saves its predecessor acknowledged and lost.
 
-A writer that dies loses the saves queued in its memory; only their callers hold the snapshots
-and can send them again. A caller on the writer's node sees its channel close and sends them again
-at once. A caller on another node has an outstanding ``wait_saved`` call per save, which Ray
-delivers again to the restarted incarnation: it answers UNKNOWN (the caller sends the save again)
-and remembers the save here, so that a flush or read from any process waits for it too.
+A writer that dies loses the saves queued in its memory. Most of them it finds again at once: their
+tickets in the staging segments of its node, and of the nodes whose writers it asks
+(:mod:`~fedckpt.runtime.tickets`), which it queues before it answers any flush. A save staged in
+Ray's object store (a caller without ``/dev/shm``) has no ticket: its caller's outstanding
+``wait_saved`` call, which Ray delivers again to the restarted incarnation, names it. The writer
+answers UNKNOWN (the caller sends the save again) and remembers the save here, so that a flush or
+read from any process waits for it too, until it arrives, a newer save of its key is on storage,
+or its grace period runs out (its caller died too): then the save's key holds a ``SaveLostError``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
+
+from fedckpt.errors import SaveLostError
 
 log = logging.getLogger("fedckpt.writer")
 
 # How long a restarted writer waits for a lost save to be sent again before flushes and reads stop
 # waiting for it (its caller presumably died too) and report it as lost.
 RESEND_GRACE_SECONDS = 60.0
-# Callers learn of the restart at about the time it happens, but their re-sends and redelivered
-# calls arrive in no particular order: a flush or read that arrives this soon after the restart
-# waits until this age, so that they arrive first.
-RESTART_SETTLE_SECONDS = 2.0
 
 
 class LostSaves:
@@ -35,20 +35,9 @@ class LostSaves:
     ) -> None:
         self.restarted = restarted
         self.on_give_up = on_give_up  # gets the key and the error to report for it
-        self.started = time.monotonic()
         self.writer_name = writer_name
         self.grace_seconds = RESEND_GRACE_SECONDS
         self.awaited: dict[str, dict[tuple[int, int], asyncio.Future]] = {}
-
-    async def settle_after_restart(self) -> None:
-        if self.restarted:
-            left = RESTART_SETTLE_SECONDS - (time.monotonic() - self.started)
-            if left > 0:
-                await asyncio.sleep(left)
-
-    def settled(self) -> bool:
-        """Whether the re-sends that follow a restart had their time to arrive (always, after a start)."""
-        return not self.restarted or time.monotonic() - self.started >= RESTART_SETTLE_SECONDS
 
     def expect(self, key: str, sequence: tuple[int, int]) -> None:
         """Remember a lost save until its caller sends it again (bounded by the grace period)."""
@@ -97,7 +86,3 @@ class LostSaves:
         if self.on_give_up is not None:
             self.on_give_up(key, error)
         future.set_result(None)
-
-
-class SaveLostError(RuntimeError):
-    """An acknowledged save that never reached storage."""

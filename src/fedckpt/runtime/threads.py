@@ -1,0 +1,37 @@
+"""fedckpt's own background threads in a caller process (the watcher aside): each one stops when
+asked, and they are all stopped and joined before Ray disconnects at exit, never left inside a Ray
+call while the interpreter shuts down (Ray documents crashes for that)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger("fedckpt")
+
+stopping = threading.Event()  # set at exit: every background thread returns as soon as it can
+_threads: list[threading.Thread] = []
+_lock = threading.Lock()
+
+
+def start(name: str, target: Callable[[], None]) -> threading.Thread:
+    """Run ``target`` on a daemon thread that :func:`stop_all` joins."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    with _lock:
+        _threads[:] = [alive for alive in _threads if alive.is_alive()]
+        _threads.append(thread)
+    thread.start()
+    return thread
+
+
+def stop_all(timeout: float) -> None:
+    """Ask every background thread to stop and wait up to ``timeout`` seconds for each."""
+    stopping.set()
+    with _lock:
+        threads = list(_threads)
+    for thread in threads:
+        if thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("fedckpt: background thread %s did not stop within %.0f s", thread.name, timeout)
