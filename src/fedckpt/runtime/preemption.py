@@ -24,6 +24,8 @@ from typing import Any
 
 import ray
 
+from fedckpt import _compat
+
 log = logging.getLogger("fedckpt")
 
 # Set once SIGTERM was handled: the flushes at ray.shutdown() and at exit that follow (the handler
@@ -48,7 +50,7 @@ def install(grace_seconds: float) -> None:
     """Flush for up to ``grace_seconds`` on SIGTERM, before the handler already in place (0: leave it)."""
     if grace_seconds <= 0 or threading.current_thread() is not threading.main_thread():
         return
-    if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+    if ray.is_initialized() and _compat.in_ray_worker_process():
         return
     previous = signal.getsignal(signal.SIGTERM)
     if previous in (signal.SIG_IGN, None) or isinstance(previous, _FlushThenHandOn):

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from ray.experimental import internal_kv
+from fedckpt import _compat
 
 KV_NAMESPACE = "fedckpt"
 # Fault injection for tests: a file holding seconds to add to this node's clock (a node running behind).
@@ -43,13 +43,13 @@ def _clock_ns() -> int:
 
 def begin(actor_id: str) -> Incarnation:
     """Start an incarnation of actor ``actor_id``: an epoch above any earlier incarnation's, recorded."""
-    recorded = internal_kv._internal_kv_get(_key(actor_id), namespace=KV_NAMESPACE)
+    recorded = _compat.ray_kv_get(_key(actor_id), KV_NAMESPACE)
     previous = None if recorded is None else int(recorded)
     epoch = _clock_ns() if previous is None else max(_clock_ns(), previous + 1)
-    internal_kv._internal_kv_put(_key(actor_id), str(epoch), overwrite=True, namespace=KV_NAMESPACE)
+    _compat.ray_kv_put(_key(actor_id), str(epoch), KV_NAMESPACE)
     return Incarnation(epoch, restarted=previous is not None)
 
 
 def end(actor_id: str) -> None:
     """The actor is stopped for good: forget its record."""
-    internal_kv._internal_kv_del(_key(actor_id), namespace=KV_NAMESPACE)
+    _compat.ray_kv_delete(_key(actor_id), KV_NAMESPACE)
