@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedckpt import _compat
+
 SKELETON_TENSOR_TAG = "fedckpt.tensor"
 EXTRA_TENSOR_PREFIX = "__fedckpt_extra__."
 CACHE_CAPACITY = 64
@@ -95,18 +97,18 @@ def structure_key(modules: list[nn.Module], names_by_id: dict[int, str]) -> tupl
                 key.append((bool, value))
             elif kind is float:
                 key.append((float, _FLOAT.pack(value)))
-            elif name == "_parameters" or name == "_buffers":
+            elif name == _compat.MODULE_PARAMETERS or name == _compat.MODULE_BUFFERS:
                 names = _tensor_names(value, names_by_id)
                 if names is None:
                     return None
                 key.append(names)
-            elif name == "_modules":
+            elif name == _compat.MODULE_CHILDREN:
                 key.append(tuple((child, index_of.get(id(module_), -1)) for child, module_ in value.items()))
             elif kind in (dict, OrderedDict, set) and not value:  # hooks, the non-persistent buffer names
                 key.append(kind)
             elif kind in (tuple, list) and all(type(item) in _PLAIN or type(item) is bool for item in value):
                 key.append((kind, *((type(item), item) for item in value)))
-            elif name == "_compiled_call_impl":  # not pickled (Module.__getstate__)
+            elif name == _compat.MODULE_NOT_PICKLED:  # left out by Module.__getstate__
                 continue
             else:
                 return None

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedckpt import _compat
 from fedckpt.skeleton import skeleton_of
 from fedckpt.storage.formats import MODULE, STATE
 from fedckpt.storage.formats.safetensors_file import SAFETENSORS_CODES, TensorInfo, data_section
@@ -100,16 +101,19 @@ def _module_attributes(modules: list[nn.Module]) -> list[tuple]:
     """Each module's attribute values, parameters (and whether they require grad: freezing a layer
     changes the pickled structure), buffers and children. The contents of those dicts matter:
     replacing a parameter or a child keeps the dict but changes the model."""
-    return [
-        (
-            *m.__dict__.values(),
-            *m._parameters.values(),
-            *[p is not None and p.requires_grad for p in m._parameters.values()],
-            *m._buffers.values(),
-            *m._modules.values(),
+    attributes = []
+    for m in modules:
+        parameters, buffers, children = _compat.module_registries(m)
+        attributes.append(
+            (
+                *m.__dict__.values(),
+                *parameters.values(),
+                *[p is not None and p.requires_grad for p in parameters.values()],
+                *buffers.values(),
+                *children.values(),
+            )
         )
-        for m in modules
-    ]
+    return attributes
 
 
 # Attribute values compared by value; anything else (tensors, numpy arrays, objects) by identity:

@@ -28,7 +28,7 @@ from logging import INFO
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
-from flwr.common.logger import log as progress  # Flower's own log: the lines Strategy.start prints
+from flwr.common import log as progress  # Flower's own log: the lines Strategy.start prints
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 

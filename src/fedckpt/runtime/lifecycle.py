@@ -180,7 +180,6 @@ def _flush_within(timeout: float) -> None:
     coordinator().flush(timeout=timeout)
 
 
-ray_session.before_shutdown = flush_before_ray_shutdown
 preemption.flush = _flush_within
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import ray
 
+from fedckpt import _compat
 from fedckpt.runtime import threads
 
 log = logging.getLogger("fedckpt")
@@ -56,7 +57,7 @@ def install(grace_seconds: float) -> None:
     """Flush for up to ``grace_seconds`` on SIGTERM, before the handler already in place (0: leave it)."""
     if grace_seconds <= 0 or threading.current_thread() is not threading.main_thread():
         return
-    if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+    if ray.is_initialized() and _compat.in_ray_worker_process():
         return
     previous = signal.getsignal(signal.SIGTERM)
     if previous in (signal.SIG_IGN, None) or isinstance(previous, _FlushThenHandOn):

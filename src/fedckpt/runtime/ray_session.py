@@ -11,14 +11,16 @@ from typing import Any
 
 import ray
 
+from fedckpt import _compat
+
 log = logging.getLogger("fedckpt")
 
 # Counts ``ray.shutdown()`` calls in this process (fedckpt wraps it): a cheap test, on every save,
 # of whether the writer pool this process knows can still be the one it talks to.
 generation = 0
 
-# What ``ray.shutdown()`` runs first, while Ray is up (set by fedckpt.runtime.lifecycle: flush every
-# save, stop fedckpt's threads); it returns the failure to raise once Ray is down.
+# What ``ray.shutdown()`` runs first, while Ray is up (set by fedckpt.runtime.shutdown_hook: flush
+# every save, stop fedckpt's threads); it returns the failure to raise once Ray is down.
 before_shutdown: Callable[[], BaseException | None] | None = None
 
 
@@ -43,16 +45,8 @@ def ensure_ray() -> bool:
 
 
 def _start_local_on_loopback() -> None:
-    from ray._private import ray_constants
-
-    # Ray reads this switch when it picks the node's address; off means 127.0.0.1
-    # (the same as RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which only counts if set before import).
-    previous = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
+    with _compat.ray_binds_loopback():
         ray.init(address="local", include_dashboard=False)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = previous
     log.info("fedckpt started a local Ray instance on 127.0.0.1")
 
 
@@ -89,10 +83,7 @@ def _flush_first(shutdown: Callable[..., Any]) -> Callable[..., Any]:
             log.error("fedckpt: saves failed before ray.shutdown(): %s", failure)
         return result
 
-    shutdown_after_flush.__wrapped_by_fedckpt__ = True  # type: ignore[attr-defined]
     return shutdown_after_flush
 
 
-if not getattr(ray.shutdown, "__wrapped_by_fedckpt__", False):
-    ray.shutdown = _flush_first(ray.shutdown)
-unwrapped_shutdown = ray.shutdown.__wrapped__  # type: ignore[attr-defined]
+unwrapped_shutdown = _compat.wrap_ray_shutdown(_flush_first)

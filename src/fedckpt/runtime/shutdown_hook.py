@@ -23,7 +23,17 @@ def install() -> None:
 
 
 def _wrap() -> None:
-    import fedckpt.runtime.ray_session  # noqa: F401  (wraps ray.shutdown when imported)
+    from fedckpt.runtime import ray_session  # wraps ray.shutdown when imported
+
+    ray_session.before_shutdown = _flush_pending_saves
+
+
+def _flush_pending_saves() -> BaseException | None:
+    """Every process's saves, from any process that calls ``ray.shutdown()`` (a Flower driver that
+    never saved itself too); the failure to raise once Ray is down."""
+    from fedckpt.runtime import lifecycle
+
+    return lifecycle.flush_before_ray_shutdown()
 
 
 class _WrapRayOnImport(importlib.abc.MetaPathFinder):

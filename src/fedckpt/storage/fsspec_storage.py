@@ -32,7 +32,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import fsspec
+import fsspec.core
 
+from fedckpt import _compat
 from fedckpt.errors import CorruptCheckpointError
 from fedckpt.storage import s3_store, s3_upload
 from fedckpt.storage.base import Persisted, SaveTarget, Storage, StoredVersion, VerifyReport
@@ -114,7 +116,7 @@ class FsspecStorage(Storage):
         self.conditional = self.protocol in s3_store.S3_PROTOCOLS and options.pop(CONDITIONAL_OPTION, True)
         try:
             implementation = fsspec.get_filesystem_class(self.protocol)
-            options = {**implementation._get_kwargs_from_urls(url), **options}
+            options = {**_compat.options_from_url(implementation, url), **options}
             # No listings cache: a listing cached by one call (a clean-up, verify) would hide objects
             # written after it from later ones (s3fs sizes an object from its parent's listing).
             if _accepts(implementation, "use_listings_cache"):
@@ -193,7 +195,7 @@ class FsspecStorage(Storage):
         staging memory (:mod:`~fedckpt.storage.s3_upload`); elsewhere through fsspec's file writer,
         in parts of PART_BYTES. A failed upload is aborted; one cut off by a crash leaves no object."""
         if self.protocol in s3_store.S3_PROTOCOLS:
-            s3_upload.upload(self.fs, self.fs._strip_protocol(url), pieces)
+            s3_upload.upload(self.fs, fsspec.core.strip_protocol(url), pieces)
             return
         with self.fs.open(url, "wb", block_size=PART_BYTES) as out:
             for piece in pieces:
@@ -361,7 +363,7 @@ class FsspecStorage(Storage):
                 newer = self.read_entry(path)  # a live run may have replaced and deleted it since
                 if newer is not None and newer.object != entry.object:
                     entry, problem = newer, self._check_version(path, newer)
-            named.add(self.fs._strip_protocol(self._object_url(path, entry)))
+            named.add(fsspec.core.strip_protocol(self._object_url(path, entry)))
             if problem is not None:
                 problems.append(problem)
         leftovers = [

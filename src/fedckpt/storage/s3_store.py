@@ -15,7 +15,7 @@ from typing import Any
 S3_PROTOCOLS = ("s3", "s3a")
 
 # The stores (file system, bucket) whose conditional writes this process checked.
-_checked_stores: set[tuple[str, str]] = set()
+_checked_stores: set[tuple[Any, str]] = set()
 _checked_lock = threading.Lock()
 
 _NO_CONDITIONAL_WRITES = (
@@ -63,7 +63,7 @@ def check_conditional_writes_once(fs: Any, directory: str) -> None:
     conditional writes refuses the second. Once per bucket and process; raises
     :class:`ConditionalWritesUnsupported` for a store that takes both writes or refuses the header."""
     bucket = fs.split_path(directory)[0]
-    store = (fs._fs_token, bucket)
+    store = (fs, bucket)  # fsspec file systems compare and hash by what they were created with
     with _checked_lock:
         if store in _checked_stores:
             return

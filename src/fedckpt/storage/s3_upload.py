@@ -11,6 +11,8 @@ from typing import Any
 
 from fsspec.asyn import sync
 
+from fedckpt import _compat
+
 # s3fs's own choices for a put: parts of 50 MiB (S3 allows 5 MiB to 5 GiB, 10,000 parts: objects up
 # to 488 GiB here), and one PUT below two parts (a multipart upload's completion re-reads every part
 # on the server: measured 0.44 s of 1.0 s for 100 MiB on moto, where one PUT took 0.53 s).
@@ -48,29 +50,29 @@ def upload(fs: Any, path: str, pieces: list[memoryview]) -> None:
 
 
 async def _multipart(fs: Any, bucket: str, key: str, parts: list[list[memoryview]]) -> None:
-    upload_id = (await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key))["UploadId"]
+    upload_id = (await _compat.s3_call(fs, "create_multipart_upload", Bucket=bucket, Key=key))["UploadId"]
     slots = asyncio.Semaphore(CONCURRENT_PARTS)
 
     async def send(number: int, part: list[memoryview]) -> dict[str, Any]:
         async with slots:
             body = b"".join(part)  # the part's one copy, made only when it is about to go
-            answer = await fs._call_s3(
-                "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+            answer = await _compat.s3_call(
+                fs, "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
             )
             return {"PartNumber": number, "ETag": answer["ETag"]}
 
     sending = [asyncio.ensure_future(send(number, part)) for number, part in enumerate(parts, 1)]
     try:
         done = await asyncio.gather(*sending)
-        await fs._call_s3(
-            "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}
+        await _compat.s3_call(
+            fs, "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}
         )
     except BaseException as error:
         for part in sending:  # a failed part stops the others: no part goes up after the abort
             part.cancel()
         await asyncio.gather(*sending, return_exceptions=True)
         try:
-            await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+            await _compat.s3_call(fs, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
         except Exception as abort_error:  # the upload's own error is the one to report
             error.add_note(
                 f"aborting multipart upload {upload_id} failed too ({abort_error}): its parts stay until "

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from ray.experimental import internal_kv
+from fedckpt import _compat
 
 KV_NAMESPACE = "fedckpt"
 # Fault injection for tests: a file holding seconds to add to this node's clock (a node running behind).
@@ -46,13 +46,13 @@ def _clock_ns() -> int:
 def begin(actor_id: str, node_id: str | None = None) -> Incarnation:
     """Start an incarnation of actor ``actor_id`` on node ``node_id``: an epoch above any earlier
     incarnation's, recorded with its node."""
-    recorded = internal_kv._internal_kv_get(_key(actor_id), namespace=KV_NAMESPACE)
+    recorded = _compat.ray_kv_get(_key(actor_id), KV_NAMESPACE)
     previous = None if recorded is None else json.loads(recorded)
     if isinstance(previous, int):  # a record of fedckpt 0.1.0's first writers: the epoch alone
         previous = {"epoch": previous, "node": None}
     epoch = _clock_ns() if previous is None else max(_clock_ns(), previous["epoch"] + 1)
     record = json.dumps({"epoch": epoch, "node": node_id})
-    internal_kv._internal_kv_put(_key(actor_id), record, overwrite=True, namespace=KV_NAMESPACE)
+    _compat.ray_kv_put(_key(actor_id), record, KV_NAMESPACE)
     if previous is None:
         return Incarnation(epoch, restarted=False)
     return Incarnation(epoch, restarted=True, previous_node=previous["node"])
@@ -60,4 +60,4 @@ def begin(actor_id: str, node_id: str | None = None) -> Incarnation:
 
 def end(actor_id: str) -> None:
     """The actor is stopped for good: forget its record."""
-    internal_kv._internal_kv_del(_key(actor_id), namespace=KV_NAMESPACE)
+    _compat.ray_kv_delete(_key(actor_id), KV_NAMESPACE)

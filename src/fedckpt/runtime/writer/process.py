@@ -9,6 +9,7 @@ import logging
 import os
 from typing import Any
 
+from fedckpt import _compat
 from fedckpt._version import __version__
 from fedckpt.runtime.sequence import SequenceCounter
 from fedckpt.runtime.staging import StagingFull
@@ -45,13 +46,10 @@ async def wait_for_job_end(job_id: str) -> None:
 
 def job_ended(job_id: str | None) -> bool:
     """Whether Ray's job table says job ``job_id`` ended (False where it cannot be told)."""
-    from ray._private import state  # no public API without the dashboard
-
     try:
-        jobs = state.jobs()
+        return job_id is not None and _compat.ray_job_is_dead(job_id)
     except Exception:
         return False
-    return any(job.get("JobID") == job_id and job.get("IsDead") for job in jobs)
 
 
 def fedckpt_version() -> str:

@@ -21,7 +21,6 @@ key and is pickled in full every time.
 
 from __future__ import annotations
 
-import pickle
 import pickletools
 import struct
 from collections import OrderedDict
@@ -30,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from fedckpt import _compat
 
 CACHE_CAPACITY = 64
 TEMPLATE_MAX_BYTES = 1 << 16  # a larger data.pkl is cached only as it is (finding its numbers costs)
@@ -89,9 +90,7 @@ def state_records(state: Any) -> list[tuple[str, np.ndarray]]:
             return _fill(template, described)
     collector = _RecordCollector()
     # torch.save's own pickling, so the file is exactly what torch.save would write.
-    torch.serialization._save(
-        state, collector, pickle, torch.serialization.DEFAULT_PROTOCOL, _disable_byteorder_record=False
-    )
+    _compat.torch_save_records(state, collector)
     if described is not None and _same_storages(collector.storages, described.storages):
         _remember(state, described, collector)
     return collector.records
@@ -145,9 +144,7 @@ def _number_slots(state: Any, pickled: bytes, count: int) -> list[tuple[int, str
     and comparing the two opcode streams. None if they do not line up as expected."""
     twin = _with_numbers_flipped(state, {})
     collector = _RecordCollector()
-    torch.serialization._save(
-        twin, collector, pickle, torch.serialization.DEFAULT_PROTOCOL, _disable_byteorder_record=False
-    )
+    _compat.torch_save_records(twin, collector)
     other = next(view.tobytes() for name, view in collector.records if name == "data.pkl")
     ops, other_ops = list(pickletools.genops(pickled)), list(pickletools.genops(other))
     if len(ops) != len(other_ops) or len(pickled) != len(other):
@@ -192,7 +189,7 @@ def _with_numbers_flipped(value: Any, copies: dict[int, Any]) -> Any:
 def _same_storages(recorded: list[torch.UntypedStorage], described: list[torch.UntypedStorage]) -> bool:
     """Whether the walk met the storages in the order torch's pickling recorded them."""
     return len(recorded) == len(described) and all(
-        a._cdata == b._cdata for a, b in zip(recorded, described, strict=True)
+        _compat.storage_identity(a) == _compat.storage_identity(b) for a, b in zip(recorded, described, strict=True)
     )
 
 
@@ -276,14 +273,15 @@ def _tensor_key(tensor: torch.Tensor, storages: dict[int, int], found: list[torc
         or tensor.is_quantized
         or tensor.is_conj()
         or tensor.is_neg()
-        or torch._utils._get_obj_state(tensor)
-        or torch._utils.get_tensor_metadata(tensor)
+        or tensor.__getstate__()  # Python attributes: torch pickles them with it, as __getstate__ gives them
+        or _compat.tensor_serialization_metadata(tensor)
     ):
         return None
     storage = tensor.untyped_storage()
-    number = storages.get(storage._cdata)
+    identity = _compat.storage_identity(storage)
+    number = storages.get(identity)
     if number is None:
-        number = storages[storage._cdata] = len(found)
+        number = storages[identity] = len(found)
         found.append(storage)
     return (
         tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor.requires_grad,

@@ -1,0 +1,542 @@
+"""Canaries for the private Ray, torch, s3fs, fsspec and Flower names fedckpt uses (``fedckpt/_compat.py``).
+
+Run this file first after upgrading any of those libraries. Each canary calls the name for real on
+a tiny input (real Ray, the moto S3 server) and checks the behaviour fedckpt relies on; when an
+upgrade removes or changes it, the test fails with the library, the name and the installed version.
+The last tests check that every name the adapter lists has a canary, and that no module of
+fedckpt outside the adapter touches a private name of these libraries.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import functools
+import io
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+import zipfile
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+from torch import nn
+
+import fedckpt
+from fedckpt import _compat
+
+CANARIES: dict[str, str] = {}  # private name -> the test that guards it
+
+
+def canary(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a test as the canary of ``name`` (a key of ``_compat.PRIVATE_NAMES``): any failure in it
+    is reported as that name having changed in the installed version of its library."""
+    library = _compat.PRIVATE_NAMES[name]
+
+    def decorate(test: Callable[..., Any]) -> Callable[..., Any]:
+        CANARIES[name] = test.__name__
+
+        @functools.wraps(test)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return test(*args, **kwargs)
+            except Exception as error:
+                pytest.fail(
+                    f"{library} {version(library)}: {name} is gone or no longer does what fedckpt relies on "
+                    f"({type(error).__name__}: {error}). Adapt its function in src/fedckpt/_compat.py, or keep "
+                    f"{library} at a version listed in README.md, 'Supported versions'."
+                )
+
+        return run
+
+    return decorate
+
+
+def without_ray_env() -> dict[str, str]:
+    """This environment without the switches conftest sets for Ray (a child that starts its own)."""
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+
+
+def python(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=180, env=env
+    )
+
+
+def run_python(script: str, env: dict[str, str]) -> str:
+    result = python(script, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+# ---- Ray ------------------------------------------------------------------------------------------
+
+
+@canary("ray._private.ray_constants.ENABLE_RAY_CLUSTER")
+def test_ray_binds_loopback_starts_a_local_node_on_127_0_0_1():
+    """In a process that imported Ray without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the switch on)."""
+    out = run_python(
+        """
+        import ray
+        from ray._private import ray_constants
+        from fedckpt import _compat
+
+        assert ray_constants.ENABLE_RAY_CLUSTER is True, "the switch is on by default on Linux"
+        with _compat.ray_binds_loopback():
+            ray.init(address="local", include_dashboard=False, num_cpus=1, log_to_driver=False)
+        assert ray_constants.ENABLE_RAY_CLUSTER is True, "the switch is restored"
+        print(sorted({node["NodeManagerAddress"] for node in ray.nodes()}), ray.util.get_node_ip_address())
+        ray.shutdown()
+        """,
+        without_ray_env(),
+    )
+    assert out.strip().splitlines()[-1] == "['127.0.0.1'] 127.0.0.1"
+
+
+@canary("ray.runtime_context.RuntimeContext.worker")
+def test_in_ray_worker_process_tells_tasks_and_actors_from_the_driver(ray_instance):
+    @ray.remote(num_cpus=0)
+    def in_task() -> bool:
+        return _compat.in_ray_worker_process()
+
+    @ray.remote(num_cpus=0)
+    class InActor:
+        def probe(self) -> bool:
+            return _compat.in_ray_worker_process()
+
+    assert _compat.in_ray_worker_process() is False
+    assert ray.get(in_task.remote()) is True
+    actor = InActor.remote()
+    assert ray.get(actor.probe.remote()) is True
+    ray.kill(actor)
+
+
+@canary("ray._private.state.jobs")
+def test_ray_job_is_dead_once_its_driver_left(ray_instance):
+    own = ray.get_runtime_context().get_job_id()
+    assert _compat.ray_job_is_dead(own) is False
+    assert _compat.ray_job_is_dead("ffffffff") is False  # a job the table does not list
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # a driver joining this cluster
+    out = run_python("import ray; ray.init(log_to_driver=False); print(ray.get_runtime_context().get_job_id())", env)
+    left = out.strip().splitlines()[-1]
+    assert left != own
+    assert _compat.ray_job_is_dead(left) is True  # marked when its driver disconnected
+
+
+KV_NAMESPACE = "fedckpt-canary"
+
+
+@ray.remote(num_cpus=0)
+def kv_get_in_a_worker(key: str, namespace: str) -> bytes | None:
+    return _compat.ray_kv_get(key, namespace)
+
+
+@canary("ray.experimental.internal_kv._internal_kv_put")
+def test_ray_kv_put_stores_and_replaces_for_the_whole_cluster(ray_instance):
+    key = f"put-{uuid.uuid4().hex}"
+    _compat.ray_kv_put(key, "1", KV_NAMESPACE)
+    _compat.ray_kv_put(key, "2", KV_NAMESPACE)  # replaces
+    assert _compat.ray_kv_get(key, KV_NAMESPACE) == b"2"
+    assert ray.get(kv_get_in_a_worker.remote(key, KV_NAMESPACE)) == b"2"  # another process sees it
+    assert _compat.ray_kv_get(key, "fedckpt-canary-other") is None  # per namespace
+    _compat.ray_kv_delete(key, KV_NAMESPACE)
+
+
+@canary("ray.experimental.internal_kv._internal_kv_get")
+def test_ray_kv_get_gives_bytes_or_none(ray_instance):
+    key = f"get-{uuid.uuid4().hex}"
+    assert _compat.ray_kv_get(key, KV_NAMESPACE) is None
+    _compat.ray_kv_put(key, str(2**62), KV_NAMESPACE)
+    value = _compat.ray_kv_get(key, KV_NAMESPACE)
+    assert type(value) is bytes and int(value) == 2**62
+    _compat.ray_kv_delete(key, KV_NAMESPACE)
+
+
+@canary("ray.experimental.internal_kv._internal_kv_del")
+def test_ray_kv_delete_forgets_a_key(ray_instance):
+    key = f"del-{uuid.uuid4().hex}"
+    _compat.ray_kv_put(key, "1", KV_NAMESPACE)
+    _compat.ray_kv_delete(key, KV_NAMESPACE)
+    assert _compat.ray_kv_get(key, KV_NAMESPACE) is None
+    assert ray.get(kv_get_in_a_worker.remote(key, KV_NAMESPACE)) is None
+    _compat.ray_kv_delete(key, KV_NAMESPACE)  # absent: nothing happens
+
+
+@pytest.fixture(scope="module")
+def shutdown_wrapping() -> dict[str, str]:
+    """A fresh process: fedckpt imported before Ray, then Ray, then Flower's simulation backend, whose
+    end of a simulation is run. What it saw, by name (its last lines of stderr
+    under "stderr": a canary that misses its line fails with them)."""
+    result = python(
+        """
+        import sys
+        import fedckpt
+        assert "ray" not in sys.modules
+        import ray
+        import ray._private.worker
+        from fedckpt import _compat
+        from fedckpt.runtime import ray_session
+
+        print("wrapped", bool(getattr(ray.shutdown, "__wrapped_by_fedckpt__", False)))
+        print("original", ray_session.unwrapped_shutdown is ray._private.worker.shutdown)
+        wrapper = ray.shutdown
+        print("once", _compat.wrap_ray_shutdown(lambda shutdown: None) is ray_session.unwrapped_shutdown
+              and ray.shutdown is wrapper)
+        sys.stdout.flush()
+        from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+        before = ray_session.generation
+        backend = RayBackend.__new__(RayBackend)  # its end of a simulation only: no Ray started
+        backend.pool = None
+        backend.terminate()
+        print("flower", ray_session.generation == before + 1)
+        """,
+        without_ray_env(),
+    )
+    seen = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines() if " " in line)
+    return {**seen, "stderr": result.stderr[-3000:]}
+
+
+@canary("ray.shutdown (replaced)")
+def test_ray_shutdown_is_wrapped_once_when_ray_is_imported(shutdown_wrapping):
+    assert "once" in shutdown_wrapping, shutdown_wrapping["stderr"]
+    assert shutdown_wrapping["wrapped"] == "True", "ray.shutdown is fedckpt's wrapper once Ray is imported"
+    assert shutdown_wrapping["original"] == "True", "the wrapper keeps Ray's own shutdown"
+    assert shutdown_wrapping["once"] == "True", "wrapping again changes nothing"
+
+
+@canary("ray.shutdown() at the end of a simulation")
+def test_flowers_simulation_backend_calls_the_wrapped_ray_shutdown(shutdown_wrapping):
+    assert "flower" in shutdown_wrapping, shutdown_wrapping["stderr"]
+    assert shutdown_wrapping["flower"] == "True", "Flower's RayBackend.terminate() did not go through ray.shutdown"
+
+
+# ---- torch ----------------------------------------------------------------------------------------
+
+
+class Records:
+    """Each record the pickling hands over, as bytes."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes]] = []
+
+    def write_record(self, name: str, data: Any, nbytes: int) -> None:
+        if isinstance(data, str):
+            data = data.encode()
+        elif not isinstance(data, bytes):  # an UntypedStorage
+            data = torch.empty(0, dtype=torch.uint8).set_(data, 0, (nbytes,), (1,)).numpy().tobytes()
+        assert len(data) == nbytes
+        self.records.append((name, data))
+
+
+def records_of(state: Any) -> list[tuple[str, bytes]]:
+    records = Records()
+    _compat.torch_save_records(state, records)
+    return records.records
+
+
+def torch_save_file_records(state: Any) -> list[tuple[str, bytes]]:
+    """The records of the file ``torch.save`` writes, less the two its zip writer adds itself."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as archive:
+        records = [(info.filename.split("/", 1)[1], archive.read(info)) for info in archive.infolist()]
+    return [(name, data) for name, data in records if name not in ("version", ".data/serialization_id")]
+
+
+@canary("torch.serialization._save")
+def test_torch_save_records_are_those_of_torch_save():
+    base = torch.arange(6.0)
+    state = {"a": base, "b": base[2:], "round": 3, "lr": 0.1, "ids": torch.ones(2, dtype=torch.int64)}
+    assert records_of(state) == torch_save_file_records(state)
+
+
+@canary("torch.UntypedStorage._cdata")
+def test_storage_identity_is_what_torch_save_writes_one_record_per():
+    base = torch.arange(4.0)
+    empty, other_empty = torch.zeros(0), torch.zeros(0)
+    storages = [t.untyped_storage() for t in (base, base[1:], torch.arange(4.0), empty, other_empty)]
+    identities = [_compat.storage_identity(storage) for storage in storages]
+    assert identities[0] == identities[1] == _compat.storage_identity(base.untyped_storage())  # views share it
+    assert len(set(identities)) == 4  # two empty storages differ (their data_ptr() is 0 for both)
+    state = {"a": base, "b": base[1:], "c": torch.arange(4.0), "d": empty, "e": other_empty}
+    assert sum(name.startswith("data/") for name, _ in records_of(state)) == len(set(identities))
+
+
+@canary("torch._utils.get_tensor_metadata")
+def test_tensor_serialization_metadata_is_empty_for_a_plain_tensor_only():
+    conjugate = torch.zeros(2, dtype=torch.complex64).conj()
+    negative = conjugate.imag
+    assert negative.is_neg()
+    assert not _compat.tensor_serialization_metadata(torch.zeros(2))
+    assert _compat.tensor_serialization_metadata(conjugate)
+    assert _compat.tensor_serialization_metadata(negative)
+
+
+def _pickled_state(module: nn.Module) -> dict[str, Any]:
+    state: dict[str, Any] = module.__getstate__()
+    return state
+
+
+@canary("torch.nn.Module._parameters")
+def test_module_registries_hold_its_parameters_none_included():
+    module = nn.Linear(2, 2)
+    module.register_parameter("absent", None)
+    parameters, _, _ = _compat.module_registries(module)
+    assert parameters is vars(module)[_compat.MODULE_PARAMETERS]
+    assert list(parameters) == ["weight", "bias", "absent"]
+    assert parameters["weight"] is module.weight and parameters["absent"] is None
+    module.weight = nn.Parameter(torch.zeros(2, 2))
+    assert parameters["weight"] is module.weight  # the same dict, updated in place
+    assert _compat.MODULE_PARAMETERS in _pickled_state(module)
+
+
+@canary("torch.nn.Module._buffers")
+def test_module_registries_hold_its_buffers():
+    module = nn.BatchNorm1d(2)
+    _, buffers, _ = _compat.module_registries(module)
+    assert buffers is vars(module)[_compat.MODULE_BUFFERS]
+    assert buffers["running_mean"] is module.running_mean
+    assert list(buffers) == [name for name, _ in module.named_buffers(recurse=False)]
+    assert _compat.MODULE_BUFFERS in _pickled_state(module)
+
+
+@canary("torch.nn.Module._modules")
+def test_module_registries_hold_its_children():
+    module = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    _, _, children = _compat.module_registries(module)
+    assert children is vars(module)[_compat.MODULE_CHILDREN]
+    assert list(children.values()) == list(module.children())
+    assert _compat.MODULE_CHILDREN in _pickled_state(module)
+
+
+@canary("torch.nn.Module._compiled_call_impl")
+def test_a_compiled_modules_call_is_an_attribute_its_pickle_leaves_out():
+    module = nn.Linear(2, 2)
+    module.compile()  # compiles lazily, at the first call: this only sets the attribute
+    assert _compat.MODULE_NOT_PICKLED in vars(module)
+    assert _compat.MODULE_NOT_PICKLED not in _pickled_state(module)
+
+
+# ---- s3fs and fsspec ------------------------------------------------------------------------------
+
+
+@canary("s3fs.S3FileSystem._call_s3")
+def test_s3_call_runs_concurrent_calls_on_s3fs_loop(s3_server):
+    import s3fs
+    from fsspec.asyn import sync
+
+    fs = s3fs.S3FileSystem(**s3_server.options())
+    bucket, key = s3_server.new_bucket(), "canary/multipart"
+    first, last = b"a" * (5 << 20), b"last part"  # S3's smallest part but the last: 5 MiB
+
+    async def multipart() -> None:
+        created = await _compat.s3_call(fs, "create_multipart_upload", Bucket=bucket, Key=key)
+        upload = {"Bucket": bucket, "Key": key, "UploadId": created["UploadId"]}
+        answers = await asyncio.gather(
+            _compat.s3_call(fs, "upload_part", PartNumber=1, Body=first, **upload),
+            _compat.s3_call(fs, "upload_part", PartNumber=2, Body=last, **upload),
+        )
+        parts = [{"PartNumber": number, "ETag": answer["ETag"]} for number, answer in enumerate(answers, 1)]
+        await _compat.s3_call(fs, "complete_multipart_upload", MultipartUpload={"Parts": parts}, **upload)
+
+    sync(fs.loop, multipart)
+    assert fs.cat_file(f"{bucket}/{key}") == first + last
+
+
+@canary("fsspec.AbstractFileSystem._get_kwargs_from_urls")
+def test_options_from_url_reads_a_file_systems_options_from_its_url():
+    import fsspec
+
+    s3 = fsspec.get_filesystem_class("s3")
+    assert _compat.options_from_url(s3, "s3://bucket/key") == {}
+    assert _compat.options_from_url(s3, "s3://bucket/key?versionId=abc") == {"version_aware": True}
+    ftp = fsspec.get_filesystem_class("ftp")
+    assert _compat.options_from_url(ftp, "ftp://user:secret@example.org:2121/dir/file") == {
+        "host": "example.org", "port": 2121, "username": "user", "password": "secret",
+    }  # fmt: skip
+
+
+def test_equal_s3_file_systems_are_one_store_for_the_conditional_write_check(s3_server):
+    """Not a private name: fsspec's public equality, which replaced ``fs._fs_token`` in s3_store."""
+    import s3fs
+
+    one = s3fs.S3FileSystem(**s3_server.options(), skip_instance_cache=True)
+    same = s3fs.S3FileSystem(**s3_server.options(), skip_instance_cache=True)
+    other = s3fs.S3FileSystem(**s3_server.options(endpoint_url="http://127.0.0.1:1"), skip_instance_cache=True)
+    assert one is not same and (same, "bucket") in {(one, "bucket")}
+    assert (other, "bucket") not in {(one, "bucket")}
+
+
+# ---- every private name has a canary, and is used only in the adapter -----------------------------
+
+LIBRARIES = frozenset({"ray", "torch", "fsspec", "s3fs", "flwr", "botocore", "aiobotocore"})
+SOURCE = Path(fedckpt.__file__).parent
+ADAPTER = SOURCE / "_compat.py"
+
+
+def test_every_private_name_the_adapter_lists_has_a_canary():
+    assert sorted(set(_compat.PRIVATE_NAMES) - set(CANARIES)) == []
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def names_defined(sources: list[str]) -> set[str]:
+    """Every name fedckpt's own code defines (functions, classes, assignments, attributes it
+    sets, arguments, imports): ``x._name`` with such a name is fedckpt's own."""
+    defined: set[str] = set()
+    for source in sources:
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                defined.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                defined.add(node.attr)
+            elif isinstance(node, ast.arg):
+                defined.add(node.arg)
+            elif isinstance(node, ast.alias):
+                defined.add(node.asname or node.name.split(".")[0])
+    return defined
+
+
+def private_uses(source: str, defined: set[str], private_strings: set[str]) -> list[tuple[int, str]]:
+    """(line, code) of each private use of the LIBRARIES in ``source``:
+
+    - an import of a private or experimental module of theirs, or of an underscored name;
+    - ``module._name`` on a name bound to one of their modules (``torch.serialization._save``);
+    - ``anything._name`` where fedckpt defines no ``_name`` and ``anything`` is not a standard
+      library module (``fs._call_s3``, ``storage._cdata``), also through ``getattr`` and the like;
+    - ``get_runtime_context().worker``; an assignment to an attribute of one of their modules;
+    - a string naming one of the private attributes the adapter declares (``"_parameters"``).
+    """
+    tree = ast.parse(source)
+    library_names: set[str] = set()
+    standard_names: set[str] = set()
+    found: set[tuple[int, str]] = set()
+
+    def flag(node: ast.AST) -> None:
+        found.add((node.lineno, ast.unparse(node)))  # type: ignore[attr-defined]
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                bound = alias.asname or parts[0]
+                if parts[0] in LIBRARIES:
+                    library_names.add(bound)
+                    if any(_private(part) or part == "experimental" for part in parts):
+                        flag(node)
+                elif parts[0] in sys.stdlib_module_names:
+                    standard_names.add(bound)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            parts = node.module.split(".")
+            if parts[0] in LIBRARIES:
+                library_names.update(alias.asname or alias.name for alias in node.names)
+                if any(_private(part) or part == "experimental" for part in parts) or any(
+                    _private(alias.name) for alias in node.names
+                ):
+                    flag(node)
+            elif parts[0] in sys.stdlib_module_names:
+                standard_names.update(alias.asname or alias.name for alias in node.names)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            root_name = root.id if isinstance(root, ast.Name) else None
+            if _private(node.attr) and (
+                root_name in library_names or (root_name not in standard_names and node.attr not in defined)
+            ):
+                flag(node)
+            if isinstance(node.ctx, ast.Store) and root_name in library_names:
+                flag(node)
+            if (
+                node.attr == "worker"
+                and isinstance(node.value, ast.Call)
+                and ast.unparse(node.value.func).endswith("get_runtime_context")
+            ):
+                flag(node)
+        elif _reflects_a_private_name(node, defined) or _names_a_declared_private(node, private_strings):
+            flag(node)
+    return sorted(found)
+
+
+def _reflects_a_private_name(node: ast.AST, defined: set[str]) -> bool:
+    """``getattr(x, "_name")`` (or set/has/delattr) with a ``_name`` fedckpt does not define."""
+    if not (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+    ):
+        return False
+    name = node.args[1].value
+    return isinstance(name, str) and _private(name) and name not in defined
+
+
+def _names_a_declared_private(node: ast.AST, private_strings: set[str]) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in private_strings
+
+
+def adapter_private_strings() -> set[str]:
+    """The private attribute names the adapter declares as constants (``MODULE_PARAMETERS``, ...)."""
+    return {
+        value for name, value in vars(_compat).items() if name.isupper() and isinstance(value, str) and _private(value)
+    }
+
+
+def test_the_scan_flags_private_names_of_the_libraries_and_not_fedckpts_own():
+    code = textwrap.dedent(
+        """
+        import os
+        import ray
+        import torch
+        from torch import nn
+        from ray._private import state
+        from ray.experimental import internal_kv
+        from torch.serialization import _save
+        def f(fs, storage, checkpointer, own):
+            torch.serialization._save(1)
+            torch._utils.get_tensor_metadata(2)
+            fs._call_s3("x")
+            storage._cdata
+            nn.Module._parameters
+            ray.get_runtime_context().worker.mode
+            ray.shutdown = None
+            getattr(fs, "_fs_token")
+            registry = "_parameters"
+            os._exit(0)
+            checkpointer._saved_keys
+            getattr(own, "_saved_keys")
+            ray.get_runtime_context().get_job_id()
+            own.__dict__
+        """
+    )
+    flagged = {line for line, _ in private_uses(code, {"_saved_keys"}, {"_parameters"})}
+    assert flagged == set(range(6, 9)) | set(range(10, 19))
+
+
+def test_no_private_name_of_the_libraries_outside_the_adapter():
+    files = {path: path.read_text(encoding="utf-8") for path in sorted(SOURCE.rglob("*.py")) if path != ADAPTER}
+    defined = names_defined(list(files.values())) | {path.stem for path in files} | {"_compat"}
+    private_strings = adapter_private_strings()
+    assert private_strings  # the scan for them runs
+    found = [
+        f"{path.relative_to(SOURCE.parent)}:{line}: {code}"
+        for path, source in files.items()
+        for line, code in private_uses(source, defined, private_strings)
+    ]
+    assert not found, (
+        "private names of Ray, torch, s3fs, fsspec or Flower outside src/fedckpt/_compat.py (move each into a "
+        "function there, with a canary in tests/test_compat.py):\n" + "\n".join(found)
+    )
