@@ -27,7 +27,7 @@ import struct
 import uuid
 from collections.abc import Iterator
 
-from fedckpt.runtime.staging import PREFIX, SHM_DIR, reserve
+from fedckpt.runtime.staging import PREFIX, SHM_DIR, create_file, reserve
 from fedckpt.storage.atomic import hold_as_owner
 
 _NUMBER = struct.Struct("<Q")
@@ -41,8 +41,7 @@ class SequenceCounter:
 
     def __init__(self, path: str, create: bool = False) -> None:
         self.path = path
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        self._fd = os.open(path, flags, 0o600)
+        self._fd = create_file(path) if create else os.open(path, os.O_RDWR)  # no room to create: StagingFull
         try:
             if create:
                 hold_as_owner(self._fd)  # the writer's lock: the file is swept once it is gone

@@ -17,6 +17,7 @@ import contextlib
 import errno
 import mmap
 import os
+import stat
 import threading
 import time
 import uuid
@@ -86,23 +87,39 @@ def remove_orphans(
     deadline = time.monotonic() + settle_seconds
     while True:
         remaining = 0
-        with contextlib.suppress(FileNotFoundError):
-            for name in os.listdir(directory):
-                pid = creator_pid(name)
-                if pid is None or pid == os.getpid():
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            pid = creator_pid(name)
+            if pid is None or pid == os.getpid():
+                continue
+            path = os.path.join(directory, name)
+            if not _own_file(path):  # another user's (on a shared node), not a file, or gone: never touched
+                continue
+            if owner_alive(path):  # its creator holds its lock (a PID means nothing across namespaces)
+                remaining += 1
+                continue
+            try:
+                if grace_seconds and time.time() - os.lstat(path).st_mtime < grace_seconds:
                     continue
-                path = os.path.join(directory, name)
-                if owner_alive(path):  # its creator holds its lock (a PID means nothing across namespaces)
-                    remaining += 1
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    if grace_seconds and time.time() - os.stat(path).st_mtime < grace_seconds:
-                        continue
-                    os.unlink(path)
-                    removed += 1
+                os.unlink(path)
+                removed += 1
+            except (FileNotFoundError, PermissionError):  # removed meanwhile; or not ours to remove after all
+                continue
         if remaining == 0 or time.monotonic() >= deadline:
             return removed
         time.sleep(0.05)
+
+
+def _own_file(path: str) -> bool:
+    """Whether ``path`` is a regular file of this user (not followed if a symbolic link)."""
+    try:
+        status = os.lstat(path)
+    except (FileNotFoundError, PermissionError):
+        return False
+    return stat.S_ISREG(status.st_mode) and status.st_uid == os.getuid()
 
 
 SEGMENT_GRANULARITY = 2 << 20
@@ -177,7 +194,7 @@ class StagingArena:
         # a model with one buffer more) reuse each other's segments instead of mapping new memory.
         size = -(-(nbytes + nbytes // 64 + 1) // SEGMENT_GRANULARITY) * SEGMENT_GRANULARITY
         path = os.path.join(self.directory, f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = create_file(path)
         try:
             hold_as_owner(fd)
             reserve(fd, size)
@@ -191,6 +208,24 @@ class StagingArena:
         return Segment(path, size, buffer, fd)
 
 
+# What tmpfs answers when it has no room: no memory or inodes left (ENOSPC, ENOMEM), or a quota reached.
+NO_ROOM = (errno.ENOSPC, errno.ENOMEM, errno.EDQUOT)
+
+
+def create_file(path: str) -> int:
+    """Create the shared-memory file ``path`` (which must not exist), open read-write. Raises
+    :class:`StagingFull` when there is no room for another file: tmpfs refuses it at ``open`` when
+    it has no inode left, before any memory is reserved."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as error:
+        if error.errno in NO_ROOM:
+            why = f"{os.strerror(error.errno)}: no memory or no inode left"
+            message = f"{os.path.dirname(path)} has no room for another file ({why})"
+            raise StagingFull(error.errno, message) from error
+        raise
+
+
 def reserve(fd: int, size: int) -> None:
     """Give the shared-memory file ``fd`` ``size`` bytes of memory now. ``ftruncate`` alone reserves
     nothing on tmpfs: writing into a mapping of it past what ``/dev/shm`` has left kills the
@@ -198,7 +233,7 @@ def reserve(fd: int, size: int) -> None:
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.ENOMEM):
+        if error.errno in NO_ROOM:
             raise StagingFull(error.errno, f"/dev/shm has no room for {size} bytes of staging memory") from error
         raise
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import threading
@@ -133,11 +134,16 @@ def hold_as_owner(fd: int) -> None:
 
 def owner_alive(path: str) -> bool:
     """Whether a live process holds the lock on ``path`` (its owner). A file system without flock
-    counts as alive: nothing is removed there."""
+    counts as alive: nothing is removed there; so does a file this process may not open (another
+    user's) or a symbolic link. Never waits (a FIFO of that name is opened without blocking)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return True  # gone already: nothing to remove
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):  # not ours to judge
+            return True
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # BlockingIOError: held by its owner; anything else: no locks to tell by

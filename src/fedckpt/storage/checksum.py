@@ -49,9 +49,11 @@ def checksum_of(*parts: Any) -> str:
     return running.value()
 
 
-def checksum_of_file(path: str, algorithm: str = ALGORITHM) -> str:
+def checksum_of_file(path: str | int, algorithm: str = ALGORITHM) -> str:
+    """The checksum of the file at ``path``, or of the open descriptor ``path`` from its current offset
+    (left open)."""
     running = RunningChecksum(algorithm)
-    with open(path, "rb", buffering=0) as file:
+    with open(path, "rb", buffering=0, closefd=not isinstance(path, int)) as file:
         buffer = bytearray(READ_CHUNK)
         view = memoryview(buffer)
         while count := file.readinto(buffer):

@@ -4,8 +4,13 @@ hard-linked to that version instead of written again.
 The typical cases: every client's post-aggregation checkpoint of one global model, or a server's
 latest and best. A writer hashes a model file's bytes (header and staged data) before writing, so
 the hash names the file's content; the :class:`ContentIndex` names a published checkpoint that had
-that content. The index may be stale: :func:`link_identical` trusts only the candidate's manifest
-entry, read under its publishing lock, where entry and file are a pair.
+that content. The index may be stale, and a file beside another checkpoint may have been changed or
+planted: :func:`link_identical` links a candidate only if it is this user's file and its bytes hash to
+the content, checked under its publishing lock.
+
+On a node shared by several Unix users, the index's directory is used only if it is this user's and
+private (mode 0700): an index another user can write would let them choose what our saves are linked
+to. Otherwise the index lives in the writer's memory (:class:`ContentIndex`).
 
 Hard links are safe here because fedckpt never writes into a published file: every version is a
 new file renamed into place, so a rename replaces one name's inode and leaves the inode that other
@@ -16,14 +21,20 @@ deleting one leaves the others intact.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import stat
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 
 from fedckpt.storage import manifest
-from fedckpt.storage.atomic import claim_temp
+from fedckpt.storage.atomic import claim_temp, discard_temp
+from fedckpt.storage.checksum import checksum_of_file
+
+log = logging.getLogger("fedckpt")
 
 # Content index entries are shared by the writers of one node through tmpfs files: each writer of a
 # pool owns a share of the keys, and one global model saved by ten clients lands on all of them.
@@ -35,11 +46,17 @@ CLAIM_WAIT_SECONDS = 60.0
 
 
 class ContentIndex:
-    """Checksum -> the path of a checkpoint published with that content (a hint, checked on use)."""
+    """Checksum -> the path of a checkpoint published with that content (a hint, checked on use).
+
+    Entries are files in ``directory``, shared by the writers of this user on the node, if that
+    directory is this user's and private (made so when it does not exist); else (another user's, open
+    to others, a symbolic link: one warning) or without a directory, in this process's memory only,
+    which still links identical saves that reach the same writer.
+    """
 
     def __init__(self, directory: str | None = INDEX_DIR, capacity: int = INDEX_CAPACITY) -> None:
         self.capacity = capacity
-        self.directory = directory if directory and _usable_dir(directory) else None
+        self.directory = directory if directory and _private_dir(directory) else None
         self._memory: OrderedDict[str, str] = OrderedDict()  # without a shared directory
         self._lock = threading.Lock()
         self._records = 0
@@ -128,30 +145,90 @@ class ContentIndex:
                     os.remove(path)
 
 
-def _usable_dir(directory: str) -> bool:
+_warned_dirs: set[str] = set()
+
+
+def _private_dir(directory: str) -> bool:
+    """Whether ``directory`` is this user's own, mode 0700 and no symbolic link (created so if missing).
+    Warns once per directory that exists but is not."""
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        return os.access(directory, os.W_OK)
-    except OSError:
+        os.makedirs(os.path.dirname(directory) or ".", exist_ok=True)
+        os.mkdir(directory, 0o700)
+        os.chmod(directory, 0o700)  # the umask may have taken bits of it away
+    except FileExistsError:
+        pass
+    except OSError as error:  # no room (a full /dev/shm), no /dev/shm: nothing to warn about, nor share
+        log.debug("fedckpt: no shared content index at %s: %s", directory, error)
         return False
+    try:
+        status = os.lstat(directory)
+    except OSError as error:
+        log.debug("fedckpt: no shared content index at %s: %s", directory, error)
+        return False
+    mode = stat.S_IMODE(status.st_mode)
+    if stat.S_ISLNK(status.st_mode):
+        why = "it is a symbolic link"
+    elif not stat.S_ISDIR(status.st_mode):
+        why = "it is not a directory"
+    elif status.st_uid != os.getuid():
+        why = f"it is owned by uid {status.st_uid}, not by this user (uid {os.getuid()})"
+    elif mode != 0o700:
+        why = f"it has mode {mode:#o}, not 0o700"
+    else:
+        return True
+    if directory not in _warned_dirs:
+        _warned_dirs.add(directory)
+        message = (
+            f"fedckpt: not using the content index at {directory}: {why}. Another user could choose what "
+            "checkpoints are linked to; identical saves are deduplicated only within each writer process"
+        )
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return False
 
 
 def link_identical(candidate: str, checksum: str, target: str) -> bool:
     """Hard-link ``candidate`` at ``target`` if its current version has content ``checksum``.
 
     Checked under the candidate's publishing lock, where its manifest entry describes the file
-    beside it; the link is made under the same lock, so it names exactly that version. False (and
-    nothing made) when the candidate changed, is gone, or cannot be linked (another file system, a
-    file system without hard links).
+    beside it; the link is made under the same lock, so it names exactly that version. The entry is
+    not trusted on its own (another user who can write beside the candidate could plant a file and
+    an entry claiming our content, and loading a checkpoint runs pickle): the candidate must be a
+    regular file of this user that nobody else can write, and its bytes must hash to ``checksum``.
+    The file is hashed through a descriptor and the link checked to be that same inode, so a file
+    swapped in meanwhile is never linked. False (and nothing made) when the candidate changed, is
+    gone, fails a check, or cannot be linked (another file system, one without hard links).
+
+    Cost: reading and hashing the candidate (XXH3 at about 20 GB/s, from the page cache when it was
+    written or linked recently), under its publishing lock, instead of writing and fsyncing a file
+    of the same size. XXH3 is no cryptographic hash: the ownership check is what keeps other users'
+    files out; the hash catches a file that no longer holds what its entry says.
     """
     with manifest.publishing_lock(candidate):
         entry = manifest.read_entry_locked(candidate)
         if entry is None or entry.checksum != checksum:
             return False
         try:
-            if os.stat(candidate).st_size != entry.bytes:  # replaced behind fedckpt's back
+            fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return False
+        try:
+            verified = os.fstat(fd)
+            if not (
+                stat.S_ISREG(verified.st_mode)
+                and verified.st_uid == os.getuid()
+                and not verified.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+                and verified.st_size == entry.bytes
+                and checksum_of_file(fd, checksum.partition(":")[0]) == checksum
+            ):
                 return False
             claim_temp(target, link_from=candidate)
-        except OSError:
+        except OSError:  # unreadable, or no link possible here: the save writes its own file
+            return False
+        finally:
+            os.close(fd)
+        linked = os.stat(target)
+        if (linked.st_dev, linked.st_ino) != (verified.st_dev, verified.st_ino):  # swapped after the check
+            discard_temp(target)
             return False
     return True

@@ -203,7 +203,16 @@ class FsspecStorage(Storage):
                     out.write(piece[start : start + PART_BYTES])
 
     def _copy_identical(self, content_index: ContentIndex, checksum: str, url: str) -> bool:
-        """Copy a checkpoint with the same content on the server (no upload); False if none is known."""
+        """Copy a checkpoint with the same content on the server (no upload); False if none is known.
+
+        Unlike :func:`~fedckpt.storage.dedup.link_identical`, the copied object's bytes are not hashed
+        again: that would mean downloading it, which costs what the copy saves (stores do not compute
+        XXH3). The candidate is trusted as far as the checkpoint it names: the node's index is private
+        to this user (see :class:`~fedckpt.storage.dedup.ContentIndex`), so the candidate is a
+        checkpoint this user's writers published, read with this process's credentials; whoever could
+        change what its entry names could equally replace that checkpoint itself (a checkpoint kept
+        where others can write is copied as it stands there, as loading it would read it).
+        """
         candidate = content_index.candidate(checksum)
         if candidate is None or not candidate.startswith(f"{self.protocol}://"):
             return False
