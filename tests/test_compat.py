@@ -350,6 +350,20 @@ def test_s3_call_runs_concurrent_calls_on_s3fs_loop(s3_server):
     assert fs.cat_file(f"{bucket}/{key}") == first + last
 
 
+@canary("s3fs.S3FileSystem._s3creator")
+def test_close_s3_session_closes_the_client_and_a_later_use_opens_a_new_one(s3_server):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server.options(), skip_instance_cache=True)
+    bucket = s3_server.new_bucket()
+    fs.pipe_file(f"{bucket}/before", b"1")
+    client = fs.s3
+    _compat.close_s3_session(fs)
+    assert not client._endpoint.http_session._sessions  # aiobotocore's connection pools are closed
+    fs.pipe_file(f"{bucket}/after", b"2")  # a new session
+    assert fs.s3 is not client and fs.cat_file(f"{bucket}/after") == b"2"
+
+
 @canary("fsspec.AbstractFileSystem._get_kwargs_from_urls")
 def test_options_from_url_reads_a_file_systems_options_from_its_url():
     import fsspec

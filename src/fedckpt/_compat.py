@@ -48,6 +48,7 @@ PRIVATE_NAMES: dict[str, str] = {
     "torch.nn.Module._modules": "torch",
     "torch.nn.Module._compiled_call_impl": "torch",
     "s3fs.S3FileSystem._call_s3": "s3fs",
+    "s3fs.S3FileSystem._s3creator": "s3fs",
     "fsspec.AbstractFileSystem._get_kwargs_from_urls": "fsspec",
 }
 
@@ -250,3 +251,19 @@ def options_from_url(implementation: type, url: str) -> dict[str, Any]:
     """
     options: dict[str, Any] = implementation._get_kwargs_from_urls(url)  # type: ignore[attr-defined]
     return dict(options)
+
+
+def close_s3_session(fs: Any) -> None:
+    """Close an s3fs file system's client session now; a file system of another kind is left alone.
+
+    s3fs closes it from a ``weakref.finalize`` at interpreter exit, when the thread running its
+    event loop may be going away; fedckpt closes it at its own exit handler instead, as that
+    finalizer does: ``close_session(loop, fs._s3creator)`` (the client's context manager, which
+    s3fs keeps only privately). A later use opens a new session. Checked against s3fs 2026.9.0.
+    """
+    creator = getattr(fs, "_s3creator", None)
+    if creator is None or not callable(getattr(type(fs), "close_session", None)):
+        return
+    type(fs).close_session(fs.loop, creator)
+    fs._s3 = None
+    fs._s3creator = None

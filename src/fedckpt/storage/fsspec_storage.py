@@ -64,7 +64,7 @@ def close_sessions() -> None:
     finalizers during interpreter shutdown, with its event loop's thread going away)."""
     for fs in list(_opened):
         try:
-            s3_store.close_session(fs)
+            _compat.close_s3_session(fs)
         except Exception as error:  # at exit: nothing left to save through it
             log.debug("fedckpt: closing %s failed: %s", type(fs).__name__, error)
     _opened.clear()

@@ -111,12 +111,3 @@ def abort_upload(fs: Any, upload: IncompleteUpload) -> None:
     bucket, key, _ = fs.split_path(upload.path)
     fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id)
 
-
-def close_session(fs: Any) -> None:
-    """Close an s3fs file system's client session now (what its finalizer does at interpreter
-    exit, done while the interpreter still runs); a file system of another kind is left alone."""
-    creator = getattr(fs, "_s3creator", None)
-    if creator is None or not hasattr(type(fs), "close_session"):
-        return
-    type(fs).close_session(fs.loop, creator)
-    fs._s3 = None  # a later use (none at exit) opens a new session
