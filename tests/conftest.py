@@ -2,7 +2,6 @@
 
 import faulthandler
 import os
-import sys
 
 faulthandler.enable()  # a crash while tests are collected prints every thread's stack
 
@@ -18,29 +17,6 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fedckpt  # noqa: E402
-
-_exit_status: int | None = None
-
-
-def pytest_sessionfinish(session, exitstatus):
-    global _exit_status
-    _exit_status = int(exitstatus)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config):
-    """Leave without the interpreter's own shutdown, once results and coverage are out.
-
-    About one full run in four (and one in six of test_object_storage.py + test_multinode.py) passed
-    every test, then died with SIGSEGV while the interpreter shut down, after Ray was shut down, with
-    no Python frame for faulthandler to show: native threads of the libraries loaded in this process
-    (Ray's core worker, the S3 server's and fsspec's event loops) torn down in the wrong order. The
-    status is the tests' own.
-    """
-    if _exit_status is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(_exit_status)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -179,6 +179,9 @@ def test_a_writer_killed_mid_upload_keeps_per_key_order_and_every_acknowledged_s
             assert storage.read_entry(f"{directory}/k{key}.pt").sequence[1] >= 1
         report = storage.verify(directory)
         assert report.checked == 2 and report.problems == []
+        assert lifecycle.coordinator().inflight_bytes() == 0
+        stats = fedckpt.stats()
+        assert stats.pending_saves == 0 and stats.pending_bytes == 0
     finally:
         lifecycle.coordinator().stop_writers()
         fedckpt.init(storage_options={})

@@ -106,16 +106,17 @@ def read(path: str) -> Ticket | None:
     return ticket if isinstance(ticket, Ticket) else None
 
 
-def scan(directory: str, prefix: str, namespace: str, home: int) -> list[FoundSave]:
+def scan(directory: str, prefix: str, namespace: str, home: int, node_id: str) -> list[FoundSave]:
     """The saves posted to home ``home`` of pool ``namespace`` whose segments (``prefix*`` files in
-    ``directory``) still hold their tickets, oldest sequence first."""
+    ``directory``) of node ``node_id`` still hold their tickets, oldest sequence first. (Nodes that
+    share one ``/dev/shm``, as a cluster on one machine does, each take only their own.)"""
     found = []
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(directory):
             if not name.startswith(prefix) or "-seq-" in name:
                 continue
             ticket = read(os.path.join(directory, name))
-            if ticket is None or ticket.namespace != namespace:
+            if ticket is None or ticket.namespace != namespace or ticket.payload.node_id != node_id:
                 continue
             found += [FoundSave(request, ticket.payload) for request in ticket.homes.get(home, [])]
     return sorted(found, key=lambda save: save.request.sequence or (1 << 64, 0))

@@ -110,4 +110,3 @@ def incomplete_uploads(fs: Any, prefix: str) -> list[IncompleteUpload]:
 def abort_upload(fs: Any, upload: IncompleteUpload) -> None:
     bucket, key, _ = fs.split_path(upload.path)
     fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id)
-

@@ -119,7 +119,7 @@ class CheckpointWriter:
         if self._recovery is not None:
             return
         if self.lost.restarted and self.counter is not None:
-            for found in tickets.scan(SHM_DIR, PREFIX, self.shape.namespace, self.index):
+            for found in tickets.scan(SHM_DIR, PREFIX, self.shape.namespace, self.index, self.node_id):
                 self._enqueue(found.request, found.payload, None)
         self._recovery = asyncio.get_running_loop().create_task(self._recover_elsewhere())
 

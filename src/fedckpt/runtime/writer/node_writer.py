@@ -94,7 +94,7 @@ class NodeWriter:
         """The saves staged on this node that were sent to home ``home`` and are not known finished
         (a restarted home asks: see :mod:`fedckpt.runtime.tickets`)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, tickets.scan, SHM_DIR, PREFIX, self.shape.namespace, home)
+        return await loop.run_in_executor(None, tickets.scan, SHM_DIR, PREFIX, self.shape.namespace, home, self.node_id)
 
     async def stats(self) -> WriterStats:
         counts = self.metrics.counts
