@@ -15,7 +15,7 @@ from typing import Any
 
 from fedckpt.storage.dedup import ContentIndex
 from fedckpt.storage.manifest import ManifestEntry
-from fedckpt.storage.paths import is_url
+from fedckpt.storage.paths import Location
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def set_default_storage_options(options: Mapping[str, Any] | None) -> None:
 def storage_options_for(path: str, chosen: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """The options a writer needs for ``path``: ``chosen`` (a checkpointer's), else this process's
     default; None for local paths, or when none were given."""
-    if not is_url(path):
+    if not Location.of(path).is_url:
         return None
     options = _default_options if chosen is None else chosen
     return dict(options) if options else None
@@ -116,7 +116,7 @@ def storage_for(path: str, storage_options: Mapping[str, Any] | None = None) -> 
     """The storage backend of ``path``: POSIX for local paths, fsspec for URLs (with
     ``storage_options``, else this process's default; credentials otherwise come from the
     environment, as fsspec's backends find them)."""
-    if not is_url(path):
+    if not Location.of(path).is_url:
         from fedckpt.storage.posix import POSIX
 
         return POSIX

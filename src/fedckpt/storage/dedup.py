@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 from fedckpt.storage import manifest
 from fedckpt.storage.atomic import claim_temp
+from fedckpt.storage.paths import Location
 
 # Content index entries are shared by the writers of one node through tmpfs files: each writer of a
 # pool owns a share of the keys, and one global model saved by ten clients lands on all of them.
@@ -142,8 +143,10 @@ def link_identical(candidate: str, checksum: str, target: str) -> bool:
     Checked under the candidate's publishing lock, where its manifest entry describes the file
     beside it; the link is made under the same lock, so it names exactly that version. False (and
     nothing made) when the candidate changed, is gone, or cannot be linked (another file system, a
-    file system without hard links).
+    file system without hard links, an object store).
     """
+    if Location.of(candidate).is_url:  # the node's content index names checkpoints on object stores too
+        return False
     with manifest.publishing_lock(candidate):
         entry = manifest.read_entry_locked(candidate)
         if entry is None or entry.checksum != checksum:

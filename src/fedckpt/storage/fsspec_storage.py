@@ -42,7 +42,7 @@ from fedckpt.storage.formats import MODULE
 from fedckpt.storage.formats.safetensors_file import safetensors_header
 from fedckpt.storage.formats.torch_zip import write_state_records
 from fedckpt.storage.manifest import ManifestEntry
-from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, entry_path
+from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, Location
 
 log = logging.getLogger("fedckpt.storage")
 
@@ -93,7 +93,10 @@ class FsspecStorage(Storage):
     def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
         """The file system of ``url`` with ``storage_options`` (and any options its URL carries,
         such as an Azure account in ``abfs://container@account``)."""
-        self.protocol = url.split("://", 1)[0].lower()
+        location = Location.of(url)
+        if not location.is_url:
+            raise ValueError(f"FsspecStorage takes URLs, not the local path {url!r} (storage_for gives it POSIX)")
+        self.protocol = location.protocol
         options = dict(storage_options)
         self.conditional = self.protocol in s3_store.S3_PROTOCOLS and options.pop(CONDITIONAL_OPTION, True)
         try:
@@ -116,10 +119,11 @@ class FsspecStorage(Storage):
     # ---- writing ---------------------------------------------------------------------------------
 
     def persist(self, target: SaveTarget, data: memoryview, content_index: ContentIndex | None) -> Persisted | None:
-        control = posixpath.dirname(entry_path(target.path))
+        location = Location.of(target.path)
+        control = str(location.control_dir)
         if self.conditional:  # before anything is uploaded: a store that fails the check keeps nothing
             s3_store.check_conditional_writes_once(self.fs, control)
-        name = posixpath.basename(target.path)
+        name = location.name
         obj = version_name(name, target.sequence)
         url = f"{control}/{obj}"
         linked = False
@@ -186,7 +190,7 @@ class FsspecStorage(Storage):
     def _copy_identical(self, content_index: ContentIndex, checksum: str, url: str) -> bool:
         """Copy a checkpoint with the same content on the server (no upload); False if none is known."""
         candidate = content_index.candidate(checksum)
-        if candidate is None or not candidate.startswith(f"{self.protocol}://"):
+        if candidate is None or Location.of(candidate).protocol != self.protocol:
             return False
         # The index is shared by the node's writers (other runs, buckets, credentials): any failure
         # here (superseded and deleted meanwhile, no right to read it) means uploading instead.
@@ -202,7 +206,7 @@ class FsspecStorage(Storage):
 
     def _commit(self, path: str, entry: ManifestEntry) -> bool:
         """Write ``entry`` as the checkpoint's current one unless a newer sequence is there."""
-        entry_url = entry_path(path)
+        entry_url = str(Location.of(path).entry)
         for attempt in range(COMMIT_ATTEMPTS):
             current, tag = self._read_entry_and_tag(entry_url)
             if current is not None and tuple(current.sequence) > tuple(entry.sequence):
@@ -254,7 +258,8 @@ class FsspecStorage(Storage):
             _cleaned.add(path)  # only once it succeeded: an error (no ListBucket right) tries again
 
     def _versions_prefix(self, path: str) -> str:
-        return f"{posixpath.dirname(entry_path(path))}/{VERSIONS_DIR}/{posixpath.basename(path)}/"
+        location = Location.of(path)
+        return f"{location.control_dir}/{VERSIONS_DIR}/{location.name}/"
 
     def _version_objects(self, path: str) -> list[str]:
         try:
@@ -277,12 +282,12 @@ class FsspecStorage(Storage):
 
     def _object_url(self, path: str, entry: ManifestEntry) -> str:
         assert entry.object is not None
-        return f"{posixpath.dirname(entry_path(path))}/{entry.object}"
+        return f"{Location.of(path).control_dir}/{entry.object}"
 
     def read_entry(self, path: str) -> ManifestEntry | None:
         """The entry alone (one GET): only a commit needs its ETag, and the HEAD that reads it."""
         try:
-            return ManifestEntry.from_json(self.fs.cat_file(entry_path(path)).decode())
+            return ManifestEntry.from_json(self.fs.cat_file(str(Location.of(path).entry)).decode())
         except FileNotFoundError:
             return None
 
@@ -330,8 +335,10 @@ class FsspecStorage(Storage):
         for key in self.fs.find(root):
             parent = posixpath.dirname(key)
             if posixpath.basename(parent) == CONTROL_DIR and key.endswith(ENTRY_SUFFIX):
-                checkpoint = posixpath.join(posixpath.dirname(parent), posixpath.basename(key)[: -len(ENTRY_SUFFIX)])
-                found.append((f"{self.protocol}://{checkpoint}", f"{self.protocol}://{key}"))
+                checkpoint = Location(self.protocol, posixpath.dirname(parent)).join(
+                    posixpath.basename(key)[: -len(ENTRY_SUFFIX)]
+                )
+                found.append((str(checkpoint), f"{self.protocol}://{key}"))
         return found
 
     def verify(self, root: str) -> VerifyReport:

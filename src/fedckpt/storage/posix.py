@@ -19,7 +19,7 @@ from fedckpt.storage.dedup import ContentIndex, link_identical
 from fedckpt.storage.formats import MODULE
 from fedckpt.storage.formats.safetensors_file import safetensors_header, write_module_file
 from fedckpt.storage.formats.torch_zip import write_state_file
-from fedckpt.storage.paths import is_url
+from fedckpt.storage.paths import Location
 
 
 class PosixStorage(Storage):
@@ -85,8 +85,10 @@ def persist_checkpoint(
     A model file's checksum is computed before it is written, and names its content: if
     ``content_index`` knows a checkpoint with that content, the new version is a hard link to it.
     Returns None, leaving the checkpoint untouched, when the version on disk has a newer sequence
-    (a re-sent save of a restarted writer must never replace a newer checkpoint).
+    (a re-sent save of a restarted writer must never replace a newer checkpoint). A ``ValueError``
+    for a URL (:func:`fedckpt.storage.base.storage_for` gives those the fsspec backend).
     """
+    path = Location.of(path).local_path("fedckpt.storage.posix.persist_checkpoint")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if kind != MODULE:
         temp, checksum = write_durable_temp(path, lambda target: write_state_file(layout, data, target))
@@ -101,8 +103,7 @@ def persist_checkpoint(
 
         def write(temp: str) -> None:
             nonlocal linked
-            # The node's content index also names checkpoints on object stores: never links to those.
-            linked = candidate is not None and not is_url(candidate) and link_identical(candidate, checksum, temp)
+            linked = candidate is not None and link_identical(candidate, checksum, temp)
             if not linked:
                 claim_temp(temp)
                 write_module_file(header, data, temp)
