@@ -9,13 +9,15 @@ commit). :func:`storage_for` picks one from the checkpoint's path.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 from fedckpt.storage.dedup import ContentIndex
 from fedckpt.storage.manifest import ManifestEntry
 from fedckpt.storage.paths import Location
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,18 @@ class Storage(ABC):
 
     @abstractmethod
     def local_path(self, path: str) -> str | None:
-        """A local file holding the current version, to read in place; None: use :meth:`read_version`."""
+        """A local file holding the current version, to read in place; None: use :meth:`read_current`."""
 
     @abstractmethod
+    def read_current(self, path: str, read: Callable[[ManifestEntry | None, BinaryIO], T]) -> T:
+        """``read(entry, file)`` of the current version, ``file`` a seekable binary file of it (read
+        as it is read: never whole in memory first). ``FileNotFoundError`` if there is none;
+        ``CorruptCheckpointError`` if the manifest names a version that is missing. On an object
+        store, ``read`` runs again on the newer version if the one it read was deleted under it."""
+
     def read_version(self, path: str) -> StoredVersion:
-        """The current version (``FileNotFoundError`` if there is none; ``CorruptCheckpointError``
-        if the manifest names a version that is missing)."""
+        """The current version, read whole (loads use :meth:`read_current`: they hold no copy of it)."""
+        return self.read_current(path, lambda entry, file: StoredVersion(entry, file.read()))
 
     @abstractmethod
     def is_directory(self, root: str) -> bool:

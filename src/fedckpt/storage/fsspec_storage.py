@@ -27,14 +27,14 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, cast
 
 import fsspec
 
 from fedckpt.errors import CorruptCheckpointError
 from fedckpt.storage import s3_store, s3_upload
-from fedckpt.storage.base import Persisted, SaveTarget, Storage, StoredVersion, VerifyReport
+from fedckpt.storage.base import Persisted, SaveTarget, Storage, T, VerifyReport
 from fedckpt.storage.checksum import RunningChecksum, checksum_of
 from fedckpt.storage.dedup import ContentIndex
 from fedckpt.storage.direct import FrontToBackFile
@@ -42,6 +42,7 @@ from fedckpt.storage.formats import MODULE
 from fedckpt.storage.formats.safetensors_file import safetensors_header
 from fedckpt.storage.formats.torch_zip import write_state_records
 from fedckpt.storage.manifest import ManifestEntry
+from fedckpt.storage.object_file import ObjectFile
 from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, Location
 
 log = logging.getLogger("fedckpt.storage")
@@ -297,24 +298,32 @@ class FsspecStorage(Storage):
     def local_path(self, path: str) -> str | None:
         return None
 
-    def read_version(self, path: str) -> StoredVersion:
+    def read_current(self, path: str, read: Callable[[ManifestEntry | None, BinaryIO], T]) -> T:
+        """``read`` the current version through an :class:`ObjectFile` (ranged GETs: the object is
+        never whole in memory); again on the newer version if its object is deleted meanwhile."""
         missing = None
         for attempt in range(READ_ATTEMPTS):
             entry = self.read_entry(path)
             if entry is None or entry.object is None:
                 raise FileNotFoundError(f"No checkpoint at {path}")
-            try:
-                return StoredVersion(entry, self.fs.cat_file(self._object_url(path, entry)))
-            except FileNotFoundError:
-                # A commit writes the new entry before it deletes the old object: an entry that
-                # still names an object found missing is dangling, not a version being replaced.
-                if entry.object == missing:
-                    raise CorruptCheckpointError(
-                        f"{path}: its manifest entry names the object {entry.object}, which is missing "
-                        f"(fedckpt verify lists such entries)"
-                    ) from None
-                missing = entry.object
-                _backoff(attempt)
+            s3 = self.protocol in s3_store.S3_PROTOCOLS
+            with ObjectFile(self.fs, self._object_url(path, entry), entry.bytes, s3=s3) as file:
+                try:
+                    return read(entry, cast(BinaryIO, file))
+                except Exception:
+                    # Whatever a reader made of it (torch wraps errors of the file it reads), a read
+                    # that found the object gone is not this version's content: look at the entry again.
+                    if not file.missing:
+                        raise
+            # A commit writes the new entry before it deletes the old object: an entry that still
+            # names an object found missing is dangling, not a version being replaced.
+            if entry.object == missing:
+                raise CorruptCheckpointError(
+                    f"{path}: its manifest entry names the object {entry.object}, which is missing "
+                    f"(fedckpt verify lists such entries)"
+                )
+            missing = entry.object
+            _backoff(attempt)
         raise TimeoutError(f"{path}: a newer version was committed during each of {READ_ATTEMPTS} reads")
 
     def is_directory(self, root: str) -> bool:

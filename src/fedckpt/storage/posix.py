@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 from fedckpt.storage import manifest
 from fedckpt.storage.atomic import claim_temp, discard_temp, publish, write_durable_temp
-from fedckpt.storage.base import Persisted, SaveTarget, Storage, StoredVersion, VerifyReport
+from fedckpt.storage.base import Persisted, SaveTarget, Storage, T, VerifyReport
 from fedckpt.storage.checksum import checksum_of, file_matches
 from fedckpt.storage.dedup import ContentIndex, link_identical
 from fedckpt.storage.formats import MODULE
@@ -40,9 +40,9 @@ class PosixStorage(Storage):
     def local_path(self, path: str) -> str | None:
         return path
 
-    def read_version(self, path: str) -> StoredVersion:
+    def read_current(self, path: str, read: Callable[[manifest.ManifestEntry | None, BinaryIO], T]) -> T:
         with open(path, "rb") as file:
-            return StoredVersion(self.read_entry(path), file.read())
+            return read(self.read_entry(path), file)
 
     def is_directory(self, root: str) -> bool:
         return os.path.isdir(root)
