@@ -92,3 +92,26 @@ def test_helpers(tmp_path):
     path = tmp_path / "raw.bin"
     assert raw_write_fsync(str(path), b"x" * 1000, 3) > 0
     assert not path.exists()
+
+
+def test_bench_against_s3_leaves_nothing_in_the_working_directory(s3_server, tmp_path):
+    """``fedckpt bench --storage s3://...`` run from an empty directory leaves it empty: no ``s3:``
+    directory of lock files from a URL joined as a local path (issue 23). Its warm-up saves one model
+    to S3 and to a local file: the local save's content index names the S3 checkpoint, which is where
+    one was made before (a hard link tried to an S3 candidate, under its publishing lock)."""
+    import os
+    import subprocess
+    import sys
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    source = os.path.dirname(os.path.dirname(fedckpt.__file__))  # this checkout's fedckpt, from any cwd
+    env = {**os.environ, **s3_server.env(), "RAY_ADDRESS": "local",
+           "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    url = f"s3://{s3_server.new_bucket()}/run"
+    command = [sys.executable, "-m", "fedckpt.cli", "bench", "--storage", url, "--cases", "mlp-305kb", "--repeats", "1"]
+    completed = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "fedckpt MiB/s" in completed.stdout
+    assert list(work.iterdir()) == []
+    assert [path for path in tmp_path.rglob("*") if "s3:" in str(path)] == []

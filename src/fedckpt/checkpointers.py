@@ -59,6 +59,15 @@ def snapshot_model(model: nn.Module, file_format: str) -> Snapshot:
         raise TypeError(f"The model of type {type(model).__name__} cannot be saved: {error}") from error
 
 
+def _read_model(source: reading.Source, file_format: str) -> Any:
+    return reading.read_module(source) if file_format == MODULE else reading.read_state(source)
+
+
+def _read_tensors_or_model(source: reading.Source, file_format: str) -> Any:
+    """A module file's tensors (no pickle run), else what ``torch.save`` saved."""
+    return reading.read_state_dict(source) if file_format == MODULE else reading.read_state(source)
+
+
 class TorchModuleCheckpointer(ABC):
     """Base class of model checkpointers. Subclasses implement ``maybe_checkpoint``.
 
@@ -113,20 +122,14 @@ class TorchModuleCheckpointer(ABC):
         """
         path = self.checkpoint_path if path_to_checkpoint is None else os.fspath(path_to_checkpoint)
         wait_until_readable(path)
-        source, file_format = reading.checkpoint_source(path, self.storage_options)
-        if file_format == MODULE:
-            return reading.read_module(source)
-        return reading.read_state(source)
+        return reading.read_checkpoint(path, self.storage_options, _read_model)
 
     def load_state_dict(self, path_to_checkpoint: str | None = None) -> dict:
         """The saved tensors by state-dict name. A safetensors file is read without running pickle;
         a ``torch.save`` file of the module needs pickle (load only files you trust)."""
         path = self.checkpoint_path if path_to_checkpoint is None else os.fspath(path_to_checkpoint)
         wait_until_readable(path)
-        source, file_format = reading.checkpoint_source(path, self.storage_options)
-        if file_format == MODULE:
-            return reading.read_state_dict(source)
-        saved = reading.read_state(source)
+        saved = reading.read_checkpoint(path, self.storage_options, _read_tensors_or_model)
         if isinstance(saved, nn.Module):
             return saved.state_dict()
         if isinstance(saved, Mapping) and all(isinstance(value, torch.Tensor) for value in saved.values()):

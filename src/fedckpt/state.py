@@ -116,10 +116,11 @@ class PerRoundStateCheckpointer:
             wait_until_readable(path)
         log.info("Loading state from checkpoint at %s", path)
         try:
-            source, _ = reading.checkpoint_source(path, self.storage_options)
+            return reading.read_checkpoint(
+                path, self.storage_options, lambda source, _: reading.read_state(source, mmap)
+            )
         except FileNotFoundError:
             raise FileNotFoundError(f"No state checkpoint at {path}") from None
-        return reading.read_state(source, mmap=mmap)
 
     def checkpoint_exists(self, checkpoint_name: str, **kwargs: Any) -> bool:
         """Whether the checkpoint exists, counting saves already issued but not yet written."""

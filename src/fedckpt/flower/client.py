@@ -18,7 +18,6 @@ through Ray with every message, and on a local disk that costs more than reading
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from fedckpt.modes import CheckpointMode
 from fedckpt.policies import Scalar
 from fedckpt.runtime import lifecycle
 from fedckpt.state import PerRoundStateCheckpointer
+from fedckpt.storage.paths import Location
 
 SLOTS = (0, 1)
 ROUND_KEY = "server_round"
@@ -45,7 +45,7 @@ CONTEXT_STATE_MAX_BYTES = 1 << 20
 def client_checkpoint_dir(root: str | Path, context: Any) -> str:
     """``root/client_<partition-id>`` for a simulated node (``client_<node-id>`` elsewhere)."""
     node = context.node_config.get("partition-id", context.node_id)
-    return os.path.join(os.fspath(root), f"client_{node}")
+    return str(Location.of(root).join(f"client_{node}"))  # root may be a URL
 
 
 class ClientCheckpoints:

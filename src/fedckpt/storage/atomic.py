@@ -1,4 +1,7 @@
-"""Atomic, durable local files: write a temp file, fsync, rename over the target, fsync the directory."""
+"""Atomic, durable local files: write a temp file, fsync, rename over the target, fsync the directory.
+
+Local files only: the helpers that name a checkpoint refuse a URL with a ``ValueError``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from fedckpt.storage.paths import temp_file_owner, temp_owner, temp_path
+from fedckpt.storage.paths import Location, temp_file_owner, temp_owner, temp_path
 
 T = TypeVar("T")
 
@@ -73,8 +76,9 @@ def write_durable_temp(final_path: str, write: Callable[[str], T], claim: bool =
 
     Returns the temp path and what ``write`` returned. The temp file is created and locked first
     (unless ``claim=False``: then ``write`` calls :func:`claim_temp` itself), and removed if
-    anything fails.
+    anything fails. A ``ValueError`` for a URL.
     """
+    Location.of(final_path).local_path("fedckpt.storage.atomic.write_durable_temp")
     temp = temp_path(final_path)
     os.makedirs(os.path.dirname(temp), exist_ok=True)
     if os.path.dirname(temp) not in _swept_dirs:
@@ -92,7 +96,9 @@ def write_durable_temp(final_path: str, write: Callable[[str], T], claim: bool =
 
 
 def publish(temp: str, final_path: str) -> None:
-    """Atomically move a durable temp file into place and make the rename durable."""
+    """Atomically move a durable temp file into place and make the rename durable (a ``ValueError``
+    for a URL)."""
+    final_path = Location.of(final_path).local_path("fedckpt.storage.atomic.publish")
     os.replace(temp, final_path)
     if os.path.lexists(temp):  # a hard link to the file already in place: rename leaves both names
         os.remove(temp)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 from fedckpt.storage.dedup import ContentIndex
 from fedckpt.storage.manifest import ManifestEntry
-from fedckpt.storage.paths import is_url
+from fedckpt.storage.paths import Location
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,12 +77,18 @@ class Storage(ABC):
 
     @abstractmethod
     def local_path(self, path: str) -> str | None:
-        """A local file holding the current version, to read in place; None: use :meth:`read_version`."""
+        """A local file holding the current version, to read in place; None: use :meth:`read_current`."""
 
     @abstractmethod
+    def read_current(self, path: str, read: Callable[[ManifestEntry | None, BinaryIO], T]) -> T:
+        """``read(entry, file)`` of the current version, ``file`` a seekable binary file of it (read
+        as it is read: never whole in memory first). ``FileNotFoundError`` if there is none;
+        ``CorruptCheckpointError`` if the manifest names a version that is missing. On an object
+        store, ``read`` runs again on the newer version if the one it read was deleted under it."""
+
     def read_version(self, path: str) -> StoredVersion:
-        """The current version (``FileNotFoundError`` if there is none; ``CorruptCheckpointError``
-        if the manifest names a version that is missing)."""
+        """The current version, read whole (loads use :meth:`read_current`: they hold no copy of it)."""
+        return self.read_current(path, lambda entry, file: StoredVersion(entry, file.read()))
 
     @abstractmethod
     def is_directory(self, root: str) -> bool:
@@ -107,7 +115,7 @@ def set_default_storage_options(options: Mapping[str, Any] | None) -> None:
 def storage_options_for(path: str, chosen: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """The options a writer needs for ``path``: ``chosen`` (a checkpointer's), else this process's
     default; None for local paths, or when none were given."""
-    if not is_url(path):
+    if not Location.of(path).is_url:
         return None
     options = _default_options if chosen is None else chosen
     return dict(options) if options else None
@@ -124,7 +132,7 @@ def storage_for(path: str, storage_options: Mapping[str, Any] | None = None) -> 
     """The storage backend of ``path``: POSIX for local paths, fsspec for URLs (with
     ``storage_options``, else this process's default; credentials otherwise come from the
     environment, as fsspec's backends find them)."""
-    if not is_url(path):
+    if not Location.of(path).is_url:
         from fedckpt.storage.posix import POSIX
 
         return POSIX

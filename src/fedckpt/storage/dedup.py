@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from fedckpt.storage import manifest
 from fedckpt.storage.atomic import claim_temp, discard_temp
 from fedckpt.storage.checksum import checksum_of_file
+from fedckpt.storage.paths import Location
 
 log = logging.getLogger("fedckpt")
 
@@ -197,13 +198,16 @@ def link_identical(candidate: str, checksum: str, target: str) -> bool:
     regular file of this user that nobody else can write, and its bytes must hash to ``checksum``.
     The file is hashed through a descriptor and the link checked to be that same inode, so a file
     swapped in meanwhile is never linked. False (and nothing made) when the candidate changed, is
-    gone, fails a check, or cannot be linked (another file system, one without hard links).
+    gone, fails a check, or cannot be linked (another file system, one without hard links, an object
+    store).
 
     Cost: reading and hashing the candidate (XXH3 at about 20 GB/s, from the page cache when it was
     written or linked recently), under its publishing lock, instead of writing and fsyncing a file
     of the same size. XXH3 is no cryptographic hash: the ownership check is what keeps other users'
     files out; the hash catches a file that no longer holds what its entry says.
     """
+    if Location.of(candidate).is_url:  # the node's content index names checkpoints on object stores too
+        return False
     with manifest.publishing_lock(candidate):
         entry = manifest.read_entry_locked(candidate)
         if entry is None or entry.checksum != checksum:

@@ -28,8 +28,8 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, cast
 
 import fsspec
 import fsspec.core
@@ -37,7 +37,7 @@ import fsspec.core
 from fedckpt import _compat
 from fedckpt.errors import CorruptCheckpointError
 from fedckpt.storage import s3_store, s3_upload
-from fedckpt.storage.base import Persisted, SaveTarget, Storage, StoredVersion, VerifyReport
+from fedckpt.storage.base import Persisted, SaveTarget, Storage, T, VerifyReport
 from fedckpt.storage.checksum import RunningChecksum, checksum_of
 from fedckpt.storage.dedup import ContentIndex
 from fedckpt.storage.direct import FrontToBackFile
@@ -45,7 +45,8 @@ from fedckpt.storage.formats import MODULE
 from fedckpt.storage.formats.safetensors_file import safetensors_header
 from fedckpt.storage.formats.torch_zip import write_state_records
 from fedckpt.storage.manifest import ManifestEntry
-from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, entry_path
+from fedckpt.storage.object_file import ObjectFile
+from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, Location
 
 log = logging.getLogger("fedckpt.storage")
 
@@ -111,7 +112,10 @@ class FsspecStorage(Storage):
     def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
         """The file system of ``url`` with ``storage_options`` (and any options its URL carries,
         such as an Azure account in ``abfs://container@account``)."""
-        self.protocol = url.split("://", 1)[0].lower()
+        location = Location.of(url)
+        if not location.is_url:
+            raise ValueError(f"FsspecStorage takes URLs, not the local path {url!r} (storage_for gives it POSIX)")
+        self.protocol = location.protocol
         options = dict(storage_options)
         self.conditional = self.protocol in s3_store.S3_PROTOCOLS and options.pop(CONDITIONAL_OPTION, True)
         try:
@@ -135,10 +139,11 @@ class FsspecStorage(Storage):
     # ---- writing ---------------------------------------------------------------------------------
 
     def persist(self, target: SaveTarget, data: memoryview, content_index: ContentIndex | None) -> Persisted | None:
-        control = posixpath.dirname(entry_path(target.path))
+        location = Location.of(target.path)
+        control = str(location.control_dir)
         if self.conditional:  # before anything is uploaded: a store that fails the check keeps nothing
             s3_store.check_conditional_writes_once(self.fs, control)
-        name = posixpath.basename(target.path)
+        name = location.name
         obj = version_name(name, target.sequence)
         url = f"{control}/{obj}"
         linked = False
@@ -214,7 +219,7 @@ class FsspecStorage(Storage):
         where others can write is copied as it stands there, as loading it would read it).
         """
         candidate = content_index.candidate(checksum)
-        if candidate is None or not candidate.startswith(f"{self.protocol}://"):
+        if candidate is None or Location.of(candidate).protocol != self.protocol:
             return False
         # The index is shared by the node's writers (other runs, buckets, credentials): any failure
         # here (superseded and deleted meanwhile, no right to read it) means uploading instead.
@@ -231,7 +236,7 @@ class FsspecStorage(Storage):
     def _commit(self, path: str, entry: ManifestEntry) -> bool:
         """Write ``entry`` as the checkpoint's current one unless its sequence, or a newer one, is
         there (a save sent twice is committed once)."""
-        entry_url = entry_path(path)
+        entry_url = str(Location.of(path).entry)
         for attempt in range(COMMIT_ATTEMPTS):
             current, tag = self._read_entry_and_tag(entry_url)
             if current is not None and tuple(current.sequence) >= tuple(entry.sequence):
@@ -283,7 +288,8 @@ class FsspecStorage(Storage):
             _cleaned.add(path)  # only once it succeeded: an error (no ListBucket right) tries again
 
     def _versions_prefix(self, path: str) -> str:
-        return f"{posixpath.dirname(entry_path(path))}/{VERSIONS_DIR}/{posixpath.basename(path)}/"
+        location = Location.of(path)
+        return f"{location.control_dir}/{VERSIONS_DIR}/{location.name}/"
 
     def _version_objects(self, path: str) -> list[str]:
         try:
@@ -306,12 +312,12 @@ class FsspecStorage(Storage):
 
     def _object_url(self, path: str, entry: ManifestEntry) -> str:
         assert entry.object is not None
-        return f"{posixpath.dirname(entry_path(path))}/{entry.object}"
+        return f"{Location.of(path).control_dir}/{entry.object}"
 
     def read_entry(self, path: str) -> ManifestEntry | None:
         """The entry alone (one GET): only a commit needs its ETag, and the HEAD that reads it."""
         try:
-            return ManifestEntry.from_json(self.fs.cat_file(entry_path(path)).decode())
+            return ManifestEntry.from_json(self.fs.cat_file(str(Location.of(path).entry)).decode())
         except FileNotFoundError:
             return None
 
@@ -321,24 +327,32 @@ class FsspecStorage(Storage):
     def local_path(self, path: str) -> str | None:
         return None
 
-    def read_version(self, path: str) -> StoredVersion:
+    def read_current(self, path: str, read: Callable[[ManifestEntry | None, BinaryIO], T]) -> T:
+        """``read`` the current version through an :class:`ObjectFile` (ranged GETs: the object is
+        never whole in memory); again on the newer version if its object is deleted meanwhile."""
         missing = None
         for attempt in range(READ_ATTEMPTS):
             entry = self.read_entry(path)
             if entry is None or entry.object is None:
                 raise FileNotFoundError(f"No checkpoint at {path}")
-            try:
-                return StoredVersion(entry, self.fs.cat_file(self._object_url(path, entry)))
-            except FileNotFoundError:
-                # A commit writes the new entry before it deletes the old object: an entry that
-                # still names an object found missing is dangling, not a version being replaced.
-                if entry.object == missing:
-                    raise CorruptCheckpointError(
-                        f"{path}: its manifest entry names the object {entry.object}, which is missing "
-                        f"(fedckpt verify lists such entries)"
-                    ) from None
-                missing = entry.object
-                _backoff(attempt)
+            s3 = self.protocol in s3_store.S3_PROTOCOLS
+            with ObjectFile(self.fs, self._object_url(path, entry), entry.bytes, s3=s3) as file:
+                try:
+                    return read(entry, cast(BinaryIO, file))
+                except Exception:
+                    # Whatever a reader made of it (torch wraps errors of the file it reads), a read
+                    # that found the object gone is not this version's content: look at the entry again.
+                    if not file.missing:
+                        raise
+            # A commit writes the new entry before it deletes the old object: an entry that still
+            # names an object found missing is dangling, not a version being replaced.
+            if entry.object == missing:
+                raise CorruptCheckpointError(
+                    f"{path}: its manifest entry names the object {entry.object}, which is missing "
+                    f"(fedckpt verify lists such entries)"
+                )
+            missing = entry.object
+            _backoff(attempt)
         raise TimeoutError(f"{path}: a newer version was committed during each of {READ_ATTEMPTS} reads")
 
     def is_directory(self, root: str) -> bool:
@@ -359,8 +373,10 @@ class FsspecStorage(Storage):
         for key in self.fs.find(root):
             parent = posixpath.dirname(key)
             if posixpath.basename(parent) == CONTROL_DIR and key.endswith(ENTRY_SUFFIX):
-                checkpoint = posixpath.join(posixpath.dirname(parent), posixpath.basename(key)[: -len(ENTRY_SUFFIX)])
-                found.append((f"{self.protocol}://{checkpoint}", f"{self.protocol}://{key}"))
+                checkpoint = Location(self.protocol, posixpath.dirname(parent)).join(
+                    posixpath.basename(key)[: -len(ENTRY_SUFFIX)]
+                )
+                found.append((str(checkpoint), f"{self.protocol}://{key}"))
         return found
 
     def verify(self, root: str) -> VerifyReport:

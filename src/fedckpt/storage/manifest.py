@@ -13,6 +13,10 @@ lock file, ``<entry>.lock``, and so do readers of the entry. Two incarnations of
 be alive for a moment (one on a node that is being lost), and a reader (``fedckpt verify`` on a live
 run) must neither roll a half-published version back nor pair an entry with the wrong file. The
 locks are POSIX record locks, which NFS v4 and the cluster file systems honour across hosts.
+
+All of this is for local (or shared POSIX) files: every function here refuses a URL with a
+``ValueError`` (an object store's manifest entries are kept by
+:mod:`fedckpt.storage.fsspec_storage`).
 """
 
 from __future__ import annotations
@@ -29,9 +33,15 @@ from dataclasses import asdict, dataclass
 
 from fedckpt.storage.atomic import fsync_path, publish, remove_quietly, write_durable_temp
 from fedckpt.storage.checksum import file_matches
-from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, entry_path
+from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, Location
 
 NEXT_SUFFIX = ".next"
+
+
+def _local(checkpoint_path: str, user: str) -> tuple[str, str]:
+    """(the checkpoint's local path, its entry's path) for ``user``; a ``ValueError`` for a URL."""
+    location = Location.of(checkpoint_path)
+    return location.local_path(f"fedckpt.storage.manifest.{user}"), str(location.entry)
 
 
 @dataclass
@@ -73,14 +83,14 @@ def _write_json(path: str, text: str) -> str:
 
 def stage_entry(checkpoint_path: str, entry: ManifestEntry) -> str:
     """Write the entry of a version about to be published as ``<entry>.next`` (durably)."""
-    target = entry_path(checkpoint_path) + NEXT_SUFFIX
+    target = _local(checkpoint_path, "stage_entry")[1] + NEXT_SUFFIX
     publish(_write_json(target, entry.to_json()), target)
     return target
 
 
 def commit_entry(checkpoint_path: str) -> None:
     """Make the staged entry the current one (after the checkpoint itself was published)."""
-    target = entry_path(checkpoint_path)
+    target = _local(checkpoint_path, "commit_entry")[1]
     os.replace(target + NEXT_SUFFIX, target)
     fsync_path(os.path.dirname(target))
 
@@ -107,7 +117,8 @@ def publishing_lock(checkpoint_path: str, reading: bool = False) -> Iterator[Non
     on without the lock, with one warning per directory: it may see an entry and a file of two
     different versions while a save is being published, which ``fedckpt verify`` then reports.
     """
-    lock = entry_path(checkpoint_path) + LOCK_SUFFIX
+    checkpoint_path, entry = _local(checkpoint_path, "publishing_lock")
+    lock = entry + LOCK_SUFFIX
     # POSIX locks exclude other processes only: the threads of this one (a writer's I/O threads, one
     # publishing a checkpoint while another links to it) take a lock of this process first.
     with _THREAD_LOCKS[hash(lock) % len(_THREAD_LOCKS)]:
@@ -161,7 +172,7 @@ def read_entry(checkpoint_path: str) -> ManifestEntry | None:
     Without a staged entry no lock is needed: the current one is only ever replaced whole
     (``os.replace``), so a reader sees one entry or the next, never a mix.
     """
-    current = entry_path(checkpoint_path)
+    checkpoint_path, current = _local(checkpoint_path, "read_entry")
     if not os.path.exists(current + NEXT_SUFFIX):
         try:
             return ManifestEntry.from_json(_read_text(current))
@@ -174,7 +185,7 @@ def read_entry(checkpoint_path: str) -> ManifestEntry | None:
 
 def read_entry_locked(checkpoint_path: str) -> ManifestEntry | None:
     """:func:`read_entry`, for a caller that holds :func:`publishing_lock`."""
-    current = entry_path(checkpoint_path)
+    checkpoint_path, current = _local(checkpoint_path, "read_entry_locked")
     staged = current + NEXT_SUFFIX
     if os.path.exists(staged):
         # An error reading the staged entry or the checkpoint (EIO, an NFS hiccup) is raised, and the
@@ -199,6 +210,7 @@ def _read_text(path: str) -> str:
 
 def iter_entries(root: str) -> Iterator[tuple[str, ManifestEntry]]:
     """Every (checkpoint path, entry) below ``root``, in path order."""
+    root = Location.of(root).local_path("fedckpt.storage.manifest.iter_entries")
     found = []
     for directory, subdirs, _ in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if d != CONTROL_DIR)

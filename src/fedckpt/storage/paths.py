@@ -1,7 +1,12 @@
-"""Names of checkpoint files and of fedckpt's own files beside them.
+"""Where checkpoints are: :class:`Location` (a local path or a URL), the names of checkpoint files
+and of fedckpt's own files beside them.
 
 A checkpoint is a local path or a URL of an fsspec file system (``s3://bucket/run-7/best.pt``).
-URLs are joined and normalised as POSIX paths after their ``protocol://``.
+:class:`Location` is the one place that tells the two apart: a URL is joined and normalised as a
+POSIX path after its ``protocol://`` (an object store's keys are literal, so nothing else would
+name one object one way), a local path with ``os.path``. What works on local files only (the
+manifest, its lock, temp files) refuses URLs with :meth:`Location.local_path`: joining
+``s3://bucket/...`` as a local path makes directories named ``s3:`` in the working directory.
 """
 
 from __future__ import annotations
@@ -11,37 +16,101 @@ import posixpath
 import re
 import socket
 import uuid
+from dataclasses import dataclass
+from types import ModuleType
 
 CONTROL_DIR = ".fedckpt"
 TEMP_DIR = "tmp"
 ENTRY_SUFFIX = ".json"
 TEMP_SUFFIX = ".tmp"
 
-
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
+_LOCAL_PROTOCOLS = ("file", "local")  # fsspec's names for local files: the path after them is a local path
 
 
-def is_url(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` names a location on an fsspec file system other than local files."""
-    match = _URL.match(os.fspath(path))
-    return match is not None and match.group(1).lower() not in ("file", "local")
+@dataclass(frozen=True)
+class Location:
+    """A local path or a URL, normalised: ``protocol`` is ``""`` for a local path.
 
+    ``path`` is the part after ``protocol://`` for a URL (POSIX-normalised, no leading ``/``), or
+    the local path (``os.path``-normalised; a relative path stays relative).
+    """
 
-def _split_url(url: str) -> tuple[str, str]:
-    match = _URL.match(url)
-    assert match is not None
-    return match.group(1).lower(), match.group(2)
+    protocol: str
+    path: str
+
+    @classmethod
+    def of(cls, where: str | os.PathLike[str] | Location) -> Location:
+        """The location ``where`` names (``file://`` and ``local://`` URLs are local paths)."""
+        if isinstance(where, Location):
+            return where
+        text = os.fspath(where)
+        match = _URL.match(text)
+        if match is None:
+            return cls("", os.path.normpath(text))
+        protocol, rest = match.group(1).lower(), match.group(2)
+        if protocol in _LOCAL_PROTOCOLS:
+            return cls("", os.path.normpath(rest))
+        return cls(protocol, posixpath.normpath(rest).lstrip("/"))
+
+    @property
+    def is_url(self) -> bool:
+        """Whether this is a location on an fsspec file system other than local files."""
+        return bool(self.protocol)
+
+    @property
+    def key(self) -> str:
+        """The runtime's key of a checkpoint here: its absolute path, or its URL."""
+        return str(self) if self.is_url else os.path.abspath(self.path)
+
+    def __str__(self) -> str:
+        return f"{self.protocol}://{self.path}" if self.is_url else self.path
+
+    @property
+    def _paths(self) -> ModuleType:
+        """``posixpath`` for a URL, ``os.path`` for a local path."""
+        return posixpath if self.is_url else os.path
+
+    @property
+    def name(self) -> str:
+        """The last component."""
+        return self._paths.basename(self.path)
+
+    @property
+    def parent(self) -> Location:
+        """The directory (or prefix) this is in."""
+        return Location(self.protocol, self._paths.dirname(self.path) or os.curdir)
+
+    def join(self, *names: str) -> Location:
+        """``self/names...``, normalised as :meth:`of` normalises."""
+        return Location(self.protocol, self._paths.normpath(self._paths.join(self.path, *names)))
+
+    @property
+    def control_dir(self) -> Location:
+        """``.fedckpt`` beside the checkpoint (or the one it is already in, for fedckpt's own files)."""
+        parent = self.parent
+        return parent if parent.name == CONTROL_DIR else parent.join(CONTROL_DIR)
+
+    @property
+    def entry(self) -> Location:
+        """Where the manifest entry of the checkpoint here lives."""
+        return self.control_dir.join(self.name + ENTRY_SUFFIX)
+
+    def local_path(self, user: str) -> str:
+        """This location as a local path, for ``user`` (what works on local files only); a
+        ``ValueError`` naming the URL and the backend that handles it if this is a URL."""
+        if self.is_url:
+            raise ValueError(
+                f"{user} works on local files only, not on the URL {self}: checkpoints at {self.protocol}:// URLs "
+                "are kept by the fsspec backend (fedckpt.storage.fsspec_storage.FsspecStorage, which "
+                "fedckpt.storage.base.storage_for(url) returns)"
+            )
+        return self.path
 
 
 def checkpoint_key(path: str | os.PathLike[str]) -> str:
     """The runtime's key of a checkpoint: its absolute, normalised path, or its normalised URL."""
-    path = os.fspath(path)
-    if is_url(path):
-        protocol, rest = _split_url(path)
-        return f"{protocol}://{posixpath.normpath(rest).lstrip('/')}"
-    if _URL.match(path):  # file:// and local://
-        path = _split_url(path)[1]
-    return os.path.abspath(path)
+    return Location.of(path).key
 
 
 def checkpoint_path_in(directory: str | os.PathLike[str], name: str) -> str:
@@ -52,10 +121,11 @@ def checkpoint_path_in(directory: str | os.PathLike[str], name: str) -> str:
         raise ValueError("A checkpoint name must not be empty")
     if "\x00" in name:
         raise ValueError(f"Checkpoint name {name!r} contains a NUL character")
-    if os.path.isabs(name) or is_url(name):  # FL4Health accepts the full path of a file inside the directory
-        base, full = checkpoint_key(directory), checkpoint_key(name)
-        inside = posixpath.relpath(full, base) if is_url(full) else os.path.relpath(full, base)
-        if is_url(full) != is_url(base) or inside == os.curdir or inside.split(os.sep)[0] == os.pardir:
+    base = Location.of(directory)
+    if os.path.isabs(name) or _URL.match(name):  # FL4Health accepts the full path of a file inside the directory
+        full = Location.of(name)
+        inside = full._paths.relpath(full.key, base.key) if full.protocol == base.protocol else os.pardir
+        if inside == os.curdir or inside.split(os.sep)[0] == os.pardir:
             raise ValueError(f"Checkpoint path {name!r} is not inside the checkpoint directory {directory!r}")
         name = inside
     parts = os.path.normpath(name).split(os.sep)
@@ -65,22 +135,15 @@ def checkpoint_path_in(directory: str | os.PathLike[str], name: str) -> str:
         raise ValueError(f"Checkpoint name {name!r} uses {CONTROL_DIR!r}, which fedckpt keeps for itself")
     if any(len(part.encode()) > 200 for part in parts):
         raise ValueError(f"Checkpoint name {name[:40]!r}... has a path component longer than 200 bytes")
-    # Normalized, so that the writer (which keys by absolute path) and a loader name the same file:
-    # "a/../b" would otherwise need a directory "a" to exist to be read back.
-    joined = os.path.join(os.fspath(directory), os.path.normpath(name))
-    # A URL is normalised as the writer keys it (an object store's keys are literal: "a/../b" is a name).
-    return checkpoint_key(joined) if is_url(joined) else joined
-
-
-def control_dir(checkpoint_path: str) -> str:
-    """``.fedckpt`` beside the checkpoint (or the one it is already in, for fedckpt's own files)."""
-    directory = os.path.dirname(checkpoint_path)
-    return directory if os.path.basename(directory) == CONTROL_DIR else os.path.join(directory, CONTROL_DIR)
+    # Normalised, so that the writer (which keys by absolute path) and a loader name the same file:
+    # "a/../b" would otherwise need a directory "a" to exist to be read back. A URL is normalised
+    # as the writer keys it (an object store's keys are literal: "a/../b" is a name).
+    return str(base.join(name))
 
 
 def entry_path(checkpoint_path: str) -> str:
-    """Where the manifest entry of a checkpoint lives."""
-    return os.path.join(control_dir(checkpoint_path), os.path.basename(checkpoint_path) + ENTRY_SUFFIX)
+    """Where the manifest entry of a checkpoint lives (a path, or a URL for a checkpoint at a URL)."""
+    return str(Location.of(checkpoint_path).entry)
 
 
 def temp_owner() -> str:
@@ -89,13 +152,16 @@ def temp_owner() -> str:
 
 
 def temp_path(final_path: str) -> str:
-    """A fresh temporary name on the same file system as the checkpoint, so a rename is atomic.
+    """A fresh temporary name on the same file system as the checkpoint, so a rename is atomic
+    (local files only: a ``ValueError`` for a URL).
 
     ``<checkpoint>.<host>-<pid>.<random>.tmp``: the owner lets a later process remove the temp files
     of writers that died mid-write (:func:`fedckpt.storage.atomic.remove_stale_temps`).
     """
-    name = f"{os.path.basename(final_path)}.{temp_owner()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
-    return os.path.join(control_dir(final_path), TEMP_DIR, name)
+    final = Location.of(final_path)
+    final.local_path("fedckpt.storage.paths.temp_path")
+    name = f"{final.name}.{temp_owner()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+    return str(final.control_dir.join(TEMP_DIR, name))
 
 
 def temp_file_owner(name: str) -> tuple[str, int] | None:

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 from fedckpt.storage import manifest
 from fedckpt.storage.atomic import claim_temp, discard_temp, publish, write_durable_temp
-from fedckpt.storage.base import Persisted, SaveTarget, Storage, StoredVersion, VerifyReport
+from fedckpt.storage.base import Persisted, SaveTarget, Storage, T, VerifyReport
 from fedckpt.storage.checksum import checksum_of, file_matches
 from fedckpt.storage.dedup import ContentIndex, link_identical
 from fedckpt.storage.formats import MODULE
 from fedckpt.storage.formats.safetensors_file import safetensors_header, write_module_file
 from fedckpt.storage.formats.torch_zip import write_state_file
-from fedckpt.storage.paths import is_url
+from fedckpt.storage.paths import Location
 
 
 class PosixStorage(Storage):
@@ -40,9 +40,9 @@ class PosixStorage(Storage):
     def local_path(self, path: str) -> str | None:
         return path
 
-    def read_version(self, path: str) -> StoredVersion:
+    def read_current(self, path: str, read: Callable[[manifest.ManifestEntry | None, BinaryIO], T]) -> T:
         with open(path, "rb") as file:
-            return StoredVersion(self.read_entry(path), file.read())
+            return read(self.read_entry(path), file)
 
     def is_directory(self, root: str) -> bool:
         return os.path.isdir(root)
@@ -86,8 +86,10 @@ def persist_checkpoint(
     ``content_index`` knows a checkpoint with that content, the new version is a hard link to it.
     Returns None, leaving the checkpoint untouched, when the version on disk has this sequence or a
     newer one (a re-sent save of a restarted writer must never replace a newer checkpoint, nor be
-    published twice).
+    published twice). A ``ValueError`` for a URL (:func:`fedckpt.storage.base.storage_for` gives
+    those the fsspec backend).
     """
+    path = Location.of(path).local_path("fedckpt.storage.posix.persist_checkpoint")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if kind != MODULE:
         temp, checksum = write_durable_temp(path, lambda target: write_state_file(layout, data, target))
@@ -102,8 +104,7 @@ def persist_checkpoint(
 
         def write(temp: str) -> None:
             nonlocal linked
-            # The node's content index also names checkpoints on object stores: never links to those.
-            linked = candidate is not None and not is_url(candidate) and link_identical(candidate, checksum, temp)
+            linked = candidate is not None and link_identical(candidate, checksum, temp)
             if not linked:
                 claim_temp(temp)
                 write_module_file(header, data, temp)

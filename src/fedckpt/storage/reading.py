@@ -1,7 +1,9 @@
 """Reading the two formats of :mod:`fedckpt.storage.formats` back into torch objects.
 
 A checkpoint is read from its local file in place (mapped where that is faster), or, on an object
-store, from the bytes of its current version (:func:`checkpoint_source`).
+store, from a seekable file over its current version that fetches ranges as they are read
+(:func:`read_checkpoint`, :mod:`fedckpt.storage.object_file`): each tensor is read straight into its
+own memory, so a load holds the checkpoint and a bounded buffer, never a copy of the whole object.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import json
 import os
 import pickle
 import struct
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO, TypeVar
 
 import safetensors
 import safetensors.torch
@@ -24,40 +26,91 @@ from torch import nn
 from fedckpt.skeleton import EXTRA_TENSOR_PREFIX, SKELETON_TENSOR_TAG
 from fedckpt.storage import formats
 from fedckpt.storage.base import storage_for
+from fedckpt.storage.formats.safetensors_file import SAFETENSORS_CODES
 
-Source = str | bytes  # a local file's path, or a version's content
+Source = str | BinaryIO  # a local file's path, or a seekable binary file of a version (an object store's)
+T = TypeVar("T")
 
 
-def checkpoint_source(path: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Source, str]:
-    """Where to read checkpoint ``path`` from, and its format (``module``, ``state`` or ``unknown``).
-    ``FileNotFoundError`` if it has no version."""
+def read_checkpoint(path: str, storage_options: Mapping[str, Any] | None, read: Callable[[Source, str], T]) -> T:
+    """``read(source, format)`` of checkpoint ``path``'s current version, its format one of ``module``,
+    ``state`` or ``unknown``. ``FileNotFoundError`` if it has none. On an object store ``read`` may
+    run again, on a newer version, if the one it was reading was deleted under it."""
     storage = storage_for(path, storage_options)
     local = storage.local_path(path)
     if local is not None:
-        return local, formats.file_format(local)
-    version = storage.read_version(path)
-    if version.entry is not None:
-        return version.data, version.entry.format
-    return version.data, formats.STATE if version.data[:2] == b"PK" else formats.MODULE
+        return read(local, formats.file_format(local))
+
+    def read_version(entry: Any, file: BinaryIO) -> T:
+        assert entry is not None  # a version on an object store is always named by its entry
+        return read(file, entry.format)
+
+    return storage.read_current(path, read_version)
 
 
-def _load_tensors(source: Source) -> dict[str, torch.Tensor]:
-    return safetensors.torch.load(source) if isinstance(source, bytes) else safetensors.torch.load_file(source)
+# safetensors dtype code -> torch dtype, for every code fedckpt writes.
+_DTYPES = {code: getattr(torch, name) for name, code in SAFETENSORS_CODES.items() if hasattr(torch, name)}
 
 
-def _description(source: Source) -> dict[str, str]:
-    """fedckpt's metadata in a module file's safetensors header."""
-    if isinstance(source, bytes):
-        (length,) = struct.unpack("<Q", source[:8])
-        metadata = json.loads(source[8 : 8 + length]).get("__metadata__") or {}
-        return json.loads(metadata.get(formats.METADATA_KEY, "{}"))
-    with safetensors.safe_open(source, framework="pt") as handle:
-        return formats.description(handle)
+def _header(file: BinaryIO) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file, and where its data section starts."""
+    file.seek(0)
+    (length,) = struct.unpack("<Q", _read_exactly(file, 8))
+    return json.loads(_read_exactly(file, length)), 8 + length
+
+
+def _read_exactly(file: BinaryIO, count: int) -> bytes:
+    data = file.read(count)
+    if len(data) != count:
+        raise ValueError(f"Truncated safetensors file: {len(data)} of {count} bytes")
+    return data
+
+
+def _file_tensors(file: BinaryIO, header: dict[str, Any], data_start: int) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, each read straight into a tensor of its own (no other copy):
+    from an object store's file all in one read (:meth:`ObjectFile.read_views`)."""
+    tensors, views, end = {}, [], 0
+    items = sorted((info["data_offsets"], name, info) for name, info in header.items() if name != "__metadata__")
+    for (begin, stop), name, info in items:
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"Tensor {name!r} has dtype {info['dtype']!r}, which fedckpt does not read")
+        shape = [int(size) for size in info["shape"]]
+        if stop - begin != torch.Size(shape).numel() * dtype.itemsize or begin != end:
+            raise ValueError(f"Tensor {name!r}: bytes {begin}-{stop} do not hold shape {shape} of {dtype} after {end}")
+        raw = torch.empty(stop - begin, dtype=torch.uint8)
+        views.append(memoryview(raw.numpy()))
+        tensors[name] = raw.view(dtype).reshape(shape)
+        end = stop
+    read_views = getattr(file, "read_views", None)
+    if read_views is not None:
+        read_views(data_start, views)
+        return tensors
+    file.seek(data_start)
+    for view in views:
+        done = 0
+        while done < len(view):
+            got = file.readinto(view[done:])
+            if not got:
+                raise ValueError("Truncated safetensors file: a tensor ends past the end of the file")
+            done += got
+    return tensors
+
+
+def _module_file(source: Source) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """fedckpt's metadata in a module file's safetensors header, and the file's tensors."""
+    if isinstance(source, str):
+        with safetensors.safe_open(source, framework="pt") as handle:
+            description = formats.description(handle)
+        return description, safetensors.torch.load_file(source)
+    header, data_start = _header(source)
+    metadata = header.get("__metadata__") or {}
+    return json.loads(metadata.get(formats.METADATA_KEY, "{}")), _file_tensors(source, header, data_start)
 
 
 def read_state_dict(source: Source) -> dict[str, torch.Tensor]:
     """The tensors of a module checkpoint, by state-dict name; no pickle is run."""
-    tensors = _load_tensors(source)
+    tensors = safetensors.torch.load_file(source) if isinstance(source, str) else _module_file(source)[1]
     return {name: tensor for name, tensor in tensors.items() if not name.startswith(EXTRA_TENSOR_PREFIX)}
 
 
@@ -83,8 +136,8 @@ class _SkeletonUnpickler(pickle.Unpickler):
 
 def read_module(source: Source) -> nn.Module:
     """Rebuild the ``nn.Module`` saved in a module checkpoint (runs pickle, like ``torch.load``)."""
-    skeleton = base64.b64decode(_description(source)["skeleton"])
-    tensors = _load_tensors(source)
+    description, tensors = _module_file(source)
+    skeleton = base64.b64decode(description["skeleton"])
     return _SkeletonUnpickler(io.BytesIO(skeleton), tensors).load()
 
 
@@ -96,8 +149,8 @@ MAPPED_READ_MIN_BYTES = 1 << 20
 def read_state(source: Source, mmap: bool = False) -> Any:
     """Load a state checkpoint (runs pickle: load only files you trust); ``mmap`` maps a local file's
     tensor data, else every tensor is in memory."""
-    if isinstance(source, bytes):
-        return torch.load(io.BytesIO(source), weights_only=False)
+    if not isinstance(source, str):  # torch reads each record into its storage with readinto
+        return torch.load(source, weights_only=False)
     path = source
     if mmap or os.path.getsize(path) < MAPPED_READ_MIN_BYTES:
         return torch.load(path, weights_only=False, mmap=mmap)

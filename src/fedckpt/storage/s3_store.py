@@ -44,6 +44,11 @@ def _botocore_response(error: OSError) -> dict[str, Any]:
     return getattr(error.__cause__, "response", None) or {}
 
 
+def error_code(error: OSError) -> str | None:
+    """S3's error code behind an s3fs error (``InvalidRange``, ``PreconditionFailed``...), if any."""
+    return _botocore_response(error).get("Error", {}).get("Code")
+
+
 def _status(error: OSError) -> int | None:
     return _botocore_response(error).get("ResponseMetadata", {}).get("HTTPStatusCode")
 
@@ -52,7 +57,7 @@ def lost_race(error: OSError, tag: str | None) -> bool:
     """Whether a conditional write failed because another writer's came first: S3's 412
     (PreconditionFailed), 409 (ConditionalRequestConflict: retry), or 404 for If-Match (``tag``) on
     an object deleted meanwhile."""
-    code = _botocore_response(error).get("Error", {}).get("Code")
+    code = error_code(error)
     if _status(error) in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
         return True
     return tag is not None and isinstance(error, FileNotFoundError)
