@@ -92,6 +92,7 @@ def test_two_recoveries_of_one_dead_writer_never_drop_the_channel_its_saves_went
 
         first_resending, second_at_drop, first_posted, second_done = (threading.Event() for _ in range(4))
         threads: dict[str, threading.Thread] = {}
+        posted_on = []
 
         def at_resending(**_) -> None:
             if threading.current_thread() is threads["first"]:
@@ -103,8 +104,9 @@ def test_two_recoveries_of_one_dead_writer_never_drop_the_channel_its_saves_went
                 second_at_drop.set()
                 assert first_posted.wait(WAIT)
 
-        def at_posted(**_) -> None:
+        def at_posted(client, **_) -> None:
             if threading.current_thread() is threads["first"]:
+                posted_on.append(client)
                 first_posted.set()
                 assert second_done.wait(WAIT)
 
@@ -127,8 +129,8 @@ def test_two_recoveries_of_one_dead_writer_never_drop_the_channel_its_saves_went
             for thread in threads.values():
                 thread.join(WAIT)
         assert first_errors == second_errors == []
-        new_channel = coordinator._transport.current_channel(0)
-        assert new_channel is not dead and not new_channel.closed  # the second dropped the dead one only
+        # The second dropped the dead channel only: the one the first sent the saves again on is open.
+        assert coordinator._transport.current_channel(0) is posted_on[0] and not posted_on[0].closed
 
         fedckpt.flush(timeout=WAIT)
         assert {key: saved_value(tmp_path / f"k{key}.pt") for key in range(6)} == dict.fromkeys(range(6), 1)
