@@ -76,7 +76,13 @@ class Delivery:
             claimed = self._inflight.claim(records)
             if not claimed:
                 return
-            for index, client in self._send_claimed(pool, claimed, deadline):
+            try:
+                died = self._send_claimed(pool, claimed, deadline)
+            except BaseException:  # a Ray call out of time, an interrupt: what did not go is sent later
+                self._inflight.lost([record for record in claimed if record.state is SaveState.SENT])
+                self._wake()
+                raise
+            for index, client in died:
                 self.writer_died(index, client, deadline)
             records = [record for record in claimed if record.state is SaveState.STAGED]
 

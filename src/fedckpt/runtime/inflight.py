@@ -77,7 +77,6 @@ class SaveRecord:
     epoch: int | None = None  # the writer incarnation it was last sent to
     done_ref: Any = None  # Ray route: ``wait_saved``, resolved when it left the writer
     error: BaseException | None = None
-    reported: bool = False  # a FAILED save's error was raised to the program
     sends: int = 0
 
     @property
@@ -110,7 +109,7 @@ class InflightSaves:
         self._records: dict[str, SaveRecord] = {}
         self._lost: dict[str, SaveRecord] = {}  # back to STAGED after a send: to send again
         self._recently_finished: OrderedDict[str, None] = OrderedDict()
-        self._failed: dict[str, list[SaveRecord]] = {}  # key -> failed saves not reported yet
+        self._failed: dict[str, BaseException] = {}  # key -> the error of its last failed save, not reported yet
         self._ids = 0
         self._prefix = f"{id(self):x}-{time.time_ns():x}"  # process-unique; a writer tells callers apart by it
         self.nbytes = 0
@@ -238,7 +237,7 @@ class InflightSaves:
         while len(self._recently_finished) > RECENTLY_FINISHED:
             self._recently_finished.popitem(last=False)
         if error is not None:
-            self._failed.setdefault(record.key, []).append(record)
+            self._failed[record.key] = error
         batch = record.batch
         if batch.finished():
             self._batches.remove(batch)
@@ -261,10 +260,6 @@ class InflightSaves:
         with self._lock:
             return [r for r in self._lost.values() if writer in (None, r.writer)]
 
-    def on_channels(self) -> list[SaveRecord]:
-        with self._lock:
-            return [r for r in self._records.values() if r.channel is not None]
-
     def oldest(self) -> Batch | None:
         with self._lock:
             return self._batches[0] if self._batches else None
@@ -278,21 +273,14 @@ class InflightSaves:
         """The errors of failed saves of ``keys`` (None: all) not reported yet; each is reported once."""
         with self._lock:
             chosen = [key for key in self._failed if keys is None or key in keys]
-            taken = {}
-            for key in chosen:
-                records = self._failed.pop(key)
-                for record in records:
-                    record.reported = True
-                taken[key] = records[-1].error
-            return taken  # type: ignore[return-value]
+            return {key: self._failed.pop(key) for key in chosen}
 
     def mark_reported(self, keys: Iterable[str]) -> None:
         """A flush raised an error for each of ``keys`` (a writer held it): the same failure seen in
         this process's records is not raised again."""
         with self._lock:
             for key in keys:
-                for record in self._failed.pop(key, []):
-                    record.reported = True
+                self._failed.pop(key, None)
 
     def wait_until(self, condition: Callable[[], bool], deadline: float | None) -> bool:
         """Block until ``condition()`` (checked at each transition) holds, or ``deadline`` (a

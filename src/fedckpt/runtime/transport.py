@@ -191,10 +191,6 @@ class Transport:
         if staged.segment is not None:
             tickets.write(memoryview(staged.segment.buffer), ticket, staged.nbytes)
 
-    def can_reuse(self, nbytes: int) -> bool:
-        """Whether a free staging segment fits ``nbytes`` (or none is needed)."""
-        return self.arena is None or self.arena.has_free(nbytes)
-
     def release(self, staged: Staged) -> None:
         """Every save of ``staged`` is finished: its segment is free for the next snapshot."""
         if staged.segment is not None and self.arena is not None:
