@@ -324,6 +324,79 @@ def test_a_compiled_modules_call_is_an_attribute_its_pickle_leaves_out():
     assert _compat.MODULE_NOT_PICKLED not in _pickled_state(module)
 
 
+class NamedRecords(Records):
+    """Records under ``skip_data``: a storage is only named, with its size."""
+
+    def write_record_metadata(self, name: str, nbytes: int) -> None:
+        self.records.append((name, nbytes))  # type: ignore[arg-type]
+
+
+@canary("torch.serialization._save")
+def test_torch_save_records_under_skip_data_name_each_storage_with_its_size():
+    base = torch.arange(6.0)
+    state = {"a": base, "b": base[2:], "ids": torch.ones(2, dtype=torch.int64), "round": 3}
+    named = NamedRecords()
+    _compat.torch_save_records(state, named, skip_data=True)
+    expected = [(name, len(data) if name.startswith("data/") else data) for name, data in records_of(state)]
+    assert named.records == expected  # the same data.pkl; each storage named, in order, with its size
+
+
+needs_cuda = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: this canary runs on the GPU host"),
+]
+
+
+def _register(address: int, nbytes: int) -> int:
+    from fedckpt.runtime.cuda import _on_own_thread
+
+    return _on_own_thread(functools.partial(_compat.cuda_host_register, address, nbytes))
+
+
+def _unregister(address: int) -> int:
+    from fedckpt.runtime.cuda import _on_own_thread
+
+    return _on_own_thread(functools.partial(_compat.cuda_host_unregister, address))
+
+
+@needs_cuda[0]
+@needs_cuda[1]
+@canary("torch.cuda.cudart().cudaHostRegister")
+def test_cuda_host_register_makes_a_mapping_take_asynchronous_copies():
+    import mmap
+
+    import numpy as np
+
+    size = 8 << 20
+    mapping = mmap.mmap(-1, size)
+    array = np.frombuffer(mapping, dtype=np.uint8)
+    address = array.ctypes.data
+    assert _register(address, size) == 0
+    try:
+        assert _register(address, size) != 0  # registered already: an error code, never an exception
+        source = torch.randint(0, 256, (size,), dtype=torch.uint8, device="cuda")
+        torch.from_numpy(array).copy_(source, non_blocking=True)
+        torch.cuda.synchronize()
+        assert torch.equal(torch.from_numpy(array), source.cpu())
+    finally:
+        assert _unregister(address) == 0
+
+
+@needs_cuda[0]
+@needs_cuda[1]
+@canary("torch.cuda.cudart().cudaHostUnregister")
+def test_cuda_host_unregister_undoes_a_registration_once():
+    import mmap
+
+    import numpy as np
+
+    mapping = mmap.mmap(-1, 2 << 20)
+    address = np.frombuffer(mapping, dtype=np.uint8).ctypes.data
+    assert _register(address, 2 << 20) == 0
+    assert _unregister(address) == 0
+    assert _unregister(address) != 0  # not registered any more
+
+
 # ---- s3fs and fsspec ------------------------------------------------------------------------------
 
 

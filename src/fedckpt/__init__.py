@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from fedckpt.client_module import ClientCheckpointAndStateModule
     from fedckpt.errors import CheckpointError, CorruptCheckpointError, ScoreError
     from fedckpt.modes import CheckpointMode
-    from fedckpt.runtime.lifecycle import flush, init, shutdown
+    from fedckpt.runtime.lifecycle import flush, init, shutdown, wait_staged
     from fedckpt.runtime.stats import ProcessStats, stats
     from fedckpt.server_module import ServerCheckpointAndStateModule
     from fedckpt.state import PerRoundStateCheckpointer
@@ -44,6 +44,7 @@ _EXPORTS = {
     "flush": "fedckpt.runtime.lifecycle",
     "init": "fedckpt.runtime.lifecycle",
     "shutdown": "fedckpt.runtime.lifecycle",
+    "wait_staged": "fedckpt.runtime.lifecycle",
     "stats": "fedckpt.runtime.stats",
     "ProcessStats": "fedckpt.runtime.stats",
     "ServerCheckpointAndStateModule": "fedckpt.server_module",
@@ -84,4 +85,5 @@ __all__ = [
     "init",
     "shutdown",
     "stats",
+    "wait_staged",
 ]

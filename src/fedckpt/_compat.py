@@ -47,6 +47,8 @@ PRIVATE_NAMES: dict[str, str] = {
     "torch.nn.Module._buffers": "torch",
     "torch.nn.Module._modules": "torch",
     "torch.nn.Module._compiled_call_impl": "torch",
+    "torch.cuda.cudart().cudaHostRegister": "torch",
+    "torch.cuda.cudart().cudaHostUnregister": "torch",
     "s3fs.S3FileSystem._call_s3": "s3fs",
     "s3fs.S3FileSystem._s3creator": "s3fs",
     "fsspec.AbstractFileSystem._get_kwargs_from_urls": "fsspec",
@@ -158,27 +160,35 @@ def wrap_ray_shutdown(make_wrapper: Callable[[Callable[..., Any]], Callable[...,
 
 
 class RecordWriter(Protocol):
-    """What torch's zip writer offers ``torch.save``'s pickling: one call per record, in order."""
+    """What torch's zip writer offers ``torch.save``'s pickling: one call per record, in order
+    (``write_record_metadata`` instead of ``write_record`` for a storage's bytes, under ``skip_data``)."""
 
     def write_record(self, name: str, data: Any, nbytes: int) -> None: ...
 
+    def write_record_metadata(self, name: str, nbytes: int) -> None: ...
 
-def torch_save_records(obj: Any, records: RecordWriter) -> None:
+
+def torch_save_records(obj: Any, records: RecordWriter, skip_data: bool = False) -> None:
     """Run ``torch.save``'s own pickling of ``obj``, handing each record (``data.pkl``, the version
     and byte-order records, every storage as an ``UntypedStorage``) to ``records.write_record``.
 
     ``torch.save`` only writes a zip file, and reading the records back from one costs a copy of
     every storage; fedckpt views them in place. ``torch.serialization._save`` is the pickling
     ``torch.save`` runs for its default (zip) format, with the same arguments, so the records are
-    byte for byte those of ``torch.save``. Checked against torch 2.13.0.
+    byte for byte those of ``torch.save``. With ``skip_data`` (public: ``torch.serialization.skip_data``)
+    every storage is only named, with its size, through ``records.write_record_metadata``: its bytes
+    are not touched, where without it ``_save`` first copies a GPU storage to the CPU, blocking. Checked
+    against torch 2.13.0.
     """
+    import contextlib
     import pickle
 
     import torch
 
-    torch.serialization._save(
-        obj, records, pickle, torch.serialization.DEFAULT_PROTOCOL, _disable_byteorder_record=False
-    )
+    with torch.serialization.skip_data() if skip_data else contextlib.nullcontext():
+        torch.serialization._save(
+            obj, records, pickle, torch.serialization.DEFAULT_PROTOCOL, _disable_byteorder_record=False
+        )
 
 
 def storage_identity(storage: torch.UntypedStorage) -> int:
@@ -223,6 +233,37 @@ def module_registries(module: nn.Module) -> tuple[dict[str, Any], dict[str, Any]
     recursive; None values included). See :data:`MODULE_PARAMETERS` for why not the public
     iterators. Checked against torch 2.13.0."""
     return module._parameters, module._buffers, module._modules
+
+
+# cudaHostRegisterPortable: the memory counts as page-locked for every CUDA context (every device), not
+# only for the one current where it was registered.
+CUDA_HOST_REGISTER_PORTABLE = 1
+
+
+def cuda_host_register(address: int, nbytes: int) -> int:
+    """Register ``nbytes`` of host memory at ``address`` with CUDA (``cudaHostRegister``, portable), so
+    that copies between it and a GPU run at the page-locked speed and without blocking; returns CUDA's
+    error code (0: registered).
+
+    torch reaches the CUDA runtime through ``torch.cuda.cudart()`` (public), whose functions are
+    bindings of libcudart without documentation of their own; torch's own staging for distributed
+    checkpoints registers memory this way. They return the error (they never raise), and the error
+    also stays the calling thread's "last CUDA error", which a later kernel launch check of that thread
+    would raise: call this from a thread that launches no kernels (runtime/cuda.py does). Read from
+    torch's source (``torch/csrc/cuda/shared/cudart.cpp``); its canary needs a GPU (marker ``cuda``) and
+    has not run yet.
+    """
+    import torch
+
+    return int(torch.cuda.cudart().cudaHostRegister(address, nbytes, CUDA_HOST_REGISTER_PORTABLE))
+
+
+def cuda_host_unregister(address: int) -> int:
+    """Undo :func:`cuda_host_register` for the memory at ``address``; returns CUDA's error code (0: done).
+    Same binding, same caveat about the thread it runs on; its canary needs a GPU, like the one above."""
+    import torch
+
+    return int(torch.cuda.cudart().cudaHostUnregister(address))
 
 
 # ---- s3fs and fsspec ------------------------------------------------------------------------------

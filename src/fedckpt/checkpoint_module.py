@@ -9,9 +9,9 @@ from typing import Any
 
 from torch import nn
 
-from fedckpt.checkpointers import FunctionTorchModuleCheckpointer, TorchModuleCheckpointer, snapshot_model
+from fedckpt.checkpointers import FunctionTorchModuleCheckpointer, TorchModuleCheckpointer, snapshot_and_save
 from fedckpt.policies import Scalar
-from fedckpt.runtime import lifecycle, stats
+from fedckpt.runtime import lifecycle
 from fedckpt.runtime.messages import SaveRequest
 from fedckpt.state import PerRoundStateCheckpointer
 from fedckpt.storage.paths import checkpoint_key
@@ -63,8 +63,10 @@ def checkpoint_model(
         chosen = [
             (saver, request) for saver, request in zip(deciding, requests, strict=True) if request.kind == file_format
         ]
-        with stats.recorder.timed("blocked_seconds"):
-            lifecycle.coordinator().save([request for _, request in chosen], snapshot_model(model, file_format))
+        # One snapshot for all: it overlaps the next steps only if every checkpointer taking it allows it.
+        coordinator = lifecycle.coordinator()
+        overlap = all(coordinator.overlap_for(saver.overlap) for saver, _ in chosen)
+        snapshot_and_save([request for _, request in chosen], model, file_format, overlap)
         for saver, request in chosen:
             saver.accepted(request)
 

@@ -7,10 +7,12 @@ file appears in the background; loads and ``flush()`` wait for it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,12 +27,13 @@ from fedckpt.policies import (
     loss_score,
     metric_score_function,
 )
-from fedckpt.runtime import lifecycle, stats
+from fedckpt.runtime import lifecycle, overlap_hooks, stats
 from fedckpt.runtime.messages import SaveRequest
 from fedckpt.snapshot import MODULE, STATE, Snapshot, snapshot_module, snapshot_state
 from fedckpt.storage import reading
 from fedckpt.storage.base import storage_for, storage_options_for
 from fedckpt.storage.paths import checkpoint_key, checkpoint_path_in
+from fedckpt.storage.reading import Device
 
 log = logging.getLogger("fedckpt")
 
@@ -59,13 +62,33 @@ def snapshot_model(model: nn.Module, file_format: str) -> Snapshot:
         raise TypeError(f"The model of type {type(model).__name__} cannot be saved: {error}") from error
 
 
-def _read_model(source: reading.Source, file_format: str) -> Any:
-    return reading.read_module(source) if file_format == MODULE else reading.read_state(source)
+def snapshot_and_save(
+    requests: list[SaveRequest], model: nn.Module, file_format: str, overlap: bool | None = None
+) -> None:
+    """Snapshot ``model`` once for ``requests`` (all of ``file_format``) and save it in the background.
+
+    In overlap mode (``overlap``, else the process default) the model's ``load_state_dict`` waits for
+    the copy of a GPU save (:mod:`fedckpt.runtime.overlap_hooks`): its hook is off while it is snapshot.
+    """
+    coordinator = lifecycle.coordinator()
+    overlapping = coordinator.overlap_for(overlap)
+    with stats.recorder.timed("blocked_seconds"):
+        hooked = overlapping and isinstance(model, nn.Module)
+        with overlap_hooks.unhooked(model) if hooked else contextlib.nullcontext():
+            coordinator.save(requests, snapshot_model(model, file_format), overlap=overlapping)
 
 
-def _read_tensors_or_model(source: reading.Source, file_format: str) -> Any:
+def _read_model(source: reading.Source, file_format: str, device: Device = None) -> Any:
+    if file_format == MODULE:
+        return reading.read_module(source, device)
+    return reading.read_state(source, map_location=device)
+
+
+def _read_tensors_or_model(source: reading.Source, file_format: str, device: Device = None) -> Any:
     """A module file's tensors (no pickle run), else what ``torch.save`` saved."""
-    return reading.read_state_dict(source) if file_format == MODULE else reading.read_state(source)
+    if file_format == MODULE:
+        return reading.read_state_dict(source, device)
+    return reading.read_state(source, map_location=device)
 
 
 class TorchModuleCheckpointer(ABC):
@@ -79,14 +102,22 @@ class TorchModuleCheckpointer(ABC):
             any other name gets ``torch.save``'s format (see :func:`model_file_format`).
         storage_options: fsspec options when ``checkpoint_dir`` is a URL (``s3://...``); default:
             ``fedckpt.init(storage_options=...)``, else the standard environment.
+        overlap: for a model on a GPU, let the copy of a save overlap the next training steps, only
+            in-place mutations waiting for it (see ``fedckpt.init``); default: the process's setting.
     """
 
     def __init__(
-        self, checkpoint_dir: str, checkpoint_name: str, *, storage_options: Mapping[str, Any] | None = None
+        self,
+        checkpoint_dir: str,
+        checkpoint_name: str,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        overlap: bool | None = None,
     ) -> None:
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_name = checkpoint_name
         self.storage_options = storage_options
+        self.overlap = overlap
         self._checkpoint_path: str | None = None
 
     @property
@@ -107,29 +138,31 @@ class TorchModuleCheckpointer(ABC):
     def save_model(self, model: nn.Module, score: float | None = None, score_name: str | None = None) -> None:
         """Snapshot ``model`` and save it in the background (for subclasses' ``maybe_checkpoint``)."""
         request = self.save_request(score, score_name)
-        with stats.recorder.timed("blocked_seconds"):
-            lifecycle.coordinator().save([request], snapshot_model(model, request.kind))
+        snapshot_and_save([request], model, request.kind, self.overlap)
 
     def save_request(self, score: float | None, score_name: str | None) -> SaveRequest:
         key = checkpoint_key(self.checkpoint_path)
         options = storage_options_for(key, self.storage_options)
         return SaveRequest(key, self.file_format, score, score_name, storage_options=options)
 
-    def load_checkpoint(self, path_to_checkpoint: str | None = None) -> nn.Module:
+    def load_checkpoint(self, path_to_checkpoint: str | None = None, *, device: Device = None) -> nn.Module:
         """The saved ``nn.Module`` (waits for pending saves of it). Runs pickle: trusted files only.
 
-        A file written by ``torch.save`` (FL4Health's format) loads too.
+        A file written by ``torch.save`` (FL4Health's format) loads too. ``device`` (a CUDA device):
+        its tensors are read into page-locked memory and copied to the device without blocking (ordered
+        on the current stream); else they are where they were saved (safetensors: on the CPU).
         """
         path = self.checkpoint_path if path_to_checkpoint is None else os.fspath(path_to_checkpoint)
         wait_until_readable(path)
-        return reading.read_checkpoint(path, self.storage_options, _read_model)
+        return reading.read_checkpoint(path, self.storage_options, partial(_read_model, device=device))
 
-    def load_state_dict(self, path_to_checkpoint: str | None = None) -> dict:
+    def load_state_dict(self, path_to_checkpoint: str | None = None, *, device: Device = None) -> dict:
         """The saved tensors by state-dict name. A safetensors file is read without running pickle;
-        a ``torch.save`` file of the module needs pickle (load only files you trust)."""
+        a ``torch.save`` file of the module needs pickle (load only files you trust). ``device``: as for
+        :meth:`load_checkpoint`."""
         path = self.checkpoint_path if path_to_checkpoint is None else os.fspath(path_to_checkpoint)
         wait_until_readable(path)
-        saved = reading.read_checkpoint(path, self.storage_options, _read_tensors_or_model)
+        saved = reading.read_checkpoint(path, self.storage_options, partial(_read_tensors_or_model, device=device))
         if isinstance(saved, nn.Module):
             return saved.state_dict()
         if isinstance(saved, Mapping) and all(isinstance(value, torch.Tensor) for value in saved.values()):
@@ -153,8 +186,9 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
         maximize: bool = False,
         *,
         storage_options: Mapping[str, Any] | None = None,
+        overlap: bool | None = None,
     ) -> None:
-        super().__init__(checkpoint_dir, checkpoint_name, storage_options=storage_options)
+        super().__init__(checkpoint_dir, checkpoint_name, storage_options=storage_options, overlap=overlap)
         self.best_score: float | None = None
         self.checkpoint_score_function = checkpoint_score_function
         if checkpoint_score_name is None:
@@ -215,8 +249,7 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
         """Save ``model`` in the background if its score is the best so far."""
         request = self.decide(loss, metrics)
         if request is not None:
-            with stats.recorder.timed("blocked_seconds"):
-                lifecycle.coordinator().save([request], snapshot_model(model, request.kind))
+            snapshot_and_save([request], model, request.kind, self.overlap)
             self.accepted(request)
 
 
@@ -224,11 +257,17 @@ class LatestTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
     """Saves the model on every call."""
 
     def __init__(
-        self, checkpoint_dir: str, checkpoint_name: str, *, storage_options: Mapping[str, Any] | None = None
+        self,
+        checkpoint_dir: str,
+        checkpoint_name: str,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        overlap: bool | None = None,
     ) -> None:
         super().__init__(
-            checkpoint_dir, checkpoint_name, latest_score, "Latest", False, storage_options=storage_options
-        )
+            checkpoint_dir, checkpoint_name, latest_score, "Latest", False,
+            storage_options=storage_options, overlap=overlap,
+        )  # fmt: skip
 
     def resume_best_score(self) -> float | None:
         return None  # it has no bar to resume
@@ -242,9 +281,16 @@ class BestLossTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
     """Saves the model when its loss is the lowest so far."""
 
     def __init__(
-        self, checkpoint_dir: str, checkpoint_name: str, *, storage_options: Mapping[str, Any] | None = None
+        self,
+        checkpoint_dir: str,
+        checkpoint_name: str,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        overlap: bool | None = None,
     ) -> None:
-        super().__init__(checkpoint_dir, checkpoint_name, loss_score, "Loss", False, storage_options=storage_options)
+        super().__init__(
+            checkpoint_dir, checkpoint_name, loss_score, "Loss", False, storage_options=storage_options, overlap=overlap
+        )
 
 
 class BestMetricTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
@@ -262,7 +308,10 @@ class BestMetricTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
         maximize: bool = False,
         *,
         storage_options: Mapping[str, Any] | None = None,
+        overlap: bool | None = None,
     ) -> None:
         self.metric_key = f"{prefix}{metric}"
         score = metric_score_function(self.metric_key)
-        super().__init__(checkpoint_dir, checkpoint_name, score, metric, maximize, storage_options=storage_options)
+        super().__init__(
+            checkpoint_dir, checkpoint_name, score, metric, maximize, storage_options=storage_options, overlap=overlap
+        )

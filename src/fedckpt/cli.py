@@ -100,6 +100,14 @@ def build_parser(describe_bench_cases: bool = True) -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="FILE", help="also write every raw sample to FILE")
     bench.add_argument("--quick", action="store_true", help="small cases and fewer repeats (a few minutes)")
     bench.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: GPU saves (fp32-256mb, fp32-2gb, bf16-512mb-loop) beside the pinned-copy floor, torch.save and "
+        "dcp.async_save; needs a CUDA device (benchmarks/gpu.py runs the same)",
+    )
+    bench.add_argument("--out", metavar="DIR", help="--device cuda: write gpu.json and gpu.txt under DIR")
+    bench.add_argument(
         "--storage",
         metavar="URL",
         help="instead: persist each case to this object store URL (s3://bucket/prefix) beside a plain put of the "
@@ -118,6 +126,8 @@ def _cases_help() -> str:
 
 
 def command_bench(args: argparse.Namespace) -> int:
+    if args.device == "cuda":
+        return command_bench_gpu(args)
     from fedckpt.bench.runner import run_bench  # torch and Ray: only for this command
 
     if args.storage:
@@ -135,6 +145,23 @@ def command_bench(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"fedckpt bench: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def command_bench_gpu(args: argparse.Namespace) -> int:
+    from fedckpt.bench.gpu import CudaUnavailable, run_gpu_bench  # torch, CUDA and Ray: only for this command
+
+    try:
+        result = run_gpu_bench(out=args.out, cases=args.cases, repeats=args.repeats, directory=args.dir)
+    except CudaUnavailable as error:
+        print(f"fedckpt bench --device cuda: {error}; run it on a machine with a GPU", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"fedckpt bench: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(result, out, indent=2)
     return 0
 
 

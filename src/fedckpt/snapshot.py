@@ -5,11 +5,16 @@ as flat byte views of the live memory, plus a small layout; the file format
 (:mod:`fedckpt.storage.formats`) decides the order of the bytes in the file, which is the order
 they are staged in. Nothing is copied until :meth:`Snapshot.copy_into` fills a staging buffer: that single
 copy is the moment the state is frozen, and the only part of a save the caller waits for.
+
+A tensor on a CUDA device stays there: its view is a flat uint8 tensor over its device memory, which
+the transport copies straight into the staging memory (:mod:`fedckpt.runtime.cuda`). Tensors on other
+accelerators (``mps``, ``xpu``) are copied to the CPU here, with ``.to("cpu")``.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import operator
 import pickle
 import weakref
@@ -26,6 +31,23 @@ from fedckpt.storage.formats import MODULE, STATE
 from fedckpt.storage.formats.safetensors_file import SAFETENSORS_CODES, TensorInfo, data_section
 from fedckpt.storage.formats.torch_records import state_records
 
+log = logging.getLogger("fedckpt")
+
+# A source's bytes, flat uint8: a view of host memory, or a tensor over the memory of a CUDA device.
+ByteView = np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class DevicePart:
+    """A source in a CUDA device's memory, and where its bytes go in the staged data."""
+
+    offset: int
+    view: torch.Tensor  # flat uint8, contiguous, on its device
+
+    @property
+    def nbytes(self) -> int:
+        return self.view.numel()
+
 
 @dataclass
 class Snapshot:
@@ -38,7 +60,7 @@ class Snapshot:
 
     kind: str
     nbytes: int
-    sources: list[np.ndarray]  # flat uint8 views of live memory, in file order
+    sources: list[ByteView]  # flat uint8 views of live memory, in file order
     layout: dict[str, Any]
 
     @functools.cached_property
@@ -47,22 +69,50 @@ class Snapshot:
         once per snapshot: a reused snapshot reuses it too."""
         return pickle.dumps(self.layout, protocol=pickle.HIGHEST_PROTOCOL)
 
+    @functools.cached_property
+    def device_parts(self) -> list[DevicePart]:
+        """The sources in CUDA memory (none: a snapshot of host memory only), with their offsets."""
+        parts, offset = [], 0
+        for view in self.sources:
+            if isinstance(view, torch.Tensor):
+                parts.append(DevicePart(offset, view))
+            offset += nbytes_of(view)
+        return parts
+
     def copy_into(self, buffer: np.ndarray) -> None:
-        """Copy every byte into ``buffer`` (uint8, at least ``nbytes`` long): the blocking copy.
+        """Copy every byte in host memory into ``buffer`` (uint8, at least ``nbytes`` long), each at its
+        offset: the blocking copy. The bytes of :attr:`device_parts` are the transport's to copy.
 
         numpy, not torch: a torch copy wakes the OpenMP pool, whose threads then spin for a while
         and starve the writer and Ray's RPC threads of the CPUs (measured: +5-15 ms per save on 2 cores).
         """
-        if self.sources:
+        if not self.sources:
+            return
+        if not self.device_parts:
             np.concatenate(self.sources, out=buffer[: self.nbytes])  # one call, however many tensors
+            return
+        offset = 0
+        for view in self.sources:
+            size = nbytes_of(view)
+            if isinstance(view, np.ndarray):
+                buffer[offset : offset + size] = view
+            offset += size
+
+
+def nbytes_of(view: ByteView) -> int:
+    return int(view.size) if isinstance(view, np.ndarray) else view.numel()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def host_tensor(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    """``tensor`` as a dense, contiguous CPU tensor (a copy only where it is not one already)."""
+_FOREIGN_LOGGED: set[str] = set()
+
+
+def contiguous_tensor(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """``tensor`` as a dense, contiguous tensor, on the CPU or on its CUDA device (a copy only where
+    it is not one already; a tensor on another accelerator is copied to the CPU)."""
     if tensor.layout != torch.strided:
         raise TypeError(f"Tensor '{name}' has layout {tensor.layout}; only dense (strided) tensors are supported")
     if tensor.device.type == "meta":
@@ -73,14 +123,21 @@ def host_tensor(tensor: torch.Tensor, name: str) -> torch.Tensor:
             f"supported: {sorted(SAFETENSORS_CODES)}"
         )
     tensor = tensor.detach()
-    if tensor.device.type != "cpu":
+    device = tensor.device.type
+    if device not in ("cpu", "cuda"):
+        if device not in _FOREIGN_LOGGED:
+            _FOREIGN_LOGGED.add(device)
+            log.warning("fedckpt: tensors on %s are copied to the CPU with .to('cpu') (blocking) before they are "
+                        "staged; only CUDA tensors are copied straight into staging memory", device)  # fmt: skip
         tensor = tensor.to("cpu")
+    # On a GPU these run on the caller's current stream, before the copy's (which waits for it).
     return tensor.resolve_conj().resolve_neg().contiguous()
 
 
-def byte_view(tensor: torch.Tensor) -> np.ndarray:
-    """The bytes of a contiguous CPU tensor as a flat uint8 numpy view (no copy)."""
-    return tensor.reshape(-1).view(torch.uint8).numpy()
+def byte_view(tensor: torch.Tensor) -> ByteView:
+    """The bytes of a contiguous tensor, flat uint8, no copy: a numpy view on the CPU, a tensor on a GPU."""
+    flat = tensor.reshape(-1).view(torch.uint8)
+    return flat if tensor.device.type == "cuda" else flat.numpy()
 
 
 @dataclass
@@ -93,7 +150,7 @@ class _ModulePlan:
     attributes: list[tuple]  # each submodule's attributes and tensors; held so their ids cannot be reused
     tensors: dict[str, torch.Tensor]  # the state dict this plan was made from
     submodules: list[nn.Module]  # the module tree below the model (never the model: see _plans)
-    views: dict[str, tuple[torch.Tensor, int, torch.Size, tuple, np.ndarray]] = field(default_factory=dict)
+    views: dict[str, tuple[torch.Tensor, int, torch.Size, tuple, ByteView]] = field(default_factory=dict)
     last: Snapshot | None = None  # the last snapshot, reusable when no tensor moved
 
 
@@ -177,7 +234,7 @@ def _plan_of(model: nn.Module) -> _ModulePlan:
     return plan
 
 
-def _byte_view_of(plan: _ModulePlan, name: str, tensor: torch.Tensor) -> tuple[np.ndarray, bool]:
+def _byte_view_of(plan: _ModulePlan, name: str, tensor: torch.Tensor) -> tuple[ByteView, bool]:
     """The tensor's bytes, and whether they are the last save's view (same tensor, same memory laid
     out the same way: a ``.data`` swap to a transposed view keeps the pointer and a square shape)."""
     cached = plan.views.get(name)
@@ -189,9 +246,9 @@ def _byte_view_of(plan: _ModulePlan, name: str, tensor: torch.Tensor) -> tuple[n
         and cached[3] == tensor.stride()
     ):
         return cached[4], True
-    host = host_tensor(tensor, name)
-    view = byte_view(host)
-    if host.data_ptr() == tensor.data_ptr() and not host.is_neg() and not host.is_conj():  # not a copy
+    dense = contiguous_tensor(tensor, name)
+    view = byte_view(dense)
+    if dense.data_ptr() == tensor.data_ptr() and not dense.is_neg() and not dense.is_conj():  # not a copy
         plan.views[name] = (tensor, tensor.data_ptr(), tensor.shape, tensor.stride(), view)
     return view, False
 
@@ -210,12 +267,14 @@ def snapshot_module(model: nn.Module) -> Snapshot:
         return plan.last  # same tensors in the same memory: the same byte views and layout
     entries = data_section(
         {
-            name: TensorInfo(dtype_name(tensor.dtype), tensor.element_size(), tuple(tensor.shape), views[name].size)
+            name: TensorInfo(
+                dtype_name(tensor.dtype), tensor.element_size(), tuple(tensor.shape), nbytes_of(views[name])
+            )
             for name, tensor in tensors.items()
         }
     )
     sources = [views[name] for name, *_ in entries]
-    offset = sum(view.size for view in sources)
+    offset = sum(nbytes_of(view) for view in sources)
     snapshot = Snapshot(MODULE, offset, sources, {"tensors": entries, "skeleton": plan.pickled})
     plan.last = snapshot if len(plan.views) == len(tensors) else None
     return snapshot
@@ -229,7 +288,8 @@ def snapshot_state(state: Any) -> Snapshot:
         raise TypeError(f"The state cannot be pickled: {type(error).__name__}: {error}") from error
     records, sources, offset = [], [], 0
     for name, view in collected:
-        records.append((name, offset, offset + view.size))
+        size = nbytes_of(view)
+        records.append((name, offset, offset + size))
         sources.append(view)
-        offset += view.size
+        offset += size
     return Snapshot(STATE, offset, sources, {"records": records})

@@ -33,12 +33,21 @@ class StateSnapshot:
 class PerRoundStateCheckpointer:
     """Saves, loads and checks dictionaries of state (models, optimizers, counters, ...).
 
-    Files are ``torch.save``'s format: ``torch.load(path, weights_only=False)`` reads them.
+    Files are ``torch.save``'s format: ``torch.load(path, weights_only=False)`` reads them. CUDA
+    tensors in a state (an optimizer's on a GPU) are copied straight from the device into the staging
+    memory; ``overlap`` as for ``TorchModuleCheckpointer`` (default: the process's setting).
     """
 
-    def __init__(self, checkpoint_dir: str | Path, *, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        overlap: bool | None = None,
+    ) -> None:
         self.checkpoint_dir = checkpoint_dir
         self.storage_options = storage_options  # for a URL directory; see TorchModuleCheckpointer
+        self.overlap = overlap
         self._saved_keys: set[str] = set()
 
     def _storage(self, path: str) -> Storage:
@@ -92,7 +101,7 @@ class PerRoundStateCheckpointer:
             storage_options=storage_options_for(key, self.storage_options),
         )
         with stats.recorder.timed("blocked_seconds"):
-            lifecycle.coordinator().save([request], state.snapshot)
+            lifecycle.coordinator().save([request], state.snapshot, overlap=self.overlap)
 
     def saved_round(self, checkpoint_name: str) -> int | None:
         """The round a checkpoint on storage was saved with (see :meth:`save_checkpoint`), or None.
@@ -105,11 +114,14 @@ class PerRoundStateCheckpointer:
             return None
         return int(entry.score)
 
-    def load_checkpoint(self, checkpoint_name: str, mmap: bool = False, wait: bool = True) -> dict[str, Any]:
+    def load_checkpoint(
+        self, checkpoint_name: str, mmap: bool = False, wait: bool = True, *, map_location: Any = None
+    ) -> dict[str, Any]:
         """The saved state (waits for pending saves of it). Raises ``FileNotFoundError`` if absent.
 
         ``mmap=True`` maps tensor data instead of reading it; ``wait=False`` skips the wait, for a
-        caller that just waited (:meth:`existing`).
+        caller that just waited (:meth:`existing`). ``map_location`` is ``torch.load``'s; a CUDA device
+        reads each tensor into page-locked memory and copies it to the device without blocking.
         """
         path = self._path(checkpoint_name)
         if wait:
@@ -117,7 +129,7 @@ class PerRoundStateCheckpointer:
         log.info("Loading state from checkpoint at %s", path)
         try:
             return reading.read_checkpoint(
-                path, self.storage_options, lambda source, _: reading.read_state(source, mmap)
+                path, self.storage_options, lambda source, _: reading.read_state(source, mmap, map_location)
             )
         except FileNotFoundError:
             raise FileNotFoundError(f"No state checkpoint at {path}") from None

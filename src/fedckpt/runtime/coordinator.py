@@ -4,6 +4,8 @@ saves in flight.
 A save copies the snapshot once (:mod:`~fedckpt.runtime.transport`), records each of its saves
 (:mod:`~fedckpt.runtime.inflight`), sends them (:mod:`~fedckpt.runtime.delivery`) and waits for
 the acknowledgements of those that go by Ray calls: that is all it blocks for. It writes no files.
+A snapshot on a GPU only has its copies queued; its saves are sent by the completion thread once the
+copies completed (:mod:`~fedckpt.runtime.completion`), and so are the saves made behind it.
 A flush waits for the writers (every process's saves issued before it) and then for this process's
 own records, each one durable or failed.
 """
@@ -22,11 +24,12 @@ from typing import Any
 import ray
 
 from fedckpt.errors import CheckpointError
-from fedckpt.runtime import failpoints, preemption, ray_session, stats, tickets
+from fedckpt.runtime import failpoints, overlap_hooks, preemption, ray_session, stats, tickets
 from fedckpt.runtime.channel import ChannelClosed
+from fedckpt.runtime.completion import Completions
 from fedckpt.runtime.delivery import Delivery, WriterGone
 from fedckpt.runtime.exit import flush_at_exit
-from fedckpt.runtime.inflight import InflightSaves, SaveRecord
+from fedckpt.runtime.inflight import InflightSaves, SaveRecord, SaveState
 from fedckpt.runtime.messages import SaveRequest, WriterStats
 from fedckpt.runtime.pool import WriterPool
 from fedckpt.runtime.settings import Settings
@@ -35,6 +38,9 @@ from fedckpt.runtime.watcher import Watcher
 from fedckpt.snapshot import Snapshot
 
 log = logging.getLogger("fedckpt")
+
+# The completion thread's sends wait this long for a Ray answer; past it the watcher sends them again.
+COMPLETION_SEND_SECONDS = 5.0
 
 
 class Coordinator:
@@ -48,6 +54,7 @@ class Coordinator:
             settings.shared_memory_staging,
             settings.max_inflight_bytes,
             lambda notices: self._delivery.on_notices(notices),
+            settings.max_registered_bytes,
         )
         self._inflight = InflightSaves(lambda batch: self._transport.release(batch.staged))
         self._watcher = Watcher(
@@ -56,6 +63,7 @@ class Coordinator:
             lambda deadline: self._delivery.resend_lost(None, deadline),
         )
         self._delivery = Delivery(lambda: self._pool, self._transport, self._inflight, self._watcher.wake)
+        self._completions = Completions(self._send_after_copy, self._copy_or_send_failed)
         self._save_lock = threading.RLock()  # one save at a time: staging memory, backpressure
         self._pool_lock = threading.RLock()
         stats.recorder.pending = self._inflight.pending
@@ -114,6 +122,7 @@ class Coordinator:
         from fedckpt.storage.base import storage_for
 
         lost = []
+        self._completions.clear()
         for batch in self._inflight.clear():
             for record in batch.records:
                 request = record.request
@@ -132,9 +141,11 @@ class Coordinator:
 
     # ---- saving -----------------------------------------------------------------------------
 
-    def save(self, requests: list[SaveRequest], snapshot: Snapshot) -> None:
+    def save(self, requests: list[SaveRequest], snapshot: Snapshot, overlap: bool | None = None) -> None:
         """Save one snapshot under each request's key. Blocks for the copy and for sending the
-        message (writers on this node) or for the acknowledgements (Ray calls)."""
+        message (writers on this node) or for the acknowledgements (Ray calls); for a snapshot on a GPU
+        only until its copies are queued (``overlap``: None, the process default; see
+        :mod:`fedckpt.runtime.overlap_hooks`)."""
         if not requests:
             return
         with stats.recorder.timed("blocked_seconds"), self._save_lock:
@@ -147,10 +158,40 @@ class Coordinator:
             self._make_room(snapshot.nbytes)
             homes = [pool.owner_of(request.key) for request in requests]
             room = tickets.room_for(snapshot.packed_layout, requests) if self._transport.arena is not None else 0
-            staged = self._transport.stage(snapshot, room)
+            overlap = self.overlap_for(overlap)
+            if overlap:
+                overlap_hooks.install()  # the optimizer step pre-hook, once per process
+            staged = self._transport.stage(snapshot, room, overlap)
             batch = self._inflight.add(staged, snapshot.nbytes, list(zip(requests, homes, strict=True)))
             stats.recorder.add(saves=len(requests), snapshots=1)
-            self._delivery.send(batch.records)
+            if staged.copy is not None or self._completions.busy:  # in order, behind earlier GPU saves
+                self._completions.submit(staged.copy, batch.records)
+            else:
+                self._delivery.send(batch.records)
+
+    def overlap_for(self, option: bool | None) -> bool:
+        """A checkpointer's ``overlap`` option, or this process's default (``fedckpt.init(overlap=...)``)."""
+        return self.settings.overlap if option is None else option
+
+    def _send_after_copy(self, records: list[SaveRecord]) -> None:
+        """The completion thread: a save's copy completed; send it (the watcher sends again what times out)."""
+        self._delivery.send(records, time.monotonic() + COMPLETION_SEND_SECONDS)
+
+    def _copy_or_send_failed(self, records: list[SaveRecord], error: BaseException) -> None:
+        """The completion thread: a save's copy (or its sending) failed. What was never sent cannot be: it
+        FAILED, and the next save of its key, or a flush, raises. What went and came back is sent again."""
+        log.error("fedckpt: a GPU save could not be staged or sent: %s: %s", type(error).__name__, error)
+        failure = CheckpointError(f"The snapshot could not be staged or sent: {type(error).__name__}: {error}")
+        failure.__cause__ = error
+        for record in records:
+            if record.state is SaveState.STAGED and record.sends == 0:
+                self._inflight.failed(record, failure)
+
+    def wait_staged(self, timeout: float | None = None) -> None:
+        """Block until every save this process made so far has left its GPU and was sent to its writer
+        (then other processes' loads and flushes see it). ``TimeoutError`` after ``timeout`` seconds."""
+        if not self._completions.wait_delivered(timeout):
+            raise TimeoutError(f"fedckpt.wait_staged: GPU saves still being copied after {timeout} s")
 
     def _take_in(self) -> None:
         """The notices that arrived on the channels; a channel found closed is its writer's death."""
@@ -300,6 +341,7 @@ class Coordinator:
         with self._pool_lock:
             atexit.unregister(flush_at_exit)
             self._pool = None
+            self._completions.clear()
             for batch in self._inflight.clear():
                 self._transport.release(batch.staged)
             self._transport.close()

@@ -220,9 +220,10 @@ class InflightSaves:
             return record
 
     def failed(self, record: SaveRecord, error: BaseException) -> None:
-        """Any unfinished state -> FAILED: it cannot reach storage (its writer is gone for good)."""
+        """Any unfinished state -> FAILED: it cannot reach storage (its writer is gone for good, or
+        its bytes never left the GPU). A record :meth:`clear` dropped is left alone."""
         with self._lock:
-            if not record.finished:
+            if not record.finished and self._records.get(record.save_id) is record:
                 self._finish(record, SaveState.FAILED, error)
 
     def _back_to_staged(self, record: SaveRecord) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import ray
 
-from fedckpt.runtime import preemption, ray_session, threads
+from fedckpt.runtime import overlap_hooks, preemption, ray_session, threads
 from fedckpt.runtime.coordinator import Coordinator
 from fedckpt.runtime.settings import Settings
 from fedckpt.storage.base import set_default_storage_options
@@ -34,6 +34,8 @@ def init(
     shared_memory_staging: bool | None = None,
     preemption_grace_seconds: float | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    overlap: bool | None = None,
+    max_registered_bytes: int | None = None,
 ) -> None:
     """Configure the runtime and start (or join) Ray and the writer pool now.
 
@@ -51,6 +53,14 @@ def init(
     :mod:`fedckpt.runtime.preemption`; installed from the main thread only). ``storage_options`` are
     fsspec's options for checkpoint URLs (``s3://...``: ``endpoint_url``, ``key``, ``secret``, ...),
     for this process's saves and loads; without them credentials come from the environment.
+
+    GPU saves (models and states with CUDA tensors): a save returns once its copies into the staging
+    memory are queued. With ``overlap`` False (the default) the caller's CUDA stream waits for them (the
+    GPU orders it, the CPU does not wait); with True only in-place mutations do (optimizer steps,
+    ``load_state_dict`` into a saved module, :func:`wait_staged`), and the copy overlaps the next
+    forward and backward passes: see docs/design.md, "GPU saves", for the contract. Each checkpointer's
+    ``overlap=`` overrides it. ``max_registered_bytes`` caps the staging memory this process registers
+    with CUDA (page-locked; default 4 GiB).
     """
     global _coordinator
     if storage_options is not None:
@@ -60,7 +70,8 @@ def init(
         "num_writers": num_writers, "writers_per_node": writers_per_node, "namespace": namespace,
         "max_inflight_bytes": max_inflight_bytes,
         "coalesce": coalesce, "io_threads": io_threads, "shared_memory_staging": shared_memory_staging,
-        "preemption_grace_seconds": preemption_grace_seconds,
+        "preemption_grace_seconds": preemption_grace_seconds, "overlap": overlap,
+        "max_registered_bytes": max_registered_bytes,
     }  # fmt: skip
     settings = Settings(
         num_writers=defaults.num_writers if num_writers is None else num_writers,
@@ -75,6 +86,8 @@ def init(
         preemption_grace_seconds=(
             defaults.preemption_grace_seconds if preemption_grace_seconds is None else preemption_grace_seconds
         ),
+        overlap=defaults.overlap if overlap is None else overlap,
+        max_registered_bytes=defaults.max_registered_bytes if max_registered_bytes is None else max_registered_bytes,
         explicit=defaults.explicit | {name for name, value in chosen.items() if value is not None},
     ).validated()
     with _lock:
@@ -85,6 +98,7 @@ def init(
             finally:
                 _coordinator.forget()
                 _coordinator = None
+        overlap_hooks.remove_all()  # the next save in overlap mode installs them again
         configured = Coordinator(settings)
     try:
         configured.writers()
@@ -162,6 +176,18 @@ def flush(timeout: float | None = None) -> None:
     coordinator().flush(timeout=timeout)
 
 
+def wait_staged(timeout: float | None = None) -> None:
+    """Block until every save this process made so far has left the GPU and was sent to its writer.
+
+    A save of CUDA tensors returns once its copies are queued; until they complete, other processes'
+    loads and flushes do not see it (a flush or load in this process waits for it anyway). In overlap
+    mode, call it before changing saved tensors in place other than by an optimizer step or
+    ``load_state_dict`` (see docs/design.md, "GPU saves"). Returns at once when nothing is being
+    copied (always, without a GPU); ``TimeoutError`` after ``timeout`` seconds.
+    """
+    coordinator().wait_staged(timeout)
+
+
 def flush_before_ray_shutdown() -> BaseException | None:
     """What ``ray.shutdown()`` does first (see :mod:`fedckpt.runtime.ray_session`): wait for every save
     pending in the cluster; returns the failure to raise once Ray is down."""
@@ -192,6 +218,7 @@ def shutdown() -> None:
     global _coordinator
     with _lock:
         instance, _coordinator = _coordinator, None
+    overlap_hooks.remove_all()
     if instance is None:
         return
     try:

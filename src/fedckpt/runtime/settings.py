@@ -17,6 +17,8 @@ _ENV_VARIABLES = {
     "io_threads": "FEDCKPT_IO_THREADS",
     "shared_memory_staging": "FEDCKPT_SHARED_MEMORY",
     "preemption_grace_seconds": "FEDCKPT_PREEMPTION_GRACE_SECONDS",
+    "overlap": "FEDCKPT_OVERLAP",
+    "max_registered_bytes": "FEDCKPT_MAX_REGISTERED_BYTES",
 }
 
 
@@ -60,6 +62,12 @@ class Settings:
     # On SIGTERM (Slurm, Kubernetes: SIGKILL follows after their grace period, 30 s by default), this
     # long is given to the saves already acknowledged; 0 leaves SIGTERM alone.
     preemption_grace_seconds: float = 25.0
+    # GPU saves (docs/design.md, "GPU saves"): False, the caller's CUDA stream waits for the copy of a
+    # save (the GPU orders it, the CPU does not wait); True, only in-place mutations wait (optimizer steps,
+    # load_state_dict into a saved module, fedckpt.wait_staged()), so the copy overlaps the next steps.
+    overlap: bool = False
+    # Staging memory registered with CUDA (page-locked) for this process's GPU saves, at most.
+    max_registered_bytes: int = 4 << 30
     explicit: frozenset[str] = frozenset()
 
     @classmethod
@@ -78,6 +86,8 @@ class Settings:
             preemption_grace_seconds=_env_number(
                 "FEDCKPT_PREEMPTION_GRACE_SECONDS", base.preemption_grace_seconds, float
             ),
+            overlap=bool(_env_int("FEDCKPT_OVERLAP", int(base.overlap))),
+            max_registered_bytes=_env_int("FEDCKPT_MAX_REGISTERED_BYTES", base.max_registered_bytes),
         )
 
     def validated(self) -> Settings:
@@ -89,6 +99,8 @@ class Settings:
             raise ValueError(f"io_threads must be at least 1, got {self.io_threads}")
         if self.max_inflight_bytes < 1:
             raise ValueError(f"max_inflight_bytes must be positive, got {self.max_inflight_bytes}")
+        if self.max_registered_bytes < 0:
+            raise ValueError(f"max_registered_bytes must be at least 0, got {self.max_registered_bytes}")
         if not self.preemption_grace_seconds >= 0:
             raise ValueError(f"preemption_grace_seconds must be at least 0, got {self.preemption_grace_seconds}")
         if self.namespace is not None and not self.namespace:

@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import mmap
 import os
 import stat
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedckpt.storage.atomic import hold_as_owner, owner_alive
+
+log = logging.getLogger("fedckpt")
 
 SHM_DIR = "/dev/shm"
 PREFIX = "fedckpt-"
@@ -41,12 +45,20 @@ class Segment:
     buffer: mmap.mmap
     owner_fd: int
     array: np.ndarray = field(init=False)  # a uint8 view of the whole mapping
+    # Run before the mapping goes (its registration with CUDA is undone there: runtime/cuda.py).
+    before_close: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.array = np.frombuffer(self.buffer, dtype=np.uint8)
 
     def close(self) -> None:
-        del self.array
+        finalizers, self.before_close = self.before_close, []
+        for finalize in finalizers:
+            try:
+                finalize()
+            except Exception as error:  # the mapping goes all the same
+                log.warning("fedckpt: closing staging segment %s: %s: %s", self.path, type(error).__name__, error)
+        self.__dict__.pop("array", None)
         with contextlib.suppress(BufferError):  # a view still alive elsewhere: the GC unmaps it later
             self.buffer.close()
         with contextlib.suppress(FileNotFoundError):
@@ -148,10 +160,13 @@ class StagingArena:
     def total_bytes(self) -> int:
         return sum(segment.size for segment in self._free) + sum(segment.size for segment in self._busy)
 
-    def acquire(self, nbytes: int) -> Segment:
-        """A segment for ``nbytes`` of data (the smallest free one that fits, or a new one)."""
+    def acquire(self, nbytes: int, prefer: Callable[[Segment], bool] | None = None) -> Segment:
+        """A segment for ``nbytes`` of data: the smallest free one that fits (among those ``prefer``
+        says yes to, if any: the GPU path prefers segments registered with CUDA already), or a new one."""
         with self._lock:
             fitting = [segment for segment in self._free if segment.size >= nbytes]
+            if prefer is not None:
+                fitting = [segment for segment in fitting if prefer(segment)] or fitting
             if fitting:
                 segment = min(fitting, key=lambda candidate: candidate.size)
                 self._free.remove(segment)

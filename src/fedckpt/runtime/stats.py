@@ -28,9 +28,12 @@ class ProcessStats:
     pending_saves: int = 0  # saves of this process not yet durable or failed (0 after a flush)
     pending_bytes: int = 0  # staged bytes they hold (0 after a flush)
     unknown_notices: int = 0  # writers' answers about saves this process never made (should stay 0)
+    registration_seconds: float = 0.0  # registering staging memory with CUDA (GPU saves; once per segment)
+    registered_bytes: int = 0  # staging memory registered with CUDA now (at most max_registered_bytes)
 
 
-_GAUGES = ("pending_saves", "pending_bytes", "unknown_notices")  # read from the coordinator, not counted here
+# Read from the coordinator and the GPU staging, not counted here.
+_GAUGES = ("pending_saves", "pending_bytes", "unknown_notices", "registered_bytes")
 
 
 class StatsRecorder:
@@ -42,6 +45,8 @@ class StatsRecorder:
         self._depth = threading.local()
         # The current coordinator's (pending saves, pending bytes, unknown notices).
         self.pending: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)
+        # The bytes of staging memory registered with CUDA now (runtime/cuda.py).
+        self.registered: Callable[[], int] = lambda: 0
 
     def add(self, **amounts: float) -> None:
         with self._lock:
@@ -66,9 +71,11 @@ class StatsRecorder:
     def snapshot(self) -> ProcessStats:
         pending_saves, pending_bytes, unknown = self.pending()
         with self._lock:
-            return ProcessStats(  # type: ignore[arg-type]
-                **self._values, pending_saves=pending_saves, pending_bytes=pending_bytes, unknown_notices=unknown
-            )
+            values = dict(self._values)
+        return ProcessStats(  # type: ignore[arg-type]
+            **values, pending_saves=pending_saves, pending_bytes=pending_bytes, unknown_notices=unknown,
+            registered_bytes=self.registered(),
+        )  # fmt: skip
 
 
 # Process-wide: the counters outlive a coordinator replaced by fedckpt.init() or fedckpt.shutdown().

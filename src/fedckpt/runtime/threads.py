@@ -12,6 +12,7 @@ log = logging.getLogger("fedckpt")
 
 stopping = threading.Event()  # set at exit: every background thread returns as soon as it can
 _threads: list[threading.Thread] = []
+_wakers: list[Callable[[], None]] = []  # called at stop: threads asleep on their own condition wake up
 _lock = threading.Lock()
 
 
@@ -25,11 +26,22 @@ def start(name: str, target: Callable[[], None]) -> threading.Thread:
     return thread
 
 
+def wake_on_stop(wake: Callable[[], None]) -> None:
+    """Have :func:`stop_all` call ``wake`` after setting :data:`stopping` (for a thread that sleeps on a
+    condition of its own rather than on :data:`stopping`)."""
+    with _lock:
+        if wake not in _wakers:
+            _wakers.append(wake)
+
+
 def stop_all(timeout: float) -> None:
     """Ask every background thread to stop and wait up to ``timeout`` seconds for each."""
     stopping.set()
     with _lock:
         threads = list(_threads)
+        wakers = list(_wakers)
+    for wake in wakers:
+        wake()
     for thread in threads:
         if thread is not threading.current_thread():
             thread.join(timeout)

@@ -9,6 +9,10 @@ where ``/dev/shm`` is not usable, or ``shared_memory_staging=False``). Then, per
 * a home on another node gets Ray calls (``enqueue``, then ``wait_saved`` to hear when it is done)
   naming the segment and this node, and has this node's writer write the bytes: they never leave
   the node (docs/design.md: clusters). The node's writers are started by its first such save.
+
+A snapshot with tensors on a CUDA device is staged by :mod:`~fedckpt.runtime.cuda`: its copies are
+queued and :attr:`Staged.copy` is what they complete on; the save is sent only then
+(:mod:`~fedckpt.runtime.completion`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import ray
 
 from fedckpt.runtime import stats, tickets
 from fedckpt.runtime.channel import ChannelClient, ChannelClosed, channel_supported
+from fedckpt.runtime.cuda import DeviceStaging, PendingCopy
 from fedckpt.runtime.messages import (
     Ack,
     ObjectStorePayload,
@@ -55,15 +60,24 @@ class Staged:
 
     nbytes: int
     segment: Segment | None  # the shared-memory segment, back to the arena once every save of it is done
-    payload: Payload
+    payload: Payload | None  # None only until ``copy`` completed (GPU bytes bound for Ray's object store)
+    copy: PendingCopy | None = None  # GPU copies still in flight: the save is sent once they completed
 
 
 class Transport:
     """Staging memory, tickets and the channels of this process; the Ray calls that carry saves."""
 
-    def __init__(self, shared_memory: bool, max_staging_bytes: int, on_done: Callable[[list[SaveDone]], None]):
+    def __init__(
+        self,
+        shared_memory: bool,
+        max_staging_bytes: int,
+        on_done: Callable[[list[SaveDone]], None],
+        max_registered_bytes: int = 0,
+    ) -> None:
         usable = shared_memory and shared_memory_available() and channel_supported()
         self.arena = StagingArena(max_staging_bytes) if usable else None
+        self._max_registered_bytes = max_registered_bytes
+        self._device: DeviceStaging | None = None  # made at the first GPU save (no CUDA call before)
         self._on_done = on_done
         self._channels: dict[int, ChannelClient] = {}
         self._counters: dict[int, SequenceCounter] = {}  # of the writers on this node
@@ -150,9 +164,12 @@ class Transport:
 
     # ---- staging ----------------------------------------------------------------------------------
 
-    def stage(self, snapshot: Snapshot, ticket_room: int) -> Staged:
+    def stage(self, snapshot: Snapshot, ticket_room: int, overlap: bool = False) -> Staged:
         """The blocking copy: into a reused shared-memory segment (with ``ticket_room`` bytes to
-        spare at its end), or into Ray's object store."""
+        spare at its end), or into Ray's object store. A snapshot on a GPU is not copied yet: its copies
+        are queued (``overlap``: see :mod:`fedckpt.runtime.overlap_hooks`), and ``Staged.copy`` completes on them."""
+        if snapshot.device_parts:
+            return self._stage_from_device(snapshot, ticket_room, overlap)
         if self.arena is not None:
             try:
                 segment = self.arena.acquire(snapshot.nbytes + ticket_room)
@@ -172,6 +189,32 @@ class Transport:
         payload = _object_store_payload(snapshot.packed_layout, array)
         stats.recorder.add(bytes_object_store=snapshot.nbytes)
         return Staged(snapshot.nbytes, None, payload)
+
+    def _stage_from_device(self, snapshot: Snapshot, ticket_room: int, overlap: bool) -> Staged:
+        if self._device is None:
+            self._device = DeviceStaging(self._max_registered_bytes)
+        device = self._device
+        if self.arena is not None:
+            try:
+                segment = self.arena.acquire(snapshot.nbytes + ticket_room, prefer=device.pool.registered)
+            except StagingFull as error:
+                self._warn_staging_full(snapshot.nbytes, error)
+            else:
+                try:
+                    copy = device.into_segment(snapshot, segment, overlap)
+                except BaseException:
+                    self.arena.release(segment)
+                    raise
+                payload = SharedMemoryPayload(segment.path, snapshot.nbytes, snapshot.packed_layout, self.node())
+                stats.recorder.add(bytes_shared_memory=snapshot.nbytes)
+                return Staged(snapshot.nbytes, segment, payload, copy)
+        array, copy = device.into_pinned(snapshot, overlap)
+        stats.recorder.add(bytes_object_store=snapshot.nbytes)
+        if copy is None:
+            return Staged(snapshot.nbytes, None, _object_store_payload(snapshot.packed_layout, array))
+        staged = Staged(snapshot.nbytes, None, None, copy)
+        copy.finish = partial(_put_in_object_store, staged, snapshot.packed_layout, array)
+        return staged
 
     def _warn_staging_full(self, nbytes: int, error: StagingFull) -> None:
         """Once per process: the save goes on through Ray's object store, slower."""
@@ -193,6 +236,8 @@ class Transport:
 
     def release(self, staged: Staged) -> None:
         """Every save of ``staged`` is finished: its segment is free for the next snapshot."""
+        if staged.copy is not None:  # normally completed already; not when saves were dropped (forget)
+            staged.copy.complete(finish=False)
         if staged.segment is not None and self.arena is not None:
             tickets.clear(memoryview(staged.segment.buffer))
             self.arena.release(staged.segment)
@@ -246,3 +291,8 @@ class Transport:
 
 def _object_store_payload(layout: bytes, array: np.ndarray) -> ObjectStorePayload:
     return ObjectStorePayload([ray.put(array)], array.nbytes, layout)
+
+
+def _put_in_object_store(staged: Staged, layout: bytes, array: np.ndarray) -> None:
+    """A GPU snapshot's pinned buffer, its copies completed, into Ray's object store (no ``/dev/shm``)."""
+    staged.payload = _object_store_payload(layout, array)

@@ -4,11 +4,16 @@ A checkpoint is read from its local file in place (mapped where that is faster),
 store, from a seekable file over its current version that fetches ranges as they are read
 (:func:`read_checkpoint`, :mod:`fedckpt.storage.object_file`): each tensor is read straight into its
 own memory, so a load holds the checkpoint and a bounded buffer, never a copy of the whole object.
+
+A load onto a CUDA device (``device=``, ``map_location=``) reads the bytes into page-locked host memory
+(torch's caching host allocator) and copies each tensor to the device without blocking, ordered on
+the current stream: the returned tensors are ready for whatever that stream runs next.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import io
 import json
@@ -16,6 +21,7 @@ import os
 import pickle
 import struct
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, BinaryIO, TypeVar
 
 import safetensors
@@ -29,7 +35,17 @@ from fedckpt.storage.base import storage_for
 from fedckpt.storage.formats.safetensors_file import SAFETENSORS_CODES
 
 Source = str | BinaryIO  # a local file's path, or a seekable binary file of a version (an object store's)
+Device = str | torch.device | None  # where a load puts the tensors (None: where they were saved, or the CPU)
 T = TypeVar("T")
+
+
+def cuda_device(device: Any) -> torch.device | None:
+    """``device`` as a ``torch.device`` if it names a CUDA device, else None (``torch.load``'s other
+    ``map_location`` forms: a dict, a function, ``"cpu"``)."""
+    if isinstance(device, (str, torch.device)):
+        parsed = torch.device(device)
+        return parsed if parsed.type == "cuda" else None
+    return None
 
 
 def read_checkpoint(path: str, storage_options: Mapping[str, Any] | None, read: Callable[[Source, str], T]) -> T:
@@ -97,8 +113,61 @@ def _file_tensors(file: BinaryIO, header: dict[str, Any], data_start: int) -> di
     return tensors
 
 
-def _module_file(source: Source) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """fedckpt's metadata in a module file's safetensors header, and the file's tensors."""
+def _device_tensors(
+    file: BinaryIO, header: dict[str, Any], data_start: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file on ``device``: the data section read into one page-locked
+    buffer, then each tensor copied to the device without blocking (the buffer goes back to torch's
+    caching host allocator, which reuses it only once those copies completed)."""
+    items = sorted((info["data_offsets"], name, info) for name, info in header.items() if name != "__metadata__")
+    end = 0
+    for (begin, stop), name, info in items:
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"Tensor {name!r} has dtype {info['dtype']!r}, which fedckpt does not read")
+        shape = [int(size) for size in info["shape"]]
+        if stop - begin != torch.Size(shape).numel() * dtype.itemsize or begin != end:
+            raise ValueError(f"Tensor {name!r}: bytes {begin}-{stop} do not hold shape {shape} of {dtype} after {end}")
+        end = stop
+    pinned = torch.empty(end, dtype=torch.uint8, pin_memory=True)
+    whole = memoryview(pinned.numpy())
+    read_views = getattr(file, "read_views", None)
+    if read_views is not None:
+        read_views(data_start, [whole])
+    else:
+        file.seek(data_start)
+        done = 0
+        while done < end:
+            got = file.readinto(whole[done:])  # type: ignore[attr-defined]
+            if not got:
+                raise ValueError("Truncated safetensors file: a tensor ends past the end of the file")
+            done += got
+    tensors = {}
+    for (begin, stop), name, info in items:
+        dtype = _DTYPES[info["dtype"]]
+        host = pinned[begin:stop]
+        if begin % dtype.itemsize:  # not laid out by fedckpt (which aligns every tensor): an aligned copy
+            host = host.clone()
+        tensors[name] = host.view(dtype).reshape([int(size) for size in info["shape"]]).to(device, non_blocking=True)
+    return tensors
+
+
+def _module_file(source: Source, device: Device = None) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """fedckpt's metadata in a module file's safetensors header, and the file's tensors (on ``device``)."""
+    cuda = cuda_device(device)
+    if cuda is not None:
+        with open(source, "rb") if isinstance(source, str) else contextlib.nullcontext(source) as file:
+            header, data_start = _header(file)
+            metadata = header.get("__metadata__") or {}
+            description = json.loads(metadata.get(formats.METADATA_KEY, "{}"))
+            return description, _device_tensors(file, header, data_start, cuda)
+    description, tensors = _module_file_on_host(source)
+    if device is not None:
+        tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
+    return description, tensors
+
+
+def _module_file_on_host(source: Source) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     if isinstance(source, str):
         with safetensors.safe_open(source, framework="pt") as handle:
             description = formats.description(handle)
@@ -108,9 +177,12 @@ def _module_file(source: Source) -> tuple[dict[str, str], dict[str, torch.Tensor
     return json.loads(metadata.get(formats.METADATA_KEY, "{}")), _file_tensors(source, header, data_start)
 
 
-def read_state_dict(source: Source) -> dict[str, torch.Tensor]:
-    """The tensors of a module checkpoint, by state-dict name; no pickle is run."""
-    tensors = safetensors.torch.load_file(source) if isinstance(source, str) else _module_file(source)[1]
+def read_state_dict(source: Source, device: Device = None) -> dict[str, torch.Tensor]:
+    """The tensors of a module checkpoint, by state-dict name (on ``device``); no pickle is run."""
+    if isinstance(source, str) and device is None:
+        tensors = safetensors.torch.load_file(source)
+    else:
+        tensors = _module_file(source, device)[1]
     return {name: tensor for name, tensor in tensors.items() if not name.startswith(EXTRA_TENSOR_PREFIX)}
 
 
@@ -134,9 +206,10 @@ class _SkeletonUnpickler(pickle.Unpickler):
         return self._rebuilt[name]
 
 
-def read_module(source: Source) -> nn.Module:
-    """Rebuild the ``nn.Module`` saved in a module checkpoint (runs pickle, like ``torch.load``)."""
-    description, tensors = _module_file(source)
+def read_module(source: Source, device: Device = None) -> nn.Module:
+    """Rebuild the ``nn.Module`` saved in a module checkpoint (runs pickle, like ``torch.load``), its
+    tensors on ``device``."""
+    description, tensors = _module_file(source, device)
     skeleton = base64.b64decode(description["skeleton"])
     return _SkeletonUnpickler(io.BytesIO(skeleton), tensors).load()
 
@@ -146,12 +219,29 @@ def read_module(source: Source) -> nn.Module:
 MAPPED_READ_MIN_BYTES = 1 << 20
 
 
-def read_state(source: Source, mmap: bool = False) -> Any:
+def read_state(source: Source, mmap: bool = False, map_location: Any = None) -> Any:
     """Load a state checkpoint (runs pickle: load only files you trust); ``mmap`` maps a local file's
-    tensor data, else every tensor is in memory."""
+    tensor data, else every tensor is in memory. ``map_location`` is ``torch.load``'s; a CUDA device
+    takes each storage through page-locked memory to the device without blocking."""
+    cuda = cuda_device(map_location)
+    if cuda is not None:
+        to_device = partial(_storage_to_device, device=cuda)
+        if isinstance(source, str):  # mapped: each storage is read once, into page-locked memory
+            return torch.load(source, weights_only=False, mmap=True, map_location=to_device)
+        return torch.load(source, weights_only=False, map_location=to_device)
     if not isinstance(source, str):  # torch reads each record into its storage with readinto
-        return torch.load(source, weights_only=False)
+        return torch.load(source, weights_only=False, map_location=map_location)
     path = source
     if mmap or os.path.getsize(path) < MAPPED_READ_MIN_BYTES:
-        return torch.load(path, weights_only=False, mmap=mmap)
-    return copy.deepcopy(torch.load(path, weights_only=False, mmap=True))
+        return torch.load(path, weights_only=False, mmap=mmap, map_location=map_location)
+    return copy.deepcopy(torch.load(path, weights_only=False, mmap=True, map_location=map_location))
+
+
+def _storage_to_device(storage: torch.UntypedStorage, location: str, device: torch.device) -> torch.UntypedStorage:
+    """``torch.load``'s ``map_location`` for a CUDA device: the storage's bytes into page-locked memory,
+    then to ``device`` without blocking (ordered on its current stream)."""
+    pinned = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=True).untyped_storage()
+    pinned.copy_(storage)
+    on_device = torch.UntypedStorage(storage.nbytes(), device=device)
+    on_device.copy_(pinned, non_blocking=True)
+    return on_device

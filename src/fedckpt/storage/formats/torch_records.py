@@ -17,10 +17,16 @@ exception: a round counter changes every round. The key holds only how pickle en
 bytes are written anew at each save. A state holding anything else (objects of other classes,
 non-empty sets, tensors with Python attributes, on another device, or of another layout) has no
 key and is pickled in full every time.
+
+A storage on a CUDA device is named by torch's own pickling without its bytes being touched
+(``skip_data``), and its record is a flat byte view of the device memory: the caller's transport
+copies it from the GPU straight into the staging memory (``torch.save`` would first copy it to the
+CPU, blocking). Tensors on other accelerators (``mps``, ``xpu``) take ``torch.save``'s own path.
 """
 
 from __future__ import annotations
 
+import logging
 import pickletools
 import struct
 from collections import OrderedDict
@@ -31,6 +37,8 @@ import numpy as np
 import torch
 
 from fedckpt import _compat
+
+log = logging.getLogger("fedckpt")
 
 CACHE_CAPACITY = 64
 TEMPLATE_MAX_BYTES = 1 << 16  # a larger data.pkl is cached only as it is (finding its numbers costs)
@@ -56,13 +64,18 @@ _cache: OrderedDict[tuple, _Template] = OrderedDict()
 _seen_once: OrderedDict[int, None] = OrderedDict()
 
 
+# A record's bytes: a view of host memory, or a flat uint8 tensor over a CUDA storage.
+RecordView = np.ndarray | torch.Tensor
+
+
 class _RecordCollector:
     """Stands in for torch's zip writer: keeps each record torch.save would write, in order."""
 
     def __init__(self) -> None:
-        self.records: list[tuple[str, np.ndarray]] = []
+        self.records: list[tuple[str, RecordView | None]] = []  # None: a storage named under skip_data
         self.storages: list[torch.UntypedStorage] = []
         self.storage_names: set[str] = set()
+        self.named_sizes: list[int] = []  # under skip_data: each storage's size, in the order named
 
     def write_record(self, name: str, data: Any, nbytes: int) -> None:
         if isinstance(data, str):
@@ -75,12 +88,31 @@ class _RecordCollector:
             view = storage_view(data)
         self.records.append((name, view))
 
+    def write_record_metadata(self, name: str, nbytes: int) -> None:
+        """A storage named without its bytes (``skip_data``): :meth:`fill` puts it in its place."""
+        self.storage_names.add(name)
+        self.named_sizes.append(nbytes)
+        self.records.append((name, None))
 
-def storage_view(storage: torch.UntypedStorage) -> np.ndarray:
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,)).numpy()
+    def fill(self, storages: list[torch.UntypedStorage]) -> bool:
+        """Put ``storages`` (in the order pickling meets them: :func:`describe`'s) in the places named
+        under ``skip_data``; False, and nothing changed, if their number or sizes do not match."""
+        if [storage.nbytes() for storage in storages] != self.named_sizes:
+            return False
+        placed = iter(storages)
+        self.records = [(name, storage_view(next(placed)) if view is None else view) for name, view in self.records]
+        self.storages = list(storages)
+        return True
 
 
-def state_records(state: Any) -> list[tuple[str, np.ndarray]]:
+def storage_view(storage: torch.UntypedStorage) -> RecordView:
+    """A storage's bytes, flat: a numpy view on the CPU, a uint8 tensor over the storage on a GPU."""
+    if storage.device.type == "cpu":
+        return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,)).numpy()
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (storage.nbytes(),), (1,))
+
+
+def state_records(state: Any) -> list[tuple[str, RecordView]]:
     """The records ``torch.save(state)`` writes, in order, as byte views (storages not copied)."""
     described = describe(state)
     if described is not None:
@@ -88,15 +120,23 @@ def state_records(state: Any) -> list[tuple[str, np.ndarray]]:
         if template is not None:
             _cache.move_to_end(described.key)
             return _fill(template, described)
+        if any(storage.device.type != "cpu" for storage in described.storages):
+            collector = _RecordCollector()
+            _compat.torch_save_records(state, collector, skip_data=True)  # names them; no copy to the CPU
+            if collector.fill(described.storages):
+                _remember(state, described, collector)
+                return collector.records  # type: ignore[return-value]  # fill left no None
+            log.warning("fedckpt: torch's pickling named the storages of a state otherwise than expected; "
+                        "its GPU tensors are copied to the CPU first")  # fmt: skip
     collector = _RecordCollector()
     # torch.save's own pickling, so the file is exactly what torch.save would write.
     _compat.torch_save_records(state, collector)
     if described is not None and _same_storages(collector.storages, described.storages):
         _remember(state, described, collector)
-    return collector.records
+    return collector.records  # type: ignore[return-value]  # without skip_data every record has its view
 
 
-def _fill(template: _Template, described: _Described) -> list[tuple[str, np.ndarray]]:
+def _fill(template: _Template, described: _Described) -> list[tuple[str, RecordView]]:
     records = []
     for name, data in template.records:
         if isinstance(data, int):
@@ -121,7 +161,8 @@ def _remember(state: Any, described: _Described, collector: _RecordCollector) ->
         return
     numbers = iter(range(len(collector.storages)))
     records = [
-        (name, next(numbers) if name in collector.storage_names else view.tobytes()) for name, view in collector.records
+        (name, next(numbers) if name in collector.storage_names else view.tobytes())  # type: ignore[union-attr]
+        for name, view in collector.records
     ]
     pickled = next(data for name, data in records if name == "data.pkl")
     assert isinstance(pickled, bytes)
@@ -144,8 +185,8 @@ def _number_slots(state: Any, pickled: bytes, count: int) -> list[tuple[int, str
     and comparing the two opcode streams. None if they do not line up as expected."""
     twin = _with_numbers_flipped(state, {})
     collector = _RecordCollector()
-    _compat.torch_save_records(twin, collector)
-    other = next(view.tobytes() for name, view in collector.records if name == "data.pkl")
+    _compat.torch_save_records(twin, collector, skip_data=True)  # only its data.pkl is read: no storage copied
+    other = next(view.tobytes() for name, view in collector.records if name == "data.pkl")  # type: ignore[union-attr]
     ops, other_ops = list(pickletools.genops(pickled)), list(pickletools.genops(other))
     if len(ops) != len(other_ops) or len(pickled) != len(other):
         return None
@@ -266,10 +307,21 @@ def _int_encoding(value: int) -> str | None:
     return None
 
 
+_FOREIGN_LOGGED: set[str] = set()
+
+
 def _tensor_key(tensor: torch.Tensor, storages: dict[int, int], found: list[torch.UntypedStorage]) -> tuple | None:
+    device = tensor.device.type
+    if device not in ("cpu", "cuda") and device not in _FOREIGN_LOGGED:
+        _FOREIGN_LOGGED.add(device)
+        log.warning(
+            "fedckpt: a state holds tensors on %s: torch.save's own pickling copies them to the CPU (.cpu(), "
+            "blocking); only CUDA tensors are copied straight into staging memory",
+            device,
+        )
     if (
         tensor.layout != torch.strided
-        or tensor.device.type != "cpu"
+        or device not in ("cpu", "cuda")
         or tensor.is_quantized
         or tensor.is_conj()
         or tensor.is_neg()
@@ -285,5 +337,5 @@ def _tensor_key(tensor: torch.Tensor, storages: dict[int, int], found: list[torc
         found.append(storage)
     return (
         tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor.requires_grad,
-        number, storage.nbytes(),
+        number, storage.nbytes(), storage.device,  # the device is in data.pkl (its location tag)
     )  # fmt: skip
