@@ -30,6 +30,7 @@ hands their memory to other work while a copy still reads it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -70,6 +71,7 @@ class Registration:
 
     segment: Segment
     host: torch.Tensor
+    device: int | None  # the device current when it was registered (undone there too)
     copies: int = 0  # copies into it in flight: it is never unregistered meanwhile
     slices: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
@@ -83,8 +85,10 @@ class Registration:
         return view
 
 
-def _on_own_thread(call: Callable[[], int]) -> int:
-    """Run a CUDA runtime call on a short-lived thread of its own and return its error code.
+def _on_own_thread(call: Callable[[], int], device: int | None = None) -> int:
+    """Run a CUDA runtime call on a short-lived thread of its own, with ``device`` current there (a
+    fresh thread's is device 0, whose context a process using another GPU never made), and return
+    its error code.
 
     A failed call stays that thread's "last CUDA error", which torch's next kernel launch check on
     the same thread would raise: the caller's thread (training) must never be left with one.
@@ -94,6 +98,8 @@ def _on_own_thread(call: Callable[[], int]) -> int:
 
     def run() -> None:
         try:
+            if device is not None:
+                torch.cuda.set_device(device)
             result.append(call())
         except BaseException as error:  # handed to the caller below
             failure.append(error)
@@ -121,13 +127,14 @@ class RegisteredPool:
         """Whether ``segment`` is registered (for the arena's choice among free segments)."""
         return segment in self._registrations
 
-    def acquire(self, segment: Segment) -> Registration | None:
-        """``segment``'s registration, made now if it has none (evicting the least recently used idle
-        ones past the cap), held for one copy until :meth:`release`; None if it cannot be registered."""
+    def acquire(self, segment: Segment, device: int | None = None) -> Registration | None:
+        """``segment``'s registration, made now (with ``device`` current) if it has none, evicting the
+        least recently used idle ones past the cap; held for one copy until :meth:`release`. None if it
+        cannot be registered."""
         with self._lock:
             registration = self._registrations.get(segment)
             if registration is None:
-                registration = self._register(segment)
+                registration = self._register(segment, device)
                 if registration is None:
                     return None
             self._registrations.move_to_end(segment)
@@ -139,7 +146,7 @@ class RegisteredPool:
         with self._lock:
             registration.copies -= 1
 
-    def _register(self, segment: Segment) -> Registration | None:
+    def _register(self, segment: Segment, device: int | None) -> Registration | None:
         if segment.size > self.max_bytes:
             log_once(
                 "over-cap",
@@ -164,7 +171,7 @@ class RegisteredPool:
             )  # fmt: skip
             return None
         start = time.perf_counter()
-        code = _on_own_thread(partial(_compat.cuda_host_register, segment.array.ctypes.data, segment.size))
+        code = _on_own_thread(partial(_compat.cuda_host_register, segment.array.ctypes.data, segment.size), device)
         stats.recorder.add(registration_seconds=time.perf_counter() - start)
         if code != 0:
             log_once(
@@ -174,7 +181,7 @@ class RegisteredPool:
                 code,
             )  # fmt: skip
             return None
-        registration = Registration(segment, torch.from_numpy(segment.array))
+        registration = Registration(segment, torch.from_numpy(segment.array), device)
         self._registrations[segment] = registration
         self.registered_bytes += segment.size
         callback = partial(self._segment_closing, segment)
@@ -196,7 +203,7 @@ class RegisteredPool:
         registration.host = torch.empty(0, dtype=torch.uint8)  # no tensor keeps the mapping exported
         self.registered_bytes -= segment.size
         try:
-            code = _on_own_thread(partial(_compat.cuda_host_unregister, segment.array.ctypes.data))
+            code = _on_own_thread(partial(_compat.cuda_host_unregister, segment.array.ctypes.data), registration.device)
         except Exception as error:  # CUDA torn down first (at exit): the mapping goes all the same
             log.warning("fedckpt: cudaHostUnregister of a staging segment failed: %s: %s", type(error).__name__, error)
             return
@@ -237,7 +244,8 @@ class PendingCopy:
                 return
             try:
                 for copy in self.copies:
-                    copy.done.synchronize()
+                    with _on_device(copy.device):  # this thread's CUDA calls go to that device's context
+                        copy.done.synchronize()
                 if finish and self.finish is not None:
                     self.finish()
             finally:
@@ -248,6 +256,10 @@ class PendingCopy:
                 if self.registration is not None and self.pool is not None:
                     self.pool.release(self.registration)
                     self.registration = None
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # Copies queued and not yet known complete: what the overlap mode's hooks make the GPU wait for.
@@ -298,7 +310,8 @@ class DeviceStaging:
         copied already, blocking, as a last resort)."""
         snapshot.copy_into(segment.array)
         parts = snapshot.device_parts
-        registration = self.pool.acquire(segment)
+        first = parts[0].view.device
+        registration = self.pool.acquire(segment, first.index if first.type == "cuda" else None)
         if registration is not None:
             try:
                 return self._queue(parts, registration.slice, overlap, registration)
