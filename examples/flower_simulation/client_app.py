@@ -54,7 +54,7 @@ def train_round(msg: Message, context: Context, checkpoints: ClientCheckpoints) 
     config = msg.content["config"]
     model = received_model(msg)
     train_data, val_data = local_data(context, config)
-    server_round = int(config["server-round"])
+    server_round = int(config["server-round"])  # on a GPU (--num-gpus-per-client), model and data are there
     optimizer = torch.optim.SGD(model.parameters(), lr=float(config["lr"]), momentum=0.9)
     restored = checkpoints.restore_state(server_round, optimizer)
     local_steps = (int(restored["local_steps"]) if restored else 0) + int(config["local-steps"])
@@ -81,7 +81,8 @@ def train_round(msg: Message, context: Context, checkpoints: ClientCheckpoints) 
         "checkpoint-saves": 2,
         "checkpoint-bytes": task.model_bytes(model) + optimizer_bytes,
     }
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    arrays = ArrayRecord({name: tensor.cpu() for name, tensor in model.state_dict().items()})
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
@@ -103,14 +104,21 @@ def evaluate_round(msg: Message, context: Context, checkpoints: ClientCheckpoint
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
+def device_of(config: ConfigRecord) -> str:
+    """Where the round trains: "cuda" when the run gives each client a share of a GPU, else "cpu"."""
+    return str(config.get("device", "cpu"))
+
+
 def local_data(context: Context, config: ConfigRecord) -> tuple[tuple, tuple]:
-    """This client's (training, validation) data."""
-    return task.split(task.client_data(int(context.node_config["partition-id"]), int(config["seed"])))
+    """This client's (training, validation) data, on the round's device."""
+    data = task.client_data(int(context.node_config["partition-id"]), int(config["seed"]))
+    device = device_of(config)
+    return task.split(tuple(tensor.to(device) for tensor in data))
 
 
 def received_model(msg: Message) -> torch.nn.Module:
-    """The model the server sent, in the shape the round's config gives."""
+    """The model the server sent, in the shape the round's config gives, on the round's device."""
     config = msg.content["config"]
     model = task.Net(int(config["width"]), int(config["depth"]))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return model
+    return model.to(device_of(config))

@@ -74,9 +74,20 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, str]:
         help="SIMULATED accelerator-bound clients: each local step computes on one thread, then holds the "
         "host idle this long, as a GPU step would (there is no GPU here)",
     )
+    parser.add_argument(
+        "--num-gpus-per-client",
+        type=float,
+        default=0.0,
+        help="each client's share of a GPU (Flower's client_resources num_gpus; 0.25: four clients per GPU), "
+        "trained on it; fedckpt copies their checkpoints from the GPU (default 0: CPU clients)",
+    )
     args = parser.parse_args(argv)
     if args.num_clients < 2 or args.num_rounds < 1:
         parser.error("--num-clients must be at least 2 (FedAvg's minimum) and --num-rounds at least 1")
+    if not 0 <= args.num_gpus_per_client <= 1:
+        parser.error("--num-gpus-per-client is a share of one GPU, from 0 to 1")
+    if args.num_gpus_per_client and not torch.cuda.is_available():
+        parser.error("--num-gpus-per-client needs a CUDA device, and torch sees none here")
     options = Options(
         num_clients=args.num_clients,
         num_rounds=args.num_rounds,
@@ -87,13 +98,16 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, str]:
         batch_size=args.batch_size,
         lr=args.lr,
         simulated_accelerator_ms=args.simulated_accelerator_ms,
+        num_gpus_per_client=args.num_gpus_per_client,
     )
     directory = args.checkpoint_dir or tempfile.mkdtemp(prefix="fedckpt-flower-")
     # A URL (s3://bucket/run, with the AWS environment variables) stays as it is.
     return options, directory if "://" in directory else os.path.abspath(directory)
 
 
-def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, run_config: UserConfig) -> None:
+def simulate(
+    server_app: ServerApp, client_app: ClientApp, num_supernodes: int, run_config: UserConfig, num_gpus: float = 0.0
+) -> None:
     """Flower's ``run_simulation``, with ``run_config`` as the run config's overrides (``flwr run --run-config``).
 
     Flower 1.42's ``run_simulation`` leaves ``context.run_config`` empty: a run config is an app's
@@ -114,7 +128,7 @@ def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, 
         client_app=client_app,
         server_app=server_app,
         backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": 1, "num_gpus": num_gpus},
             "init_args": {"include_dashboard": False, "log_to_driver": True},
         },
         server_app_context=Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused),
@@ -173,6 +187,7 @@ def summarize(
         "num_rounds": options.num_rounds,
         "model_bytes": task.model_bytes(task.Net(options.width, options.depth)),
         "simulated_accelerator_ms": options.simulated_accelerator_ms,
+        "num_gpus_per_client": options.num_gpus_per_client,
         "checkpoint_dir": checkpoint_dir,
     }
 
@@ -182,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds_per_byte = sync_seconds_per_byte(options, checkpoint_dir)
     outcome = Outcome()
     start = time.perf_counter()
-    simulate(make_server_app(options, outcome), client_app.app, options.num_clients, {"checkpoint-dir": checkpoint_dir})
+    simulate(
+        make_server_app(options, outcome), client_app.app, options.num_clients, {"checkpoint-dir": checkpoint_dir},
+        options.num_gpus_per_client,
+    )  # fmt: skip
     summary = summarize(options, checkpoint_dir, outcome, time.perf_counter() - start, seconds_per_byte)
     print(json.dumps(summary), flush=True)
     return 0

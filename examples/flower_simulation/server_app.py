@@ -38,6 +38,8 @@ class Options:
     batch_size: int = 32
     lr: float = 0.05
     simulated_accelerator_ms: float = 0.0  # > 0: SIMULATED accelerator-bound clients (see task.train)
+    # > 0: each client holds this share of a GPU (Ray's num_gpus; 0.25: four clients per GPU) and trains there
+    num_gpus_per_client: float = 0.0
 
 
 @dataclass
@@ -91,6 +93,7 @@ def round_config(options: Options) -> ConfigRecord:
             "batch-size": options.batch_size,
             "lr": options.lr,
             "simulated-accelerator-ms": options.simulated_accelerator_ms,
+            "device": "cuda" if options.num_gpus_per_client > 0 else "cpu",
         }
     )
 

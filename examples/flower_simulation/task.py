@@ -70,7 +70,7 @@ def train(
         torch.set_num_threads(1)
     try:
         for _ in range(steps):
-            batch = torch.randint(0, len(labels), (batch_size,))
+            batch = torch.randint(0, len(labels), (batch_size,), device=labels.device)
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(features[batch]), labels[batch])
             loss.backward()
