@@ -15,8 +15,8 @@ set -uo pipefail
 OUT=${OUT:-$PWD/gpu-run}
 PYTHON=${PYTHON:-python3}
 TESTS_SECONDS=${TESTS_SECONDS:-120}
-BENCH_SECONDS=${BENCH_SECONDS:-170}
-BENCH_BUDGET=${BENCH_BUDGET:-110}  # past it the benchmark's cases stop repeating
+BENCH_SECONDS=${BENCH_SECONDS:-165}
+BENCH_BUDGET=${BENCH_BUDGET:-90}  # past it the benchmark's cases stop repeating
 mkdir -p "$OUT/gpu"
 
 if [ -f .devbundle/site.tar.xz ]; then

@@ -61,7 +61,7 @@ def stack(megabytes: int, seed: int = 0, device: str = "cuda", dtype: torch.dtyp
     """Eight square Linear layers (with biases) adding up to about ``megabytes`` MiB, on ``device``."""
     side = int((megabytes * MIB / 8 / torch.empty((), dtype=dtype).element_size()) ** 0.5)
     torch.manual_seed(seed)
-    return nn.Sequential(*(nn.Linear(side, side, dtype=dtype) for _ in range(8))).to(device)
+    return nn.Sequential(*(nn.Linear(side, side, dtype=dtype, device=device) for _ in range(8)))
 
 
 def on_cpu(tensors: dict) -> dict:
@@ -349,7 +349,7 @@ def test_fractional_gpu_clients_save_together(runtime, tmp_path):
     if ray.cluster_resources().get("GPU", 0) < 1:
         pytest.fail("Ray sees no GPU: the fractional-GPU clients cannot be placed")
     clients = [Client.remote() for _ in range(4)]
-    results = ray.get([client.run.remote(str(tmp_path), index, 3) for index, client in enumerate(clients)], timeout=240)
+    results = ray.get([client.run.remote(str(tmp_path), index, 3) for index, client in enumerate(clients)], timeout=100)
     assert results == [[True] * 3] * 4
     for client in clients:
         ray.kill(client)
