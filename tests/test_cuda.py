@@ -313,7 +313,7 @@ def test_several_devices_in_one_state_dict(runtime, tmp_path):
 # ---- fractional GPUs ---------------------------------------------------------------------------------
 
 
-@ray.remote(num_gpus=0.25, num_cpus=1)
+@ray.remote(num_gpus=0.25, num_cpus=0)
 class Client:
     """A client sharing the GPU with three others, as Flower's simulation runs them (num_gpus=0.25)."""
 
