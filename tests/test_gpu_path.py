@@ -540,3 +540,24 @@ def test_fake_device_fallbacks_save_the_same_bytes(fake_device, fake_cuda, tmp_p
         assert after.bytes_object_store > before.bytes_object_store
     else:
         assert "bounce buffer" in caplog.text and after.registered_bytes == 0
+
+
+def test_the_completion_thread_stops_at_exit_when_idle():
+    """threads.stop_all (the exit path) wakes the idle completion thread, which returns at once."""
+    script = """
+import time
+from fedckpt.runtime import threads
+from fedckpt.runtime.completion import Completions
+delivered = []
+completions = Completions(delivered.append, lambda records, error: None)
+completions.submit(None, ["a save"])
+assert completions.wait_delivered(10) and delivered == [["a save"]]
+start = time.monotonic()
+threads.stop_all(5.0)
+assert not completions._thread.is_alive(), "still running"
+print(f"stopped in {time.monotonic() - start:.3f} s")
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split()[2]) < 1.0

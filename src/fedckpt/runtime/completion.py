@@ -62,7 +62,6 @@ class Completions:
         self._submitted = 0
         self._delivered = 0  # every completion numbered up to this one was handled
         self._thread: threading.Thread | None = None
-        threads.wake_on_stop(self._wake)
 
     @property
     def busy(self) -> bool:
@@ -77,6 +76,8 @@ class Completions:
             self._queue.append(Completion(copy, records, self._submitted))
             self._changed.notify_all()
             if self._thread is None or not self._thread.is_alive():
+                if self._thread is None:
+                    threads.wake_on_stop(self._wake)
                 self._thread = threads.start("fedckpt-gpu-completion", self._run)
 
     def wait_delivered(self, timeout: float | None) -> bool:

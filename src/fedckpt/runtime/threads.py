@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 
 log = logging.getLogger("fedckpt")
 
 stopping = threading.Event()  # set at exit: every background thread returns as soon as it can
 _threads: list[threading.Thread] = []
-_wakers: list[Callable[[], None]] = []  # called at stop: threads asleep on their own condition wake up
+# Called at stop: threads asleep on their own condition wake up. Weak: an object replaced (a coordinator
+# of an earlier fedckpt.init) is not kept alive by its waker.
+_wakers: list[weakref.WeakMethod] = []
 _lock = threading.Lock()
 
 
@@ -27,11 +30,11 @@ def start(name: str, target: Callable[[], None]) -> threading.Thread:
 
 
 def wake_on_stop(wake: Callable[[], None]) -> None:
-    """Have :func:`stop_all` call ``wake`` after setting :data:`stopping` (for a thread that sleeps on a
-    condition of its own rather than on :data:`stopping`)."""
+    """Have :func:`stop_all` call the bound method ``wake`` after setting :data:`stopping` (for a thread
+    that sleeps on a condition of its own rather than on :data:`stopping`), while its object lives."""
     with _lock:
-        if wake not in _wakers:
-            _wakers.append(wake)
+        _wakers[:] = [waker for waker in _wakers if waker() is not None]
+        _wakers.append(weakref.WeakMethod(wake))  # type: ignore[arg-type]
 
 
 def stop_all(timeout: float) -> None:
@@ -39,9 +42,10 @@ def stop_all(timeout: float) -> None:
     stopping.set()
     with _lock:
         threads = list(_threads)
-        wakers = list(_wakers)
+        wakers = [waker() for waker in _wakers]
     for wake in wakers:
-        wake()
+        if wake is not None:
+            wake()
     for thread in threads:
         if thread is not threading.current_thread():
             thread.join(timeout)
