@@ -561,3 +561,36 @@ print(f"stopped in {time.monotonic() - start:.3f} s")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert float(done.stdout.split()[2]) < 1.0
+
+
+@pytest.fixture
+def cpu_as_a_load_device(monkeypatch):
+    """Loads take the GPU path (page-locked buffer, non-blocking copies) with the CPU as the device."""
+    from fedckpt.storage import reading
+
+    monkeypatch.setattr(reading, "cuda_device", lambda device: None if device is None else torch.device("cpu"))
+    monkeypatch.setattr(reading, "page_locked", lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
+
+
+def test_loads_through_the_gpu_path_read_the_same_tensors(runtime, tmp_path, cpu_as_a_load_device):
+    import io
+
+    from fedckpt.storage import reading
+
+    model = make_model(30)
+    model.body[0].weight.data = model.body[0].weight.data.to(torch.bfloat16)  # mixed dtypes in one file
+    checkpointer = fedckpt.LatestTorchModuleCheckpointer(str(tmp_path), "m.safetensors")
+    checkpointer.maybe_checkpoint(model, 0.0, {})
+    assert_same_tensors(checkpointer.load_state_dict(device="cuda"), model.state_dict())
+    assert_same_tensors(checkpointer.load_checkpoint(device="cuda").state_dict(), model.state_dict())
+    data = (tmp_path / "m.safetensors").read_bytes()
+    assert_same_tensors(reading.read_state_dict(io.BytesIO(data), "cuda"), model.state_dict())  # an object's file
+    base = torch.arange(300_000, dtype=torch.float32)  # over 1 MiB: the mapped read
+    state = {"views": [base, base[5:]], "ids": torch.arange(7), "round": 4}
+    states_ = fedckpt.PerRoundStateCheckpointer(str(tmp_path))
+    states_.save_checkpoint("s.pt", state)
+    for loaded in (states_.load_checkpoint("s.pt", map_location="cuda"),
+                   reading.read_state(io.BytesIO((tmp_path / "s.pt").read_bytes()), map_location="cuda")):  # fmt: skip
+        assert torch.equal(loaded["views"][1], base[5:]) and torch.equal(loaded["ids"], state["ids"])
+        assert loaded["views"][1].untyped_storage().data_ptr() == loaded["views"][0].untyped_storage().data_ptr()
+        assert loaded["round"] == 4

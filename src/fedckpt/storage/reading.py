@@ -113,6 +113,11 @@ def _file_tensors(file: BinaryIO, header: dict[str, Any], data_start: int) -> di
     return tensors
 
 
+def page_locked(nbytes: int) -> torch.Tensor:
+    """A page-locked host buffer from torch's caching host allocator (reused once its copies completed)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
 def _device_tensors(
     file: BinaryIO, header: dict[str, Any], data_start: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
@@ -129,7 +134,7 @@ def _device_tensors(
         if stop - begin != torch.Size(shape).numel() * dtype.itemsize or begin != end:
             raise ValueError(f"Tensor {name!r}: bytes {begin}-{stop} do not hold shape {shape} of {dtype} after {end}")
         end = stop
-    pinned = torch.empty(end, dtype=torch.uint8, pin_memory=True)
+    pinned = page_locked(end)
     whole = memoryview(pinned.numpy())
     read_views = getattr(file, "read_views", None)
     if read_views is not None:
@@ -240,7 +245,7 @@ def read_state(source: Source, mmap: bool = False, map_location: Any = None) -> 
 def _storage_to_device(storage: torch.UntypedStorage, location: str, device: torch.device) -> torch.UntypedStorage:
     """``torch.load``'s ``map_location`` for a CUDA device: the storage's bytes into page-locked memory,
     then to ``device`` without blocking (ordered on its current stream)."""
-    pinned = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=True).untyped_storage()
+    pinned = page_locked(storage.nbytes()).untyped_storage()
     pinned.copy_(storage)
     on_device = torch.UntypedStorage(storage.nbytes(), device=device)
     on_device.copy_(pinned, non_blocking=True)
