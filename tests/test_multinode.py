@@ -28,7 +28,7 @@ from torch import nn
 import fedckpt
 from fedckpt import LatestTorchModuleCheckpointer, PerRoundStateCheckpointer
 from fedckpt.cli import main as fedckpt_cli
-from fedckpt.runtime import lifecycle
+from fedckpt.runtime import failpoints, lifecycle
 from fedckpt.runtime.pool import shard_of
 from fedckpt.runtime.pool_status import live_writers
 from fedckpt.runtime.staging import PREFIX, SHM_DIR, remove_orphans
@@ -278,6 +278,11 @@ def pool_with_a_writer_on_a_worker_node(cluster: ClusterNodes, namespace: str, n
     pytest.fail("Ray placed every writer pool on the head node")
 
 
+def hold_writes(writers: list, point: str = "writer.writing") -> None:
+    """These writers keep every save they are sent unwritten until their process ends (a kill)."""
+    ray.get([writer.__ray_call__.remote(failpoints.hold_in_actor, point) for writer in writers])
+
+
 def names_owned_by(writer_indexes: set[int], pool_size: int, directory, prefix: str, count: int) -> list[str]:
     """``count`` checkpoint names in ``directory`` whose keys belong to the writers ``writer_indexes``."""
     names = (f"{prefix}_{index}.pt" for index in range(10_000))
@@ -467,9 +472,12 @@ def test_a_node_writer_killed_mid_run_loses_no_acknowledged_save(cluster, tmp_pa
         away = next(name for name in NODE_NAMES if name != home_node)
         client = client_on(away, tmp_path, namespace)
         names = [f"late_{index}.pt" for index in range(16)]
-        ray.get(client.save_late.remote(names, 1))
+        ray.get(client.save_states.remote(names, 0, 1024))
+        ray.get(client.flush.remote())
         pool = lifecycle.coordinator().pool()
         (node_writer,) = pool.node_writers()
+        hold_writes([node_writer], "node_writer.writing")
+        ray.get(client.save_late.remote(names, 1))
         before = ray.get(node_writer.stats.remote())
         os.kill(before.pid, signal.SIGKILL)
         lost = [name for name in names if state_counter_on_disk(str(tmp_path / name)) != 1]
@@ -478,7 +486,7 @@ def test_a_node_writer_killed_mid_run_loses_no_acknowledged_save(cluster, tmp_pa
         assert [name for name in names if state_counter_on_disk(str(tmp_path / name)) != 1] == []
         after = ray.get(node_writer.stats.remote())
         assert after.pid != before.pid and after.node_id == before.node_id == cluster.ids[away]
-        assert lost, "every save was written before the kill: nothing was written again"
+        assert lost == names  # the held writes: none was written before the kill
         ray.kill(client)
     finally:
         lifecycle.coordinator().stop_writers()
@@ -582,6 +590,7 @@ def test_a_node_with_writers_removed_mid_run_loses_no_acknowledged_save(cluster,
     wait_for_rounds([10, 10])
     # Saves acknowledged by the writers on the victim right before it goes, some still unwritten.
     late_names = names_owned_by(on_victim, len(writers), tmp_path / "late", "late", 16)
+    hold_writes([writers[index] for index in on_victim])
     ray.get(late.save_late.remote(late_names, 7))
     cluster.remove(victim)
     # Right away: the late client re-sends what the dead writers held as soon as they restart.
@@ -596,7 +605,7 @@ def test_a_node_with_writers_removed_mid_run_loses_no_acknowledged_save(cluster,
     for old, new in zip(before_removal, after_removal, strict=True):
         assert new.node_id in alive
         assert (new.epoch != old.epoch) == (old.index in on_victim)  # only the victim's writers restarted
-    assert lost, "every late save was written before the node went: nothing was re-sent"
+    assert lost == late_names  # the held writes: none was written before the node went
 
     ray.get([client.flush.remote() for client in [*savers, late]])
     fedckpt.flush()
@@ -627,10 +636,11 @@ def test_a_flush_in_another_process_covers_saves_a_dead_writer_held(cluster, tmp
     namespace, writers, victim = pool_with_a_writer_on_a_worker_node(cluster, "fedckpt-multinode-flush", 1)
     client = client_on("head", tmp_path, namespace)
     names = [f"late_{index}.pt" for index in range(16)]
+    hold_writes(writers)
     ray.get(client.save_late.remote(names, 7))
     cluster.remove(victim)
     lost = [name for name in names if state_counter_on_disk(str(tmp_path / name)) != 7]
-    assert lost, "every late save was written before the node went: nothing was re-sent"
+    assert lost == names  # the held writes: none was written before the node went
     fedckpt.flush()  # the client makes no call meanwhile
     missing = [name for name in lost if state_counter_on_disk(str(tmp_path / name)) != 7]
     assert missing == [], f"fedckpt.flush() returned, but {len(missing)} acknowledged saves are not on disk"

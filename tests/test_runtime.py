@@ -14,7 +14,7 @@ import torch
 import fedckpt
 from fedckpt import PerRoundStateCheckpointer
 from fedckpt.errors import SaveLostError
-from fedckpt.runtime import lifecycle
+from fedckpt.runtime import failpoints, lifecycle
 from fedckpt.runtime.messages import ObjectStorePayload, Outcome, SaveRequest
 from fedckpt.runtime.pool import shard_of, writer_name
 from fedckpt.runtime.settings import Settings
@@ -181,10 +181,11 @@ def test_a_flush_in_another_process_covers_saves_a_killed_writer_held(ray_instan
         pid = ray.get(writer.stats.remote()).pid
         names = [f"idle_{index}.pt" for index in range(8)]
         ray.get(saver.save.remote(names, 0, MB))
-        ray.get(saver.save.remote(names, 1, 8 * MB))  # 32 MB each, queued behind one I/O thread
+        ray.get(writer.__ray_call__.remote(failpoints.hold_in_actor, "writer.writing"))
+        ray.get(saver.save.remote(names, 1, 8 * MB))  # 32 MB each, held by the writer until it dies
         os.kill(pid, signal.SIGKILL)
         lost = [name for name in names if counter_on_disk(name) != 1]
-        assert lost, "every save was written before the writer was killed: nothing to re-send"
+        assert lost == names
         fedckpt.flush()  # the saver makes no call meanwhile
         assert {name: counter_on_disk(name) for name in names} == dict.fromkeys(names, 1)
         info = ray.get(writer.describe.remote())

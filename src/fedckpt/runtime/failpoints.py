@@ -2,12 +2,16 @@
 drive a race deterministically: the moment between two steps that another thread may interleave.
 
 A point costs one dictionary lookup when nothing is set. Tests set a hook with :func:`hooked`; a
-hook runs in the thread that reached the point, with the point's arguments.
+hook runs in the thread that reached the point, with the point's arguments. In a writer's event loop
+(:func:`reach_async`) a hook may return an awaitable, which the loop awaits: a test can hold a writer's
+writes without stopping the writer (:func:`hold_in_actor`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +23,26 @@ def reach(name: str, **details: Any) -> None:
     hook = _hooks.get(name)
     if hook is not None:
         hook(**details)
+
+
+async def reach_async(name: str, **details: Any) -> None:
+    """:func:`reach` for a point in an event loop: an awaitable the hook returns is awaited."""
+    hook = _hooks.get(name)
+    if hook is not None:
+        result = hook(**details)
+        if inspect.isawaitable(result):
+            await result
+
+
+def hold_in_actor(_actor: Any, name: str) -> None:
+    """Every later arrival at point ``name`` in this process waits until the process ends. Run in a
+    writer through Ray's ``handle.__ray_call__.remote(hold_in_actor, name)``: a test that kills the
+    writer (or its node) then knows the saves it was sent are still unwritten."""
+    set_hook(name, _wait_for_good)
+
+
+async def _wait_for_good(**_details: Any) -> None:
+    await asyncio.Event().wait()
 
 
 def set_hook(name: str, hook: Callable[..., None] | None) -> None:

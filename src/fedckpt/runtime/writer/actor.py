@@ -25,7 +25,7 @@ from typing import Any
 import ray
 
 import fedckpt.runtime.writer.incarnation as incarnation
-from fedckpt.runtime import channel, tickets
+from fedckpt.runtime import channel, failpoints, tickets
 from fedckpt.runtime.messages import (
     Ack,
     Enqueue,
@@ -354,6 +354,7 @@ class CheckpointWriter:
         while state.queue:
             save = state.active = state.queue.popleft()
             sent_before = save.sequence[0] != self.epoch  # an earlier incarnation may have written it
+            await failpoints.reach_async("writer.writing", key=key)
             if self._stages_here(save.payload):
                 written = await self.io.write(save, look_first=sent_before)
                 if written.persisted is not None:

@@ -18,7 +18,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from fedckpt.runtime import tickets
+from fedckpt.runtime import failpoints, tickets
 from fedckpt.runtime.messages import Outcome, PoolShape, SaveRequest, SharedMemoryPayload, WriterStats
 from fedckpt.runtime.shards import shard_of
 from fedckpt.runtime.staging import PREFIX, SHM_DIR
@@ -76,6 +76,7 @@ class NodeWriter:
     ) -> WriteOutcome:
         """Write one save staged on this node; storage publishes it only over an older version
         (``look_first``: a save sent again is checked against storage before it is written)."""
+        await failpoints.reach_async("node_writer.writing", key=request.key)
         save = QueuedSave(request, tuple(sequence), payload, asyncio.get_running_loop().create_future())
         self.metrics.arrived()
         try:
