@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -15,6 +15,9 @@ from fedckpt.runtime import lifecycle
 from fedckpt.runtime.messages import SaveRequest
 from fedckpt.state import PerRoundStateCheckpointer
 from fedckpt.storage.paths import checkpoint_key
+
+if TYPE_CHECKING:
+    from fedckpt.fl4health.checkpointing.state_checkpointer import StateCheckpointer
 
 ModelCheckpointers = TorchModuleCheckpointer | Sequence[TorchModuleCheckpointer] | None
 
@@ -74,7 +77,7 @@ def checkpoint_model(
 class CheckpointAndStateModule(ABC):
     """Base of the client and server modules: state saves and loads, best-score resumption, flush."""
 
-    state_checkpointer: PerRoundStateCheckpointer | None
+    state_checkpointer: PerRoundStateCheckpointer | StateCheckpointer | None  # 0.3's, or 0.4's (fedckpt.fl4health)
 
     @abstractmethod
     def model_checkpointers_in_use(self) -> list[TorchModuleCheckpointer]:
@@ -109,5 +112,5 @@ class CheckpointAndStateModule(ABC):
         """Wait until every save of this module's checkpointers is durable; raise if one failed."""
         keys = [checkpoint_key(checkpointer.checkpoint_path) for checkpointer in self.model_checkpointers_in_use()]
         if self.state_checkpointer is not None:
-            keys.extend(self.state_checkpointer._saved_keys)
+            keys.extend(self.state_checkpointer.saved_keys())
         lifecycle.coordinator().flush(keys, timeout=timeout)

@@ -144,6 +144,10 @@ class PerRoundStateCheckpointer:
         wait_until_readable(path)
         return self._storage(path).exists(path)
 
+    def saved_keys(self) -> list[str]:
+        """The keys of every file saved through this checkpointer (what :meth:`flush` waits for)."""
+        return sorted(self._saved_keys)
+
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every save made through this checkpointer is durable; raise if one failed."""
-        lifecycle.coordinator().flush(sorted(self._saved_keys), timeout=timeout)
+        lifecycle.coordinator().flush(self.saved_keys(), timeout=timeout)

@@ -1,0 +1,1 @@
+"""Mirror of ``fl4health.utils``: only ``snapshotter``."""
