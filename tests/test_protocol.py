@@ -213,6 +213,27 @@ def test_a_restarted_writer_finds_an_idle_clients_saves_itself_so_another_proces
             ray.kill(saver)
 
 
+def test_a_process_whose_pool_another_process_stopped_saves_into_the_pool_there_is_now(ray_instance, tmp_path):
+    """One process stops the pool (``fedckpt.shutdown()``, ``stop_writers()``) while another keeps its
+    handles on it: that process's next saves go to the pool there is now, never to the ended writers
+    (a Ray worker reused by a later run, or a client of a notebook's second simulation). Nothing of
+    it was pending at the stop, so nothing failed."""
+    namespace = "fedckpt-race-stopped-by-another"
+    with own_pool(namespace):
+        saver = IdleSaver.remote(namespace, str(tmp_path))
+        try:
+            ray.get(saver.save.remote(["a.pt", "b.pt"], 0, 1024))
+            assert ray.get(saver.flush.remote()) == (0, 0)
+            lifecycle.coordinator().stop_writers()  # every writer of the pool ends
+            fedckpt.init(namespace=namespace, num_writers=1, io_threads=1)  # a new pool of the same names
+            for value in (1, 2):
+                ray.get(saver.save.remote(["a.pt", "b.pt"], value, 1024))
+            assert ray.get(saver.flush.remote()) == (0, 0)
+            assert [saved_value(tmp_path / name) for name in ("a.pt", "b.pt")] == [2, 2]
+        finally:
+            ray.kill(saver)
+
+
 def test_a_flush_returns_only_once_this_process_saves_are_durable_not_on_the_writers_word(ray_instance, tmp_path):
     """Saves a dead writer held are sent again with the sequences of its old incarnation. The new
     incarnation's quiet mark (nothing numbered, nothing pending) must not let a flush return before

@@ -23,7 +23,7 @@ from typing import Any
 
 import ray
 
-from fedckpt.errors import CheckpointError
+from fedckpt.errors import CheckpointError, SaveLostError
 from fedckpt.runtime import failpoints, overlap_hooks, preemption, ray_session, stats, tickets
 from fedckpt.runtime.channel import ChannelClosed
 from fedckpt.runtime.completion import Completions
@@ -73,9 +73,12 @@ class Coordinator:
     def pool(self, create: bool = True) -> WriterPool | None:
         """The writer pool; created (or joined) on first use. With ``create=False``, None if there is none."""
         pool = self._pool
-        if pool is not None and pool.generation == ray_session.generation and ray.is_initialized():
+        current = pool is not None and pool.stopped is None and pool.generation == ray_session.generation
+        if current and ray.is_initialized():
             return pool
         with self._pool_lock:
+            if self._pool is not None and self._pool.stopped is not None:
+                self._leave_stopped_pool(self._pool)
             if self._pool is not None:
                 if ray.is_initialized() and ray_session.session_id() == self._pool.session:
                     self._pool.generation = ray_session.generation
@@ -117,6 +120,24 @@ class Coordinator:
             pool.ensure_node_writers(self._transport.node())
         self._watcher.wake()  # it watches the new channels
 
+    def _leave_stopped_pool(self, pool: WriterPool) -> None:
+        """The pool's writers ended for good (someone stopped it, or its job ended): what they had
+        not written by then never will be, so those saves FAILED (the next flush names them); the
+        next call joins or starts the pool there is now, as a later save anywhere does."""
+        self._transport.take_in_notices()  # what the writers wrote before they ended
+        for record in self._inflight.unfinished():
+            self._inflight.failed(
+                record,
+                SaveLostError(
+                    f"the writer pool {pool.namespace!r} was stopped ({type(pool.stopped).__name__}: fedckpt."
+                    "shutdown() or stop_writers() in some process, or the end of its job) before this save "
+                    "was written: the checkpoint keeps its last written version"
+                ),
+            )
+        self._pool = None
+        self._watcher.stop(wait=0.0)
+        self._transport.close_channels()
+
     def _lost_ray_instance(self) -> None:
         """Ray was shut down (or replaced) under us: report saves that did not reach the disk."""
         from fedckpt.storage.base import storage_for
@@ -151,7 +172,13 @@ class Coordinator:
         with stats.recorder.timed("blocked_seconds"), self._save_lock:
             pool = self.pool()
             assert pool is not None
-            self._take_in()  # frees staging memory, and brings news of failed saves
+            try:
+                self._take_in()  # frees staging memory, and brings news of failed saves
+            except WriterGone:
+                if pool.stopped is None:
+                    raise
+                pool = self.pool()  # its channel showed the pool stopped: this save goes to the pool there is now
+                assert pool is not None
             held = self._inflight.take_errors({request.key for request in requests})
             if held:
                 raise CheckpointError.naming("An earlier save failed, so this save was not started", held)
@@ -319,6 +346,7 @@ class Coordinator:
             except ChannelClosed:
                 self._delivery.writer_died(index, self._transport.current_channel(index), deadline)
             except ray.exceptions.RayActorError as error:
+                pool.stopped = error
                 self._delivery.writer_died(index, None, deadline)
                 raise WriterGone(f"writer {index} of the pool is gone for good: {error}") from error
 

@@ -230,6 +230,7 @@ class Delivery:
                 try:
                     info = pool.refresh(index, _left(deadline))  # returns once Ray restarted it
                 except ray.exceptions.RayActorError as error:
+                    pool.stopped = error
                     for record in self._inflight.unfinished():
                         if record.writer == index:
                             self._inflight.failed(record, self._gone_for_good(index, error))

@@ -34,6 +34,9 @@ class WriterPool:
         self.infos = infos
         self.session = ray_session.session_id()
         self.generation = ray_session.generation
+        # Set once a writer is found ended for good: the pool was stopped (fedckpt.shutdown() or
+        # stop_writers() by some process, or its job ended); the next call leaves it for a new one.
+        self.stopped: BaseException | None = None
         self._nodes_with_writers: set[str] = set()
 
     @property
