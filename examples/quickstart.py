@@ -23,8 +23,6 @@ import time
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fedckpt  # noqa: E402
@@ -35,8 +33,6 @@ from fedckpt import (  # noqa: E402
     LatestTorchModuleCheckpointer,
     PerRoundStateCheckpointer,
 )
-
-console = Console()
 
 
 def make_model(width: int) -> nn.Module:
@@ -76,8 +72,8 @@ def main() -> int:
     torch.manual_seed(0)
     global_model = make_model(args.width)
     megabytes = sum(p.numel() * p.element_size() for p in global_model.parameters()) / 2**20
-    console.print(f"[bold]fedckpt quickstart[/]: {args.clients} clients, {args.rounds} rounds, "
-                  f"{megabytes:.1f} MB model, checkpoints in {root}")  # fmt: skip
+    print(f"fedckpt quickstart: {args.clients} clients, {args.rounds} rounds, {megabytes:.1f} MB model, "
+          f"checkpoints in {root}")  # fmt: skip
 
     modules, optimizers, models = [], [], []
     for client in range(args.clients):
@@ -117,7 +113,7 @@ def main() -> int:
             state = {"model": model, "optimizer": optimizer.state_dict(), "round": round_number}
             blocked = timed(module.save_state, "state.pt", state)
             rows.append(("state", blocked, sync_save_seconds(state)))
-            console.print(
+            print(
                 f"round {round_number} client {client}: val loss {val_loss:.4f}; blocked "
                 + ", ".join(f"{kind} {b * 1e3:.1f} ms (torch.save {s * 1e3:.1f} ms)" for kind, b, s in rows[-3:])
             )
@@ -129,16 +125,14 @@ def main() -> int:
     fedckpt.flush()
     flush_seconds = time.perf_counter() - start
 
-    table = Table(title="Time the training loop was blocked per save (first save excluded: it starts Ray)")
-    for column in ("save", "count", "fedckpt p50 ms", "torch.save p50 ms", "speed-up"):
-        table.add_column(column, justify="left" if column == "save" else "right")
+    print("\nTime the training loop was blocked per save (first save excluded: it starts Ray)")
+    print(f"{'save':<22}{'count':>6}{'fedckpt p50 ms':>16}{'torch.save p50 ms':>19}{'speed-up':>10}")
     for kind in dict.fromkeys(kind for kind, _, _ in rows):
         samples = [(b, s) for index, (k, b, s) in enumerate(rows) if k == kind and index > 0]
         blocked = statistics.median(b for b, _ in samples)
         sync = statistics.median(s for _, s in samples)
-        table.add_row(kind, str(len(samples)), f"{blocked * 1e3:.2f}", f"{sync * 1e3:.2f}", f"{sync / blocked:.1f}x")
-    console.print(table)
-    console.print(f"final flush (everything durable): {flush_seconds * 1e3:.0f} ms")
+        print(f"{kind:<22}{len(samples):>6}{blocked * 1e3:>16.2f}{sync * 1e3:>19.2f}{sync / blocked:>9.1f}x")
+    print(f"final flush (everything durable): {flush_seconds * 1e3:.0f} ms")
 
     # Reload and check against what is in memory.
     for client, module in enumerate(modules):
@@ -151,8 +145,7 @@ def main() -> int:
         assert isinstance(post, nn.Module)
         restored = torch.optim.Adam(state["model"].parameters(), lr=1e-3)
         restored.load_state_dict(state["optimizer"])
-    console.print(f"[green]reloaded and checked[/] {args.clients} clients' checkpoints and state; "
-                  f"see them with: fedckpt ls {root}")  # fmt: skip
+    print(f"reloaded and checked {args.clients} clients' checkpoints and state; see them with: fedckpt ls {root}")
     fedckpt.shutdown()
     return 0
 

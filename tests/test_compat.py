@@ -217,6 +217,49 @@ def test_flowers_simulation_backend_calls_the_wrapped_ray_shutdown(shutdown_wrap
     assert shutdown_wrapping["flower"] == "True", "Flower's RayBackend.terminate() did not go through ray.shutdown"
 
 
+# ---- Flower (imported in the tests only: the GPU host runs this file without Flower) ----------------
+
+
+@canary("flwr.serverapp.strategy.Strategy.start (its round loop)")
+def test_flowers_round_loop_calls_the_strategy_as_server_checkpoints_expects():
+    """The arguments ServerCheckpoints passes on, and the calls Flower's loop makes, in order: a round
+    ends with aggregate_evaluate, or with evaluate_fn where one is given; the arrays go from each
+    aggregate to the next calls (kept where a round aggregates nothing)."""
+    import inspect
+
+    from flower_loop import CentralEvaluation, NoClientsGrid, RecordingStrategy, arrays_of, value_of
+    from flwr.serverapp.strategy import Strategy
+
+    assert list(inspect.signature(Strategy.start).parameters) == [
+        "self", "grid", "initial_arrays", "num_rounds", "timeout", "train_config", "evaluate_config", "evaluate_fn",
+    ]  # fmt: skip
+
+    def round_calls(server_round: int, given: float, aggregated: float) -> list[tuple]:
+        return [
+            ("configure_train", server_round, given), ("aggregate_train", server_round),
+            ("configure_evaluate", server_round, aggregated), ("aggregate_evaluate", server_round),
+        ]  # fmt: skip
+
+    strategy, grid = RecordingStrategy(rounds_without_aggregate={2}), NoClientsGrid()
+    result = _compat.run_strategy_rounds(strategy, grid, arrays_of(0), 3, 5.0, None, None, None)
+    assert strategy.calls == [
+        ("summary",), *round_calls(1, 0, 10), *round_calls(2, 10, 10), *round_calls(3, 10, 30)
+    ]  # fmt: skip
+    assert grid.sends == 6
+    assert value_of(result.arrays) == 30
+    assert sorted(result.train_metrics_clientapp) == sorted(result.evaluate_metrics_clientapp) == [1, 2, 3]
+    assert result.evaluate_metrics_serverapp == {}
+
+    strategy = RecordingStrategy()
+    central = CentralEvaluation(strategy.calls)
+    result = _compat.run_strategy_rounds(strategy, NoClientsGrid(), arrays_of(0), 2, 5.0, None, None, central)
+    assert strategy.calls == [
+        ("summary",), ("evaluate_fn", 0, 0),
+        *round_calls(1, 0, 10), ("evaluate_fn", 1, 10), *round_calls(2, 10, 20), ("evaluate_fn", 2, 20),
+    ]  # fmt: skip
+    assert sorted(result.evaluate_metrics_serverapp) == [0, 1, 2]
+
+
 # ---- torch ----------------------------------------------------------------------------------------
 
 

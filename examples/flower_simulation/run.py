@@ -35,23 +35,14 @@ import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from flwr.app import Context, RecordDict, UserConfig  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common.config import get_fused_config_from_dir  # noqa: E402
-from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES  # noqa: E402
-from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
-from flwr.simulation.run_simulation import _run_simulation  # noqa: E402
-from flwr.supercore.constant import NOOP_FEDERATION_ID  # noqa: E402
-from flwr.supercore.run import Run  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
-from flwr.supercore.telemetry import EventType  # noqa: E402
 
 import client_app  # noqa: E402
 import task  # noqa: E402
+from flower_run import run_simulation_with_config  # noqa: E402
 from server_app import Options, Outcome, make_server_app  # noqa: E402
 
 
@@ -106,35 +97,24 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, str]:
 
 
 def simulate(
-    server_app: ServerApp, client_app: ClientApp, num_supernodes: int, run_config: UserConfig, num_gpus: float = 0.0
+    server_app: ServerApp,
+    client_app: ClientApp,
+    num_supernodes: int,
+    run_config: dict[str, str],
+    num_gpus: float = 0.0,
 ) -> None:
-    """Flower's ``run_simulation``, with ``run_config`` as the run config's overrides (``flwr run --run-config``).
-
-    Flower 1.42's ``run_simulation`` leaves ``context.run_config`` empty: a run config is an app's
-    ``[tool.flwr.app.config]`` (this directory's pyproject.toml) with the run's overrides, and only
-    the simulation behind ``flwr run`` passes it on. This starts that simulation in this process, as
-    ``run_simulation`` does, so that the ServerApp can hand its outcome to the summary. It uses
-    Flower internals: it holds for the flwr that pyproject.toml pins (1.42).
-    """
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-    run.federation_id = NOOP_FEDERATION_ID
-    run.override_config = dict(run_config)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
-    fused = get_fused_config_from_dir(Path(APP_DIR), run.override_config)  # raises on a key pyproject.toml lacks
-    _run_simulation(
-        num_supernodes=num_supernodes,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
+    """Flower's simulation of the two apps in this process, with ``run_config`` as the run config's
+    overrides (``flwr run --run-config``): see ``flower_run.py`` for why not ``run_simulation``."""
+    run_simulation_with_config(
+        server_app,
+        client_app,
+        num_supernodes,
+        run_config,
+        APP_DIR,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": num_gpus},
             "init_args": {"include_dashboard": False, "log_to_driver": True},
         },
-        server_app_context=Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused),
-        app_dir=APP_DIR,
-        run=run,
-        is_app=True,  # the clients' run config: APP_DIR's pyproject.toml with the run's overrides
     )
 
 

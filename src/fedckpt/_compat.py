@@ -1,4 +1,5 @@
-"""Every private Ray, torch, s3fs and fsspec name fedckpt uses, each behind one small function.
+"""Every private Ray, torch, s3fs and fsspec name fedckpt uses, and every undocumented behaviour of Ray
+and Flower it relies on, each behind one small function.
 
 Where a public API does the job, fedckpt uses it and nothing of it is here. What is here has no
 public equivalent in the versions fedckpt supports (README.md, "Supported versions"); each
@@ -24,11 +25,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+    from flwr.serverapp import Grid
+    from flwr.serverapp.strategy import Result, Strategy
     from torch import nn
 
-# Checked against (their canaries pass): Ray 2.55.1 (Flower 1.42's pin), torch 2.13.0, s3fs and
-# fsspec 2026.9.0, Flower 1.42.0, on Python 3.11. fedckpt's saves also ran on the GPU host's torch
-# 2.11 (Python 3.12), but the canaries have not been run there.
+# Checked against (their canaries pass): Ray 2.55.1 (Flower 1.42's pin) and 2.51.1 (Flower 1.24's
+# pin), torch 2.13.0, s3fs and fsspec 2026.9.0, Flower 1.42.0 and 1.24.0, on Python 3.11. fedckpt's
+# saves also ran on the GPU host's torch 2.11 (Python 3.12), but the canaries have not been run there.
 
 PRIVATE_NAMES: dict[str, str] = {
     # name (as the library spells it) -> the library's distribution
@@ -40,6 +44,7 @@ PRIVATE_NAMES: dict[str, str] = {
     "ray.experimental.internal_kv._internal_kv_del": "ray",
     "ray.shutdown (replaced)": "ray",
     "ray.shutdown() at the end of a simulation": "flwr",
+    "flwr.serverapp.strategy.Strategy.start (its round loop)": "flwr",
     "torch.serialization._save": "torch",
     "torch.UntypedStorage._cdata": "torch",
     "torch._utils.get_tensor_metadata": "torch",
@@ -154,6 +159,44 @@ def wrap_ray_shutdown(make_wrapper: Callable[[Callable[..., Any]], Callable[...,
         setattr(wrapper, _WRAPPED_MARK, True)
         ray.shutdown = wrapper
     return ray.shutdown.__wrapped__  # type: ignore[attr-defined,no-any-return]
+
+
+# ---- Flower ---------------------------------------------------------------------------------------
+
+
+def run_strategy_rounds(
+    strategy: Strategy,
+    grid: Grid,
+    initial_arrays: ArrayRecord,
+    num_rounds: int,
+    timeout: float,
+    train_config: ConfigRecord | None,
+    evaluate_config: ConfigRecord | None,
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+) -> Result:
+    """Run Flower's own round loop, ``Strategy.start``, with ``strategy`` in it; return its ``Result``.
+
+    ``Strategy.start`` is public, but what fedckpt's ``ServerCheckpoints`` relies on is the shape of
+    its loop, which Flower documents only as "training, evaluation, and optional centralized
+    evaluation" per round:
+
+    - it calls ``evaluate_fn(0, initial_arrays)`` once before the first round, if given;
+    - round ``r`` (1 to ``num_rounds``) calls ``configure_train(r, arrays, ...)``,
+      ``aggregate_train(r, replies)``, ``configure_evaluate(r, arrays, ...)`` with the arrays
+      ``aggregate_train`` returned (the previous ones where it returned None),
+      ``aggregate_evaluate(r, replies)``, then ``evaluate_fn(r, arrays)`` if given, in that order:
+      the round is over after the last of these;
+    - nothing else of the strategy but ``summary()``.
+
+    Called on the class, so that it is Flower's loop even where ``type(strategy)`` overrides
+    ``start``. Checked against Flower 1.24.0 and 1.42.0; the loop reads the same in every release
+    from 1.21 to 1.42 that was compared (1.21 to 1.25, 1.30 to 1.35, 1.38, 1.41).
+    """
+    from flwr.serverapp.strategy import Strategy
+
+    return Strategy.start(
+        strategy, grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
+    )  # fmt: skip
 
 
 # ---- torch ----------------------------------------------------------------------------------------

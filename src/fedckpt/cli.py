@@ -1,6 +1,7 @@
 """The ``fedckpt`` command: ``ls`` lists checkpoints with their manifest data, ``verify`` re-hashes them,
 ``status`` shows the live writer pools of a Ray cluster, ``bench`` compares fedckpt with other ways to
-save a model. Only ``status`` and ``bench`` import Ray (and ``bench`` torch)."""
+save a model. Only ``status`` and ``bench`` import Ray (and ``bench`` torch). ``bench`` needs rich
+(``pip install 'fedckpt[bench]'``); the other commands print plain tables without it."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
-from rich import box
-from rich.console import Console
-from rich.table import Table
-
+from fedckpt.cli_tables import Column, print_table
+from fedckpt.errors import MissingExtraError
 from fedckpt.storage.base import storage_for
+
+if TYPE_CHECKING:
+    from fedckpt.runtime.pool_status import WriterStatus  # imports Ray: for status only
 
 
 def _human_bytes(count: int) -> str:
@@ -39,21 +42,15 @@ def command_ls(directory: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = Table(title=f"fedckpt checkpoints in {directory}", box=box.SIMPLE_HEAD, title_justify="left")
-    console = Console()
-    # On a narrow terminal the other columns give way: the path is what the user needs whole
-    # (checksums are in --json, and verify checks them).
-    longest = max((len(row["path"]) for row in rows), default=4)
-    table.add_column("path", min_width=min(longest, console.width // 2), overflow="fold")
-    for column in ("format", "seq", "score", "bytes", "saved (UTC)"):
-        table.add_column(column, justify="right" if column in ("bytes", "seq") else "left")
+    # The path is kept whole on a narrow terminal (checksums are in --json, and verify checks them).
+    columns = [Column("path", keep_whole=True), Column("format"), Column("seq", right=True), Column("score"),
+               Column("bytes", right=True), Column("saved (UTC)")]  # fmt: skip
+    cells = []
     for row in rows:
         score = "" if row["score"] is None else f"{row['score_name']}={row['score']:.6g}"
         saved = datetime.datetime.fromtimestamp(row["saved_at"], tz=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(
-            row["path"], row["format"], str(row["sequence"][1]), score, _human_bytes(row["bytes"]), saved
-        )  # fmt: skip
-    console.print(table)
+        cells.append([row["path"], row["format"], str(row["sequence"][1]), score, _human_bytes(row["bytes"]), saved])
+    print_table(f"fedckpt checkpoints in {directory}", columns, cells)
     if not rows:
         print(f"No fedckpt checkpoints under {directory}")
     return 0
@@ -190,28 +187,35 @@ def command_status(address: str, interval: float, as_json: bool) -> int:
     if not writers:
         print(f"No fedckpt writers on the Ray cluster at {address}")
         return 0
-    console = Console()
+    columns = [
+        Column(name, right=name != "node")
+        for name in ("#", "node", "queue", "saved", "failed", "resent", "written", "saves/s", "MiB/s")
+    ]
     for namespace in sorted({writer.namespace for writer in writers}):
         pool = [writer for writer in writers if writer.namespace == namespace]
-        table = Table(
-            title=f"pool {namespace}: {len(pool)} writer(s)", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False
-        )
-        for column in ("#", "node", "queue", "saved", "failed", "resent", "written", "saves/s", "MiB/s"):
-            table.add_column(column, justify="left" if column == "node" else "right", no_wrap=True)
-        for writer in pool:
-            stats = writer.stats
-            table.add_row(
-                writer.writer, writer.node_ip, str(stats.pending), str(stats.saved), str(stats.failed),
-                str(stats.resends), _human_bytes(stats.bytes_written), f"{writer.saves_per_second:.1f}",
-                f"{writer.bytes_per_second / (1 << 20):.1f}",
-            )  # fmt: skip
-        console.print(table)
+        cells = [_status_row(writer) for writer in pool]
+        print_table(f"pool {namespace}: {len(pool)} writer(s)", columns, cells, compact=True)
     return 0
+
+
+def _status_row(writer: WriterStatus) -> list[str]:
+    stats, mib_per_second = writer.stats, writer.bytes_per_second / (1 << 20)
+    return [
+        writer.writer, writer.node_ip, str(stats.pending), str(stats.saved), str(stats.failed), str(stats.resends),
+        _human_bytes(stats.bytes_written), f"{writer.saves_per_second:.1f}", f"{mib_per_second:.1f}",
+    ]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
-    args = build_parser(describe_bench_cases=bool(words) and words[0] == "bench").parse_args(argv)
+    bench = bool(words) and words[0] == "bench"
+    if bench:
+        try:
+            import fedckpt.bench  # noqa: F401  (its extra: checked before the help, which lists its cases)
+        except MissingExtraError as error:
+            print(f"fedckpt bench: {error}", file=sys.stderr)
+            return 2
+    args = build_parser(describe_bench_cases=bench).parse_args(argv)
     if args.command == "bench":
         return command_bench(args)
     if args.command == "status":

@@ -38,3 +38,8 @@ class ScoreError(TypeError, ValueError):
 class SaveLostError(RuntimeError):
     """An acknowledged save that never reached storage: its writer is gone for good, or died with it
     while its caller died too (the checkpoint keeps its last written version)."""
+
+
+class MissingExtraError(ImportError):
+    """A part of fedckpt whose optional dependencies are not installed (``fedckpt.flower`` without
+    Flower, ``fedckpt bench`` without rich); the message names the extra that installs them."""

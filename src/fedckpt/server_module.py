@@ -8,6 +8,7 @@ same asynchronous checkpointers the clients use.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,17 +34,19 @@ def parameters_as_state_dict(parameters: Any, names: Sequence[str]) -> dict[str,
     """Flower parameters as a state dict; ``names`` orders the arrays of unnamed kinds.
 
     Accepts an ``ArrayRecord`` (its own names), a legacy ``Parameters``, a list of ndarrays or
-    tensors (in ``names`` order), or a mapping of names to arrays.
+    tensors (in ``names`` order), or a mapping of names to arrays. Flower is needed for its own
+    kinds only (it is an optional dependency).
     """
-    from flwr.app import ArrayRecord
-    from flwr.common import Parameters, parameters_to_ndarrays
+    if sys.modules.get("flwr") is not None:  # only an imported Flower can have made an ArrayRecord or Parameters
+        from flwr.app import ArrayRecord
+        from flwr.common import Parameters, parameters_to_ndarrays
 
-    if isinstance(parameters, ArrayRecord):
-        return dict(parameters.to_torch_state_dict())
+        if isinstance(parameters, ArrayRecord):
+            return dict(parameters.to_torch_state_dict())
+        if isinstance(parameters, Parameters):
+            parameters = parameters_to_ndarrays(parameters)
     if isinstance(parameters, Mapping):
         return {name: torch.as_tensor(value) for name, value in parameters.items()}
-    if isinstance(parameters, Parameters):
-        parameters = parameters_to_ndarrays(parameters)
     if isinstance(parameters, (list, tuple)):
         if len(parameters) != len(names):
             raise ValueError(f"Got {len(parameters)} arrays for a model with {len(names)} state-dict entries")

@@ -1,13 +1,17 @@
 """``ServerCheckpoints``: a ServerApp's rounds with global-model checkpoints, server state and resume.
 
-:meth:`ServerCheckpoints.start` runs the rounds of a Message API strategy exactly as
-``Strategy.start`` does (train, aggregate, federated evaluation, centralized evaluation), calling
-the strategy with the true round numbers. After each round it checkpoints the global model and
-saves the server state: the round, the global arrays, the attributes the rounds reassigned in
-the strategy and in every strategy it wraps (FedAdam's moments, also inside a differential-privacy
-wrapper, FedAvgM's momentum, ...), the server process's random generators (a DP wrapper's noise)
-and the metrics history. A run started on
-a directory that holds such a state continues after its round instead of starting at round 1.
+:meth:`ServerCheckpoints.start` runs Flower's own round loop, ``Strategy.start`` (train,
+aggregate, federated evaluation, centralized evaluation), with the strategy wrapped
+(:class:`~fedckpt.flower.rounds.CheckpointedRounds`) so that it is called with the true round
+numbers and each finished round is handed back here. After each round it checkpoints the global
+model and saves the server state: the round, the global arrays, the attributes the rounds
+reassigned in the strategy and in every strategy it wraps (FedAdam's moments, also inside a
+differential-privacy wrapper, FedAvgM's momentum, ...), the server process's random generators (a
+DP wrapper's noise) and the metrics history. A run started on a directory that holds such a state
+continues after its round instead of starting at round 1.
+
+On a resume Flower's own progress lines count the rounds this run runs ("[ROUND 1/2]" for round 4
+of 5); the line fedckpt prints after each round gives the run's round ("[ROUND 4/5] ...").
 
 The server state is the round's commit record, so it is written only once every save issued up to
 the end of the round (the clients' states and checkpoints included) is durable: a resumed run
@@ -18,12 +22,11 @@ next round ends (backpressure).
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from importlib.metadata import version
 from logging import INFO
 from typing import Any
 
@@ -32,7 +35,9 @@ from flwr.common import log as progress  # Flower's own log: the lines Strategy.
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from fedckpt import _compat
 from fedckpt.flower import strategy_state
+from fedckpt.flower.rounds import CheckpointedRounds, EvaluateFn, RoundOutcome
 from fedckpt.flower.timing import BlockedTime
 from fedckpt.runtime import lifecycle
 from fedckpt.server_module import ServerCheckpointAndStateModule
@@ -41,7 +46,6 @@ from fedckpt.state import StateSnapshot
 log = logging.getLogger("fedckpt")
 
 HISTORY_FIELDS = ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp")
-EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 
 class ServerCheckpoints:
@@ -121,67 +125,53 @@ class ServerCheckpoints:
         evaluate_config: ConfigRecord | None,
         evaluate_fn: EvaluateFn | None,
     ) -> Result:
-        train_config = ConfigRecord() if train_config is None else train_config
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        if type(strategy).start is not Strategy.start:
+            log.warning(
+                "%s overrides Strategy.start: ServerCheckpoints runs Flower's own round loop, not that override",
+                type(strategy).__name__,
+            )
         configured = strategy_state.configuration(strategy)  # what the rounds reassign is the strategy's state
-        result = Result()
+        history = Result()  # by true round number, the restored rounds' included: saved with each round
         with self.blocked.measure():
             saved = self.module.maybe_load_state(self.state_name)
             self.module.resume_best_scores()
         if saved is not None:
-            arrays = self._restore(saved, strategy, result)
-        elif evaluate_fn:
-            initial = evaluate_fn(0, arrays)
-            progress(INFO, "Initial global evaluation results: %s", initial)
-            if initial is not None:
-                result.evaluate_metrics_serverapp[0] = initial
-        result.arrays = arrays
-        started = time.time()
-        for server_round in range(self.resumed_from_round + 1, num_rounds + 1):
-            progress(INFO, "")
-            progress(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-            replies = grid.send_and_receive(
-                messages=strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout
-            )
-            aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
-            if aggregated is not None:
-                arrays = result.arrays = aggregated
-            if train_metrics is not None:
-                result.train_metrics_clientapp[server_round] = train_metrics
-            replies = grid.send_and_receive(
-                messages=strategy.configure_evaluate(server_round, arrays, evaluate_config, grid), timeout=timeout
-            )
-            evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
-            if evaluate_metrics is not None:
-                result.evaluate_metrics_clientapp[server_round] = evaluate_metrics
-            central_metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
-            if central_metrics is not None:
-                result.evaluate_metrics_serverapp[server_round] = central_metrics
+            arrays = self._restore(saved, strategy, history)
+        restored = {field: dict(getattr(history, field)) for field in HISTORY_FIELDS}
+
+        def end_round(outcome: RoundOutcome) -> None:
             with self.blocked.measure():
-                self._checkpoint(server_round, arrays, evaluate_metrics, central_metrics, strategy, configured, result)
-            self._report_round(server_round, num_rounds, evaluate_metrics, central_metrics)
-        progress(INFO, "")
-        progress(INFO, "Strategy execution finished in %.2fs", time.time() - started)
-        for line in io.StringIO(str(result)):
-            progress(INFO, "\t%s", line.rstrip("\n"))
+                self._checkpoint(outcome, strategy, configured, history)
+            self._report_round(outcome, num_rounds)
+
+        rounds = CheckpointedRounds.around(strategy, self.resumed_from_round, arrays, history, end_round, evaluate_fn)
+        result = _compat.run_strategy_rounds(
+            rounds, grid, arrays, max(num_rounds - self.resumed_from_round, 0), timeout, train_config, evaluate_config,
+            rounds.evaluate if evaluate_fn is not None else None,
+        )  # fmt: skip
+        expected = list(range(self.resumed_from_round + 1, num_rounds + 1))
+        if rounds.rounds_ended != expected:  # no round may run without its checkpoint
+            raise RuntimeError(
+                f"Flower {version('flwr')}'s Strategy.start ended rounds {rounds.rounds_ended}, not {expected}, as "
+                "fedckpt expects: its round loop changed (see run_strategy_rounds in fedckpt/_compat.py)"
+            )
+        # Flower's result counts this run's rounds from 1: as the run's rounds, after the restored ones.
+        for field in HISTORY_FIELDS:
+            ran = {self.resumed_from_round + r: metrics for r, metrics in getattr(result, field).items()}
+            setattr(result, field, {**restored[field], **ran})
+        result.arrays = rounds.arrays  # also where no round aggregated (Flower leaves it empty)
         return result
 
-    def _report_round(
-        self,
-        server_round: int,
-        num_rounds: int,
-        evaluate_metrics: MetricRecord | None,
-        central_metrics: MetricRecord | None,
-    ) -> None:
+    def _report_round(self, outcome: RoundOutcome, num_rounds: int) -> None:
         """One line per round: the global model's loss and accuracy where reported, the checkpoints
         the pool has written and the time the server has waited on fedckpt."""
-        metrics = {**_scalars(evaluate_metrics), **_scalars(central_metrics)}
+        metrics = {**_scalars(outcome.evaluate_metrics), **_scalars(outcome.central_metrics)}
         figures = [f"{name} {metrics[name]:.4g}" for name in (self.loss_key, "accuracy") if name in metrics]
         written = sum(stats.saved for stats in lifecycle.coordinator().writer_stats())
         progress(
             INFO,
             "[ROUND %s/%s] %s%d checkpoints written, server blocked %.3f s",
-            server_round,
+            outcome.server_round,
             num_rounds,
             "".join(f"{figure}, " for figure in figures),
             written,
@@ -189,21 +179,15 @@ class ServerCheckpoints:
         )
 
     def _checkpoint(
-        self,
-        server_round: int,
-        arrays: ArrayRecord,
-        evaluate_metrics: MetricRecord | None,
-        central_metrics: MetricRecord | None,
-        strategy: Strategy,
-        configured: dict[str, Any],
-        result: Result,
+        self, outcome: RoundOutcome, strategy: Strategy, configured: dict[str, Any], history: Result
     ) -> None:
-        """The global model's checkpoints now; the server state that commits ``server_round`` once durable."""
-        metrics = {**_scalars(evaluate_metrics), **_scalars(central_metrics)}
+        """The global model's checkpoints now; the server state that commits the round once durable."""
+        server_round = outcome.server_round
+        metrics = {**_scalars(outcome.evaluate_metrics), **_scalars(outcome.central_metrics)}
         loss = metrics.get(self.loss_key, math.nan)  # NaN: best-loss checkpointers skip, latest ones save
         if self.loss_key not in metrics:
             log.warning("Round %s reported no %r metric: the global model's loss is NaN", server_round, self.loss_key)
-        state_dict = dict(arrays.to_torch_state_dict())
+        state_dict = dict(outcome.arrays.to_torch_state_dict())
         self.module.maybe_checkpoint(state_dict, loss, metrics)
         assert self.module.state_checkpointer is not None
         state = self.module.state_checkpointer.snapshot_checkpoint(
@@ -213,7 +197,7 @@ class ServerCheckpoints:
                 "arrays": state_dict,
                 "strategy_state": strategy_state.learned(strategy, configured),
                 "rng": strategy_state.rng(),
-                "history": {field: _plain(getattr(result, field)) for field in HISTORY_FIELDS},
+                "history": {field: _plain(getattr(history, field)) for field in HISTORY_FIELDS},
             },
         )
         self._wait_for_commit()  # commits stay in round order
@@ -237,13 +221,13 @@ class ServerCheckpoints:
             error, self._commit_error = self._commit_error, None
             raise error
 
-    def _restore(self, saved: dict[str, Any], strategy: Strategy, result: Result) -> ArrayRecord:
+    def _restore(self, saved: dict[str, Any], strategy: Strategy, history: Result) -> ArrayRecord:
         self.resumed_from_round = int(saved["server_round"])
         strategy_state.restore(strategy, saved.get("strategy_state", {"": saved.get("strategy", {})}))
         if "rng" in saved:
             strategy_state.restore_rng(saved["rng"])
         for field, rounds in saved.get("history", {}).items():
-            getattr(result, field).update({int(r): MetricRecord(values) for r, values in rounds.items()})
+            getattr(history, field).update({int(r): MetricRecord(values) for r, values in rounds.items()})
         progress(INFO, "Resuming after round %s from %s", self.resumed_from_round, self.state_name)
         return ArrayRecord(saved["arrays"])
 
