@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -82,10 +83,20 @@ def _read_exactly(file: BinaryIO, count: int) -> bytes:
     return data
 
 
-def _file_tensors(file: BinaryIO, header: dict[str, Any], data_start: int) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, each read straight into a tensor of its own (no other copy):
-    from an object store's file all in one read (:meth:`ObjectFile.read_views`)."""
-    tensors, views, end = {}, [], 0
+@dataclasses.dataclass(frozen=True)
+class TensorSpan:
+    """One tensor of a safetensors file: its bytes ``begin``-``stop`` of the data section."""
+
+    name: str
+    dtype: torch.dtype
+    shape: list[int]
+    begin: int
+    stop: int
+
+
+def _tensor_spans(header: dict[str, Any]) -> list[TensorSpan]:
+    """The header's tensors in file order, checked to fill the data section back to back."""
+    spans, end = [], 0
     items = sorted((info["data_offsets"], name, info) for name, info in header.items() if name != "__metadata__")
     for (begin, stop), name, info in items:
         dtype = _DTYPES.get(info["dtype"])
@@ -94,10 +105,19 @@ def _file_tensors(file: BinaryIO, header: dict[str, Any], data_start: int) -> di
         shape = [int(size) for size in info["shape"]]
         if stop - begin != torch.Size(shape).numel() * dtype.itemsize or begin != end:
             raise ValueError(f"Tensor {name!r}: bytes {begin}-{stop} do not hold shape {shape} of {dtype} after {end}")
-        raw = torch.empty(stop - begin, dtype=torch.uint8)
-        views.append(memoryview(raw.numpy()))
-        tensors[name] = raw.view(dtype).reshape(shape)
+        spans.append(TensorSpan(name, dtype, shape, begin, stop))
         end = stop
+    return spans
+
+
+def _file_tensors(file: BinaryIO, header: dict[str, Any], data_start: int) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, each read straight into a tensor of its own (no other copy):
+    from an object store's file all in one read (:meth:`ObjectFile.read_views`)."""
+    tensors, views = {}, []
+    for span in _tensor_spans(header):
+        raw = torch.empty(span.stop - span.begin, dtype=torch.uint8)
+        views.append(memoryview(raw.numpy()))
+        tensors[span.name] = raw.view(span.dtype).reshape(span.shape)
     read_views = getattr(file, "read_views", None)
     if read_views is not None:
         read_views(data_start, views)
@@ -124,16 +144,8 @@ def _device_tensors(
     """Every tensor of a safetensors file on ``device``: the data section read into one page-locked
     buffer, then each tensor copied to the device without blocking (the buffer goes back to torch's
     caching host allocator, which reuses it only once those copies completed)."""
-    items = sorted((info["data_offsets"], name, info) for name, info in header.items() if name != "__metadata__")
-    end = 0
-    for (begin, stop), name, info in items:
-        dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"Tensor {name!r} has dtype {info['dtype']!r}, which fedckpt does not read")
-        shape = [int(size) for size in info["shape"]]
-        if stop - begin != torch.Size(shape).numel() * dtype.itemsize or begin != end:
-            raise ValueError(f"Tensor {name!r}: bytes {begin}-{stop} do not hold shape {shape} of {dtype} after {end}")
-        end = stop
+    spans = _tensor_spans(header)
+    end = spans[-1].stop if spans else 0
     pinned = page_locked(end)
     whole = memoryview(pinned.numpy())
     read_views = getattr(file, "read_views", None)
@@ -148,12 +160,11 @@ def _device_tensors(
                 raise ValueError("Truncated safetensors file: a tensor ends past the end of the file")
             done += got
     tensors = {}
-    for (begin, stop), name, info in items:
-        dtype = _DTYPES[info["dtype"]]
-        host = pinned[begin:stop]
-        if begin % dtype.itemsize:  # not laid out by fedckpt (which aligns every tensor): an aligned copy
+    for span in spans:
+        host = pinned[span.begin : span.stop]
+        if span.begin % span.dtype.itemsize:  # not laid out by fedckpt (which aligns every tensor): an aligned copy
             host = host.clone()
-        tensors[name] = host.view(dtype).reshape([int(size) for size in info["shape"]]).to(device, non_blocking=True)
+        tensors[span.name] = host.view(span.dtype).reshape(span.shape).to(device, non_blocking=True)
     return tensors
 
 
