@@ -226,6 +226,7 @@ def test_a_process_whose_pool_another_process_stopped_saves_into_the_pool_there_
             assert ray.get(saver.flush.remote()) == (0, 0)
             lifecycle.coordinator().stop_writers()  # every writer of the pool ends
             fedckpt.init(namespace=namespace, num_writers=1, io_threads=1)  # a new pool of the same names
+            assert ray.get(saver.flush.remote()) == (0, 0)  # a flush (a load's wait) finds the current pool too
             for value in (1, 2):
                 ray.get(saver.save.remote(["a.pt", "b.pt"], value, 1024))
             assert ray.get(saver.flush.remote()) == (0, 0)

@@ -297,7 +297,7 @@ class Coordinator:
         tracked = self._inflight.unfinished(selected)
         try:
             with stats.recorder.timed("waited_seconds"):
-                errors = self._flush(pool, selected, tracked, deadline)
+                errors = self._flush_current(pool, selected, tracked, deadline)
         except TimeoutError as error:  # Ray's GetTimeoutError is one too
             pending = sorted({record.key for record in tracked if not record.finished})
             message = f"fedckpt.flush: not done within {timeout} s ({error}); pending here: {pending}"
@@ -310,6 +310,25 @@ class Coordinator:
             ) from error
         if errors:
             raise CheckpointError.naming("Saving failed", errors)
+
+    def _flush_current(
+        self, pool: WriterPool, selected: set[str] | None, tracked: list[SaveRecord], deadline: float | None
+    ) -> dict[str, BaseException]:
+        """:meth:`_flush` on the pool there is now: a pool found stopped on the way is left (what its
+        writers had not written FAILED, and is reported here) and the current one flushed instead."""
+        while True:
+            try:
+                errors = self._flush(pool, selected, tracked, deadline)
+            except WriterGone:
+                if pool.stopped is None:
+                    raise
+            else:
+                if pool.stopped is None:
+                    return errors
+            current = self.pool(create=False)
+            if current is None:
+                return self._inflight.take_errors(selected)
+            pool = current
 
     def _flush(
         self, pool: WriterPool, selected: set[str] | None, tracked: list[SaveRecord], deadline: float | None
