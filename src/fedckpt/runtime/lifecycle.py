@@ -93,7 +93,7 @@ def init(
     with _lock:
         if _coordinator is not None:
             try:
-                if _coordinator.writers(create=False) is not None:
+                if _coordinator.has_pool:  # saves in flight belong to the pool it holds; none without one
                     _coordinator.flush()
             finally:
                 _coordinator.forget()

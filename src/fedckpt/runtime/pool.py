@@ -16,6 +16,12 @@ from fedckpt.runtime.writer.actor import writer_actor_class
 from fedckpt.runtime.writer.node_writer import NODE_WRITER_PREFIX, start_node_writers
 from fedckpt.runtime.writer.process import actor_options, fedckpt_version
 
+# How long finding a running pool waits for its writers to answer (a writer Ray is restarting after a
+# crash answers within seconds): a name left by a writer that is not coming back must not hang a caller.
+FIND_SECONDS = 60.0
+# How long creating a pool waits for its first writer to start and answer (a process of its own).
+START_SECONDS = 120.0
+
 
 def writer_name(index: int) -> str:
     return f"fedckpt-writer-{index}"
@@ -67,8 +73,7 @@ class WriterPool:
         shape = PoolShape(
             settings.num_writers, settings.writers_per_node, settings.coalesce, settings.io_threads, job_id, namespace
         )
-        first = actor.options(**actor_options(namespace, writer_name(0))).remote(0, shape)
-        info = ray.get(first.describe.remote())
+        first, info = _first_writer(actor, shape, namespace)
         _check_joinable(info, settings, namespace)
         shape = _shape_of(info, namespace)  # the pool's, where it existed already
         rest = [
@@ -83,12 +88,17 @@ class WriterPool:
         namespace, _ = pool_namespace(settings)
         try:
             first = ray.get_actor(writer_name(0), namespace=namespace)
-        except ValueError:
+            info = _describe([first], FIND_SECONDS)[0]
+            _check_joinable(info, settings, namespace)
+            rest = [ray.get_actor(writer_name(index), namespace=namespace) for index in range(1, info.pool_size)]
+            return cls(namespace, [first, *rest], [info, *_describe(rest, FIND_SECONDS)])
+        except (ValueError, ray.exceptions.RayActorError):  # none, or stopped: a stopped writer's name outlives it
             return None
-        info = ray.get(first.describe.remote())
-        _check_joinable(info, settings, namespace)
-        rest = [ray.get_actor(writer_name(index), namespace=namespace) for index in range(1, info.pool_size)]
-        return cls(namespace, [first, *rest], [info, *_describe(rest)])
+        except ray.exceptions.GetTimeoutError:
+            raise CheckpointError(
+                f"The writer pool in Ray namespace {namespace!r} did not answer within {FIND_SECONDS:.0f} s "
+                "(its writers are named, but not running: see `fedckpt status`)"
+            ) from None
 
     def refresh(self, index: int, timeout: float | None = None) -> WriterInfo:
         """Ask writer ``index`` who it is now: after it died, this waits until Ray restarted it."""
@@ -155,6 +165,22 @@ def _shape_of(info: WriterInfo, namespace: str) -> PoolShape:
     return PoolShape(info.pool_size, info.writers_per_node, info.coalesce, info.io_threads, info.job_id, namespace)
 
 
-def _describe(handles: list[Any]) -> list[WriterInfo]:
+def _first_writer(actor: Any, shape: PoolShape, namespace: str) -> tuple[Any, WriterInfo]:
+    """Writer 0 of the pool, started here or running already, and its info."""
+    for _ in range(3):
+        first = actor.options(**actor_options(namespace, writer_name(0))).remote(0, shape)
+        try:
+            return first, _describe([first], START_SECONDS)[0]
+        except ray.exceptions.RayActorError:  # a stopped writer whose name Ray had not released yet
+            continue
+        except ray.exceptions.GetTimeoutError:
+            break
+    raise CheckpointError(
+        f"Writer 0 of the pool in Ray namespace {namespace!r} did not start, or did not answer, within "
+        f"{START_SECONDS:.0f} s (see `fedckpt status`, and Ray's logs of the actor {writer_name(0)!r})"
+    )
+
+
+def _describe(handles: list[Any], timeout: float | None = None) -> list[WriterInfo]:
     """Every writer's info (this also waits until each has started)."""
-    return ray.get([handle.describe.remote() for handle in handles])
+    return ray.get([handle.describe.remote() for handle in handles], timeout=timeout)
