@@ -316,9 +316,10 @@ class Coordinator:
     ) -> dict[str, BaseException]:
         """:meth:`_flush` on the pool there is now: a pool found stopped on the way is left (what its
         writers had not written FAILED, and is reported here) and the current one flushed instead."""
+        errors: dict[str, BaseException] = {}
         while True:
             try:
-                errors = self._flush(pool, selected, tracked, deadline)
+                errors.update(self._flush(pool, selected, tracked, deadline))
             except WriterGone:
                 if pool.stopped is None:
                     raise
@@ -327,7 +328,7 @@ class Coordinator:
                     return errors
             current = self.pool(create=False)
             if current is None:
-                return self._inflight.take_errors(selected)
+                return {**errors, **self._inflight.take_errors(selected)}
             pool = current
 
     def _flush(
