@@ -48,20 +48,27 @@ def check_unique_paths(*groups: list[TorchModuleCheckpointer] | None) -> None:
 
 
 def checkpoint_model(
-    checkpointers: list[TorchModuleCheckpointer], model: nn.Module, loss: float, metrics: Mapping[str, Scalar]
+    checkpointers: list[TorchModuleCheckpointer],
+    model: nn.Module,
+    loss: float,
+    metrics: Mapping[str, Scalar],
+    server_round: int | None = None,
 ) -> None:
-    """Let each checkpointer decide, then snapshot ``model`` once for all that want it."""
+    """Let each checkpointer decide, then snapshot ``model`` once for all that want it. ``server_round``:
+    the round the checkpointers' retention policies keep the save as."""
     deciding: list[FunctionTorchModuleCheckpointer] = []
     requests: list[SaveRequest] = []
     for checkpointer in checkpointers:
         if type(checkpointer).maybe_checkpoint is FunctionTorchModuleCheckpointer.maybe_checkpoint:
             assert isinstance(checkpointer, FunctionTorchModuleCheckpointer)
-            request = checkpointer.decide(loss, metrics)
+            request = checkpointer.decide(loss, metrics, server_round=server_round)
             if request is not None:
                 deciding.append(checkpointer)
                 requests.append(request)
-        else:  # a user subclass with its own logic
+        elif server_round is None:  # a user subclass with its own logic (perhaps without server_round)
             checkpointer.maybe_checkpoint(model, loss, metrics)
+        else:
+            checkpointer.maybe_checkpoint(model, loss, metrics, server_round=server_round)
     for file_format in sorted({request.kind for request in requests}):  # one snapshot per file format
         chosen = [
             (saver, request) for saver, request in zip(deciding, requests, strict=True) if request.kind == file_format

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedckpt.kept_rounds import KeptRounds
 from fedckpt.policies import (
     CheckpointScoreFunctionType,
     Scalar,
@@ -27,6 +28,7 @@ from fedckpt.policies import (
     loss_score,
     metric_score_function,
 )
+from fedckpt.retention import RetentionPolicy
 from fedckpt.runtime import lifecycle, overlap_hooks, stats
 from fedckpt.runtime.messages import SaveRequest
 from fedckpt.snapshot import MODULE, STATE, Snapshot, snapshot_module, snapshot_state
@@ -104,6 +106,9 @@ class TorchModuleCheckpointer(ABC):
             ``fedckpt.init(storage_options=...)``, else the standard environment.
         overlap: for a model on a GPU, let the copy of a save overlap the next training steps, only
             in-place mutations waiting for it (see ``fedckpt.init``); default: the process's setting.
+        keep: a retention policy (:mod:`fedckpt.retention`): each save's round is kept as its own file
+            beside the plain name, which always holds the newest save, and the writer deletes the rounds
+            the policy drops once the newer save is durable. None: one file, overwritten by each save.
     """
 
     def __init__(
@@ -113,11 +118,13 @@ class TorchModuleCheckpointer(ABC):
         *,
         storage_options: Mapping[str, Any] | None = None,
         overlap: bool | None = None,
+        keep: RetentionPolicy | None = None,
     ) -> None:
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_name = checkpoint_name
         self.storage_options = storage_options
         self.overlap = overlap
+        self.kept_rounds = KeptRounds(keep)
         self._checkpoint_path: str | None = None
 
     @property
@@ -132,36 +139,76 @@ class TorchModuleCheckpointer(ABC):
         return model_file_format(self.checkpoint_path)
 
     @abstractmethod
-    def maybe_checkpoint(self, model: nn.Module, loss: float, metrics: Mapping[str, Scalar]) -> None:
-        """Decide from ``loss`` and ``metrics`` whether to save ``model``, and if so start the save."""
+    def maybe_checkpoint(
+        self, model: nn.Module, loss: float, metrics: Mapping[str, Scalar], *, server_round: int | None = None
+    ) -> None:
+        """Decide from ``loss`` and ``metrics`` whether to save ``model``, and if so start the save.
+        ``server_round``: the round a retention policy keeps it as (else the next number of this name)."""
 
-    def save_model(self, model: nn.Module, score: float | None = None, score_name: str | None = None) -> None:
+    def save_model(
+        self,
+        model: nn.Module,
+        score: float | None = None,
+        score_name: str | None = None,
+        *,
+        server_round: int | None = None,
+        loss: float | None = None,
+        metrics: Mapping[str, Scalar] | None = None,
+    ) -> None:
         """Snapshot ``model`` and save it in the background (for subclasses' ``maybe_checkpoint``)."""
-        request = self.save_request(score, score_name)
+        request = self.save_request(score, score_name, server_round=server_round, loss=loss, metrics=metrics)
         snapshot_and_save([request], model, request.kind, self.overlap)
 
-    def save_request(self, score: float | None, score_name: str | None) -> SaveRequest:
+    def save_request(
+        self,
+        score: float | None,
+        score_name: str | None,
+        *,
+        server_round: int | None = None,
+        loss: float | None = None,
+        metrics: Mapping[str, Scalar] | None = None,
+    ) -> SaveRequest:
+        """The save of this checkpoint; with a retention policy, scored now (a missing metric raises)."""
         key = checkpoint_key(self.checkpoint_path)
         options = storage_options_for(key, self.storage_options)
-        return SaveRequest(key, self.file_format, score, score_name, storage_options=options)
+        version = self.kept_rounds.request(server_round, loss, metrics or {}, self.checkpoint_path)
+        return SaveRequest(key, self.file_format, score, score_name, storage_options=options, version=version)
 
-    def load_checkpoint(self, path_to_checkpoint: str | None = None, *, device: Device = None) -> nn.Module:
+    def versions(self) -> list[int]:
+        """The rounds a retention policy keeps of this checkpoint, sorted (after its pending saves and
+        their deletions). The plain name is not among them unless the policy keeps its round."""
+        wait_until_readable(self.checkpoint_path)
+        return self.kept_rounds.rounds(self.checkpoint_path, self.storage_options)
+
+    def _path_to_load(self, path_to_checkpoint: str | None, server_round: int | None) -> str:
+        if server_round is not None and path_to_checkpoint is not None:
+            raise ValueError("Pass a path or a server_round to load, not both")
+        path = self.checkpoint_path if path_to_checkpoint is None else os.fspath(path_to_checkpoint)
+        wait_until_readable(path)
+        if server_round is None:
+            return path
+        return self.kept_rounds.path_of(path, server_round, self.storage_options)
+
+    def load_checkpoint(
+        self, path_to_checkpoint: str | None = None, *, device: Device = None, server_round: int | None = None
+    ) -> nn.Module:
         """The saved ``nn.Module`` (waits for pending saves of it). Runs pickle: trusted files only.
 
         A file written by ``torch.save`` (FL4Health's format) loads too. ``device`` (a CUDA device):
         its tensors are read into page-locked memory and copied to the device without blocking (ordered
         on the current stream); else they are where they were saved (safetensors: on the CPU).
+        ``server_round``: that round's version (see :meth:`versions`) instead of the newest save.
         """
-        path = self.checkpoint_path if path_to_checkpoint is None else os.fspath(path_to_checkpoint)
-        wait_until_readable(path)
+        path = self._path_to_load(path_to_checkpoint, server_round)
         return reading.read_checkpoint(path, self.storage_options, partial(_read_model, device=device))
 
-    def load_state_dict(self, path_to_checkpoint: str | None = None, *, device: Device = None) -> dict:
+    def load_state_dict(
+        self, path_to_checkpoint: str | None = None, *, device: Device = None, server_round: int | None = None
+    ) -> dict:
         """The saved tensors by state-dict name. A safetensors file is read without running pickle;
-        a ``torch.save`` file of the module needs pickle (load only files you trust). ``device``: as for
-        :meth:`load_checkpoint`."""
-        path = self.checkpoint_path if path_to_checkpoint is None else os.fspath(path_to_checkpoint)
-        wait_until_readable(path)
+        a ``torch.save`` file of the module needs pickle (load only files you trust). ``device`` and
+        ``server_round``: as for :meth:`load_checkpoint`."""
+        path = self._path_to_load(path_to_checkpoint, server_round)
         saved = reading.read_checkpoint(path, self.storage_options, partial(_read_tensors_or_model, device=device))
         if isinstance(saved, nn.Module):
             return saved.state_dict()
@@ -187,8 +234,9 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
         *,
         storage_options: Mapping[str, Any] | None = None,
         overlap: bool | None = None,
+        keep: RetentionPolicy | None = None,
     ) -> None:
-        super().__init__(checkpoint_dir, checkpoint_name, storage_options=storage_options, overlap=overlap)
+        super().__init__(checkpoint_dir, checkpoint_name, storage_options=storage_options, overlap=overlap, keep=keep)
         self.best_score: float | None = None
         self.checkpoint_score_function = checkpoint_score_function
         if checkpoint_score_name is None:
@@ -202,10 +250,15 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
         """Whether ``comparison_score`` is at least as good as the best score (always true at first)."""
         return is_improvement(comparison_score, self.best_score, self.maximize)
 
-    def decide(self, loss: float, metrics: Mapping[str, Scalar]) -> SaveRequest | None:
+    def decide(
+        self, loss: float, metrics: Mapping[str, Scalar], *, server_round: int | None = None
+    ) -> SaveRequest | None:
         """Score the model now; return the save to make, or None. ``best_score`` is left alone until
         the save was accepted (:meth:`accepted`): a save that raises leaves the bar where it was."""
         score = as_score(self.checkpoint_score_function(loss, metrics), self.checkpoint_score_name)
+        request = self.save_request(
+            score, self.checkpoint_score_name, server_round=server_round, loss=loss, metrics=metrics
+        )
         if not self._should_checkpoint(score):
             log.info(
                 "Not checkpointing %s: %s score %s is not %s best score %s",
@@ -224,7 +277,7 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
             self.comparison_str,
             self.best_score,
         )
-        return self.save_request(score, self.checkpoint_score_name)
+        return request
 
     def accepted(self, request: SaveRequest) -> None:
         """The save :meth:`decide` asked for was taken: its score is the bar from now on."""
@@ -245,9 +298,12 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
             self.best_score = on_disk
         return self.best_score
 
-    def maybe_checkpoint(self, model: nn.Module, loss: float, metrics: Mapping[str, Scalar]) -> None:
-        """Save ``model`` in the background if its score is the best so far."""
-        request = self.decide(loss, metrics)
+    def maybe_checkpoint(
+        self, model: nn.Module, loss: float, metrics: Mapping[str, Scalar], *, server_round: int | None = None
+    ) -> None:
+        """Save ``model`` in the background if its score is the best so far (``server_round``: see
+        :meth:`TorchModuleCheckpointer.maybe_checkpoint`)."""
+        request = self.decide(loss, metrics, server_round=server_round)
         if request is not None:
             snapshot_and_save([request], model, request.kind, self.overlap)
             self.accepted(request)
@@ -263,18 +319,23 @@ class LatestTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
         *,
         storage_options: Mapping[str, Any] | None = None,
         overlap: bool | None = None,
+        keep: RetentionPolicy | None = None,
     ) -> None:
         super().__init__(
             checkpoint_dir, checkpoint_name, latest_score, "Latest", False,
-            storage_options=storage_options, overlap=overlap,
+            storage_options=storage_options, overlap=overlap, keep=keep,
         )  # fmt: skip
 
     def resume_best_score(self) -> float | None:
         return None  # it has no bar to resume
 
-    def decide(self, loss: float, metrics: Mapping[str, Scalar]) -> SaveRequest | None:
+    def decide(
+        self, loss: float, metrics: Mapping[str, Scalar], *, server_round: int | None = None
+    ) -> SaveRequest | None:
         log.info("Saving latest checkpoint %s", self.checkpoint_path)
-        return self.save_request(None, self.checkpoint_score_name)
+        return self.save_request(
+            None, self.checkpoint_score_name, server_round=server_round, loss=loss, metrics=metrics
+        )
 
 
 class BestLossTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
@@ -287,10 +348,12 @@ class BestLossTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
         *,
         storage_options: Mapping[str, Any] | None = None,
         overlap: bool | None = None,
+        keep: RetentionPolicy | None = None,
     ) -> None:
         super().__init__(
-            checkpoint_dir, checkpoint_name, loss_score, "Loss", False, storage_options=storage_options, overlap=overlap
-        )
+            checkpoint_dir, checkpoint_name, loss_score, "Loss", False,
+            storage_options=storage_options, overlap=overlap, keep=keep,
+        )  # fmt: skip
 
 
 class BestMetricTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
@@ -309,9 +372,11 @@ class BestMetricTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
         *,
         storage_options: Mapping[str, Any] | None = None,
         overlap: bool | None = None,
+        keep: RetentionPolicy | None = None,
     ) -> None:
         self.metric_key = f"{prefix}{metric}"
         score = metric_score_function(self.metric_key)
         super().__init__(
-            checkpoint_dir, checkpoint_name, score, metric, maximize, storage_options=storage_options, overlap=overlap
-        )
+            checkpoint_dir, checkpoint_name, score, metric, maximize,
+            storage_options=storage_options, overlap=overlap, keep=keep,
+        )  # fmt: skip

@@ -57,15 +57,22 @@ class ClientCheckpointAndStateModule(CheckpointAndStateModule):
         self.state_checkpointer = state_checkpointer
 
     def maybe_checkpoint(
-        self, model: nn.Module, loss: float, metrics: Mapping[str, Scalar], mode: CheckpointMode
+        self,
+        model: nn.Module,
+        loss: float,
+        metrics: Mapping[str, Scalar],
+        mode: CheckpointMode,
+        *,
+        server_round: int | None = None,
     ) -> None:
-        """Run the checkpointers of ``mode``; the model is snapshotted once for all that save."""
+        """Run the checkpointers of ``mode``; the model is snapshotted once for all that save.
+        ``server_round``: the round their retention policies keep the save as."""
         mode = parse_mode(mode)
         checkpointers = self.pre_aggregation if mode == CheckpointMode.PRE_AGGREGATION else self.post_aggregation
         if checkpointers is None:
             log.info("No %s checkpoint specified. Skipping.", mode.value)
             return
-        checkpoint_model(checkpointers, model, loss, metrics)
+        checkpoint_model(checkpointers, model, loss, metrics, server_round)
 
     def model_checkpointers_in_use(self) -> list[TorchModuleCheckpointer]:
         return [*(self.pre_aggregation or ()), *(self.post_aggregation or ())]

@@ -80,15 +80,18 @@ class ServerCheckpointAndStateModule(CheckpointAndStateModule):
             raise ValueError("Model checkpointers were given but no model to load the server's parameters into")
         self.state_checkpointer = state_checkpointer
 
-    def maybe_checkpoint(self, parameters: Any, loss: float, metrics: Mapping[str, Scalar]) -> None:
-        """Load ``parameters`` into the model and run the model checkpointers (one snapshot for all)."""
+    def maybe_checkpoint(
+        self, parameters: Any, loss: float, metrics: Mapping[str, Scalar], *, server_round: int | None = None
+    ) -> None:
+        """Load ``parameters`` into the model and run the model checkpointers (one snapshot for all).
+        ``server_round``: the round their retention policies keep the save as."""
         if not self.model_checkpointers:
             log.info("No model checkpointers specified. Skipping.")
             return
         assert self.model is not None
         state_dict = parameters_as_state_dict(parameters, list(self.model.state_dict()))
         self.model.load_state_dict(state_dict)
-        checkpoint_model(self.model_checkpointers, self.model, loss, metrics)
+        checkpoint_model(self.model_checkpointers, self.model, loss, metrics, server_round)
 
     def model_checkpointers_in_use(self) -> list[TorchModuleCheckpointer]:
         return list(self.model_checkpointers or ())

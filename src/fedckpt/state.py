@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedckpt.checkpointers import wait_until_readable
+from fedckpt.kept_rounds import KeptRounds
+from fedckpt.retention import RetentionPolicy
 from fedckpt.runtime import lifecycle, stats
 from fedckpt.runtime.messages import SaveRequest
 from fedckpt.snapshot import STATE, Snapshot, snapshot_state
@@ -28,6 +30,7 @@ class StateSnapshot:
 
     path: str
     snapshot: Snapshot
+    scores: dict[str, float] = field(default_factory=dict)  # what a retention policy ranks it by
 
 
 class PerRoundStateCheckpointer:
@@ -36,6 +39,10 @@ class PerRoundStateCheckpointer:
     Files are ``torch.save``'s format: ``torch.load(path, weights_only=False)`` reads them. CUDA
     tensors in a state (an optimizer's on a GPU) are copied straight from the device into the staging
     memory; ``overlap`` as for ``TorchModuleCheckpointer`` (default: the process's setting).
+
+    ``keep``: a retention policy (:mod:`fedckpt.retention`): each save's round is kept as its own file
+    beside the plain name, which always holds the newest save. ``BestN`` ranks states by one of their
+    own top-level entries (``BestN(2, metric="val_loss")`` by ``state["val_loss"]``).
     """
 
     def __init__(
@@ -44,8 +51,10 @@ class PerRoundStateCheckpointer:
         *,
         storage_options: Mapping[str, Any] | None = None,
         overlap: bool | None = None,
+        keep: RetentionPolicy | None = None,
     ) -> None:
         self.checkpoint_dir = checkpoint_dir
+        self.kept_rounds = KeptRounds(keep)
         self.storage_options = storage_options  # for a URL directory; see TorchModuleCheckpointer
         self.overlap = overlap
         self._saved_keys: set[str] = set()
@@ -68,7 +77,8 @@ class PerRoundStateCheckpointer:
         """Snapshot ``checkpoint_dict`` now and write it in the background.
 
         ``server_round``, if given, is recorded in the checkpoint's manifest entry (``fedckpt ls``
-        shows it; :meth:`saved_round` reads it back without loading the state).
+        shows it; :meth:`saved_round` reads it back without loading the state). With a retention
+        policy it is the round the save is kept as (None: the next number of this name).
         """
         self.save_snapshot(self.snapshot_checkpoint(checkpoint_name, checkpoint_dict), server_round)
 
@@ -81,9 +91,10 @@ class PerRoundStateCheckpointer:
         path = self._path(checkpoint_name)
         if not isinstance(checkpoint_dict, Mapping):
             raise TypeError(f"State for {path} must be a dict, got {type(checkpoint_dict).__name__}")
+        scores = self.kept_rounds.scores(None, checkpoint_dict, path)  # a ScoreError names the metric
         try:
             with stats.recorder.timed("blocked_seconds"):
-                return StateSnapshot(path, snapshot_state(checkpoint_dict))
+                return StateSnapshot(path, snapshot_state(checkpoint_dict), scores)
         except TypeError as error:
             raise TypeError(f"State for {path} cannot be saved: {error}") from error
 
@@ -93,12 +104,14 @@ class PerRoundStateCheckpointer:
         key = checkpoint_key(state.path)
         self._saved_keys.add(key)
         score = None if server_round is None else float(server_round)
+        version = self.kept_rounds.request_scored(server_round, state.scores)
         request = SaveRequest(
             key,
             STATE,
             score,
             None if score is None else ROUND_SCORE_NAME,
             storage_options=storage_options_for(key, self.storage_options),
+            version=version,
         )
         with stats.recorder.timed("blocked_seconds"):
             lifecycle.coordinator().save([request], state.snapshot, overlap=self.overlap)
@@ -114,18 +127,34 @@ class PerRoundStateCheckpointer:
             return None
         return int(entry.score)
 
+    def versions(self, checkpoint_name: str) -> list[int]:
+        """The rounds a retention policy keeps of ``checkpoint_name``, sorted (after its pending saves
+        and their deletions). The plain name is not among them unless the policy keeps its round."""
+        path = self._path(checkpoint_name)
+        wait_until_readable(path)
+        return self.kept_rounds.rounds(path, self.storage_options)
+
     def load_checkpoint(
-        self, checkpoint_name: str, mmap: bool = False, wait: bool = True, *, map_location: Any = None
+        self,
+        checkpoint_name: str,
+        mmap: bool = False,
+        wait: bool = True,
+        *,
+        map_location: Any = None,
+        server_round: int | None = None,
     ) -> dict[str, Any]:
         """The saved state (waits for pending saves of it). Raises ``FileNotFoundError`` if absent.
 
         ``mmap=True`` maps tensor data instead of reading it; ``wait=False`` skips the wait, for a
         caller that just waited (:meth:`existing`). ``map_location`` is ``torch.load``'s; a CUDA device
         reads each tensor into page-locked memory and copies it to the device without blocking.
+        ``server_round``: that round's version (see :meth:`versions`) instead of the newest save.
         """
         path = self._path(checkpoint_name)
         if wait:
             wait_until_readable(path)
+        if server_round is not None:
+            path = self.kept_rounds.path_of(path, server_round, self.storage_options)
         log.info("Loading state from checkpoint at %s", path)
         try:
             return reading.read_checkpoint(

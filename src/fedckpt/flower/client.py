@@ -89,15 +89,25 @@ class ClientCheckpoints:
     def blocked_seconds(self) -> float:
         return self.blocked.seconds
 
-    def after_local_training(self, model: nn.Module, loss: float, metrics: Mapping[str, Scalar]) -> None:
-        """Pre-aggregation checkpoints of the locally trained ``model`` (background save)."""
+    def after_local_training(
+        self, model: nn.Module, loss: float, metrics: Mapping[str, Scalar], *, server_round: int | None = None
+    ) -> None:
+        """Pre-aggregation checkpoints of the locally trained ``model`` (background save); ``server_round``
+        is the round the checkpointers' retention policies keep it as."""
         with self.blocked.measure():
-            self.module.maybe_checkpoint(model, loss, metrics, CheckpointMode.PRE_AGGREGATION)
+            self.module.maybe_checkpoint(
+                model, loss, metrics, CheckpointMode.PRE_AGGREGATION, server_round=server_round
+            )
 
-    def after_receiving_global_model(self, model: nn.Module, loss: float, metrics: Mapping[str, Scalar]) -> None:
-        """Post-aggregation checkpoints of the global ``model`` this client received (background save)."""
+    def after_receiving_global_model(
+        self, model: nn.Module, loss: float, metrics: Mapping[str, Scalar], *, server_round: int | None = None
+    ) -> None:
+        """Post-aggregation checkpoints of the global ``model`` this client received (background save);
+        ``server_round`` as for :meth:`after_local_training`."""
         with self.blocked.measure():
-            self.module.maybe_checkpoint(model, loss, metrics, CheckpointMode.POST_AGGREGATION)
+            self.module.maybe_checkpoint(
+                model, loss, metrics, CheckpointMode.POST_AGGREGATION, server_round=server_round
+            )
 
     def restore_state(self, server_round: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any] | None:
         """The state saved in the newest earlier round, loaded into ``optimizer``; None if none.

@@ -188,7 +188,7 @@ class ServerCheckpoints:
         if self.loss_key not in metrics:
             log.warning("Round %s reported no %r metric: the global model's loss is NaN", server_round, self.loss_key)
         state_dict = dict(outcome.arrays.to_torch_state_dict())
-        self.module.maybe_checkpoint(state_dict, loss, metrics)
+        self.module.maybe_checkpoint(state_dict, loss, metrics, server_round=server_round)
         assert self.module.state_checkpointer is not None
         state = self.module.state_checkpointer.snapshot_checkpoint(
             self.state_name,
@@ -201,15 +201,17 @@ class ServerCheckpoints:
             },
         )
         self._wait_for_commit()  # commits stay in round order
-        self._commit = threading.Thread(target=self._commit_round, args=(state,), name="fedckpt-round-commit")
+        self._commit = threading.Thread(
+            target=self._commit_round, args=(state, server_round), name="fedckpt-round-commit"
+        )
         self._commit.start()
 
-    def _commit_round(self, state: StateSnapshot) -> None:
+    def _commit_round(self, state: StateSnapshot, server_round: int) -> None:
         """Save the server state once everything issued before it is durable."""
         try:
             lifecycle.flush()
             assert self.module.state_checkpointer is not None
-            self.module.state_checkpointer.save_snapshot(state)
+            self.module.state_checkpointer.save_snapshot(state, server_round)
         except BaseException as error:  # raised in the server's thread by _wait_for_commit
             self._commit_error = error
 

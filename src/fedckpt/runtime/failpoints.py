@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,6 +41,22 @@ def hold_in_actor(_actor: Any, name: str) -> None:
     writer through Ray's ``handle.__ray_call__.remote(hold_in_actor, name)``: a test that kills the
     writer (or its node) then knows the saves it was sent are still unwritten."""
     set_hook(name, _wait_for_good)
+
+
+def meet_in_actor(_actor: Any, name: str, rendezvous: Any, passes: int = 0) -> None:
+    """:func:`hold_in_actor` for a point reached in a thread (a writer's I/O thread): the first
+    ``passes`` arrivals go on; the next calls ``rendezvous.arrive`` (an actor method), so a test
+    knows the point is reached, and waits until the process ends."""
+    arrivals = itertools.count()
+
+    def meet(**_details: Any) -> None:
+        if next(arrivals) >= passes:
+            import ray
+
+            ray.get(rendezvous.arrive.remote())
+            threading.Event().wait()
+
+    set_hook(name, meet)
 
 
 async def _wait_for_good(**_details: Any) -> None:

@@ -47,6 +47,16 @@ Payload = SharedMemoryPayload | ObjectStorePayload
 
 
 @dataclass(frozen=True)
+class VersionRequest:
+    """A save that also keeps its round's version (``fedckpt.retention``): the writer makes the version
+    once the plain name is durable, then removes the versions ``policy`` drops."""
+
+    server_round: int | None  # None: the writer numbers it after the newest version on storage
+    scores: dict[str, float]  # what the policy ranks it by
+    policy: bytes  # the RetentionPolicy, cloudpickled (a user's own class may live in __main__)
+
+
+@dataclass(frozen=True)
 class SaveRequest:
     """One save of one checkpoint."""
 
@@ -61,6 +71,7 @@ class SaveRequest:
     storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     # Unique per save (its caller's record): a writer answers by it, and takes a save sent twice once.
     save_id: str | None = None
+    version: VersionRequest | None = None  # keep this save's round as a version too
 
 
 @dataclass(frozen=True)

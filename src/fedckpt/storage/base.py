@@ -40,6 +40,26 @@ class SaveTarget:
     score: float | None
     score_name: str | None
     writer_name: str
+    server_round: int | None = None  # with a retention policy: the round it is kept as
+    scores: dict[str, float] | None = None  # and what the policy ranks it by
+
+
+@dataclass(frozen=True)
+class RoundVersion:
+    """A round's version of a checkpoint on storage (see :mod:`fedckpt.retention`)."""
+
+    server_round: int
+    path: str
+    entry: ManifestEntry
+
+
+@dataclass(frozen=True)
+class VersionListing:
+    """The round versions of one checkpoint, and what deletions cut off by a crash left of others (for
+    :meth:`Storage.remove_leftover`: an entry whose file is gone, or an object whose entry is gone)."""
+
+    recorded: dict[int, RoundVersion]
+    leftovers: list[str]
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,24 @@ class Storage(ABC):
     def persist(self, target: SaveTarget, data: memoryview, content_index: ContentIndex | None) -> Persisted | None:
         """Write one version atomically and record it in the manifest; None (nothing changed) when
         the checkpoint already holds a newer sequence."""
+
+    @abstractmethod
+    def make_version(self, path: str, sequence: tuple[int, int], version_path: str, scores: dict[str, float]) -> bool:
+        """Publish the checkpoint's current version at ``version_path`` too (a hard link, or a copy on
+        the server), with ``scores`` in its entry, if that version is ``sequence``; False otherwise.
+        True also if ``version_path`` holds ``sequence`` or a newer one already."""
+
+    @abstractmethod
+    def versions_of(self, path: str) -> VersionListing:
+        """The round versions beside the checkpoint ``path``."""
+
+    @abstractmethod
+    def remove_version(self, version: RoundVersion) -> None:
+        """Delete a round version; one cut off by a crash is a leftover in the next listing."""
+
+    @abstractmethod
+    def remove_leftover(self, leftover: str) -> None:
+        """Finish a deletion cut off by a crash (one of :attr:`VersionListing.leftovers`)."""
 
     @abstractmethod
     def read_entry(self, path: str) -> ManifestEntry | None:

@@ -29,15 +29,16 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any, BinaryIO, cast
 
 import fsspec
 import fsspec.core
 
-from fedckpt import _compat
+from fedckpt import _compat, retention
 from fedckpt.errors import CorruptCheckpointError
 from fedckpt.storage import s3_store, s3_upload
-from fedckpt.storage.base import Persisted, SaveTarget, Storage, T, VerifyReport
+from fedckpt.storage.base import Persisted, RoundVersion, SaveTarget, Storage, T, VerifyReport, VersionListing
 from fedckpt.storage.checksum import RunningChecksum, checksum_of
 from fedckpt.storage.dedup import ContentIndex
 from fedckpt.storage.direct import FrontToBackFile
@@ -162,7 +163,7 @@ class FsspecStorage(Storage):
             entry = ManifestEntry(
                 name=name, format=target.kind, sequence=tuple(target.sequence), score=target.score,
                 score_name=target.score_name, bytes=size, checksum=checksum, saved_at=time.time(),
-                writer=target.writer_name, object=obj,
+                writer=target.writer_name, object=obj, server_round=target.server_round, scores=target.scores,
             )  # fmt: skip
         except BaseException:
             self._remove(url)
@@ -186,6 +187,70 @@ class FsspecStorage(Storage):
         except Exception as error:  # the save is committed; leftovers wait for the next writer
             log.warning("fedckpt: could not clean up old versions of %s: %s", target.path, error)
         return Persisted(entry, linked)
+
+    def make_version(self, path: str, sequence: tuple[int, int], version_path: str, scores: dict[str, float]) -> bool:
+        entry = self.read_entry(path)
+        if entry is None or entry.object is None or tuple(entry.sequence) != tuple(sequence):
+            return False
+        location = Location.of(version_path)
+        obj = version_name(location.name, tuple(sequence))
+        url = f"{location.control_dir}/{obj}"
+        self.fs.cp_file(self._object_url(path, entry), url)  # on the server: nothing is uploaded
+        version = replace(entry, name=location.name, object=obj, scores=scores, saved_at=time.time())
+        try:
+            committed = self._commit(version_path, version)
+        except BaseException:
+            if not self._names(version_path, obj):
+                raise
+            committed = True
+        if not committed:  # it holds this version or a newer one already
+            self._remove(url)
+        return True
+
+    def versions_of(self, path: str) -> VersionListing:
+        """From the entries beside ``path``; objects under ``versions/`` of a version without an entry
+        (its deletion removes the entry first) are leftovers."""
+        location = Location.of(path)
+        control = str(location.control_dir)
+        try:
+            names = [posixpath.basename(found) for found in self.fs.ls(control, detail=False)]
+        except FileNotFoundError:
+            names = []
+        recorded = {}
+        for name in names:
+            base = name.removesuffix(ENTRY_SUFFIX)
+            server_round = retention.version_round(path, base) if base != name else None
+            if server_round is None:
+                continue
+            found = str(location.parent.join(base))
+            entry = self.read_entry(found)
+            if entry is not None:
+                recorded[server_round] = RoundVersion(server_round, found, entry)
+        try:
+            stored = [posixpath.basename(found) for found in self.fs.ls(f"{control}/{VERSIONS_DIR}", detail=False)]
+        except FileNotFoundError:
+            stored = []
+        kept = {Location.of(version.path).name for version in recorded.values()}
+        leftovers = [
+            f"{control}/{VERSIONS_DIR}/{name}"
+            for name in sorted(stored)
+            if retention.version_round(path, name) is not None and name not in kept
+        ]
+        return VersionListing(recorded, leftovers)
+
+    def remove_version(self, version: RoundVersion) -> None:
+        entry_url = str(Location.of(version.path).entry)
+        self.fs.rm_file(entry_url)  # first: from now on the version is gone; its objects are leftovers
+        location = Location.of(version.path)
+        self.remove_leftover(f"{location.control_dir}/{VERSIONS_DIR}/{location.name}")
+
+    def remove_leftover(self, leftover: str) -> None:
+        try:
+            found = self.fs.find(leftover)
+        except FileNotFoundError:
+            return
+        for key in found:  # keys without the protocol
+            self.fs.rm_file(f"{self.protocol}://{key}")
 
     def _names(self, path: str, obj: str) -> bool:
         """Whether the checkpoint's entry names ``obj`` now (False if it cannot be read)."""

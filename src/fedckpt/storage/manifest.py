@@ -60,9 +60,17 @@ class ManifestEntry:
     # On an object store: the object holding this version, relative to the entry's directory
     # (``versions/<name>/<sequence>-<random>``); None for a file, which is the checkpoint itself.
     object: str | None = None
+    # A save of a checkpoint with a retention policy (fedckpt.retention): the round it is kept as, and
+    # the scores the policy ranks it by.
+    server_round: int | None = None
+    scores: dict[str, float] | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), allow_nan=True, sort_keys=True)
+        data = asdict(self)
+        for field in ("server_round", "scores"):  # entries without versions stay as earlier releases wrote them
+            if data[field] is None:
+                del data[field]
+        return json.dumps(data, allow_nan=True, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ManifestEntry:
@@ -71,6 +79,11 @@ class ManifestEntry:
         if "sha256" in data:  # written by fedckpt 0.1
             data["checksum"] = "sha256:" + data.pop("sha256")
         return cls(**data)
+
+
+def entry_location(checkpoint_path: str) -> str:
+    """Where the manifest entry of a local checkpoint lives."""
+    return _local(checkpoint_path, "entry_location")[1]
 
 
 def _write_json(path: str, text: str) -> str:

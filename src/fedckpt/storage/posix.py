@@ -11,15 +11,16 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
+from fedckpt import retention
 from fedckpt.storage import manifest
-from fedckpt.storage.atomic import claim_temp, discard_temp, publish, write_durable_temp
-from fedckpt.storage.base import Persisted, SaveTarget, Storage, T, VerifyReport
+from fedckpt.storage.atomic import claim_temp, discard_temp, fsync_path, publish, remove_quietly, write_durable_temp
+from fedckpt.storage.base import Persisted, RoundVersion, SaveTarget, Storage, T, VerifyReport, VersionListing
 from fedckpt.storage.checksum import checksum_of, file_matches
 from fedckpt.storage.dedup import ContentIndex, link_identical
 from fedckpt.storage.formats import MODULE
 from fedckpt.storage.formats.safetensors_file import safetensors_header, write_module_file
 from fedckpt.storage.formats.torch_zip import write_state_file
-from fedckpt.storage.paths import Location
+from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, Location, temp_path
 
 
 class PosixStorage(Storage):
@@ -28,8 +29,66 @@ class PosixStorage(Storage):
     def persist(self, target: SaveTarget, data: memoryview, content_index: ContentIndex | None) -> Persisted | None:
         return persist_checkpoint(
             target.path, target.kind, target.layout, data, target.sequence, target.score, target.score_name,
-            target.writer_name, content_index,
+            target.writer_name, content_index, server_round=target.server_round, scores=target.scores,
         )  # fmt: skip
+
+    def make_version(self, path: str, sequence: tuple[int, int], version_path: str, scores: dict[str, float]) -> bool:
+        temp = temp_path(version_path)
+        os.makedirs(os.path.dirname(temp), exist_ok=True)
+        with manifest.publishing_lock(path):  # the link names exactly the version its entry records
+            entry = manifest.read_entry_locked(path)
+            if entry is None or tuple(entry.sequence) != tuple(sequence):
+                return False
+            claim_temp(temp, link_from=path)
+        fsync_path(temp)
+        _publish(
+            version_path, entry.format, temp, entry.checksum, tuple(sequence), entry.score, entry.score_name,
+            entry.writer, linked=True, scores=scores, server_round=entry.server_round,
+        )  # fmt: skip
+        return True
+
+    def versions_of(self, path: str) -> VersionListing:
+        """From the entries beside ``path``: a version's file is removed before its entry, so files
+        without an entry (a user's own, say) are never taken for fedckpt's, and an entry without its
+        file is a deletion to finish."""
+        directory = os.path.dirname(path)
+        try:
+            names = os.listdir(os.path.join(directory, CONTROL_DIR))
+        except FileNotFoundError:
+            names = []
+        recorded, leftovers = {}, []
+        for name in sorted(names):
+            base = name.removesuffix(manifest.NEXT_SUFFIX).removesuffix(ENTRY_SUFFIX)
+            server_round = retention.version_round(path, base) if base != name else None
+            found = os.path.join(directory, base)
+            if server_round is None or server_round in recorded or found in leftovers:
+                continue
+            entry = manifest.read_entry(found)  # rolls forward a version published before a crash
+            if entry is not None and os.path.exists(found):
+                recorded[server_round] = RoundVersion(server_round, found, entry)
+            elif entry is not None:
+                leftovers.append(found)
+        return VersionListing(recorded, leftovers)
+
+    def remove_version(self, version: RoundVersion) -> None:
+        with manifest.publishing_lock(version.path):
+            remove_quietly(version.path)  # first: a file is never left without its entry
+            fsync_path(os.path.dirname(version.path))
+            self._remove_entry(version.path)
+
+    def remove_leftover(self, leftover: str) -> None:
+        with manifest.publishing_lock(leftover):
+            if not os.path.exists(leftover):
+                self._remove_entry(leftover)
+
+    @staticmethod
+    def _remove_entry(path: str) -> None:
+        """Under the checkpoint's publishing lock: its entry goes, and the lock file with it."""
+        entry = manifest.entry_location(path)
+        remove_quietly(entry + manifest.NEXT_SUFFIX)
+        remove_quietly(entry)
+        fsync_path(os.path.dirname(entry))
+        remove_quietly(entry + manifest.LOCK_SUFFIX)  # held here: a reader waiting on it then finds no entry
 
     def read_entry(self, path: str) -> manifest.ManifestEntry | None:
         return manifest.read_entry(path)
@@ -78,6 +137,9 @@ def persist_checkpoint(
     score_name: str | None,
     writer_name: str,
     content_index: ContentIndex | None = None,
+    *,
+    server_round: int | None = None,
+    scores: dict[str, float] | None = None,
 ) -> Persisted | None:
     """Write a snapshot (its ``layout`` and staged ``data``) atomically and durably at ``path``,
     and record it in the manifest.
@@ -93,12 +155,16 @@ def persist_checkpoint(
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if kind != MODULE:
         temp, checksum = write_durable_temp(path, lambda target: write_state_file(layout, data, target))
-        return _publish(path, kind, temp, checksum, sequence, score, score_name, writer_name, linked=False)
+        return _publish(
+            path, kind, temp, checksum, sequence, score, score_name, writer_name, False, scores, server_round
+        )
     header = safetensors_header(layout)
     checksum = checksum_of(header, data)
     if content_index is None:
         temp, _ = write_durable_temp(path, lambda target: write_module_file(header, data, target))
-        return _publish(path, kind, temp, checksum, sequence, score, score_name, writer_name, linked=False)
+        return _publish(
+            path, kind, temp, checksum, sequence, score, score_name, writer_name, False, scores, server_round
+        )
     with content_index.writing(checksum) as candidate:
         linked = False
 
@@ -110,7 +176,9 @@ def persist_checkpoint(
                 write_module_file(header, data, temp)
 
         temp, _ = write_durable_temp(path, write, claim=False)
-        persisted = _publish(path, kind, temp, checksum, sequence, score, score_name, writer_name, linked)
+        persisted = _publish(
+            path, kind, temp, checksum, sequence, score, score_name, writer_name, linked, scores, server_round
+        )
         if persisted is not None:
             content_index.record(checksum, path)
     return persisted
@@ -126,6 +194,8 @@ def _publish(
     score_name: str | None,
     writer_name: str,
     linked: bool,
+    scores: dict[str, float] | None = None,
+    server_round: int | None = None,
 ) -> Persisted | None:
     """Move a durable temp file into place with its manifest entry, unless a newer version is there."""
     try:
@@ -148,6 +218,8 @@ def _publish(
                 checksum=checksum,
                 saved_at=time.time(),
                 writer=writer_name,
+                server_round=server_round,
+                scores=scores,
             )
             manifest.stage_entry(path, entry)
             publish(temp, path)

@@ -110,14 +110,22 @@ class BaseServerCheckpointAndStateModule(CheckpointAndStateModule):
     def model_checkpointers_in_use(self) -> list[TorchModuleCheckpointer]:
         return list(self.model_checkpointers or ())
 
-    def maybe_checkpoint(self, server_parameters: Parameters, loss: float, metrics: Mapping[str, Scalar]) -> None:
-        """Load ``server_parameters`` into the model and run the model checkpointers on it."""
+    def maybe_checkpoint(
+        self,
+        server_parameters: Parameters,
+        loss: float,
+        metrics: Mapping[str, Scalar],
+        *,
+        server_round: int | None = None,
+    ) -> None:
+        """Load ``server_parameters`` into the model and run the model checkpointers on it (``server_round``:
+        the round their retention policies keep the save as)."""
         if not self.model_checkpointers:
             log.info("No model checkpointers specified. Skipping any checkpointing.")
             return
         self._hydrate_model_for_checkpointing(server_parameters)
         assert self.model is not None  # checked by _hydrate_model_for_checkpointing
-        checkpoint_model(self.model_checkpointers, self.model, loss, metrics)
+        checkpoint_model(self.model_checkpointers, self.model, loss, metrics, server_round)
 
     def _exchange_parts(self) -> tuple[nn.Module, Any]:
         if self.model is None:

@@ -355,12 +355,20 @@ class CheckpointWriter:
             save = state.active = state.queue.popleft()
             sent_before = save.sequence[0] != self.epoch  # an earlier incarnation may have written it
             await failpoints.reach_async("writer.writing", key=key)
-            if self._stages_here(save.payload):
+            numbering = save.request.version is not None and save.request.version.server_round is None
+            unnumbered = await self.io.number_round(save) if numbering else None
+            if unnumbered is not None:
+                written = unnumbered
+                if self._stages_here(save.payload):
+                    self.io.staged.finished(save.payload)  # mapped on arrival, never to be read
+            elif self._stages_here(save.payload):
                 written = await self.io.write(save, look_first=sent_before)
                 if written.persisted is not None:
                     self.metrics.persisted(written.persisted.entry.bytes, written.persisted.linked)
             else:
                 written = await self.node_writers.write(save, look_first=sent_before)
+            if save.request.version is not None and written.outcome in (Outcome.SAVED, Outcome.SUPERSEDED):
+                written = await self.io.keep_round(save, written)
             if written.outcome in (Outcome.SAVED, Outcome.SUPERSEDED):
                 self.lost.superseded_on_disk(key, save.sequence)  # this save or a newer one is on disk
             state.active = None

@@ -10,10 +10,11 @@ import asyncio
 import logging
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedckpt.errors import SaveLostError
 from fedckpt.runtime.messages import Outcome
+from fedckpt.runtime.writer import retention_step
 from fedckpt.runtime.writer.process import lower_priority
 from fedckpt.runtime.writer.queue import QueuedSave
 from fedckpt.runtime.writer.staged import CallerDied, StagedBytes
@@ -81,6 +82,33 @@ class SaveIO:
         finally:
             self.staged.finished(save.payload)
 
+    async def number_round(self, save: QueuedSave) -> WriteOutcome | None:
+        """Give a save that keeps its round, but came without one, the next number of its name (in its
+        request, so that its entry records it); a FAILED outcome if storage cannot be read."""
+        loop = asyncio.get_running_loop()
+        assert save.request.version is not None
+        try:
+            number = await loop.run_in_executor(self.executor, retention_step.next_round, save.request, save.sequence)
+        except Exception as error:
+            log.error(
+                "fedckpt: numbering the round of %s failed: %s: %s", save.request.key, type(error).__name__, error
+            )
+            return WriteOutcome(Outcome.FAILED, transportable(error))
+        save.request = replace(save.request, version=replace(save.request.version, server_round=number))
+        return None
+
+    async def keep_round(self, save: QueuedSave, written: WriteOutcome) -> WriteOutcome:
+        """After a save of a checkpoint with a retention policy is durable: its round's version, and
+        the deletions the policy asks for (:mod:`~fedckpt.runtime.writer.retention_step`). A failure
+        makes the save's outcome FAILED: the caller hears that its round was not kept as asked."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.executor, retention_step.keep_round, save.request, save.sequence)
+        except Exception as error:
+            log.error("fedckpt: keeping the rounds of %s failed: %s: %s", save.request.key, type(error).__name__, error)
+            return WriteOutcome(Outcome.FAILED, transportable(error), written.persisted)
+        return written
+
     @staticmethod
     def _on_storage_already(save: QueuedSave) -> bool:
         """Whether storage holds this save's sequence, or a newer one, of its key."""
@@ -90,9 +118,12 @@ class SaveIO:
     def _persist(self, save: QueuedSave, data: memoryview) -> Persisted | None:
         """The I/O thread's part of one save."""
         request = save.request
+        version = request.version
         target = SaveTarget(
             request.key, request.kind, pickle.loads(save.payload.layout), save.sequence, request.score,
             request.score_name, self.writer_name,
+            server_round=None if version is None else version.server_round,
+            scores=None if version is None else version.scores,
         )  # fmt: skip
         return storage_for(request.key, request.storage_options).persist(target, data, self.content_index)
 

@@ -44,13 +44,14 @@ class KeyQueue:
         than what is queued). With ``coalesce``, returns the queued saves it makes unnecessary.
 
         Every save arrives with its bytes complete, so the newest queued one is always writable
-        and the older ones will never be needed.
+        and the older ones will never be needed (unless they keep a round version of their own).
         """
         bisect.insort(self.queue, save, key=lambda queued: queued.sequence)
         if not coalesce:
             return []
         newest = self.queue[-1].sequence
-        dropped = [queued for queued in self.queue if queued.sequence < newest]
+        # A save that keeps its round as a version is never dropped: its round is not the newer one's.
+        dropped = [queued for queued in self.queue if queued.sequence < newest and queued.request.version is None]
         for queued in dropped:
             self.queue.remove(queued)
         return dropped
