@@ -15,7 +15,9 @@ import pytest
 import torch
 from conftest import assert_same_tensors
 
+from fedckpt import PerRoundStateCheckpointer
 from fedckpt.cli import main as fedckpt_cli
+from fedckpt.round_table import round_table
 from fedckpt.storage.base import storage_for
 from fedckpt.storage.reading import read_state_dict
 
@@ -257,3 +259,43 @@ def test_a_resumed_run_of_a_stateful_strategy_ends_on_the_model_of_an_uninterrup
     expected = read_state_dict(str(whole / "server" / "global.safetensors"))
     for name in expected:
         assert torch.allclose(final[name], expected[name], atol=1e-6), (name, final[name], expected[name])
+
+
+def test_a_run_resumes_from_an_older_complete_round_and_drops_the_rounds_it_abandoned(tmp_path):
+    """Every round kept (LatestN(4)); a second run restarts from round 2: each client's round 3 goes on
+    from its round-2 state, not from the newer state of the abandoned run, and `ls --rounds` shows it."""
+    clients, steps = 3, 3
+    options = ["--num-clients", str(clients), "--num-rounds", "4", "--keep-rounds", "4", *SMALL]
+    first = run_example(tmp_path, *options)
+    assert first["rounds_completed"] == 4 and first["resumed_from_round"] == 0
+    rows = round_table(str(tmp_path), "server/server_state.pt")
+    assert [(row.server_round, row.complete, row.clients_kept, row.clients_committed) for row in rows] == [
+        (server_round, True, clients, clients) for server_round in (1, 2, 3, 4)
+    ]
+    client_0 = PerRoundStateCheckpointer(tmp_path / "clients" / "client_0")
+    assert client_0.load_checkpoint("client_state.pt")["local_steps"] == 4 * steps
+    storage = storage_for(str(tmp_path))
+    server_version = str(tmp_path / "server" / "server_state.round-0000{}.pt").format
+    first_run_ended = storage.read_entry(server_version(4)).saved_at
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert fedckpt_cli(["ls", "--rounds", str(tmp_path), "--server-state", "server/server_state.pt"]) == 0
+    assert re.search(r"^\s*│?\s*2\s*│?\s*yes\s*│?\s*kept\s*│?\s*3/3", printed.getvalue(), re.MULTILINE), (
+        printed.getvalue()
+    )
+
+    resumed = run_example(tmp_path, *options, "--resume-round", "2")
+    assert resumed["resumed_from_round"] == 2 and resumed["rounds_completed"] == 4
+    for client in range(clients):
+        states = PerRoundStateCheckpointer(tmp_path / "clients" / f"client_{client}")
+        assert states.versions("client_state.pt") == [1, 2, 3, 4]
+        # Round 3 of the new run continued from round 2's state (the abandoned run's round 4 had 12 steps).
+        assert states.load_checkpoint("client_state.pt", server_round=3)["local_steps"] == 3 * steps
+        assert states.load_checkpoint("client_state.pt")["local_steps"] == 4 * steps
+    server = PerRoundStateCheckpointer(tmp_path / "server")
+    assert server.versions("server_state.pt") == [1, 2, 3, 4]
+    assert storage.read_entry(server_version(2)).saved_at < first_run_ended  # kept from the first run
+    assert storage.read_entry(server_version(3)).saved_at > first_run_ended  # made again by the resumed run
+    assert all(row.complete for row in round_table(str(tmp_path), "server/server_state.pt"))
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0

@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from fedckpt import LatestTorchModuleCheckpointer
 from fedckpt.flower import ClientCheckpoints, client_checkpoint_dir
+from fedckpt.retention import LatestN
 
 import task
 
@@ -27,26 +28,30 @@ def client_dir(context: Context) -> str:
     return client_checkpoint_dir(os.path.join(str(context.run_config["checkpoint-dir"]), "clients"), context)
 
 
-def client_checkpoints(context: Context) -> ClientCheckpoints:
-    """This client's checkpoints: the model it trained, the global model it received, its state."""
+def client_checkpoints(context: Context, msg: Message) -> ClientCheckpoints:
+    """This client's checkpoints: the model it trained, the global model it received, its state; with
+    the run's ``keep-rounds`` (``run.py --keep-rounds``), the newest rounds of each are kept."""
     directory = client_dir(context)
+    keep_rounds = int(msg.content["config"].get("keep-rounds", 0))
+    keep = LatestN(keep_rounds) if keep_rounds else None
     return ClientCheckpoints(
         directory,
-        pre_aggregation=LatestTorchModuleCheckpointer(directory, "pre_latest.safetensors"),
-        post_aggregation=LatestTorchModuleCheckpointer(directory, "post_latest.safetensors"),
+        pre_aggregation=LatestTorchModuleCheckpointer(directory, "pre_latest.safetensors", keep=keep),
+        post_aggregation=LatestTorchModuleCheckpointer(directory, "post_latest.safetensors", keep=keep),
+        keep=keep,
     )
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local SGD steps from the global model, with the optimizer state carried over from earlier rounds."""
-    return train_round(msg, context, client_checkpoints(context))
+    return train_round(msg, context, client_checkpoints(context, msg))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on local validation data; post-aggregation checkpoint of it."""
-    return evaluate_round(msg, context, client_checkpoints(context))
+    return evaluate_round(msg, context, client_checkpoints(context, msg))
 
 
 def train_round(msg: Message, context: Context, checkpoints: ClientCheckpoints) -> Message:
@@ -65,7 +70,9 @@ def train_round(msg: Message, context: Context, checkpoints: ClientCheckpoints) 
     )  # fmt: skip
     train_seconds = time.perf_counter() - started
     val_loss, val_accuracy = task.evaluate(model, val_data)
-    checkpoints.after_local_training(model, val_loss, {"val - prediction - accuracy": val_accuracy})
+    checkpoints.after_local_training(
+        model, val_loss, {"val - prediction - accuracy": val_accuracy}, server_round=server_round
+    )
     checkpoints.save_state(server_round, optimizer, local_steps=local_steps)
     optimizer_bytes = sum(
         value.nbytes for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)
@@ -92,7 +99,10 @@ def evaluate_round(msg: Message, context: Context, checkpoints: ClientCheckpoint
     model = received_model(msg)
     _, val_data = local_data(context, config)
     loss, accuracy = task.evaluate(model, val_data)
-    checkpoints.after_receiving_global_model(model, loss, {"val - prediction - accuracy": accuracy})
+    server_round = int(config["server-round"])
+    checkpoints.after_receiving_global_model(
+        model, loss, {"val - prediction - accuracy": accuracy}, server_round=server_round
+    )
     metrics = {
         "loss": loss,
         "accuracy": accuracy,

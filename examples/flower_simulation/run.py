@@ -72,7 +72,19 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, str]:
         help="each client's share of a GPU (Flower's client_resources num_gpus; 0.25: four clients per GPU), "
         "trained on it; fedckpt copies their checkpoints from the GPU (default 0: CPU clients)",
     )
+    parser.add_argument(
+        "--keep-rounds", type=int, default=0,
+        help="keep the N newest rounds of every checkpoint (fedckpt.retention.LatestN), so that a run can be "
+        "resumed from any complete round (default 0: one file per checkpoint, overwritten every round)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--resume-round", type=int, default=None, metavar="R",
+        help="with --keep-rounds: restart from complete round R (0: the newest complete round); later rounds "
+        "kept are those of the run it abandons, and are deleted (fedckpt ls --rounds DIR lists the rounds)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.resume_round is not None and (args.keep_rounds < 1 or args.resume_round < 0):
+        parser.error("--resume-round needs --keep-rounds (rounds are kept only then) and a round >= 0")
     if args.num_clients < 2 or args.num_rounds < 1:
         parser.error("--num-clients must be at least 2 (FedAvg's minimum) and --num-rounds at least 1")
     if not 0 <= args.num_gpus_per_client <= 1:
@@ -90,6 +102,8 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, str]:
         lr=args.lr,
         simulated_accelerator_ms=args.simulated_accelerator_ms,
         num_gpus_per_client=args.num_gpus_per_client,
+        keep_rounds=args.keep_rounds,
+        resume_round=args.resume_round,
     )
     directory = args.checkpoint_dir or tempfile.mkdtemp(prefix="fedckpt-flower-")
     # A URL (s3://bucket/run, with the AWS environment variables) stays as it is.

@@ -18,6 +18,7 @@ from fedckpt import (
     ServerCheckpointAndStateModule,
 )
 from fedckpt.flower import ServerCheckpoints
+from fedckpt.retention import LatestN
 
 import task
 
@@ -40,6 +41,8 @@ class Options:
     simulated_accelerator_ms: float = 0.0  # > 0: SIMULATED accelerator-bound clients (see task.train)
     # > 0: each client holds this share of a GPU (Ray's num_gpus; 0.25: four clients per GPU) and trains there
     num_gpus_per_client: float = 0.0
+    keep_rounds: int = 0  # > 0: keep this many newest rounds of every checkpoint (LatestN), and resume from any
+    resume_round: int | None = None  # with keep_rounds: restart from this complete round (0: the newest complete)
 
 
 @dataclass
@@ -94,6 +97,7 @@ def round_config(options: Options) -> ConfigRecord:
             "lr": options.lr,
             "simulated-accelerator-ms": options.simulated_accelerator_ms,
             "device": "cuda" if options.num_gpus_per_client > 0 else "cpu",
+            "keep-rounds": options.keep_rounds,
         }
     )
 
@@ -105,16 +109,21 @@ def make_server_app(options: Options, outcome: Outcome) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         initial = initial_arrays(options)
-        server_dir = os.path.join(str(context.run_config["checkpoint-dir"]), "server")
+        root = str(context.run_config["checkpoint-dir"])
+        server_dir = os.path.join(root, "server")
+        keep = LatestN(options.keep_rounds) if options.keep_rounds else None
         module = ServerCheckpointAndStateModule(
             model=task.Net(options.width, options.depth),
             model_checkpointers=[
-                LatestTorchModuleCheckpointer(server_dir, "global_latest.safetensors"),
+                LatestTorchModuleCheckpointer(server_dir, "global_latest.safetensors", keep=keep),
                 BestLossTorchModuleCheckpointer(server_dir, "global_best.safetensors"),
             ],
-            state_checkpointer=PerRoundStateCheckpointer(server_dir),
+            state_checkpointer=PerRoundStateCheckpointer(server_dir, keep=keep),
         )
-        checkpoints = ServerCheckpoints(module, state_name="server_state.pt", loss_key="loss")
+        clients_dir = os.path.join(root, "clients") if keep is not None else None
+        checkpoints = ServerCheckpoints(module, state_name="server_state.pt", loss_key="loss", clients_dir=clients_dir)
+        if options.resume_round is not None:
+            checkpoints.resume(round=options.resume_round or None)
         config = round_config(options)
         outcome.result = checkpoints.start(
             fedavg(options), grid, initial, options.num_rounds, train_config=config, evaluate_config=config

@@ -56,6 +56,29 @@ def command_ls(directory: str, as_json: bool) -> int:
     return 0
 
 
+def command_ls_rounds(directory: str, server_state: str, client_state: str, as_json: bool) -> int:
+    from fedckpt.round_table import round_table
+
+    rows = round_table(directory, server_state, client_state)
+    if as_json:
+        print(json.dumps([asdict(row) for row in rows], indent=2))
+        return 0
+    columns = [Column("round", right=True), Column("complete"), Column("server state"),
+               Column("client states", right=True), Column("bytes kept", right=True)]  # fmt: skip
+    cells = [
+        [
+            str(row.server_round), "yes" if row.complete else "no", "kept" if row.server_state else "-",
+            str(row.clients_kept) if row.clients_committed is None else f"{row.clients_kept}/{row.clients_committed}",
+            _human_bytes(row.bytes_kept),
+        ]
+        for row in rows
+    ]  # fmt: skip
+    print_table(f"fedckpt rounds kept in {directory}", columns, cells)
+    if not rows:
+        print(f"No rounds kept under {directory} (checkpointers keep rounds with keep=, see fedckpt.retention)")
+    return 0
+
+
 def command_verify(directory: str) -> int:
     report = storage_for(directory).verify(directory)
     for problem in report.problems:
@@ -77,6 +100,11 @@ def build_parser(describe_bench_cases: bool = True) -> argparse.ArgumentParser:
     ls = commands.add_parser("ls", help="list checkpoints with their manifest data")
     ls.add_argument("directory")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.add_argument(
+        "--rounds", action="store_true", help="one row per kept round: complete or not (resumable), and its bytes"
+    )
+    ls.add_argument("--server-state", default="server_state.pt", help="--rounds: the server state's name")
+    ls.add_argument("--client-state", default="client_state.pt", help="--rounds: the clients' state name")
     verify = commands.add_parser("verify", help="re-hash every checkpoint; exit 1 on any mismatch")
     verify.add_argument("directory")
     status = commands.add_parser("status", help="the live writer pools of a Ray cluster: queues and throughput")
@@ -223,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if not storage_for(args.directory).is_directory(args.directory):
         print(f"fedckpt: {args.directory} is not a directory", file=sys.stderr)
         return 2
+    if args.command == "ls" and args.rounds:
+        return command_ls_rounds(args.directory, args.server_state, args.client_state, args.json)
     if args.command == "ls":
         return command_ls(args.directory, args.json)
     return command_verify(args.directory)

@@ -29,14 +29,17 @@ class KeptRounds:
         """What the policy ranks a save by, taken now (a missing or bad metric raises ``ScoreError``)."""
         return {} if self.policy is None else scores_for(self.policy, loss, metrics, where)
 
-    def request_scored(self, server_round: object, scores: dict[str, float]) -> VersionRequest | None:
-        """:meth:`request` with the scores taken earlier (:meth:`scores`)."""
+    def request_scored(
+        self, server_round: object, scores: dict[str, float], round_clients: int | None = None
+    ) -> VersionRequest | None:
+        """:meth:`request` with the scores taken earlier (:meth:`scores`); ``round_clients``: for a
+        server state, the clients whose states its round commits (see :mod:`fedckpt.round_table`)."""
         checked = check_round(server_round)
         if self.policy is None:
             return None
         if self._pickled is None:
             self._pickled = _pickled_by_value(self.policy)
-        return VersionRequest(checked, scores, self._pickled)
+        return VersionRequest(checked, scores, self._pickled, round_clients)
 
     @staticmethod
     def rounds(path: str, storage_options: Mapping[str, Any] | None) -> list[int]:

@@ -98,13 +98,16 @@ class PerRoundStateCheckpointer:
         except TypeError as error:
             raise TypeError(f"State for {path} cannot be saved: {error}") from error
 
-    def save_snapshot(self, state: StateSnapshot, server_round: int | None = None) -> None:
-        """The second half of :meth:`save_checkpoint`: write a snapshot taken earlier, in the background."""
+    def save_snapshot(
+        self, state: StateSnapshot, server_round: int | None = None, *, round_clients: int | None = None
+    ) -> None:
+        """The second half of :meth:`save_checkpoint`: write a snapshot taken earlier, in the background.
+        ``round_clients``: for a server state kept by round, the clients whose states its round commits."""
         log.info("Saving state as %s", state.path)
         key = checkpoint_key(state.path)
         self._saved_keys.add(key)
         score = None if server_round is None else float(server_round)
-        version = self.kept_rounds.request_scored(server_round, state.scores)
+        version = self.kept_rounds.request_scored(server_round, state.scores, round_clients)
         request = SaveRequest(
             key,
             STATE,

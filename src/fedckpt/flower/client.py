@@ -31,6 +31,7 @@ from fedckpt.flower import context_state
 from fedckpt.flower.timing import BlockedTime
 from fedckpt.modes import CheckpointMode
 from fedckpt.policies import Scalar
+from fedckpt.retention import RetentionPolicy
 from fedckpt.runtime import lifecycle
 from fedckpt.state import PerRoundStateCheckpointer
 from fedckpt.storage.paths import Location
@@ -60,6 +61,10 @@ class ClientCheckpoints:
         context: the handler's Flower ``Context``, to also keep states of at most
             ``context_state_max_bytes`` of tensors in ``context.state`` and restore from there
             (for storage slower to read back than Flower is to carry the state; see above).
+        keep: a retention policy (:mod:`fedckpt.retention`) for the state: it is then saved as
+            ``<state_name>.pt`` with each round's version beside it (no slots: a restore takes the
+            newest version from an earlier round), so that ``ServerCheckpoints.resume(round=r)`` can
+            restart the run from any complete round.
 
     ``blocked_seconds`` adds up the time the calls below kept the client waiting.
     """
@@ -72,10 +77,12 @@ class ClientCheckpoints:
         state_name: str = "client_state",
         context: Any = None,
         context_state_max_bytes: int = CONTEXT_STATE_MAX_BYTES,
+        keep: RetentionPolicy | None = None,
     ) -> None:
         self.blocked = BlockedTime()
+        self.keep = keep
         self.module = ClientCheckpointAndStateModule(
-            pre_aggregation, post_aggregation, PerRoundStateCheckpointer(checkpoint_dir)
+            pre_aggregation, post_aggregation, PerRoundStateCheckpointer(checkpoint_dir, keep=keep)
         )
         self.state_name = state_name
         self.context = context
@@ -118,6 +125,12 @@ class ClientCheckpoints:
         with self.blocked.measure():
             if self._kept_in_context(server_round) is not None:
                 state = context_state.restore(self.context)
+            elif self.keep is not None:
+                kept = self._version_to_restore(server_round)
+                if kept is None:
+                    return None
+                assert self.module.state_checkpointer is not None
+                state = self.module.state_checkpointer.load_checkpoint(self.kept_state_name, server_round=kept)
             else:
                 slot = self._slot_to_restore(server_round)
                 if slot is None:
@@ -134,11 +147,15 @@ class ClientCheckpoints:
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
         with self.blocked.measure():
-            kept = self._kept_in_context(server_round)
-            keep = kept if kept is not None else self._slot_to_restore(server_round)
-            slot = next(s for s in SLOTS if s != keep)
             assert self.module.state_checkpointer is not None
-            self.module.state_checkpointer.save_checkpoint(self._slot_name(slot), state, server_round=server_round)
+            if self.keep is not None:  # each round its own version
+                slot = SLOTS[0]
+                self.module.state_checkpointer.save_checkpoint(self.kept_state_name, state, server_round=server_round)
+            else:
+                kept = self._kept_in_context(server_round)
+                keep = kept if kept is not None else self._slot_to_restore(server_round)
+                slot = next(s for s in SLOTS if s != keep)
+                self.module.state_checkpointer.save_checkpoint(self._slot_name(slot), state, server_round=server_round)
             if self._rounds is not None:
                 self._rounds[slot] = server_round
             if self.context is not None:
@@ -151,6 +168,17 @@ class ClientCheckpoints:
         """Wait until this client's saves are durable (not needed per round: the server flushes)."""
         with self.blocked.measure():
             self.module.flush(timeout)
+
+    @property
+    def kept_state_name(self) -> str:
+        """The state's name with a retention policy (its versions are beside it)."""
+        return f"{self.state_name}.pt"
+
+    def _version_to_restore(self, server_round: int) -> int | None:
+        """With a retention policy: the newest round kept before ``server_round``."""
+        assert self.module.state_checkpointer is not None
+        earlier = [r for r in self.module.state_checkpointer.versions(self.kept_state_name) if r < server_round]
+        return max(earlier, default=None)
 
     def _slot_name(self, slot: int) -> str:
         return f"{self.state_name}.{slot}.pt"

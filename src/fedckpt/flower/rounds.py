@@ -33,6 +33,7 @@ class RoundOutcome:
     arrays: ArrayRecord
     evaluate_metrics: MetricRecord | None
     central_metrics: MetricRecord | None
+    clients_trained: int = 0  # training replies the round aggregated (each client's state is part of the round)
 
 
 class CheckpointedRounds(Strategy):
@@ -67,6 +68,7 @@ class CheckpointedRounds(Strategy):
         self.evaluate_fn = evaluate_fn
         self.rounds_ended: list[int] = []
         self._evaluate_metrics: MetricRecord | None = None
+        self._clients_trained = 0
 
     @classmethod
     def around(cls, strategy: Strategy, *args: Any, **kwargs: Any) -> CheckpointedRounds:
@@ -84,6 +86,8 @@ class CheckpointedRounds(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._clients_trained = sum(1 for reply in replies if not reply.has_error())
         aggregated, metrics = self.strategy.aggregate_train(self.offset + server_round, replies)
         if metrics is not None:
             self.history.train_metrics_clientapp[self.offset + server_round] = metrics
@@ -123,5 +127,9 @@ class CheckpointedRounds(Strategy):
 
     def _round_over(self, server_round: int, central_metrics: MetricRecord | None) -> None:
         self.rounds_ended.append(server_round)
-        self.end_round(RoundOutcome(server_round, self.arrays, self._evaluate_metrics, central_metrics))
+        outcome = RoundOutcome(
+            server_round, self.arrays, self._evaluate_metrics, central_metrics, self._clients_trained
+        )
+        self.end_round(outcome)
         self._evaluate_metrics = None
+        self._clients_trained = 0

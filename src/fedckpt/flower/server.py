@@ -10,6 +10,11 @@ differential-privacy wrapper, FedAvgM's momentum, ...), the server process's ran
 DP wrapper's noise) and the metrics history. A run started on a directory that holds such a state
 continues after its round instead of starting at round 1.
 
+With retention policies (``keep=`` on the state checkpointer, on ``ClientCheckpoints`` and on the
+model checkpointers), every round is kept as its own version, and :meth:`ServerCheckpoints.resume`
+restarts the run from any *complete* round (its server state and every state of a client that
+trained in it kept and durable; :mod:`fedckpt.round_table`), the newest by default.
+
 On a resume Flower's own progress lines count the rounds this run runs ("[ROUND 1/2]" for round 4
 of 5); the line fedckpt prints after each round gives the run's round ("[ROUND 4/5] ...").
 
@@ -39,6 +44,7 @@ from fedckpt import _compat
 from fedckpt.flower import strategy_state
 from fedckpt.flower.rounds import CheckpointedRounds, EvaluateFn, RoundOutcome
 from fedckpt.flower.timing import BlockedTime
+from fedckpt.round_table import CLIENT_STATE, RoundRow, complete_rounds, drop_rounds_after, round_table
 from fedckpt.runtime import lifecycle
 from fedckpt.server_module import ServerCheckpointAndStateModule
 from fedckpt.state import StateSnapshot
@@ -56,6 +62,10 @@ class ServerCheckpoints:
         state_name: file name of the server state in the state checkpointer's directory.
         loss_key: the metric used as the loss of the global model: taken from the centralized
             evaluation if it reports it, else from the aggregated federated evaluation.
+        clients_dir: where the clients' directories are (the server state's directory may be it). Given
+            this, each round records how many clients trained in it, and a round is complete only once
+            that many client states of it are kept below ``clients_dir``.
+        client_state: the clients' state name (``ClientCheckpoints(keep=...)`` saves ``<state_name>.pt``).
 
     After :meth:`start`, ``resumed_from_round`` is the round the run continued after (0 for a
     fresh run), ``blocked_seconds`` the time the server waited on fedckpt, and ``saves_written``,
@@ -64,7 +74,13 @@ class ServerCheckpoints:
     """
 
     def __init__(
-        self, module: ServerCheckpointAndStateModule, state_name: str = "server_state.pt", loss_key: str = "loss"
+        self,
+        module: ServerCheckpointAndStateModule,
+        state_name: str = "server_state.pt",
+        loss_key: str = "loss",
+        *,
+        clients_dir: str | None = None,
+        client_state: str = CLIENT_STATE,
     ) -> None:
         if module.state_checkpointer is None:
             raise ValueError("ServerCheckpoints needs a module with a state checkpointer, to save rounds and resume")
@@ -76,8 +92,46 @@ class ServerCheckpoints:
         self.bytes_written = 0
         self.bytes_linked = 0
         self.blocked = BlockedTime()
+        self.clients_dir = clients_dir
+        self.client_state = client_state
         self._commit: threading.Thread | None = None
         self._commit_error: BaseException | None = None
+        self._resume_round: int | None = None
+
+    @property
+    def _state_dir(self) -> str:
+        assert self.module.state_checkpointer is not None
+        return str(self.module.state_checkpointer.checkpoint_dir)
+
+    def rounds(self) -> list[RoundRow]:
+        """The rounds kept on storage, each with whether it is complete (after every pending save)."""
+        lifecycle.flush()
+        assert self.module.state_checkpointer is not None
+        return round_table(
+            self._state_dir, self.state_name, self.client_state, self.clients_dir,
+            self.module.state_checkpointer.storage_options,
+        )  # fmt: skip
+
+    def resume(self, round: int | None = None) -> int | None:  # noqa: A002 (the issue's name for it)
+        """Make the next :meth:`start` continue after complete round ``round`` (default: the newest
+        complete one); returns it, or None if no round is kept (then :meth:`start` continues after the
+        newest server state, as without retention). A ``ValueError`` names the complete rounds if
+        ``round`` is not one of them. The kept rounds after it belong to the run it abandons: they
+        are deleted when the run starts."""
+        rows = self.rounds()
+        complete = complete_rounds(rows)
+        if round is None:
+            self._resume_round = max(complete, default=None)
+            return self._resume_round
+        if round not in complete:
+            row = next((row for row in rows if row.server_round == round), None)
+            why = "no version of it is kept" if row is None else (
+                "its server state is not kept" if not row.server_state
+                else f"{row.clients_kept} of its {row.clients_committed} client states are kept"
+            )  # fmt: skip
+            raise ValueError(f"Round {round} cannot be resumed from: {why}; complete rounds: {complete}")
+        self._resume_round = round
+        return round
 
     @property
     def blocked_seconds(self) -> float:
@@ -133,7 +187,7 @@ class ServerCheckpoints:
         configured = strategy_state.configuration(strategy)  # what the rounds reassign is the strategy's state
         history = Result()  # by true round number, the restored rounds' included: saved with each round
         with self.blocked.measure():
-            saved = self.module.maybe_load_state(self.state_name)
+            saved = self._saved_state()
             self.module.resume_best_scores()
         if saved is not None:
             arrays = self._restore(saved, strategy, history)
@@ -201,17 +255,18 @@ class ServerCheckpoints:
             },
         )
         self._wait_for_commit()  # commits stay in round order
+        clients = outcome.clients_trained if self.clients_dir is not None else None
         self._commit = threading.Thread(
-            target=self._commit_round, args=(state, server_round), name="fedckpt-round-commit"
+            target=self._commit_round, args=(state, server_round, clients), name="fedckpt-round-commit"
         )
         self._commit.start()
 
-    def _commit_round(self, state: StateSnapshot, server_round: int) -> None:
+    def _commit_round(self, state: StateSnapshot, server_round: int, clients: int | None) -> None:
         """Save the server state once everything issued before it is durable."""
         try:
             lifecycle.flush()
             assert self.module.state_checkpointer is not None
-            self.module.state_checkpointer.save_snapshot(state, server_round)
+            self.module.state_checkpointer.save_snapshot(state, server_round, round_clients=clients)
         except BaseException as error:  # raised in the server's thread by _wait_for_commit
             self._commit_error = error
 
@@ -222,6 +277,21 @@ class ServerCheckpoints:
         if self._commit_error is not None:
             error, self._commit_error = self._commit_error, None
             raise error
+
+    def _saved_state(self) -> dict[str, Any] | None:
+        """The server state to continue from: the round chosen by :meth:`resume`, else the newest."""
+        if self._resume_round is None:
+            return self.module.maybe_load_state(self.state_name)
+        dropped = drop_rounds_after(self._state_dir, self._resume_round, self.module.state_checkpointer.storage_options)
+        if self.clients_dir is not None and self.clients_dir != self._state_dir:
+            dropped += drop_rounds_after(
+                self.clients_dir, self._resume_round, self.module.state_checkpointer.storage_options
+            )
+        if dropped:
+            progress(
+                INFO, "Resuming from round %s: %d versions of later rounds deleted", self._resume_round, len(dropped)
+            )
+        return self.module.state_checkpointer.load_checkpoint(self.state_name, server_round=self._resume_round)
 
     def _restore(self, saved: dict[str, Any], strategy: Strategy, history: Result) -> ArrayRecord:
         self.resumed_from_round = int(saved["server_round"])

@@ -54,6 +54,7 @@ class VersionRequest:
     server_round: int | None  # None: the writer numbers it after the newest version on storage
     scores: dict[str, float]  # what the policy ranks it by
     policy: bytes  # the RetentionPolicy, cloudpickled (a user's own class may live in __main__)
+    round_clients: int | None = None  # a server state: the clients whose states its round commits
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,11 @@ class SaveTarget:
     writer_name: str
     server_round: int | None = None  # with a retention policy: the round it is kept as
     scores: dict[str, float] | None = None  # and what the policy ranks it by
+    round_clients: int | None = None  # a server state: the clients whose states its round commits
+
+    def version_fields(self) -> dict[str, Any]:
+        """What its manifest entry records of a save with a retention policy."""
+        return {"server_round": self.server_round, "scores": self.scores, "round_clients": self.round_clients}
 
 
 @dataclass(frozen=True)

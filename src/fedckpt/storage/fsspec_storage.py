@@ -163,7 +163,7 @@ class FsspecStorage(Storage):
             entry = ManifestEntry(
                 name=name, format=target.kind, sequence=tuple(target.sequence), score=target.score,
                 score_name=target.score_name, bytes=size, checksum=checksum, saved_at=time.time(),
-                writer=target.writer_name, object=obj, server_round=target.server_round, scores=target.scores,
+                writer=target.writer_name, object=obj, **target.version_fields(),
             )  # fmt: skip
         except BaseException:
             self._remove(url)

@@ -64,10 +64,15 @@ class ManifestEntry:
     # the scores the policy ranks it by.
     server_round: int | None = None
     scores: dict[str, float] | None = None
+    round_clients: int | None = None  # a server state: the clients whose states its round commits
 
     def to_json(self) -> str:
         data = asdict(self)
-        for field in ("server_round", "scores"):  # entries without versions stay as earlier releases wrote them
+        for field in (
+            "server_round",
+            "scores",
+            "round_clients",
+        ):  # entries without versions stay as earlier releases wrote them
             if data[field] is None:
                 del data[field]
         return json.dumps(data, allow_nan=True, sort_keys=True)

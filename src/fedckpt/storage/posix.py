@@ -29,7 +29,7 @@ class PosixStorage(Storage):
     def persist(self, target: SaveTarget, data: memoryview, content_index: ContentIndex | None) -> Persisted | None:
         return persist_checkpoint(
             target.path, target.kind, target.layout, data, target.sequence, target.score, target.score_name,
-            target.writer_name, content_index, server_round=target.server_round, scores=target.scores,
+            target.writer_name, content_index, version_fields=target.version_fields(),
         )  # fmt: skip
 
     def make_version(self, path: str, sequence: tuple[int, int], version_path: str, scores: dict[str, float]) -> bool:
@@ -43,7 +43,8 @@ class PosixStorage(Storage):
         fsync_path(temp)
         _publish(
             version_path, entry.format, temp, entry.checksum, tuple(sequence), entry.score, entry.score_name,
-            entry.writer, linked=True, scores=scores, server_round=entry.server_round,
+            entry.writer, linked=True,
+            version_fields={"server_round": entry.server_round, "scores": scores, "round_clients": entry.round_clients},
         )  # fmt: skip
         return True
 
@@ -138,8 +139,7 @@ def persist_checkpoint(
     writer_name: str,
     content_index: ContentIndex | None = None,
     *,
-    server_round: int | None = None,
-    scores: dict[str, float] | None = None,
+    version_fields: dict[str, Any] | None = None,
 ) -> Persisted | None:
     """Write a snapshot (its ``layout`` and staged ``data``) atomically and durably at ``path``,
     and record it in the manifest.
@@ -155,16 +155,12 @@ def persist_checkpoint(
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if kind != MODULE:
         temp, checksum = write_durable_temp(path, lambda target: write_state_file(layout, data, target))
-        return _publish(
-            path, kind, temp, checksum, sequence, score, score_name, writer_name, False, scores, server_round
-        )
+        return _publish(path, kind, temp, checksum, sequence, score, score_name, writer_name, False, version_fields)
     header = safetensors_header(layout)
     checksum = checksum_of(header, data)
     if content_index is None:
         temp, _ = write_durable_temp(path, lambda target: write_module_file(header, data, target))
-        return _publish(
-            path, kind, temp, checksum, sequence, score, score_name, writer_name, False, scores, server_round
-        )
+        return _publish(path, kind, temp, checksum, sequence, score, score_name, writer_name, False, version_fields)
     with content_index.writing(checksum) as candidate:
         linked = False
 
@@ -177,7 +173,7 @@ def persist_checkpoint(
 
         temp, _ = write_durable_temp(path, write, claim=False)
         persisted = _publish(
-            path, kind, temp, checksum, sequence, score, score_name, writer_name, linked, scores, server_round
+            path, kind, temp, checksum, sequence, score, score_name, writer_name, linked, version_fields
         )
         if persisted is not None:
             content_index.record(checksum, path)
@@ -194,8 +190,7 @@ def _publish(
     score_name: str | None,
     writer_name: str,
     linked: bool,
-    scores: dict[str, float] | None = None,
-    server_round: int | None = None,
+    version_fields: dict[str, Any] | None = None,
 ) -> Persisted | None:
     """Move a durable temp file into place with its manifest entry, unless a newer version is there."""
     try:
@@ -218,8 +213,7 @@ def _publish(
                 checksum=checksum,
                 saved_at=time.time(),
                 writer=writer_name,
-                server_round=server_round,
-                scores=scores,
+                **(version_fields or {}),
             )
             manifest.stage_entry(path, entry)
             publish(temp, path)

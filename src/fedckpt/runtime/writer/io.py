@@ -124,6 +124,7 @@ class SaveIO:
             request.score_name, self.writer_name,
             server_round=None if version is None else version.server_round,
             scores=None if version is None else version.scores,
+            round_clients=None if version is None else version.round_clients,
         )  # fmt: skip
         return storage_for(request.key, request.storage_options).persist(target, data, self.content_index)
 
