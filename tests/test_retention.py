@@ -4,6 +4,7 @@ Real Ray writers, real files, and moto's S3 server; the writer killed mid-deleti
 its process while it is held at the deletion step.
 """
 
+import json
 import math
 import os
 import signal
@@ -22,7 +23,9 @@ from fedckpt import (
     PerRoundStateCheckpointer,
     ScoreError,
 )
+from fedckpt.cli import main as fedckpt_cli
 from fedckpt.retention import AnyOf, BestN, EveryNRounds, LatestN, RetentionPolicy, Version, version_path
+from fedckpt.round_table import drop_rounds_after, round_table
 from fedckpt.runtime import failpoints, lifecycle
 from fedckpt.storage.base import storage_for
 from fedckpt.storage.paths import checkpoint_key
@@ -312,3 +315,65 @@ def test_versions_on_s3_are_kept_and_deleted_with_nothing_left_over(s3_dir, s3_s
     fs = storage_for(s3_dir).fs
     kept_objects = [key for key in fs.find(s3_dir) if "/versions/" in key]
     assert len(kept_objects) == 2 + 2 + 1 + 1  # the kept rounds and the two plain names, one object each
+
+
+def test_a_bad_round_raises_whether_or_not_the_checkpointer_saves(tmp_path):
+    best = BestLossTorchModuleCheckpointer(str(tmp_path), "best.pt", keep=BestN(1))
+    best.best_score = 0.1
+    assert best.decide(0.5, {}, server_round=3) is None  # no improvement: no save
+    with pytest.raises(ValueError, match="server_round must be a non-negative int, got '3'"):
+        best.decide(0.5, {}, server_round="3")
+
+
+# ---- complete rounds and resuming from one ---------------------------------------------------------
+
+
+def test_the_round_table_tells_complete_rounds_and_resume_refuses_the_others(runtime, tmp_path, capsys):
+    from fedckpt.flower import ServerCheckpoints
+    from fedckpt.server_module import ServerCheckpointAndStateModule
+
+    server = PerRoundStateCheckpointer(tmp_path / "server", keep=LatestN(5))
+    clients = [
+        PerRoundStateCheckpointer(tmp_path / "clients" / "client_0", keep=LatestN(5)),
+        PerRoundStateCheckpointer(tmp_path / "clients" / "client_1", keep=LatestN(1)),  # keeps its newest only
+    ]
+    for server_round in (1, 2, 3):
+        for client in clients:
+            client.save_checkpoint("client_state.pt", {"round": server_round}, server_round=server_round)
+        fedckpt.flush()
+        state = server.snapshot_checkpoint("server_state.pt", {"server_round": server_round})
+        server.save_snapshot(state, server_round, round_clients=2)
+    fedckpt.flush()
+    rows = round_table(str(tmp_path), "server/server_state.pt")
+    assert [(row.server_round, row.complete, row.clients_kept, row.clients_committed) for row in rows] == [
+        (1, False, 1, 2), (2, False, 1, 2), (3, True, 2, 2)
+    ]  # fmt: skip
+    assert all(row.bytes_kept > 0 for row in rows)
+    assert fedckpt_cli(["ls", "--rounds", str(tmp_path), "--server-state", "server/server_state.pt", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(row["server_round"], row["complete"]) for row in listed] == [(1, False), (2, False), (3, True)]
+
+    module = ServerCheckpointAndStateModule(model=make_model(), state_checkpointer=server)
+    checkpoints = ServerCheckpoints(module, clients_dir=str(tmp_path / "clients"))
+    assert [row.server_round for row in checkpoints.rounds() if row.complete] == [3]
+    with pytest.raises(ValueError, match=r"Round 2 cannot be resumed from: 1 of its 2 client states are kept; "
+                                         r"complete rounds: \[3\]"):  # fmt: skip
+        checkpoints.resume(round=2)
+    with pytest.raises(ValueError, match="Round 7 cannot be resumed from: no version of it is kept"):
+        checkpoints.resume(round=7)
+    assert checkpoints.resume() == 3
+
+
+def test_drop_rounds_after_deletes_the_later_versions_of_every_checkpoint_below_a_directory(runtime, tmp_path):
+    states = PerRoundStateCheckpointer(tmp_path, keep=LatestN(9))
+    model = LatestTorchModuleCheckpointer(str(tmp_path / "c0"), "pre.safetensors", keep=LatestN(9))
+    for server_round in range(1, 5):
+        states.save_checkpoint("c0/state.pt", {"round": server_round}, server_round=server_round)
+        model.maybe_checkpoint(make_model(server_round), 1.0, {}, server_round=server_round)
+    fedckpt.flush()
+    dropped = drop_rounds_after(str(tmp_path), 2)
+    assert [os.path.basename(path) for path in dropped] == [
+        "pre.round-00003.safetensors", "pre.round-00004.safetensors", "state.round-00003.pt", "state.round-00004.pt"
+    ]  # fmt: skip
+    assert states.versions("c0/state.pt") == [1, 2] and model.versions() == [1, 2]
+    assert storage_for(str(tmp_path)).verify(str(tmp_path)).problems == []

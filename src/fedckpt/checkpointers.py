@@ -30,7 +30,7 @@ from fedckpt.policies import (
 )
 from fedckpt.retention import RetentionPolicy
 from fedckpt.runtime import lifecycle, overlap_hooks, stats
-from fedckpt.runtime.messages import SaveRequest
+from fedckpt.runtime.messages import SaveRequest, VersionRequest
 from fedckpt.snapshot import MODULE, STATE, Snapshot, snapshot_module, snapshot_state
 from fedckpt.storage import reading
 from fedckpt.storage.base import storage_for, storage_options_for
@@ -167,12 +167,22 @@ class TorchModuleCheckpointer(ABC):
         server_round: int | None = None,
         loss: float | None = None,
         metrics: Mapping[str, Scalar] | None = None,
+        version: VersionRequest | None = None,
     ) -> SaveRequest:
-        """The save of this checkpoint; with a retention policy, scored now (a missing metric raises)."""
+        """The save of this checkpoint; with a retention policy, scored now (a missing metric raises),
+        unless ``version`` was (:meth:`kept_round`)."""
+        if version is None:
+            version = self.kept_round(server_round, loss, metrics)
         key = checkpoint_key(self.checkpoint_path)
         options = storage_options_for(key, self.storage_options)
-        version = self.kept_rounds.request(server_round, loss, metrics or {}, self.checkpoint_path)
         return SaveRequest(key, self.file_format, score, score_name, storage_options=options, version=version)
+
+    def kept_round(
+        self, server_round: int | None, loss: float | None, metrics: Mapping[str, Scalar] | None
+    ) -> VersionRequest | None:
+        """What a save asks its writer to keep (None without a policy): its round and scores, checked
+        now, before its path is (a checkpointer used only for its decisions may have no path)."""
+        return self.kept_rounds.request(server_round, loss, metrics or {}, self.checkpoint_name)
 
     def versions(self) -> list[int]:
         """The rounds a retention policy keeps of this checkpoint, sorted (after its pending saves and
@@ -256,9 +266,7 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
         """Score the model now; return the save to make, or None. ``best_score`` is left alone until
         the save was accepted (:meth:`accepted`): a save that raises leaves the bar where it was."""
         score = as_score(self.checkpoint_score_function(loss, metrics), self.checkpoint_score_name)
-        request = self.save_request(
-            score, self.checkpoint_score_name, server_round=server_round, loss=loss, metrics=metrics
-        )
+        version = self.kept_round(server_round, loss, metrics)  # bad input raises whatever the decision
         if not self._should_checkpoint(score):
             log.info(
                 "Not checkpointing %s: %s score %s is not %s best score %s",
@@ -277,7 +285,7 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
             self.comparison_str,
             self.best_score,
         )
-        return request
+        return self.save_request(score, self.checkpoint_score_name, version=version)
 
     def accepted(self, request: SaveRequest) -> None:
         """The save :meth:`decide` asked for was taken: its score is the bar from now on."""
