@@ -117,6 +117,13 @@ def test_latest_n_keeps_rounds_beside_the_plain_name_which_holds_the_newest(runt
     for server_round in (4, 5, 6):
         loaded = checkpointer.load_state_dict(server_round=server_round)
         assert_same_tensors(loaded, models[server_round].state_dict())
+    # Each of rounds 4 to 6 deleted one version as large as its own (of rounds 1 to 3).
+    rows = round_table(str(tmp_path))
+    assert [(row.server_round, row.bytes_freed == row.bytes_kept > 0) for row in rows] == [
+        (4, True),
+        (5, True),
+        (6, True),
+    ]
     with pytest.raises(FileNotFoundError, match=r"No version of round 2 .* the rounds kept are \[4, 5, 6\]"):
         checkpointer.load_checkpoint(server_round=2)
     # What is kept verifies, and nothing is left of the deleted rounds (no entries, no lock files).

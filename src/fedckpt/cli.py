@@ -64,12 +64,13 @@ def command_ls_rounds(directory: str, server_state: str, client_state: str, as_j
         print(json.dumps([asdict(row) for row in rows], indent=2))
         return 0
     columns = [Column("round", right=True), Column("complete"), Column("server state"),
-               Column("client states", right=True), Column("bytes kept", right=True)]  # fmt: skip
+               Column("client states", right=True), Column("bytes kept", right=True),
+               Column("freed by its saves", right=True)]  # fmt: skip
     cells = [
         [
             str(row.server_round), "yes" if row.complete else "no", "kept" if row.server_state else "-",
             str(row.clients_kept) if row.clients_committed is None else f"{row.clients_kept}/{row.clients_committed}",
-            _human_bytes(row.bytes_kept),
+            _human_bytes(row.bytes_kept), _human_bytes(row.bytes_freed),
         ]
         for row in rows
     ]  # fmt: skip

@@ -35,6 +35,7 @@ class RoundRow:
     clients_committed: int | None  # the clients whose states the round commits (None: not recorded)
     clients_kept: int  # client states of the round kept
     bytes_kept: int  # every version of the round (models and states), counted once per file name
+    bytes_freed: int  # what the round's saves deleted (versions of earlier rounds, or of an abandoned run)
 
 
 def round_table(
@@ -58,12 +59,14 @@ def round_table(
     committed: dict[int, int | None] = {}
     clients: dict[int, int] = defaultdict(int)
     kept_bytes: dict[int, int] = defaultdict(int)
+    freed_bytes: dict[int, int] = defaultdict(int)
     roots = [root] if _below(clients_root, root) else [root, clients_root]
     for path, entry in (found for top in roots for found in storage.iter_entries(str(top))):
         location = Location.of(path)
         if not _is_version(path, entry):
             continue  # a plain name: the newest save, not a kept round
         kept_bytes[entry.server_round] += entry.bytes
+        freed_bytes[entry.server_round] += entry.freed_bytes or 0
         if version_round(server_path, location.name) is not None and location.parent == server_dir:
             committed[entry.server_round] = entry.round_clients
         elif version_round(str(location.parent.join(client_state)), location.name) is not None and _below(
@@ -76,7 +79,15 @@ def round_table(
         expected = committed.get(server_round)
         complete = has_server and (expected is None or clients[server_round] >= expected)
         rows.append(
-            RoundRow(server_round, complete, has_server, expected, clients[server_round], kept_bytes[server_round])
+            RoundRow(
+                server_round,
+                complete,
+                has_server,
+                expected,
+                clients[server_round],
+                kept_bytes[server_round],
+                freed_bytes[server_round],
+            )
         )
     return rows
 

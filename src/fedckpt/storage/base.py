@@ -43,6 +43,7 @@ class SaveTarget:
     server_round: int | None = None  # with a retention policy: the round it is kept as
     scores: dict[str, float] | None = None  # and what the policy ranks it by
     round_clients: int | None = None  # a server state: the clients whose states its round commits
+    freed_bytes: int | None = None  # a round version: the bytes of the versions its save deleted
 
     def version_fields(self) -> dict[str, Any]:
         """What its manifest entry records of a save with a retention policy."""
@@ -93,10 +94,11 @@ class Storage(ABC):
         the checkpoint already holds a newer sequence."""
 
     @abstractmethod
-    def make_version(self, path: str, sequence: tuple[int, int], version_path: str, scores: dict[str, float]) -> bool:
+    def make_version(self, path: str, sequence: tuple[int, int], version_path: str, freed_bytes: int) -> bool:
         """Publish the checkpoint's current version at ``version_path`` too (a hard link, or a copy on
-        the server), with ``scores`` in its entry, if that version is ``sequence``; False otherwise.
-        True also if ``version_path`` holds ``sequence`` or a newer one already."""
+        the server), if that version is ``sequence``; False otherwise. True also if ``version_path``
+        holds ``sequence`` or a newer one already. Its entry is the checkpoint's, and records
+        ``freed_bytes``: what the deletions its save asked for free."""
 
     @abstractmethod
     def versions_of(self, path: str) -> VersionListing:

@@ -188,7 +188,7 @@ class FsspecStorage(Storage):
             log.warning("fedckpt: could not clean up old versions of %s: %s", target.path, error)
         return Persisted(entry, linked)
 
-    def make_version(self, path: str, sequence: tuple[int, int], version_path: str, scores: dict[str, float]) -> bool:
+    def make_version(self, path: str, sequence: tuple[int, int], version_path: str, freed_bytes: int) -> bool:
         entry = self.read_entry(path)
         if entry is None or entry.object is None or tuple(entry.sequence) != tuple(sequence):
             return False
@@ -196,7 +196,7 @@ class FsspecStorage(Storage):
         obj = version_name(location.name, tuple(sequence))
         url = f"{location.control_dir}/{obj}"
         self.fs.cp_file(self._object_url(path, entry), url)  # on the server: nothing is uploaded
-        version = replace(entry, name=location.name, object=obj, scores=scores, saved_at=time.time())
+        version = replace(entry, name=location.name, object=obj, freed_bytes=freed_bytes, saved_at=time.time())
         try:
             committed = self._commit(version_path, version)
         except BaseException:

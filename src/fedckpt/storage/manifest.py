@@ -36,6 +36,8 @@ from fedckpt.storage.checksum import file_matches
 from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, Location
 
 NEXT_SUFFIX = ".next"
+# What an entry records of a save with a retention policy (fedckpt.retention), left out when unset.
+VERSION_FIELDS = ("server_round", "scores", "round_clients", "freed_bytes")
 
 
 def _local(checkpoint_path: str, user: str) -> tuple[str, str]:
@@ -65,14 +67,11 @@ class ManifestEntry:
     server_round: int | None = None
     scores: dict[str, float] | None = None
     round_clients: int | None = None  # a server state: the clients whose states its round commits
+    freed_bytes: int | None = None  # a round version: the bytes of the versions its save deleted
 
     def to_json(self) -> str:
         data = asdict(self)
-        for field in (
-            "server_round",
-            "scores",
-            "round_clients",
-        ):  # entries without versions stay as earlier releases wrote them
+        for field in VERSION_FIELDS:  # entries without versions stay as earlier releases wrote them
             if data[field] is None:
                 del data[field]
         return json.dumps(data, allow_nan=True, sort_keys=True)

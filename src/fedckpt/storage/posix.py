@@ -32,7 +32,7 @@ class PosixStorage(Storage):
             target.writer_name, content_index, version_fields=target.version_fields(),
         )  # fmt: skip
 
-    def make_version(self, path: str, sequence: tuple[int, int], version_path: str, scores: dict[str, float]) -> bool:
+    def make_version(self, path: str, sequence: tuple[int, int], version_path: str, freed_bytes: int) -> bool:
         temp = temp_path(version_path)
         os.makedirs(os.path.dirname(temp), exist_ok=True)
         with manifest.publishing_lock(path):  # the link names exactly the version its entry records
@@ -41,10 +41,11 @@ class PosixStorage(Storage):
                 return False
             claim_temp(temp, link_from=path)
         fsync_path(temp)
+        fields = {**{field: getattr(entry, field) for field in manifest.VERSION_FIELDS}, "freed_bytes": freed_bytes}
         _publish(
             version_path, entry.format, temp, entry.checksum, tuple(sequence), entry.score, entry.score_name,
             entry.writer, linked=True,
-            version_fields={"server_round": entry.server_round, "scores": scores, "round_clients": entry.round_clients},
+            version_fields=fields,
         )  # fmt: skip
         return True
 

@@ -64,10 +64,10 @@ def keep_round(request: SaveRequest, sequence: tuple[int, int]) -> RetentionOutc
     assert server_round is not None  # numbered before the save was written (next_round)
     history = [Version(r, version.entry.scores or {}) for r, version in listing.recorded.items() if r < server_round]
     kept = policy.keep([*history, Version(server_round, step.scores)])
-    if server_round in kept:
-        _make_version(storage, request, sequence, server_round, step)
     # Later rounds than this save's belong to a run abandoned by a resume from an older round.
     dropped = [version for r, version in sorted(listing.recorded.items()) if r > server_round or r not in kept]
+    if server_round in kept:
+        _make_version(storage, request, sequence, server_round, sum(version.entry.bytes for version in dropped))
     removed = []
     for version in dropped:
         failpoints.reach("retention.removing", key=request.key)
@@ -77,11 +77,11 @@ def keep_round(request: SaveRequest, sequence: tuple[int, int]) -> RetentionOutc
 
 
 def _make_version(
-    storage: Storage, request: SaveRequest, sequence: tuple[int, int], server_round: int, step: VersionRequest
+    storage: Storage, request: SaveRequest, sequence: tuple[int, int], server_round: int, freed_bytes: int
 ) -> None:
     target = version_path(request.key, server_round)
     try:
-        made = storage.make_version(request.key, sequence, target, step.scores)
+        made = storage.make_version(request.key, sequence, target, freed_bytes)
     except Exception as error:
         raise RetentionError(
             f"round {server_round} could not be kept as {target}: {type(error).__name__}: {error}"
