@@ -11,8 +11,8 @@ each round ends with a flush, as a Flower round's commit does. Reported:
 * the caller's blocked time per save (median and p90 over every save of the run): a policy adds
   only its request to the save, the deletions run in the writer;
 * the disk use of each directory after rounds 10, 50 and 100 (bytes of the files below it, hard
-  links counted once): without a policy it stays one round's worth; with ``LatestN(3)`` about four
-  rounds' worth (three versions, the plain names hard links to the newest), and it stays there;
+  links counted once): without a policy it stays one round's worth; with ``LatestN(3)`` three
+  rounds' worth (three versions, each plain name a hard link to its newest), and it stays there;
 * the flush time per round (the writer's work, deletions included).
 """
 
