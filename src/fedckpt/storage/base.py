@@ -43,7 +43,6 @@ class SaveTarget:
     server_round: int | None = None  # with a retention policy: the round it is kept as
     scores: dict[str, float] | None = None  # and what the policy ranks it by
     round_clients: int | None = None  # a server state: the clients whose states its round commits
-    freed_bytes: int | None = None  # a round version: the bytes of the versions its save deleted
 
     def version_fields(self) -> dict[str, Any]:
         """What its manifest entry records of a save with a retention policy."""

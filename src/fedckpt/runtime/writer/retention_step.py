@@ -12,9 +12,6 @@ form one history and the round a resume started from stays until the policy drop
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-
 from ray import cloudpickle
 
 from fedckpt.errors import SaveLostError
@@ -23,18 +20,9 @@ from fedckpt.runtime import failpoints
 from fedckpt.runtime.messages import SaveRequest, VersionRequest
 from fedckpt.storage.base import RoundVersion, Storage, storage_for
 
-log = logging.getLogger("fedckpt.writer")
-
 
 class RetentionError(RuntimeError):
     """The save is durable under its plain name, but keeping its round or deleting dropped rounds failed."""
-
-
-@dataclass(frozen=True)
-class RetentionOutcome:
-    server_round: int
-    kept: bool  # whether this save's round is among the versions kept
-    removed: list[int]  # rounds deleted by this step
 
 
 def next_round(request: SaveRequest, sequence: tuple[int, int]) -> int:
@@ -51,7 +39,7 @@ def next_round(request: SaveRequest, sequence: tuple[int, int]) -> int:
     return newest + 1
 
 
-def keep_round(request: SaveRequest, sequence: tuple[int, int]) -> RetentionOutcome:
+def keep_round(request: SaveRequest, sequence: tuple[int, int]) -> None:
     """Make ``request``'s round version (if its policy keeps it) and delete the versions it drops."""
     assert request.version is not None
     step: VersionRequest = request.version
@@ -68,12 +56,9 @@ def keep_round(request: SaveRequest, sequence: tuple[int, int]) -> RetentionOutc
     dropped = [version for r, version in sorted(listing.recorded.items()) if r > server_round or r not in kept]
     if server_round in kept:
         _make_version(storage, request, sequence, server_round, sum(version.entry.bytes for version in dropped))
-    removed = []
     for version in dropped:
         failpoints.reach("retention.removing", key=request.key)
         _remove(storage, version)
-        removed.append(version.server_round)
-    return RetentionOutcome(server_round, server_round in kept, removed)
 
 
 def _make_version(
