@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/flower_walltime.py --repeats 3 --json walltime.json
     .venv/bin/python benchmarks/flower_walltime.py --simulated-accelerator-ms 40   # accelerator-bound clients
 
-Runs ``examples/flower_simulation/run.py`` (fedckpt) and ``flower_baselines.py`` (``none``,
-``sync``: the same run with other checkpoints) once per mode and repeat, in separate processes (each
+Runs ``examples/flower_simulation/run.py --checkpointing`` ``fedckpt``, ``none`` and ``sync`` (the
+same run with other checkpoints: ``baselines.py`` there) once per mode and repeat, in separate processes (each
 with a fresh local Ray on 127.0.0.1), interleaving the modes so that drifts of the machine fall on
 all of them alike, and prints the median simulation wall time per mode with its overhead over no
 checkpointing. Each client saves a pre-aggregation checkpoint, its state (optimizer momentum) and a
@@ -32,15 +32,13 @@ from rich.progress import Progress
 from rich.table import Table
 
 RUN = Path(__file__).resolve().parent.parent / "examples" / "flower_simulation" / "run.py"
-BASELINES = Path(__file__).resolve().parent / "flower_baselines.py"
 MODES = ("none", "sync", "fedckpt")
 
 
 def run_once(mode: str, options: list[str], root: str) -> dict:
     """One run of the example (or a baseline of it) in its own process (a fresh local Ray); its JSON summary."""
     directory = tempfile.mkdtemp(prefix=f"{mode}-", dir=root)
-    program = [str(RUN)] if mode == "fedckpt" else [str(BASELINES), "--checkpointing", mode]
-    command = [sys.executable, *program, "--checkpoint-dir", directory, *options]
+    command = [sys.executable, str(RUN), "--checkpointing", mode, "--checkpoint-dir", directory, *options]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": "local"}
     completed = subprocess.run(command, capture_output=True, text=True, env=env)
     if completed.returncode != 0:

@@ -58,7 +58,12 @@ def test_simulation_writes_every_checkpoint_and_carries_client_state(tmp_path):
         rf"\[ROUND {rounds}/{rounds}\] loss [0-9.e-]+, accuracy [0-9.e-]+, \d+ checkpoints written", output[0]
     )
     assert summary["rounds_completed"] == rounds and summary["resumed_from_round"] == 0
-    assert summary["blocked_seconds"] > 0 and summary["sync_seconds_estimate"] > 0
+    assert summary["checkpointing"] == "fedckpt" and summary["blocked_seconds"] > 0
+    # Where the blocked time went: every client call and the server's, adding up to the total.
+    breakdown = summary["blocked_by_activity"]
+    assert {"client restore", "client save_state", "client pre_aggregation", "client post_aggregation",
+            "server end_of_round"} <= set(breakdown)  # fmt: skip
+    assert sum(breakdown.values()) == pytest.approx(summary["blocked_seconds"], abs=1e-3)
     # Per client and round: pre, state, post; the server: latest and state per round, best when it improved.
     assert clients * rounds * 3 + rounds * 2 <= summary["checkpoints_written"] <= clients * rounds * 3 + rounds * 3
 
@@ -129,6 +134,38 @@ def kill_once_durable(process, directory, server_round, storage_options=None):
     finally:
         kill_session(process.pid)
         process.wait()
+
+
+def test_compare_runs_the_synchronous_baseline_and_fedckpt_and_reports_both_measured(tmp_path):
+    """``run.py --compare``: each mode run to the end in its own process, their figures side by side."""
+    clients, rounds = 3, 2
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--compare", "--compare-repeats", "1", "--num-clients", str(clients),
+         "--num-rounds", str(rounds), *SMALL],
+        capture_output=True, text=True, env=ENV, timeout=600,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    sync, fedckpt = summary["sync"], summary["fedckpt"]
+    # The baseline really saved: per client and round pre, state and post with torch.save; the server two.
+    assert sync["checkpoints_written"] == clients * rounds * 3 + rounds * 2
+    assert sync["blocked_by_activity"]["client restore"] > 0  # rounds after the first load the state back
+    assert clients * rounds * 3 + rounds * 2 <= fedckpt["checkpoints_written"]
+    assert summary["blocked_ratio"] == pytest.approx(fedckpt["blocked_seconds"] / sync["blocked_seconds"], rel=1e-2)
+    assert summary["wall_ratio"] == pytest.approx(fedckpt["wall_seconds"] / sync["wall_seconds"], rel=1e-3)
+    assert "blocked (restores included)" in completed.stdout and "fedckpt/sync" in completed.stdout
+
+
+def test_a_baseline_run_whose_clients_fail_is_an_error_not_a_summary(tmp_path):
+    """A simulation whose clients raise (torch's SGD refuses a negative learning rate, in each client)
+    completes no rounds: no summary is printed as if it had run."""
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--checkpointing", "sync", "--checkpoint-dir", str(tmp_path),
+         "--num-clients", "2", "--num-rounds", "1", "--lr", "-1", *SMALL[:2]],
+        capture_output=True, text=True, env=ENV, timeout=420,
+    )  # fmt: skip
+    assert completed.returncode != 0
+    assert "did not complete its rounds" in completed.stderr
 
 
 def test_simulation_killed_with_sigkill_resumes_from_the_last_durable_round(tmp_path):

@@ -1,5 +1,6 @@
 """Run the example Flower simulation with fedckpt checkpoints; resume it after a crash.
 
+    python examples/flower_simulation/run.py --compare          # fedckpt beside synchronous saves, measured
     python examples/flower_simulation/run.py --num-clients 10 --num-rounds 5 --checkpoint-dir ckpt
 
 N clients (Flower SuperNodes on a local Ray, bound to 127.0.0.1) train an MLP on synthetic,
@@ -14,8 +15,11 @@ from the last round that was durably saved. The apps read that directory from Fl
 
 The last line of output is a JSON summary: rounds_completed, resumed_from_round,
 checkpoints_written, blocked_seconds (time training waited on checkpointing: the clients' and the
-server's) and sync_seconds_estimate (what synchronous ``torch.save`` calls of the same bytes would
-have cost, from a calibration save at start), with the wall time and settings.
+server's, restores included) and blocked_by_activity (where it went), with the wall time and
+settings. ``--checkpointing sync`` runs the same simulation with FL4Health-style ``torch.save``
+calls instead (``none``: no checkpoints; see ``baselines.py``). ``--compare`` runs fedckpt and sync
+in turn, each in its own process with a fresh Ray, ``--compare-repeats`` times each in alternating
+order, and prints their medians side by side; its last line is a JSON summary of both.
 """
 
 from __future__ import annotations
@@ -32,23 +36,48 @@ sys.path.insert(0, APP_DIR)  # Ray workers inherit it (Flower passes it on)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
+import baselines  # noqa: E402
 import client_app  # noqa: E402
+import server_app  # noqa: E402
 import task  # noqa: E402
 from flower_run import run_simulation_with_config  # noqa: E402
 from server_app import Options, Outcome, make_server_app  # noqa: E402
 
 
-def parse_options(argv: list[str] | None = None) -> tuple[Options, str]:
+@dataclass(frozen=True)
+class RunSettings:
+    """What one invocation does: the simulation's options, where it checkpoints, and how."""
+
+    options: Options
+    checkpoint_dir: str
+    checkpointing: str  # fedckpt, sync or none (baselines.py)
+    compare: bool
+    compare_repeats: int
+
+
+def parse_options(argv: list[str] | None = None) -> RunSettings:
     """The run's settings and its checkpoint directory."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--checkpointing", choices=baselines.MODES, default="fedckpt",
+        help="fedckpt (default), sync (FL4Health-style torch.save calls) or none",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compare", action="store_true",
+        help="run fedckpt and sync in turn (fresh processes, alternating order) and print both measured",
+    )  # fmt: skip
+    parser.add_argument("--compare-repeats", type=int, default=3, help="--compare: runs of each (default 3)")
     parser.add_argument("--num-clients", type=int, default=10)
     parser.add_argument("--num-rounds", type=int, default=5)
     parser.add_argument("--checkpoint-dir", default=None, help="default: a new temporary directory")
@@ -87,6 +116,12 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, str]:
         parser.error("--resume-round needs --keep-rounds (rounds are kept only then) and a round >= 0")
     if args.num_clients < 2 or args.num_rounds < 1:
         parser.error("--num-clients must be at least 2 (FedAvg's minimum) and --num-rounds at least 1")
+    if args.compare and (args.checkpoint_dir is not None or args.checkpointing != "fedckpt"):
+        parser.error("--compare runs each mode in a new directory of its own: no --checkpoint-dir or --checkpointing")
+    if args.compare_repeats < 1:
+        parser.error("--compare-repeats must be at least 1")
+    if args.checkpointing != "fedckpt" and (args.keep_rounds or args.num_gpus_per_client):
+        parser.error("--keep-rounds and --num-gpus-per-client are fedckpt's: the baselines keep one file each, on CPU")
     if not 0 <= args.num_gpus_per_client <= 1:
         parser.error("--num-gpus-per-client is a share of one GPU, from 0 to 1")
     if args.num_gpus_per_client and not torch.cuda.is_available():
@@ -105,9 +140,10 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, str]:
         keep_rounds=args.keep_rounds,
         resume_round=args.resume_round,
     )
-    directory = args.checkpoint_dir or tempfile.mkdtemp(prefix="fedckpt-flower-")
+    directory = args.checkpoint_dir or ("" if args.compare else tempfile.mkdtemp(prefix="fedckpt-flower-"))
     # A URL (s3://bucket/run, with the AWS environment variables) stays as it is.
-    return options, directory if "://" in directory else os.path.abspath(directory)
+    directory = directory if "://" in directory else os.path.abspath(directory)
+    return RunSettings(options, directory, args.checkpointing, args.compare, args.compare_repeats)
 
 
 def simulate(
@@ -132,70 +168,170 @@ def simulate(
     )
 
 
-def sync_seconds_per_byte(options: Options, checkpoint_dir: str) -> float:
-    """Calibration: how long a synchronous ``torch.save`` of the model takes here, per byte (on the
-    checkpoint directory's file system; in the system's temp directory for a URL)."""
-    model = task.Net(options.width, options.depth)
-    local = None if "://" in checkpoint_dir else checkpoint_dir
-    if local is not None:
-        os.makedirs(local, exist_ok=True)
-    timings = []
-    with tempfile.TemporaryDirectory(dir=local) as scratch:
-        for attempt in range(3):
-            start = time.perf_counter()
-            torch.save(model, os.path.join(scratch, f"calibration-{attempt}.pt"))
-            timings.append(time.perf_counter() - start)
-    return statistics.median(timings) / task.model_bytes(model)
-
-
 def client_total(outcome: Outcome, key: str) -> float:
     """A client metric, summed over the train and evaluate replies of the rounds this run ran."""
     result = outcome.result
     assert result is not None
     histories = (result.train_metrics_clientapp, result.evaluate_metrics_clientapp)
     this_run = [r for r in result.train_metrics_clientapp if r > outcome.resumed_from_round]
-    return sum(float(history[r][key]) for history in histories for r in this_run if r in history)
+    return sum(float(history[r].get(key, 0.0)) for history in histories for r in this_run if r in history)
 
 
-def summarize(
-    options: Options, checkpoint_dir: str, outcome: Outcome, wall_seconds: float, seconds_per_byte: float
-) -> dict:
+def blocked_by_activity(outcome: Outcome) -> dict[str, float]:
+    """Where the blocked time went: the clients' activities summed over clients and rounds, and the server's."""
     result = outcome.result
     assert result is not None
+    prefix, suffix = server_app.BLOCKED_PREFIX, "-s"
+    activities = {
+        key.removeprefix(prefix).removesuffix(suffix)
+        for history in (result.train_metrics_clientapp, result.evaluate_metrics_clientapp)
+        for metrics in history.values()
+        for key in metrics
+        if key.startswith(prefix) and key != f"{prefix}s"
+    }
+    breakdown = {f"client {a}": client_total(outcome, f"{prefix}{a}{suffix}") for a in sorted(activities)}
+    breakdown.update({f"server {a}": seconds for a, seconds in sorted(outcome.server_blocked_by_activity.items())})
+    return {name: round(seconds, 4) for name, seconds in breakdown.items()}
+
+
+def summarize(settings: RunSettings, outcome: Outcome, wall_seconds: float) -> dict:
+    """The run's JSON summary (the last line it prints)."""
+    options, result = settings.options, outcome.result
+    if result is None or len(result.train_metrics_clientapp) < options.num_rounds - outcome.resumed_from_round:
+        raise RuntimeError(
+            "the simulation did not complete its rounds (a client failed: see Flower's log above); "
+            f"rounds with train replies: {sorted(result.train_metrics_clientapp) if result else []}"
+        )
+    checkpointed = settings.checkpointing != "none"
     checkpoint_bytes = client_total(outcome, "checkpoint-bytes") + outcome.server_checkpoint_bytes
+    checkpoints_written = outcome.checkpoints_written
+    if settings.checkpointing == "sync":  # fedckpt's writers count every save; the baseline's clients report theirs
+        checkpoints_written += int(client_total(outcome, "checkpoint-saves"))
     final_loss = result.evaluate_metrics_clientapp.get(max(result.evaluate_metrics_clientapp, default=0), {})
     return {
         "rounds_completed": max(result.train_metrics_clientapp, default=outcome.resumed_from_round),
         "resumed_from_round": outcome.resumed_from_round,
-        "checkpoints_written": outcome.checkpoints_written,
+        "checkpoints_written": checkpoints_written,
         "blocked_seconds": round(client_total(outcome, "fedckpt-blocked-s") + outcome.server_blocked_seconds, 4),
-        "sync_seconds_estimate": round(checkpoint_bytes * seconds_per_byte, 4),
-        "checkpoint_bytes": int(checkpoint_bytes),
+        "blocked_by_activity": blocked_by_activity(outcome),
+        "checkpoint_bytes": int(checkpoint_bytes) if checkpointed else 0,
         "bytes_written": outcome.bytes_written,
         "bytes_linked": outcome.bytes_linked,
         "wall_seconds": round(wall_seconds, 3),
         "final_loss": final_loss.get("loss"),
         "final_accuracy": final_loss.get("accuracy"),
-        "checkpointing": "fedckpt",
+        "checkpointing": settings.checkpointing,
         "num_clients": options.num_clients,
         "num_rounds": options.num_rounds,
         "model_bytes": task.model_bytes(task.Net(options.width, options.depth)),
         "simulated_accelerator_ms": options.simulated_accelerator_ms,
         "num_gpus_per_client": options.num_gpus_per_client,
-        "checkpoint_dir": checkpoint_dir,
+        "checkpoint_dir": settings.checkpoint_dir,
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    options, checkpoint_dir = parse_options(argv)
-    seconds_per_byte = sync_seconds_per_byte(options, checkpoint_dir)
-    outcome = Outcome()
+def run(settings: RunSettings) -> dict:
+    """One simulation with the checkpoints ``settings`` ask for; its summary."""
+    options, outcome = settings.options, Outcome()
+    if settings.checkpointing == "fedckpt":
+        apps = (make_server_app(options, outcome), client_app.app)
+    else:
+        apps = (
+            baselines.make_server_app(settings.checkpointing, options, outcome),
+            baselines.make_client_app(settings.checkpointing),
+        )
     start = time.perf_counter()
-    simulate(
-        make_server_app(options, outcome), client_app.app, options.num_clients, {"checkpoint-dir": checkpoint_dir},
-        options.num_gpus_per_client,
-    )  # fmt: skip
-    summary = summarize(options, checkpoint_dir, outcome, time.perf_counter() - start, seconds_per_byte)
+    simulate(*apps, options.num_clients, {"checkpoint-dir": settings.checkpoint_dir}, options.num_gpus_per_client)
+    return summarize(settings, outcome, time.perf_counter() - start)
+
+
+COMPARED = ("sync", "fedckpt")
+
+
+def compare(argv: list[str], repeats: int) -> dict:
+    """fedckpt and sync ``repeats`` times each, every run in a process of its own (a fresh Ray) and in
+    a new directory, the order alternating (drifts of the machine fall on both); prints the medians."""
+    forwarded = [arg for arg in argv if arg != "--compare"]
+    runs: dict[str, list[dict]] = {mode: [] for mode in COMPARED}
+    with tempfile.TemporaryDirectory(prefix="fedckpt-compare-") as work:
+        for repeat in range(repeats):
+            for mode in COMPARED if repeat % 2 == 0 else tuple(reversed(COMPARED)):
+                print(f"run {repeat + 1}/{repeats}: {mode} ...", flush=True)
+                directory = os.path.join(work, f"{mode}-{repeat}")
+                argv_of_run = [*forwarded, "--checkpointing", mode, "--checkpoint-dir", directory]
+                runs[mode].append(run_in_subprocess(argv_of_run))
+                shutil.rmtree(directory, ignore_errors=True)
+    summary = comparison(runs)
+    print(comparison_table(summary), flush=True)
+    return summary
+
+
+def run_in_subprocess(argv: list[str]) -> dict:
+    """This script with ``argv`` in a new process; its summary (its last line)."""
+    completed = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"run.py {' '.join(argv)} failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def comparison(runs: dict[str, list[dict]]) -> dict:
+    """Medians (and every run's figure) per mode, and fedckpt's as ratios of sync's."""
+    modes = {}
+    for mode, mode_runs in runs.items():
+        activities = sorted({name for run in mode_runs for name in run["blocked_by_activity"]})
+        modes[mode] = {
+            "blocked_seconds": statistics.median(run["blocked_seconds"] for run in mode_runs),
+            "wall_seconds": statistics.median(run["wall_seconds"] for run in mode_runs),
+            "blocked_runs": [run["blocked_seconds"] for run in mode_runs],
+            "wall_runs": [run["wall_seconds"] for run in mode_runs],
+            "blocked_by_activity": {
+                name: round(statistics.median(run["blocked_by_activity"].get(name, 0.0) for run in mode_runs), 4)
+                for name in activities
+            },
+            "checkpoints_written": mode_runs[-1]["checkpoints_written"],
+            "checkpoint_bytes": mode_runs[-1]["checkpoint_bytes"],
+        }
+    fedckpt, sync = modes["fedckpt"], modes["sync"]
+    first = runs["fedckpt"][0]
+    return {
+        "compare": True,
+        "blocked_ratio": round(fedckpt["blocked_seconds"] / sync["blocked_seconds"], 3),
+        "wall_ratio": round(fedckpt["wall_seconds"] / sync["wall_seconds"], 4),
+        "repeats": len(runs["fedckpt"]),
+        "num_clients": first["num_clients"],
+        "num_rounds": first["num_rounds"],
+        "model_bytes": first["model_bytes"],
+        **modes,
+    }
+
+
+def comparison_table(summary: dict) -> str:
+    """The medians side by side, with each activity's share of the blocked time."""
+    sync, fedckpt = summary["sync"], summary["fedckpt"]
+    lines = [
+        f"{summary['num_clients']} clients, {summary['num_rounds']} rounds, {summary['model_bytes'] / 1e3:.0f} KB "
+        f"model: medians of {summary['repeats']} runs each, alternating",
+        f"{'':28}{'sync (torch.save)':>20}{'fedckpt':>14}{'fedckpt/sync':>14}",
+    ]
+
+    def row(label: str, a: float, b: float, unit: str = "s") -> str:
+        ratio = f"{b / a:.2f}x" if a > 0 else "-"
+        return f"{label:28}{a:>18.3f} {unit}{b:>12.3f} {unit}{ratio:>14}"
+
+    lines.append(row("blocked (restores included)", sync["blocked_seconds"], fedckpt["blocked_seconds"]))
+    for name in sorted({*sync["blocked_by_activity"], *fedckpt["blocked_by_activity"]}):
+        lines.append(
+            row(f"  {name}", sync["blocked_by_activity"].get(name, 0.0), fedckpt["blocked_by_activity"].get(name, 0.0))
+        )
+    lines.append(row("wall", sync["wall_seconds"], fedckpt["wall_seconds"]))
+    lines.append(f"{'checkpoints written':28}{sync['checkpoints_written']:>20}{fedckpt['checkpoints_written']:>14}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    settings = parse_options(argv)
+    summary = compare(argv, settings.compare_repeats) if settings.compare else run(settings)
     print(json.dumps(summary), flush=True)
     return 0
 

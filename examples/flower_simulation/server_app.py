@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
@@ -22,8 +22,9 @@ from fedckpt.retention import LatestN
 
 import task
 
-# Client metrics that add up over clients instead of being averaged.
+# Client metrics that add up over clients instead of being averaged (and those starting with BLOCKED_PREFIX).
 TOTALS = ("fedckpt-blocked-s", "local-train-s", "checkpoint-bytes", "checkpoint-saves")
+BLOCKED_PREFIX = "fedckpt-blocked-"  # + an activity (restore, save_state, ...) + "-s": its share of the total
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Outcome:
     result: Result | None = None
     resumed_from_round: int = 0
     server_blocked_seconds: float = 0.0
+    server_blocked_by_activity: dict[str, float] = field(default_factory=dict)
     server_checkpoint_bytes: int = 0
     checkpoints_written: int = 0
     bytes_written: int | None = None  # by fedckpt's writers (None for the baselines)
@@ -62,7 +64,8 @@ def aggregate(records: list[RecordDict], weighting_key: str) -> MetricRecord:
     """FedAvg's weighted average, except for the totals, which are summed over clients."""
     aggregated = aggregate_metricrecords(records, weighting_key)
     replies = [next(iter(record.metric_records.values())) for record in records]
-    for key in TOTALS:
+    blocked = {key for reply in replies for key in reply if key.startswith(BLOCKED_PREFIX)}
+    for key in (*TOTALS, *sorted(blocked)):
         if any(key in reply for reply in replies):
             aggregated[key] = sum(float(reply[key]) for reply in replies if key in reply)
     return aggregated
@@ -130,6 +133,7 @@ def make_server_app(options: Options, outcome: Outcome) -> ServerApp:
         )
         outcome.resumed_from_round = checkpoints.resumed_from_round
         outcome.server_blocked_seconds = checkpoints.blocked_seconds
+        outcome.server_blocked_by_activity = dict(checkpoints.blocked.by_activity)
         outcome.checkpoints_written = checkpoints.saves_written
         outcome.bytes_written, outcome.bytes_linked = checkpoints.bytes_written, checkpoints.bytes_linked
         rounds_run = options.num_rounds - checkpoints.resumed_from_round

@@ -31,7 +31,7 @@ from fedckpt.policies import (
 from fedckpt.retention import RetentionPolicy
 from fedckpt.runtime import lifecycle, overlap_hooks, stats
 from fedckpt.runtime.messages import SaveRequest, VersionRequest
-from fedckpt.snapshot import MODULE, STATE, Snapshot, snapshot_module, snapshot_state
+from fedckpt.snapshot import MODULE, STATE, Snapshot, snapshot_module, snapshot_torch_module
 from fedckpt.storage import reading
 from fedckpt.storage.base import storage_for, storage_options_for
 from fedckpt.storage.paths import checkpoint_key, checkpoint_path_in
@@ -58,10 +58,7 @@ def snapshot_model(model: nn.Module, file_format: str) -> Snapshot:
         return snapshot_module(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected a torch.nn.Module to checkpoint, got {type(model).__name__}")
-    try:
-        return snapshot_state(model)
-    except TypeError as error:
-        raise TypeError(f"The model of type {type(model).__name__} cannot be saved: {error}") from error
+    return snapshot_torch_module(model)
 
 
 def snapshot_and_save(

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from fedckpt import _compat
-from fedckpt.skeleton import skeleton_of
+from fedckpt.skeleton import skeleton_of, structure_key
 from fedckpt.storage.formats import MODULE, STATE
 from fedckpt.storage.formats.safetensors_file import SAFETENSORS_CODES, TensorInfo, data_section
-from fedckpt.storage.formats.torch_records import state_records
+from fedckpt.storage.formats.torch_records import module_records, state_records
 
 log = logging.getLogger("fedckpt")
 
@@ -286,6 +286,27 @@ def snapshot_state(state: Any) -> Snapshot:
         collected = state_records(state)
     except Exception as error:
         raise TypeError(f"The state cannot be pickled: {type(error).__name__}: {error}") from error
+    return _records_snapshot(collected)
+
+
+def snapshot_torch_module(model: nn.Module) -> Snapshot:
+    """The model as the records of the file ``torch.save(model)`` writes (``.pt`` names), its pickle
+    made once per architecture: a new model of a structure seen before (a Flower client builds one
+    every round) reuses it, and only its tensors' memory is viewed anew."""
+    modules = list(model.modules())
+    tensors = {name: value for name, value in model.state_dict(keep_vars=True).items() if isinstance(value, torch.Tensor)}
+    names_by_id: dict[int, str] = {}
+    for name, tensor in tensors.items():
+        names_by_id.setdefault(id(tensor), name)
+    try:
+        collected = module_records(model, structure_key(modules, names_by_id), list(tensors.values()))
+    except Exception as error:
+        raise TypeError(f"The model of type {type(model).__name__} cannot be saved: it cannot be pickled: "
+                        f"{type(error).__name__}: {error}") from error  # fmt: skip
+    return _records_snapshot(collected)
+
+
+def _records_snapshot(collected: list) -> Snapshot:
     records, sources, offset = [], [], 0
     for name, view in collected:
         size = nbytes_of(view)

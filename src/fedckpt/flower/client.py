@@ -66,7 +66,9 @@ class ClientCheckpoints:
             newest version from an earlier round), so that ``ServerCheckpoints.resume(round=r)`` can
             restart the run from any complete round.
 
-    ``blocked_seconds`` adds up the time the calls below kept the client waiting.
+    ``blocked_seconds`` adds up the time the calls below kept the client waiting, and
+    ``blocked_by_activity`` splits it by call (``open``: this constructor, ``restore``, ``save_state``,
+    ``pre_aggregation``, ``post_aggregation``, ``flush``).
     """
 
     def __init__(
@@ -89,19 +91,23 @@ class ClientCheckpoints:
         self.context_state_max_bytes = context_state_max_bytes
         self._rounds: dict[int, int | None] | None = None  # slot -> round of the state in it
         lifecycle.warm_up_in_background()  # joining the pool overlaps with the round's training
-        with self.blocked.measure():
+        with self.blocked.measure("open"):
             self.module.resume_best_scores()
 
     @property
     def blocked_seconds(self) -> float:
         return self.blocked.seconds
 
+    @property
+    def blocked_by_activity(self) -> dict[str, float]:
+        return dict(self.blocked.by_activity)
+
     def after_local_training(
         self, model: nn.Module, loss: float, metrics: Mapping[str, Scalar], *, server_round: int | None = None
     ) -> None:
         """Pre-aggregation checkpoints of the locally trained ``model`` (background save); ``server_round``
         is the round the checkpointers' retention policies keep it as."""
-        with self.blocked.measure():
+        with self.blocked.measure("pre_aggregation"):
             self.module.maybe_checkpoint(
                 model, loss, metrics, CheckpointMode.PRE_AGGREGATION, server_round=server_round
             )
@@ -111,7 +117,7 @@ class ClientCheckpoints:
     ) -> None:
         """Post-aggregation checkpoints of the global ``model`` this client received (background save);
         ``server_round`` as for :meth:`after_local_training`."""
-        with self.blocked.measure():
+        with self.blocked.measure("post_aggregation"):
             self.module.maybe_checkpoint(
                 model, loss, metrics, CheckpointMode.POST_AGGREGATION, server_round=server_round
             )
@@ -122,7 +128,7 @@ class ClientCheckpoints:
         Returns the whole saved dict (``server_round``, ``optimizer`` and the extras given to
         :meth:`save_state`).
         """
-        with self.blocked.measure():
+        with self.blocked.measure("restore"):
             if self._kept_in_context(server_round) is not None:
                 state = context_state.restore(self.context)
             elif self.keep is not None:
@@ -146,7 +152,7 @@ class ClientCheckpoints:
         state: dict[str, Any] = {ROUND_KEY: server_round, **extra}
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
-        with self.blocked.measure():
+        with self.blocked.measure("save_state"):
             assert self.module.state_checkpointer is not None
             if self.keep is not None:  # each round its own version
                 slot = SLOTS[0]
@@ -166,7 +172,7 @@ class ClientCheckpoints:
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until this client's saves are durable (not needed per round: the server flushes)."""
-        with self.blocked.measure():
+        with self.blocked.measure("flush"):
             self.module.flush(timeout)
 
     @property

@@ -158,7 +158,7 @@ class ServerCheckpoints:
                 strategy, grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
             )
         finally:
-            with self.blocked.measure():
+            with self.blocked.measure("flush"):
                 try:
                     self._wait_for_commit()
                 finally:
@@ -186,7 +186,7 @@ class ServerCheckpoints:
             )
         configured = strategy_state.configuration(strategy)  # what the rounds reassign is the strategy's state
         history = Result()  # by true round number, the restored rounds' included: saved with each round
-        with self.blocked.measure():
+        with self.blocked.measure("open"):
             saved = self._saved_state()
             self.module.resume_best_scores()
         if saved is not None:
@@ -194,7 +194,7 @@ class ServerCheckpoints:
         restored = {field: dict(getattr(history, field)) for field in HISTORY_FIELDS}
 
         def end_round(outcome: RoundOutcome) -> None:
-            with self.blocked.measure():
+            with self.blocked.measure("end_of_round"):
                 self._checkpoint(outcome, strategy, configured, history)
             self._report_round(outcome, num_rounds)
 

@@ -114,7 +114,37 @@ def storage_view(storage: torch.UntypedStorage) -> RecordView:
 
 def state_records(state: Any) -> list[tuple[str, RecordView]]:
     """The records ``torch.save(state)`` writes, in order, as byte views (storages not copied)."""
-    described = describe(state)
+    return _records(state, describe(state))
+
+
+def module_records(model: Any, structure: tuple | None, tensors: list[torch.Tensor]) -> list[tuple[str, RecordView]]:
+    """The records ``torch.save(model)`` writes for an ``nn.Module``, the pickle reused across models
+    of one architecture.
+
+    ``structure`` is the model's :func:`fedckpt.skeleton.structure_key` (None: not described, pickled
+    in full), ``tensors`` its state dict's tensors in order, which is the order pickling meets them
+    (each module's parameters, then its buffers, then its children). The key adds each tensor's
+    dtype, shape, stride, storage and device; the first model of a key is pickled in full and checked
+    to meet its storages in that order, or it is not cached.
+    """
+    described = None
+    if structure is not None:
+        storages: dict[int, int] = {}
+        found: list[torch.UntypedStorage] = []
+        keys = []
+        for tensor in tensors:
+            tensor_key = _tensor_key(tensor, storages, found)
+            if tensor_key is None:
+                break
+            keys.append(tensor_key)
+        else:
+            described = _Described(("module", structure, tuple(keys)), found, [])
+    return _records(model, described, first_sighting=True)
+
+
+def _records(state: Any, described: _Described | None, first_sighting: bool = False) -> list[tuple[str, RecordView]]:
+    """The records of ``state`` from the template of its description, or from torch's own pickling
+    (made a template at the second sighting of the description, or the first with ``first_sighting``)."""
     if described is not None:
         template = _cache.get(described.key)
         if template is not None:
@@ -124,7 +154,7 @@ def state_records(state: Any) -> list[tuple[str, RecordView]]:
             collector = _RecordCollector()
             _compat.torch_save_records(state, collector, skip_data=True)  # names them; no copy to the CPU
             if collector.fill(described.storages):
-                _remember(state, described, collector)
+                _remember(state, described, collector, first_sighting)
                 return collector.records  # type: ignore[return-value]  # fill left no None
             log.warning("fedckpt: torch's pickling named the storages of a state otherwise than expected; "
                         "its GPU tensors are copied to the CPU first")  # fmt: skip
@@ -132,7 +162,7 @@ def state_records(state: Any) -> list[tuple[str, RecordView]]:
     # torch.save's own pickling, so the file is exactly what torch.save would write.
     _compat.torch_save_records(state, collector)
     if described is not None and _same_storages(collector.storages, described.storages):
-        _remember(state, described, collector)
+        _remember(state, described, collector, first_sighting)
     return collector.records  # type: ignore[return-value]  # without skip_data every record has its view
 
 
@@ -151,10 +181,11 @@ def _fill(template: _Template, described: _Described) -> list[tuple[str, RecordV
     return records
 
 
-def _remember(state: Any, described: _Described, collector: _RecordCollector) -> None:
-    """Cache the records of this structure, with the places of its numbers in ``data.pkl``."""
+def _remember(state: Any, described: _Described, collector: _RecordCollector, first_sighting: bool = False) -> None:
+    """Cache the records of this structure, with the places of its numbers in ``data.pkl`` (at its
+    second sighting, unless ``first_sighting``)."""
     fingerprint = hash(described.key)
-    if fingerprint not in _seen_once:
+    if not first_sighting and fingerprint not in _seen_once:
         _seen_once[fingerprint] = None
         while len(_seen_once) > CACHE_CAPACITY:
             _seen_once.popitem(last=False)

@@ -1,0 +1,111 @@
+"""Model checkpoints under ``.pt``/``.pth``/``.pkl`` names: the file ``torch.save(model)`` writes, with
+its pickle made once per architecture and reused by every later model of it (a Flower client builds a
+new model every round); what the cache cannot describe is pickled in full, and every file loads equal."""
+
+import zipfile
+
+import pytest
+import torch
+from conftest import assert_same_tensors, make_model
+from torch import nn
+
+from fedckpt import LatestTorchModuleCheckpointer, _compat
+from fedckpt.storage.formats import torch_records
+
+
+class Pickled:
+    """Counts torch's own pickling of whole models (what the cached pickle saves)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = _compat.torch_save_records
+
+        def counting(obj, records, skip_data=False):
+            if isinstance(obj, nn.Module):
+                self.calls += 1
+            return original(obj, records, skip_data)
+
+        monkeypatch.setattr(_compat, "torch_save_records", counting)
+
+
+def data_pkl(path) -> bytes:
+    with zipfile.ZipFile(path) as archive:
+        return next(archive.read(name) for name in archive.namelist() if name.endswith("/data.pkl"))
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.pth", "model.pkl"])
+def test_new_models_of_one_architecture_reuse_its_pickle_and_load_as_torch_save_wrote_them(
+    runtime, tmp_path, monkeypatch, name
+):
+    torch_records._cache.clear()
+    pickled = Pickled(monkeypatch)
+    checkpointer = LatestTorchModuleCheckpointer(str(tmp_path), name)
+    for seed in range(4):
+        model = make_model(seed)  # a new model each time, as a Flower ClientApp's rounds build
+        checkpointer.maybe_checkpoint(model, 0.0, {})
+        checkpointer.flush()
+        loaded = torch.load(tmp_path / name, weights_only=False)
+        assert type(loaded) is type(model)
+        assert_same_tensors(loaded.state_dict(), model.state_dict())
+        torch.save(model, tmp_path / "reference.pt")
+        assert data_pkl(tmp_path / name) == data_pkl(tmp_path / "reference.pt")  # the pickle torch.save makes
+    assert pickled.calls == 1  # the first model only
+
+
+def test_models_the_cache_cannot_describe_are_pickled_in_full_and_saved_right(runtime, tmp_path, monkeypatch):
+    """Tied weights, a non-persistent buffer, a frozen layer, another dtype: each file holds its own model."""
+    torch_records._cache.clear()
+    pickled = Pickled(monkeypatch)
+
+    def stack(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+
+    def tied(seed: int) -> nn.Module:
+        model = stack(seed)
+        model[2].weight = model[0].weight
+        return model
+
+    def with_non_persistent_buffer(seed: int) -> nn.Module:
+        model = stack(seed)
+        model.register_buffer("scratch", torch.full((3,), float(seed)), persistent=False)
+        return model
+
+    def frozen(seed: int) -> nn.Module:
+        model = stack(seed)
+        model[0].weight.requires_grad_(False)
+        return model
+
+    def half(seed: int) -> nn.Module:
+        return stack(seed).to(torch.float16)
+
+    checkpointer = LatestTorchModuleCheckpointer(str(tmp_path), "model.pt")
+    for build in (tied, with_non_persistent_buffer, frozen, half, stack):
+        for seed in range(3):
+            model = build(seed)
+            checkpointer.maybe_checkpoint(model, 0.0, {})
+            checkpointer.flush()
+            loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+            assert_same_tensors(loaded.state_dict(), model.state_dict())
+            assert [p.requires_grad for p in loaded.parameters()] == [p.requires_grad for p in model.parameters()]
+            if build is with_non_persistent_buffer:
+                assert torch.equal(loaded.scratch, model.scratch)
+            if build is tied:
+                assert loaded[2].weight is loaded[0].weight
+            torch.save(model, tmp_path / "reference.pt")
+            assert data_pkl(tmp_path / "model.pt") == data_pkl(tmp_path / "reference.pt")
+    # The non-persistent buffer is pickled every time (3); every other architecture once.
+    assert pickled.calls == 3 + 4
+
+
+def test_a_model_changed_in_place_after_its_save_is_saved_as_it_was(runtime, tmp_path):
+    checkpointer = LatestTorchModuleCheckpointer(str(tmp_path), "model.pt")
+    for _ in range(2):  # the second save takes the cached pickle
+        model = make_model(0)
+        expected = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        checkpointer.maybe_checkpoint(model, 0.0, {})
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(1.0)
+        checkpointer.flush()
+        assert_same_tensors(torch.load(tmp_path / "model.pt", weights_only=False).state_dict(), expected)
