@@ -76,8 +76,9 @@ def test_simulation_writes_every_checkpoint_and_carries_client_state(tmp_path):
     for client in range(clients):
         folder = tmp_path / "clients" / f"client_{client}"
         # The post-aggregation checkpoint is the global model the client received in the last round.
-        assert_same_tensors(read_state_dict(str(folder / "post_latest.safetensors")), server)
-        assert read_state_dict(str(folder / "pre_latest.safetensors")).keys() == server.keys()
+        # FL4Health's names: the files torch.save(model) writes.
+        assert_same_tensors(torch.load(folder / "post_latest.pt", weights_only=False).state_dict(), server)
+        assert torch.load(folder / "pre_latest.pt", weights_only=False).state_dict().keys() == server.keys()
         states = client_states(tmp_path, client)
         assert sorted(states) == [rounds - 1, rounds]
         # Each round restored the previous round's state, in whichever Ray worker it ran.

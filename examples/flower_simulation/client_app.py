@@ -36,8 +36,8 @@ def client_checkpoints(context: Context, msg: Message) -> ClientCheckpoints:
     keep = LatestN(keep_rounds) if keep_rounds else None
     return ClientCheckpoints(
         directory,
-        pre_aggregation=LatestTorchModuleCheckpointer(directory, "pre_latest.safetensors", keep=keep),
-        post_aggregation=LatestTorchModuleCheckpointer(directory, "post_latest.safetensors", keep=keep),
+        pre_aggregation=LatestTorchModuleCheckpointer(directory, "pre_latest.pt", keep=keep),
+        post_aggregation=LatestTorchModuleCheckpointer(directory, "post_latest.pt", keep=keep),
         keep=keep,
     )
 

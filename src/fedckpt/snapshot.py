@@ -294,7 +294,8 @@ def snapshot_torch_module(model: nn.Module) -> Snapshot:
     made once per architecture: a new model of a structure seen before (a Flower client builds one
     every round) reuses it, and only its tensors' memory is viewed anew."""
     modules = list(model.modules())
-    tensors = {name: value for name, value in model.state_dict(keep_vars=True).items() if isinstance(value, torch.Tensor)}
+    state = model.state_dict(keep_vars=True)
+    tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
     names_by_id: dict[int, str] = {}
     for name, tensor in tensors.items():
         names_by_id.setdefault(id(tensor), name)
