@@ -56,12 +56,17 @@ class _SkeletonPickler(pickle.Pickler):
         return (SKELETON_TENSOR_TAG, name, isinstance(obj, nn.Parameter), bool(obj.requires_grad))
 
 
+_UNKNOWN: Any = object()
+
+
 def skeleton_of(
-    model: nn.Module, modules: list[nn.Module], names_by_id: dict[int, str]
+    model: nn.Module, modules: list[nn.Module], names_by_id: dict[int, str], key: tuple | None = _UNKNOWN
 ) -> tuple[bytes, dict[str, torch.Tensor]]:
     """The skeleton of ``model`` (whose module tree is ``modules``), and the tensors it holds that
-    are neither parameters nor buffers (saved as extra tensors)."""
-    key = structure_key(modules, names_by_id)
+    are neither parameters nor buffers (saved as extra tensors). ``key``: its :func:`structure_key`,
+    if the caller has it already."""
+    if key is _UNKNOWN:
+        key = structure_key(modules, names_by_id)
     if key is not None and key in _cache:
         _cache.move_to_end(key)
         return _cache[key], {}

@@ -150,6 +150,7 @@ class _ModulePlan:
     attributes: list[tuple]  # each submodule's attributes and tensors; held so their ids cannot be reused
     tensors: dict[str, torch.Tensor]  # the state dict this plan was made from
     submodules: list[nn.Module]  # the module tree below the model (never the model: see _plans)
+    structure: tuple | None  # the skeleton's structure key (None: a structure it does not describe)
     views: dict[str, tuple[torch.Tensor, int, torch.Size, tuple, ByteView]] = field(default_factory=dict)
     last: Snapshot | None = None  # the last snapshot, reusable when no tensor moved
 
@@ -228,8 +229,9 @@ def _plan_of(model: nn.Module) -> _ModulePlan:
     names_by_id: dict[int, str] = {}
     for name, tensor in tensors.items():
         names_by_id.setdefault(id(tensor), name)
-    pickled, extras = skeleton_of(model, modules, names_by_id)
-    plan = _ModulePlan(pickled, extras, attributes, {**tensors, **extras}, modules[1:])
+    structure = structure_key(modules, names_by_id)
+    pickled, extras = skeleton_of(model, modules, names_by_id, structure)
+    plan = _ModulePlan(pickled, extras, attributes, {**tensors, **extras}, modules[1:], structure)
     _plans[model] = plan
     return plan
 
@@ -293,17 +295,13 @@ def snapshot_torch_module(model: nn.Module) -> Snapshot:
     """The model as the records of the file ``torch.save(model)`` writes (``.pt`` names), its pickle
     made once per architecture: a new model of a structure seen before (a Flower client builds one
     every round) reuses it, and only its tensors' memory is viewed anew."""
-    modules = list(model.modules())
-    state = model.state_dict(keep_vars=True)
-    tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
-    names_by_id: dict[int, str] = {}
-    for name, tensor in tensors.items():
-        names_by_id.setdefault(id(tensor), name)
     try:
-        collected = module_records(model, structure_key(modules, names_by_id), list(tensors.values()))
+        plan = _plan_of(model)  # the structure key, reused while the model's attributes are the same
+        structure = None if plan.extras else plan.structure
+        collected = module_records(model, structure, list(plan.tensors.values()))
     except Exception as error:
-        raise TypeError(f"The model of type {type(model).__name__} cannot be saved: it cannot be pickled: "
-                        f"{type(error).__name__}: {error}") from error  # fmt: skip
+        message = str(error) if isinstance(error, TypeError) else f"{type(error).__name__}: {error}"
+        raise TypeError(f"The model of type {type(model).__name__} cannot be saved: {message}") from error
     return _records_snapshot(collected)
 
 

@@ -182,6 +182,7 @@ class Fedckpt(SaveMethod):
     for a state; durable after the checkpointer's ``flush()``."""
 
     name = "fedckpt"
+    model_suffix = ".safetensors"
 
     def __init__(self, directory: str) -> None:
         super().__init__(directory)
@@ -195,7 +196,7 @@ class Fedckpt(SaveMethod):
         checkpointer = self.checkpointers.get(slot)
         if checkpointer is None:
             checkpointer = self.checkpointers[slot] = LatestTorchModuleCheckpointer(
-                self.directory, f"slot{slot}.safetensors"
+                self.directory, f"slot{slot}{self.model_suffix}"
             )
         checkpointer.maybe_checkpoint(model, 0.0, {})
         return checkpointer
@@ -209,6 +210,13 @@ class Fedckpt(SaveMethod):
         self.states.flush()
 
 
+class FedckptPt(Fedckpt):
+    """fedckpt with FL4Health's ``.pt`` model names: the file ``torch.save(model)`` writes."""
+
+    name = "fedckpt .pt"
+    model_suffix = ".pt"
+
+
 class NoCheckpoint(SaveMethod):
     """The training loop's baseline: no save at all."""
 
@@ -220,5 +228,7 @@ class NoCheckpoint(SaveMethod):
         return None
 
 
-SAVE_METHODS: tuple[type[SaveMethod], ...] = (Floor, TorchSave, TorchSaveFsync, HandRolledAsync, DcpAsyncSave, Fedckpt)
+SAVE_METHODS: tuple[type[SaveMethod], ...] = (
+    Floor, TorchSave, TorchSaveFsync, HandRolledAsync, DcpAsyncSave, Fedckpt, FedckptPt,
+)  # fmt: skip
 LOOP_METHODS: tuple[type[SaveMethod], ...] = (NoCheckpoint, TorchSave, HandRolledAsync, Fedckpt)
