@@ -142,12 +142,13 @@ def test_compare_runs_the_synchronous_baseline_and_fedckpt_and_reports_both_meas
     clients, rounds = 3, 2
     completed = subprocess.run(
         [sys.executable, str(EXAMPLE), "--compare", "--compare-repeats", "1", "--num-clients", str(clients),
-         "--num-rounds", str(rounds), *SMALL],
+         "--num-rounds", str(rounds), "--model-mb", "0.05", "--local-steps", "3"],
         capture_output=True, text=True, env=ENV, timeout=600,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-4000:]
     summary = json.loads(completed.stdout.strip().splitlines()[-1])
     sync, fedckpt = summary["sync"], summary["fedckpt"]
+    assert summary["model_bytes"] == pytest.approx(50_000, rel=0.05)  # --model-mb sized the MLP
     # The baseline really saved: per client and round pre, state and post with torch.save; the server two.
     assert sync["checkpoints_written"] == clients * rounds * 3 + rounds * 2
     assert sync["blocked_by_activity"]["client restore"] > 0  # rounds after the first load the state back

@@ -84,6 +84,11 @@ def parse_options(argv: list[str] | None = None) -> RunSettings:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--width", type=int, default=256, help="hidden width (2 layers: 4*width^2*2 bytes of weights)")
     parser.add_argument("--depth", type=int, default=2, help="hidden layers")
+    parser.add_argument(
+        "--model-mb", type=float, default=None, metavar="N",
+        help="a model of about N MB (10**6 bytes): sets --width for --depth (100: the regime where saves cost "
+        "more than a round's training, see docs/benchmarks.md)",
+    )  # fmt: skip
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
@@ -118,6 +123,10 @@ def parse_options(argv: list[str] | None = None) -> RunSettings:
         parser.error("--num-clients must be at least 2 (FedAvg's minimum) and --num-rounds at least 1")
     if args.compare and (args.checkpoint_dir is not None or args.checkpointing != "fedckpt"):
         parser.error("--compare runs each mode in a new directory of its own: no --checkpoint-dir or --checkpointing")
+    if args.model_mb is not None:
+        if args.model_mb <= 0:
+            parser.error("--model-mb must be a positive size in MB")
+        args.width = task.width_for(args.model_mb, args.depth)
     if args.compare_repeats < 1:
         parser.error("--compare-repeats must be at least 1")
     if args.checkpointing != "fedckpt" and (args.keep_rounds or args.num_gpus_per_client):

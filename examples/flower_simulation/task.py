@@ -26,6 +26,15 @@ class Net(nn.Module):
         return self.layers(x)
 
 
+def width_for(megabytes: float, depth: int = 2) -> int:
+    """The width at which ``Net(width, depth)`` holds about ``megabytes`` MB (10**6 bytes) of fp32 tensors."""
+    parameters = megabytes * 1e6 / 4
+    # (depth - 1) * w**2 + (NUM_FEATURES + depth + NUM_CLASSES) * w + NUM_CLASSES = parameters
+    a, b, c = depth - 1, NUM_FEATURES + depth + NUM_CLASSES, NUM_CLASSES - parameters
+    width = -c / b if a == 0 else (-b + (b * b - 4 * a * c) ** 0.5) / (2 * a)
+    return max(1, round(width))
+
+
 def model_bytes(model: nn.Module) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
 
