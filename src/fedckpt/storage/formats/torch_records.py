@@ -125,7 +125,9 @@ def module_records(model: Any, structure: tuple | None, tensors: list[torch.Tens
     in full), ``tensors`` its state dict's tensors in order, which is the order pickling meets them
     (each module's parameters, then its buffers, then its children). The key adds each tensor's
     dtype, shape, stride, storage and device; the first model of a key is pickled in full and checked
-    to meet its storages in that order, or it is not cached.
+    to meet its storages in that order, or it is not cached. That check needs the storages torch's
+    pickling meets, which it copies to the CPU first when they are on a GPU: a model with GPU tensors
+    is pickled in full every time (a class may lay out its state dict in its own order).
     """
     described = None
     if structure is not None:
@@ -138,7 +140,8 @@ def module_records(model: Any, structure: tuple | None, tensors: list[torch.Tens
                 break
             keys.append(tensor_key)
         else:
-            described = _Described(("module", structure, tuple(keys)), found, [])
+            if all(storage.device.type == "cpu" for storage in found):
+                described = _Described(("module", structure, tuple(keys)), found, [])
     return _records(model, described, first_sighting=True)
 
 
