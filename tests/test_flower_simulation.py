@@ -48,7 +48,8 @@ def client_states(directory, client):
     return {state["server_round"]: state for state in states}
 
 
-def test_simulation_writes_every_checkpoint_and_carries_client_state(tmp_path):
+def test_simulation_writes_every_checkpoint_and_carries_client_state(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE.parent))  # the .pt files pickle the example's model class
     clients, rounds, steps = 4, 3, 3
     output: list[str] = []
     summary = run_example(tmp_path, "--num-clients", str(clients), "--num-rounds", str(rounds), *SMALL, output=output)
