@@ -35,14 +35,6 @@ class NoCheckpoints:
     def __init__(self) -> None:
         self.blocked = BlockedTime()
 
-    @property
-    def blocked_seconds(self) -> float:
-        return self.blocked.seconds
-
-    @property
-    def blocked_by_activity(self) -> dict[str, float]:
-        return dict(self.blocked.by_activity)
-
     def restore_state(self, server_round: int, optimizer: Any = None) -> dict | None:
         return None
 

@@ -82,7 +82,7 @@ def train_round(msg: Message, context: Context, checkpoints: ClientCheckpoints) 
         "val-loss": val_loss,
         "local-steps-total": local_steps,
         "num-examples": len(train_data[1]),
-        "fedckpt-blocked-s": checkpoints.blocked_seconds,
+        "fedckpt-blocked-s": checkpoints.blocked.seconds,
         **blocked_by_activity(checkpoints),
         "local-train-s": train_seconds,
         # What was checkpointed, for the run's summary and its estimate of synchronous saves.
@@ -108,7 +108,7 @@ def evaluate_round(msg: Message, context: Context, checkpoints: ClientCheckpoint
         "loss": loss,
         "accuracy": accuracy,
         "num-examples": len(val_data[1]),
-        "fedckpt-blocked-s": checkpoints.blocked_seconds,
+        "fedckpt-blocked-s": checkpoints.blocked.seconds,
         **blocked_by_activity(checkpoints),
         "checkpoint-saves": 1,
         "checkpoint-bytes": task.model_bytes(model),
@@ -118,7 +118,7 @@ def evaluate_round(msg: Message, context: Context, checkpoints: ClientCheckpoint
 
 def blocked_by_activity(checkpoints: ClientCheckpoints) -> dict[str, float]:
     """The client's blocked time by activity, as metrics the server adds up over clients."""
-    return {f"fedckpt-blocked-{activity}-s": seconds for activity, seconds in checkpoints.blocked_by_activity.items()}
+    return {f"fedckpt-blocked-{activity}-s": seconds for activity, seconds in checkpoints.blocked.by_activity.items()}
 
 
 def device_of(config: ConfigRecord) -> str:

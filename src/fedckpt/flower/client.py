@@ -67,7 +67,7 @@ class ClientCheckpoints:
             restart the run from any complete round.
 
     ``blocked_seconds`` adds up the time the calls below kept the client waiting, and
-    ``blocked_by_activity`` splits it by call (``open``: this constructor, ``restore``, ``save_state``,
+    ``blocked.by_activity`` splits it by call (``open``: this constructor, ``restore``, ``save_state``,
     ``pre_aggregation``, ``post_aggregation``, ``flush``).
     """
 
@@ -97,10 +97,6 @@ class ClientCheckpoints:
     @property
     def blocked_seconds(self) -> float:
         return self.blocked.seconds
-
-    @property
-    def blocked_by_activity(self) -> dict[str, float]:
-        return dict(self.blocked.by_activity)
 
     def after_local_training(
         self, model: nn.Module, loss: float, metrics: Mapping[str, Scalar], *, server_round: int | None = None
