@@ -127,3 +127,13 @@ def test_status_shows_the_live_pool(metrics_pool, tmp_path):
     )
     assert f"pool {metrics_pool.namespace}: 2 writer(s)" in table.stdout
     assert all(len(line) <= 80 for line in table.stdout.splitlines())
+
+
+def test_status_leaves_out_a_writer_that_died_between_listing_and_lookup(metrics_pool):
+    """The cluster lists named actors and then looks each up: one gone in between is not an error."""
+    from fedckpt.runtime.pool_status import _handle_of
+
+    listed_then_gone = {"name": "fedckpt-writer-0", "namespace": f"gone-{uuid.uuid4().hex[:8]}"}
+    assert _handle_of(listed_then_gone) is None
+    live = {"name": "fedckpt-writer-0", "namespace": metrics_pool.namespace}
+    assert ray.get(_handle_of(live).stats.remote()).saved == 0

@@ -37,8 +37,8 @@ def live_writers(interval: float) -> list[WriterStatus]:
     handles = {}
     for actor in ray.util.list_named_actors(all_namespaces=True):
         match = WRITER_NAME.match(actor["name"])
-        if match:
-            handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+        handle = _handle_of(actor) if match else None
+        if handle is not None:
             home = match["home"]
             label = home if home is not None else f"{match['node'][:8]}/{match['slot']}"
             handles[(actor["namespace"], home is None, label)] = handle
@@ -62,6 +62,14 @@ def live_writers(interval: float) -> list[WriterStatus]:
             )
         )
     return statuses
+
+
+def _handle_of(actor: dict[str, str]) -> Any | None:
+    """The named actor's handle, or None when it died between being listed and being looked up."""
+    try:
+        return ray.get_actor(actor["name"], namespace=actor["namespace"])
+    except ValueError:
+        return None
 
 
 def _finished(stats: WriterStats) -> int:
