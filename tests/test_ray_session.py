@@ -17,10 +17,11 @@ def test_first_save_starts_a_local_ray_bound_to_loopback(tmp_path):
     """Without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray alone would bind the machine's interface."""
     result = run_script(
         f"""
-        import ray, torch
+        import ray, torch, fedckpt
         from fedckpt import LatestTorchModuleCheckpointer
         assert not ray.is_initialized()
         LatestTorchModuleCheckpointer({str(tmp_path)!r}, "m.pt").maybe_checkpoint(torch.nn.Linear(2, 2), 0.0, {{}})
+        fedckpt.flush()  # Ray and the pool start in the background: this waits for them
         addresses = {{node["NodeManagerAddress"] for node in ray.nodes()}}
         print(sorted(addresses))
         """,

@@ -25,6 +25,7 @@ import ray
 
 from fedckpt.errors import CheckpointError, SaveLostError
 from fedckpt.runtime import failpoints, overlap_hooks, preemption, ray_session, stats, tickets
+from fedckpt.runtime.background_start import BackgroundStart
 from fedckpt.runtime.channel import ChannelClosed
 from fedckpt.runtime.completion import Completions
 from fedckpt.runtime.delivery import Delivery, WriterGone
@@ -64,6 +65,7 @@ class Coordinator:
         )
         self._delivery = Delivery(lambda: self._pool, self._transport, self._inflight, self._watcher.wake)
         self._completions = Completions(self._send_after_copy, self._copy_or_send_failed)
+        self._background_start = BackgroundStart(self.start_writers, self._save_now, settings.max_inflight_bytes)
         self._save_lock = threading.RLock()  # one save at a time: staging memory, backpressure
         self._pool_lock = threading.RLock()
         stats.recorder.pending = self._inflight.pending
@@ -92,10 +94,7 @@ class Coordinator:
                 self._pool = WriterPool.create(self.settings) if create else WriterPool.find(self.settings)
                 if self._pool is not None:
                     self._watcher.start()
-                    preemption.install(self.settings.preemption_grace_seconds)
-                    # Re-registered after any ray.init so that it runs before Ray's own exit hook.
-                    atexit.unregister(flush_at_exit)
-                    atexit.register(flush_at_exit, self)
+                    self._exit_hooks()  # again after any ray.init: it runs before Ray's own exit hook
             return self._pool
 
     def writers(self, create: bool = True) -> list[Any] | None:
@@ -166,10 +165,36 @@ class Coordinator:
         """Save one snapshot under each request's key. Blocks for the copy and for sending the
         message (writers on this node) or for the acknowledgements (Ray calls); for a snapshot on a GPU
         only until its copies are queued (``overlap``: None, the process default; see
-        :mod:`fedckpt.runtime.overlap_hooks`)."""
+        :mod:`fedckpt.runtime.overlap_hooks`). Before the pool is up, only for a copy: the pool
+        starts in the background (:mod:`fedckpt.runtime.background_start`)."""
         if not requests:
             return
-        with stats.recorder.timed("blocked_seconds"), self._save_lock:
+        with stats.recorder.timed("blocked_seconds"):
+            failed = self._background_start.take_failures({request.key for request in requests})
+            if failed:
+                raise CheckpointError.naming("An earlier save failed, so this save was not started", failed)
+            if self._background_start.hold(requests, snapshot, self._connected):
+                self._exit_hooks()
+                return
+            self._background_start.wait()  # held saves go first
+            self._save_now(requests, snapshot, overlap)
+
+    def _connected(self) -> bool:
+        """Whether this process is in Ray or has had a pool: its saves are then made at once. Only a
+        process that would have to start Ray (a plain program's first save) holds them instead; a Ray
+        worker's save is with a writer when it returns, whatever becomes of the worker then."""
+        return self._pool is not None or ray.is_initialized()
+
+    def _exit_hooks(self) -> None:
+        """What a process with saves in flight needs at exit (also before its pool is up): the
+        flush at exit, and the flush on SIGTERM."""
+        preemption.install(self.settings.preemption_grace_seconds)
+        atexit.unregister(flush_at_exit)
+        atexit.register(flush_at_exit, self)
+
+    def _save_now(self, requests: list[SaveRequest], snapshot: Snapshot, overlap: bool | None = None) -> None:
+        """:meth:`save` on the pool there is (started now if need be)."""
+        with self._save_lock:
             pool = self.pool()
             assert pool is not None
             try:
@@ -289,11 +314,16 @@ class Coordinator:
     def flush(self, keys: Iterable[str] | None = None, timeout: float | None = None) -> None:
         """Wait until saves issued before now are on storage: of ``keys``, or every one, by any
         process. ``CheckpointError`` names those that failed; ``TimeoutError`` after ``timeout`` s."""
-        pool = self.pool(create=False)
-        if pool is None:
-            return
         deadline = None if timeout is None else time.monotonic() + timeout
         selected = None if keys is None else set(keys)
+        if not self._background_start.wait(timeout):
+            raise TimeoutError(f"fedckpt.flush: the writer pool was still starting after {timeout} s")
+        start_failures = self._background_start.take_failures(selected)
+        pool = self.pool(create=False)
+        if pool is None:
+            if start_failures:
+                raise CheckpointError.naming("Saving failed", start_failures)
+            return
         tracked = self._inflight.unfinished(selected)
         try:
             with stats.recorder.timed("waited_seconds"):
@@ -308,6 +338,7 @@ class Coordinator:
                 f"Waiting for saves failed ({type(error).__name__}: {error}); saves acknowledged but not "
                 f"on storage: {lost or 'none known to this process'}"
             ) from error
+        errors = {**start_failures, **errors}
         if errors:
             raise CheckpointError.naming("Saving failed", errors)
 
@@ -377,6 +408,7 @@ class Coordinator:
 
     def stop_writers(self) -> None:
         """Stop the writer pool after its queued saves are written (a later save starts a new one)."""
+        self._background_start.wait()
         pool = self.pool(create=False)
         if pool is not None:
             self.stop_watcher()  # a closing channel is not a writer to recover
@@ -385,6 +417,7 @@ class Coordinator:
 
     def forget(self) -> None:
         """Drop the pool and everything in flight (after a flush, or after Ray was shut down on purpose)."""
+        self._background_start.wait()
         self.stop_watcher()
         with self._pool_lock:
             atexit.unregister(flush_at_exit)
@@ -400,5 +433,16 @@ class Coordinator:
             self._transport.close()
 
     @property
+    def pool_starting(self) -> bool:
+        """Saves are held for a pool being started in the background, or they failed unreported."""
+        return self._background_start.busy
+
+    @property
+    def ray_started_in_background(self) -> bool:
+        return self._background_start.ray_started_here
+
+    @property
     def has_pool(self) -> bool:
-        return self._pool is not None
+        """A pool is joined, or being started in the background with saves held for it (or held
+        saves failed and no flush has reported them yet)."""
+        return self._pool is not None or self._background_start.busy

@@ -25,6 +25,8 @@ class ExitingRuntime(Protocol):
     """What the exit handler needs of the coordinator."""
 
     has_pool: bool
+    pool_starting: bool
+    ray_started_in_background: bool
 
     def flush(self) -> None: ...
 
@@ -40,9 +42,11 @@ def flush_at_exit(coordinator: ExitingRuntime) -> None:
     an exit handler would leave the status 0, as if everything had been saved.
     """
     failed = False
+    ray_was_up = ray.is_initialized()
     try:
         # After SIGTERM the handler flushed for its grace period already: SIGKILL is near.
-        if coordinator.has_pool and ray.is_initialized() and not preemption.sigterm_handled.is_set():
+        to_flush = (coordinator.has_pool and ray.is_initialized()) or coordinator.pool_starting
+        if to_flush and not preemption.sigterm_handled.is_set():
             try:
                 coordinator.flush()
             except Exception as error:
@@ -54,6 +58,9 @@ def flush_at_exit(coordinator: ExitingRuntime) -> None:
         threads.stop_all(THREAD_JOIN_SECONDS)
         close_file_systems()  # object-store sessions closed while their event loop still runs
         coordinator.release_staging_at_exit()
+        if not ray_was_up and ray.is_initialized() and coordinator.ray_started_in_background:
+            # Ray started while this handler waited for the pool: its own exit hook came too late to run.
+            ray_session.unwrapped_shutdown()
         if not ray.is_initialized():
             # Ray was shut down under this process (Flower does, after a simulation): its workers
             # were killed without cleaning up, so remove their staging segments now.

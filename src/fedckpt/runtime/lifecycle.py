@@ -222,8 +222,8 @@ def shutdown() -> None:
     if instance is None:
         return
     try:
-        if ray.is_initialized():
-            instance.flush()
+        if ray.is_initialized() or instance.pool_starting:
+            instance.flush()  # waits for a pool starting in the background first
             instance.stop_writers()
     finally:
         instance.forget()

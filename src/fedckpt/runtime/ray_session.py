@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -36,12 +37,31 @@ def ensure_ray() -> bool:
     from fedckpt.runtime.preemption import keeping_sigterm_handler
 
     address = os.environ.get("RAY_ADDRESS")
-    with keeping_sigterm_handler():
+    with keeping_sigterm_handler(), _quiet_about_sigterm():
         if address and address != "local":
             ray.init(address=address, include_dashboard=False)
         else:
             _start_local_on_loopback()
     return True
+
+
+class _NoSigtermNotice(logging.Filter):
+    """Ray warns that it set no SIGTERM handler when started off the main thread (the background
+    start): fedckpt keeps the program's own handler anyway (see ``keeping_sigterm_handler``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_about_sigterm() -> Iterator[None]:
+    ray_worker_log = logging.getLogger("ray._private.worker")
+    notice = _NoSigtermNotice()
+    ray_worker_log.addFilter(notice)
+    try:
+        yield
+    finally:
+        ray_worker_log.removeFilter(notice)
 
 
 def _start_local_on_loopback() -> None:

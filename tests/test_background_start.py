@@ -1,0 +1,161 @@
+"""A plain PyTorch program's first saves do not wait for Ray and the writer pool to start: they are
+copied, held, and made by a background thread once the pool is up, in order; what cannot be made is
+an error at the next save of its key, at flush() and at exit."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+PREAMBLE = """
+import os, sys, threading, atexit
+import ray, torch, fedckpt
+from fedckpt import LatestTorchModuleCheckpointer, PerRoundStateCheckpointer
+from fedckpt.runtime import failpoints
+
+starting = threading.Event()
+go_on = threading.Event()
+
+def hold_the_start(**_):
+    starting.set()
+    go_on.wait()
+"""
+
+
+def run_program(body: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """A fresh interpreter, with no Ray running in it, that runs ``body`` after the preamble."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env_extra or {})})
+    script = PREAMBLE + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_first_saves_return_before_ray_starts_and_are_written_in_order(tmp_path):
+    """The start is held at its first step: the saves return while Ray is down, the state changed
+    right after each save does not leak into it, and the file ends with the last one."""
+    result = run_program(f"""
+        failpoints.set_hook("background_start.starting", hold_the_start)
+        model = torch.nn.Linear(64, 64)
+        checkpointer = LatestTorchModuleCheckpointer({str(tmp_path)!r}, "model.pt")
+        states = PerRoundStateCheckpointer({str(tmp_path)!r})
+        for version in range(3):
+            with torch.no_grad():
+                model.weight.fill_(version)
+            checkpointer.maybe_checkpoint(model, 1.0 - version / 10, {{}})
+            states.save_checkpoint("state.pt", {{"round": version, "tensor": model.weight}})
+            with torch.no_grad():
+                model.weight.fill_(-1)  # after the save returned: not in the file
+        assert starting.wait(60)
+        print("returned while Ray was down:", not ray.is_initialized())
+        go_on.set()
+        fedckpt.flush()
+        saved = torch.load({str(tmp_path / "model.pt")!r}, weights_only=False)
+        state = torch.load({str(tmp_path / "state.pt")!r})
+        print("model:", float(saved.weight.min()), float(saved.weight.max()))
+        print("state:", state["round"], float(state["tensor"].min()), float(state["tensor"].max()))
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-3:] == [
+        "returned while Ray was down: True",
+        "model: 2.0 2.0",
+        "state: 2 2.0 2.0",
+    ], result.stdout
+
+
+def test_a_program_that_exits_right_after_saving_writes_its_saves_and_stops_the_ray_it_started(tmp_path):
+    """The exit comes while Ray is still starting: the exit handler waits for the pool, flushes,
+    and shuts down the Ray instance that fedckpt started (Ray's own exit hook came too late to run)."""
+    result = run_program(f"""
+        def after_everything():  # registered first, so it runs last
+            print("ray up at the very end:", ray.is_initialized(), flush=True)
+
+        atexit.register(after_everything)
+        failpoints.set_hook("background_start.starting", hold_the_start)
+        PerRoundStateCheckpointer({str(tmp_path)!r}).save_checkpoint("state.pt", {{"round": 7}})
+        assert starting.wait(60)
+        go_on.set()  # the start goes on while the interpreter exits
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "ray up at the very end: False", result.stdout
+    import torch
+
+    assert torch.load(tmp_path / "state.pt")["round"] == 7
+
+
+def test_saves_held_for_a_pool_that_cannot_start_are_errors_at_the_next_save_and_at_flush(tmp_path):
+    """The start fails: the held saves are named at the next save of their key and at flush (each
+    once), nothing already on disk is touched, and the next save starts the pool again."""
+    (tmp_path / "state.pt").write_bytes(b"kept")
+    result = run_program(f"""
+        def refuse(**_):
+            raise ConnectionError("no cluster here")
+
+        states = PerRoundStateCheckpointer({str(tmp_path)!r})
+        with failpoints.hooked("background_start.starting", refuse):
+            states.save_checkpoint("state.pt", {{"round": 1}})
+            states.save_checkpoint("other.pt", {{"round": 1}})
+            try:
+                fedckpt.flush()
+            except fedckpt.CheckpointError as error:
+                print("flush:", "other.pt" in str(error), "no cluster here" in str(error))
+        print("on disk:", open({str(tmp_path / "state.pt")!r}, "rb").read())
+        states.save_checkpoint("state.pt", {{"round": 2}})  # its failure was told at flush: starts again
+        fedckpt.flush()
+        print("saved:", torch.load({str(tmp_path / "state.pt")!r})["round"])
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-3:] == ["flush: True True", "on disk: b'kept'", "saved: 2"], result.stdout
+
+
+def test_a_failed_start_is_raised_by_the_next_save_of_the_key(tmp_path):
+    result = run_program(f"""
+        def refuse(**_):
+            raise ConnectionError("no cluster here")
+
+        states = PerRoundStateCheckpointer({str(tmp_path)!r})
+        with failpoints.hooked("background_start.starting", refuse):
+            states.save_checkpoint("state.pt", {{"round": 1}})
+            fedckpt.runtime.lifecycle.coordinator()._background_start.wait()
+        try:
+            states.save_checkpoint("state.pt", {{"round": 2}})
+        except fedckpt.CheckpointError as error:
+            print("next save:", "state.pt" in str(error) and "no cluster here" in str(error))
+        fedckpt.flush()  # reported once: nothing left to raise
+        print("exists:", os.path.exists({str(tmp_path / "state.pt")!r}))
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-2:] == ["next save: True", "exists: False"], result.stdout
+
+
+def test_an_unreported_failed_start_fails_the_exit(tmp_path):
+    result = run_program(f"""
+        failpoints.set_hook("background_start.starting", lambda **_: (_ for _ in ()).throw(ConnectionError("down")))
+        PerRoundStateCheckpointer({str(tmp_path)!r}).save_checkpoint("state.pt", {{"round": 1}})
+    """)
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    assert "state.pt" in result.stderr and "down" in result.stderr
+
+
+def test_saves_past_the_held_bytes_cap_wait_for_the_start(tmp_path):
+    """With 1 MiB in flight at most, a second 0.75 MiB save waits until the pool is up and the first
+    save was made; the first returned at once."""
+    result = run_program(f"""
+        failpoints.set_hook("background_start.starting", hold_the_start)
+        states = PerRoundStateCheckpointer({str(tmp_path)!r})
+        states.save_checkpoint("a.pt", {{"t": torch.ones(3 << 16)}})  # 0.75 MiB: held
+        second = threading.Thread(target=states.save_checkpoint, args=("b.pt", {{"t": torch.ones(3 << 16)}}))
+        second.start()
+        assert starting.wait(60)
+        second.join(1.0)
+        print("second waits while the start is held:", second.is_alive())
+        go_on.set()
+        second.join(120)
+        fedckpt.flush()
+        print("both:", torch.load({str(tmp_path / "a.pt")!r})["t"].sum().item(),
+              torch.load({str(tmp_path / "b.pt")!r})["t"].sum().item())
+    """, {"FEDCKPT_MAX_INFLIGHT_BYTES": str(1 << 20)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-2:] == [
+        "second waits while the start is held: True",
+        f"both: {float(3 << 16)} {float(3 << 16)}",
+    ], result.stdout
