@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeats):
         order = MODES[repeat % len(MODES) :] + MODES[: repeat % len(MODES)]
         for mode in order:
-            samples[mode].append(run_one(mode))
-            console.print(f"[{repeat + 1}/{args.repeats}] {mode}: first save {samples[mode][-1]['first'] * 1000:.1f} ms")
+            sample = run_one(mode)
+            samples[mode].append(sample)
+            console.print(f"[{repeat + 1}/{args.repeats}] {mode}: first save {sample['first'] * 1000:.1f} ms")
     baseline = statistics.median(sample["first"] for sample in samples["torch.save"])
     table = Table(title=f"A fresh program's first save (0.3 MB MLP, .pt), medians of {args.repeats}")
     for column in ("method", "first save ms", "x torch.save", "second save ms", "durable after ms"):

@@ -139,7 +139,8 @@ def test_an_unreported_failed_start_fails_the_exit(tmp_path):
 def test_saves_past_the_held_bytes_cap_wait_for_the_start(tmp_path):
     """With 1 MiB in flight at most, a second 0.75 MiB save waits until the pool is up and the first
     save was made; the first returned at once."""
-    result = run_program(f"""
+    result = run_program(
+        f"""
         failpoints.set_hook("background_start.starting", hold_the_start)
         states = PerRoundStateCheckpointer({str(tmp_path)!r})
         states.save_checkpoint("a.pt", {{"t": torch.ones(3 << 16)}})  # 0.75 MiB: held
@@ -153,7 +154,9 @@ def test_saves_past_the_held_bytes_cap_wait_for_the_start(tmp_path):
         fedckpt.flush()
         print("both:", torch.load({str(tmp_path / "a.pt")!r})["t"].sum().item(),
               torch.load({str(tmp_path / "b.pt")!r})["t"].sum().item())
-    """, {"FEDCKPT_MAX_INFLIGHT_BYTES": str(1 << 20)})
+    """,
+        {"FEDCKPT_MAX_INFLIGHT_BYTES": str(1 << 20)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[-2:] == [
         "second waits while the start is held: True",
