@@ -4,12 +4,14 @@
     .venv/bin/python benchmarks/flower_walltime.py --repeats 3 --json walltime.json
     .venv/bin/python benchmarks/flower_walltime.py --simulated-accelerator-ms 40   # accelerator-bound clients
 
-Runs ``examples/flower_simulation/run.py --checkpointing`` ``fedckpt``, ``none`` and ``sync`` (the
-same run with other checkpoints: ``baselines.py`` there) once per mode and repeat, in separate processes (each
-with a fresh local Ray on 127.0.0.1), interleaving the modes so that drifts of the machine fall on
-all of them alike, and prints the median simulation wall time per mode with its overhead over no
-checkpointing. Each client saves a pre-aggregation checkpoint, its state (optimizer momentum) and a
-post-aggregation checkpoint per round; the server saves the global model and its state.
+Runs ``examples/flower_simulation/run.py --checkpointing`` ``none``, ``sync`` (the same run with
+other checkpoints: ``baselines.py`` there) and ``fedckpt`` twice, with the clients' model files named
+``.pt`` (torch.save's format, FL4Health's habit) and ``.safetensors`` (``--model-format``), once per
+mode and repeat, in separate processes (each with a fresh local Ray on 127.0.0.1), interleaving the
+modes so that drifts of the machine fall on all of them alike, and prints the median simulation wall
+time per mode with its overhead over no checkpointing. Each client saves a pre-aggregation
+checkpoint, its state (optimizer momentum) and a post-aggregation checkpoint per round; the server
+saves the global model and its state.
 
 ``--simulated-accelerator-ms`` stands in for GPU clients, which there is no GPU here to run: each
 local step computes on one thread, then holds the host idle for that long, as a step waiting on the
@@ -21,8 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,21 +33,28 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-RUN = Path(__file__).resolve().parent.parent / "examples" / "flower_simulation" / "run.py"
-MODES = ("none", "sync", "fedckpt")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ["RAY_ADDRESS"] = "local"  # each run a fresh local Ray on 127.0.0.1
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "flower_simulation"))
+from run import run_in_subprocess  # noqa: E402
+
+# What each mode passes to run.py ("fedckpt": its defaults, .pt names).
+MODE_OPTIONS = {
+    "none": ["--checkpointing", "none"],
+    "sync": ["--checkpointing", "sync"],
+    "fedckpt": ["--checkpointing", "fedckpt"],
+    "fedckpt .safetensors": ["--checkpointing", "fedckpt", "--model-format", "safetensors"],
+}
+MODES = ("none", "sync", "fedckpt", "fedckpt .safetensors")
 
 
 def run_once(mode: str, options: list[str], root: str) -> dict:
     """One run of the example (or a baseline of it) in its own process (a fresh local Ray); its JSON summary."""
-    directory = tempfile.mkdtemp(prefix=f"{mode}-", dir=root)
-    command = [sys.executable, str(RUN), "--checkpointing", mode, "--checkpoint-dir", directory, *options]
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": "local"}
-    completed = subprocess.run(command, capture_output=True, text=True, env=env)
-    if completed.returncode != 0:
-        raise RuntimeError(f"{mode} run failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
-    summary = json.loads(completed.stdout.strip().splitlines()[-1])
-    subprocess.run(["rm", "-rf", directory], check=True)
-    return summary
+    directory = tempfile.mkdtemp(prefix="run-", dir=root)
+    try:
+        return run_in_subprocess([*MODE_OPTIONS[mode], "--checkpoint-dir", directory, *options])
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def run_interleaved(modes: tuple[str, ...], options: list[str], repeats: int, root: str | None, console: Console,
@@ -107,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
              f"{runs['none'][0]['model_bytes'] / 1e6:.0f} MB model{accelerator}, median of {args.repeats}")  # fmt: skip
     console.print(walltime_table(runs, title))
     overhead = {mode: median_of(runs[mode], "wall_seconds") / median_of(runs["none"], "wall_seconds") - 1
-                for mode in ("sync", "fedckpt")}  # fmt: skip
-    ratio = overhead["fedckpt"] / overhead["sync"] if overhead["sync"] > 0 else float("nan")
-    console.print(f"fedckpt's overhead over no checkpointing is {ratio:.2f}x synchronous saves' "
-                  f"({overhead['fedckpt'] * 100:+.1f}% against {overhead['sync'] * 100:+.1f}%).")  # fmt: skip
+                for mode in MODES if mode != "none"}  # fmt: skip
+    for mode, names in (("fedckpt", ".pt"), ("fedckpt .safetensors", ".safetensors")):
+        ratio = overhead[mode] / overhead["sync"] if overhead["sync"] > 0 else float("nan")
+        console.print(f"fedckpt's overhead over no checkpointing with {names} names is {ratio:.2f}x synchronous "
+                      f"saves' ({overhead[mode] * 100:+.1f}% against {overhead['sync'] * 100:+.1f}%).")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=2))
     return 0
@@ -129,7 +139,7 @@ def walltime_table(runs: dict[str, list[dict]], title: str) -> Table:
         last = mode_runs[-1]
         written, linked = last.get("bytes_written"), last.get("bytes_linked")
         table.add_row(
-            mode,
+            "fedckpt .pt" if mode == "fedckpt" else mode,
             f"{wall:.1f}",
             "—" if mode == "none" or baseline is None else f"{(wall / baseline - 1) * 100:+.1f}%",
             " ".join(f"{run['wall_seconds']:.1f}" for run in mode_runs),

@@ -142,10 +142,28 @@ def test_compare_runs_the_synchronous_baseline_and_fedckpt_and_reports_both_meas
     """``run.py --compare``: each mode run to the end in its own process, their figures side by side."""
     clients, rounds = 3, 2
     completed = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--compare", "--compare-repeats", "1", "--num-clients", str(clients),
-         "--num-rounds", str(rounds), "--model-mb", "0.05", "--local-steps", "3"],
-        capture_output=True, text=True, env=ENV, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(EXAMPLE),
+            "--compare",
+            "--compare-repeats",
+            "1",
+            "--num-clients",
+            str(clients),
+            "--num-rounds",
+            str(rounds),
+            "--model-mb",
+            "0.05",
+            "--local-steps",
+            "3",
+            "--model-format",
+            "safetensors",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )  # fmt: skip  (--model-format is fedckpt's: the sync runs go without it, as they would fail with it)
     assert completed.returncode == 0, completed.stderr[-4000:]
     summary = json.loads(completed.stdout.strip().splitlines()[-1])
     sync, fedckpt = summary["sync"], summary["fedckpt"]
@@ -157,6 +175,25 @@ def test_compare_runs_the_synchronous_baseline_and_fedckpt_and_reports_both_meas
     assert summary["blocked_ratio"] == pytest.approx(fedckpt["blocked_seconds"] / sync["blocked_seconds"], rel=1e-2)
     assert summary["wall_ratio"] == pytest.approx(fedckpt["wall_seconds"] / sync["wall_seconds"], rel=1e-3)
     assert "blocked (restores included)" in completed.stdout and "fedckpt/sync" in completed.stdout
+
+
+def test_the_cnn_with_safetensors_names_trains_and_saves_its_batch_norm_buffers(tmp_path):
+    """``--model cnn``: a 4.3 MB CNN with batch norm on image-shaped inputs; ``--model-format
+    safetensors`` names the clients' model files ``.safetensors``, which hold every tensor of the
+    received global model, buffers included."""
+    summary = run_example(
+        tmp_path, "--num-clients", "2", "--num-rounds", "1", "--local-steps", "2", "--model", "cnn",
+        "--model-format", "safetensors",
+    )  # fmt: skip
+    assert summary["model"] == "cnn" and summary["model_format"] == "safetensors"
+    assert summary["model_bytes"] == pytest.approx(4.3e6, rel=0.05)
+    server = read_state_dict(str(tmp_path / "server" / "global_latest.safetensors"))
+    for client in range(2):
+        folder = tmp_path / "clients" / f"client_{client}"
+        assert not (folder / "post_latest.pt").exists()
+        received = read_state_dict(str(folder / "post_latest.safetensors"))
+        assert "features.1.running_mean" in received and "features.1.num_batches_tracked" in received
+        assert_same_tensors(received, server)
 
 
 def test_a_baseline_run_whose_clients_fail_is_an_error_not_a_summary(tmp_path):

@@ -404,6 +404,39 @@ def test_a_read_of_a_quiet_writers_saves_asks_it_nothing(runtime, tmp_path):
     assert waits_answered() == asked
 
 
+def test_a_read_of_a_key_whose_bucket_is_quiet_asks_nothing_while_its_writer_is_busy(runtime, tmp_path):
+    """The writer holds a save of another key (of another bucket): a read of a key whose saves are
+    all written is answered from its bucket's quiet mark, without a call (a Flower client restoring
+    its state while the writer writes other clients' saves). A save of the key makes the read ask."""
+    from fedckpt.runtime.sequence import bucket_of
+    from fedckpt.storage.paths import checkpoint_key
+
+    pool = lifecycle.coordinator().pool()
+    checkpointer = PerRoundStateCheckpointer(tmp_path)
+    key = {name: checkpoint_key(str(tmp_path / name)) for name in (f"s{index}.pt" for index in range(64))}
+    quiet = "s0.pt"
+    busy = next(
+        name for name in key
+        if pool.owner_of(key[name]) == pool.owner_of(key[quiet]) and bucket_of(key[name]) != bucket_of(key[quiet])
+    )  # fmt: skip
+    checkpointer.save_checkpoint(quiet, {"v": 1})
+    checkpointer.flush()
+    writer = pool.handles[pool.owner_of(key[quiet])]
+    ray.get(writer.__ray_call__.remote(failpoints.hold_key_in_actor, "writer.writing", key[busy]))
+    try:
+        checkpointer.save_checkpoint(busy, {"v": 1})  # held in the writer: it is not quiet
+        before = waits_answered()
+        assert checkpointer.load_checkpoint(quiet)["v"] == 1
+        assert waits_answered() == before  # answered by the bucket's mark
+        checkpointer.save_checkpoint(quiet, {"v": 2})
+        assert checkpointer.load_checkpoint(quiet)["v"] == 2  # a save of it issued: the writer is asked
+        assert waits_answered() == before + 1
+    finally:
+        ray.get(writer.__ray_call__.remote(failpoints.release_in_actor, "writer.writing"))
+    fedckpt.flush()
+    assert checkpointer.load_checkpoint(busy)["v"] == 1
+
+
 def test_writers_run_as_batch_work(runtime, tmp_path):
     """Every thread of a writer is SCHED_BATCH: a writer woken by a save does not preempt training."""
     PerRoundStateCheckpointer(tmp_path).save_checkpoint("s.pt", {"v": 1})

@@ -123,7 +123,7 @@ def make_server_app(mode: str, options: Options, outcome: Outcome) -> ServerApp:
 def sync_server_saves(options: Options, server_dir: str, outcome: Outcome) -> Callable[[int, ArrayRecord], None]:
     """FL4Health-style server saves: the global model and the server state, with ``torch.save``."""
     os.makedirs(server_dir, exist_ok=True)
-    model = task.Net(options.width, options.depth)
+    model = task.build(options.model, options.width, options.depth)
     blocked = BlockedTime()
 
     def save(server_round: int, arrays: ArrayRecord) -> None:

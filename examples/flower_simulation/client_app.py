@@ -30,14 +30,17 @@ def client_dir(context: Context) -> str:
 
 def client_checkpoints(context: Context, msg: Message) -> ClientCheckpoints:
     """This client's checkpoints: the model it trained, the global model it received, its state; with
-    the run's ``keep-rounds`` (``run.py --keep-rounds``), the newest rounds of each are kept."""
+    the run's ``keep-rounds`` (``run.py --keep-rounds``), the newest rounds of each are kept; the model
+    files are named ``.pt`` or ``.safetensors`` as the run's ``model-format`` says."""
     directory = client_dir(context)
-    keep_rounds = int(msg.content["config"].get("keep-rounds", 0))
+    config = msg.content["config"]
+    keep_rounds = int(config.get("keep-rounds", 0))
     keep = LatestN(keep_rounds) if keep_rounds else None
+    suffix = str(config.get("model-format", "pt"))  # run.py --model-format: .pt (FL4Health's habit) or .safetensors
     return ClientCheckpoints(
         directory,
-        pre_aggregation=LatestTorchModuleCheckpointer(directory, "pre_latest.pt", keep=keep),
-        post_aggregation=LatestTorchModuleCheckpointer(directory, "post_latest.pt", keep=keep),
+        pre_aggregation=LatestTorchModuleCheckpointer(directory, f"pre_latest.{suffix}", keep=keep),
+        post_aggregation=LatestTorchModuleCheckpointer(directory, f"post_latest.{suffix}", keep=keep),
         keep=keep,
     )
 
@@ -128,7 +131,8 @@ def device_of(config: ConfigRecord) -> str:
 
 def local_data(context: Context, config: ConfigRecord) -> tuple[tuple, tuple]:
     """This client's (training, validation) data, on the round's device."""
-    data = task.client_data(int(context.node_config["partition-id"]), int(config["seed"]))
+    features = task.num_features(str(config["model"]))
+    data = task.client_data(int(context.node_config["partition-id"]), int(config["seed"]), features)
     device = device_of(config)
     return task.split(tuple(tensor.to(device) for tensor in data))
 
@@ -136,6 +140,6 @@ def local_data(context: Context, config: ConfigRecord) -> tuple[tuple, tuple]:
 def received_model(msg: Message) -> torch.nn.Module:
     """The model the server sent, in the shape the round's config gives, on the round's device."""
     config = msg.content["config"]
-    model = task.Net(int(config["width"]), int(config["depth"]))
+    model = task.build(str(config["model"]), int(config["width"]), int(config["depth"]))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model.to(device_of(config))

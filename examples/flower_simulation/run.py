@@ -82,6 +82,15 @@ def parse_options(argv: list[str] | None = None) -> RunSettings:
     parser.add_argument("--num-rounds", type=int, default=5)
     parser.add_argument("--checkpoint-dir", default=None, help="default: a new temporary directory")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model", choices=task.MODELS, default="mlp",
+        help="mlp (default: --width and --depth size it) or cnn (a 4.3 MB CNN with batch norm on 3x32x32 inputs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--model-format", choices=("pt", "safetensors"), default="pt",
+        help="the clients' model checkpoints: pre_latest.pt (default: torch.save's format, FL4Health's names) or "
+        ".safetensors (fedckpt only; the sync baseline writes .pt)",
+    )  # fmt: skip
     parser.add_argument("--width", type=int, default=256, help="hidden width (2 layers: 4*width^2*2 bytes of weights)")
     parser.add_argument("--depth", type=int, default=2, help="hidden layers")
     parser.add_argument(
@@ -124,13 +133,18 @@ def parse_options(argv: list[str] | None = None) -> RunSettings:
     if args.compare and (args.checkpoint_dir is not None or args.checkpointing != "fedckpt"):
         parser.error("--compare runs each mode in a new directory of its own: no --checkpoint-dir or --checkpointing")
     if args.model_mb is not None:
+        if args.model != "mlp":
+            parser.error("--model-mb sizes the MLP; the CNN has one size")
         if args.model_mb <= 0:
             parser.error("--model-mb must be a positive size in MB")
         args.width = task.width_for(args.model_mb, args.depth)
     if args.compare_repeats < 1:
         parser.error("--compare-repeats must be at least 1")
-    if args.checkpointing != "fedckpt" and (args.keep_rounds or args.num_gpus_per_client):
-        parser.error("--keep-rounds and --num-gpus-per-client are fedckpt's: the baselines keep one file each, on CPU")
+    if args.checkpointing != "fedckpt" and (args.keep_rounds or args.num_gpus_per_client or args.model_format != "pt"):
+        parser.error(
+            "--keep-rounds, --num-gpus-per-client and --model-format are fedckpt's: the baselines keep one .pt "
+            "file each, on CPU"
+        )
     if not 0 <= args.num_gpus_per_client <= 1:
         parser.error("--num-gpus-per-client is a share of one GPU, from 0 to 1")
     if args.num_gpus_per_client and not torch.cuda.is_available():
@@ -139,6 +153,8 @@ def parse_options(argv: list[str] | None = None) -> RunSettings:
         num_clients=args.num_clients,
         num_rounds=args.num_rounds,
         seed=args.seed,
+        model=args.model,
+        model_format=args.model_format,
         width=args.width,
         depth=args.depth,
         local_steps=args.local_steps,
@@ -232,7 +248,9 @@ def summarize(settings: RunSettings, outcome: Outcome, wall_seconds: float) -> d
         "checkpointing": settings.checkpointing,
         "num_clients": options.num_clients,
         "num_rounds": options.num_rounds,
-        "model_bytes": task.model_bytes(task.Net(options.width, options.depth)),
+        "model": options.model,
+        "model_format": options.model_format,
+        "model_bytes": task.model_bytes(task.build(options.model, options.width, options.depth)),
         "simulated_accelerator_ms": options.simulated_accelerator_ms,
         "num_gpus_per_client": options.num_gpus_per_client,
         "checkpoint_dir": settings.checkpoint_dir,
@@ -267,12 +285,26 @@ def compare(argv: list[str], repeats: int) -> dict:
             for mode in COMPARED if repeat % 2 == 0 else tuple(reversed(COMPARED)):
                 print(f"run {repeat + 1}/{repeats}: {mode} ...", flush=True)
                 directory = os.path.join(work, f"{mode}-{repeat}")
-                argv_of_run = [*forwarded, "--checkpointing", mode, "--checkpoint-dir", directory]
+                options = forwarded if mode == "fedckpt" else without_option(forwarded, "--model-format")
+                argv_of_run = [*options, "--checkpointing", mode, "--checkpoint-dir", directory]
                 runs[mode].append(run_in_subprocess(argv_of_run))
                 shutil.rmtree(directory, ignore_errors=True)
     summary = comparison(runs)
     print(comparison_table(summary), flush=True)
     return summary
+
+
+def without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` less ``option`` and its value (``--option value`` or ``--option=value``)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(f"{option}="):
+            kept.append(arg)
+    return kept
 
 
 def run_in_subprocess(argv: list[str]) -> dict:

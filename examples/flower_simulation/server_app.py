@@ -34,6 +34,8 @@ class Options:
     num_clients: int
     num_rounds: int
     seed: int = 0
+    model: str = "mlp"  # or "cnn" (task.MODELS)
+    model_format: str = "pt"  # the clients' model files: "pt" (torch.save's format) or "safetensors"
     width: int = 256
     depth: int = 2
     local_steps: int = 5
@@ -85,7 +87,7 @@ def fedavg(options: Options) -> FedAvg:
 def initial_arrays(options: Options) -> ArrayRecord:
     """The first global model, the same for every run with this seed."""
     torch.manual_seed(options.seed)
-    return ArrayRecord(task.Net(options.width, options.depth).state_dict())
+    return ArrayRecord(task.build(options.model, options.width, options.depth).state_dict())
 
 
 def round_config(options: Options) -> ConfigRecord:
@@ -93,6 +95,7 @@ def round_config(options: Options) -> ConfigRecord:
     return ConfigRecord(
         {
             "seed": options.seed,
+            "model": options.model,
             "width": options.width,
             "depth": options.depth,
             "local-steps": options.local_steps,
@@ -101,6 +104,7 @@ def round_config(options: Options) -> ConfigRecord:
             "simulated-accelerator-ms": options.simulated_accelerator_ms,
             "device": "cuda" if options.num_gpus_per_client > 0 else "cpu",
             "keep-rounds": options.keep_rounds,
+            "model-format": options.model_format,
         }
     )
 
@@ -116,7 +120,7 @@ def make_server_app(options: Options, outcome: Outcome) -> ServerApp:
         server_dir = os.path.join(root, "server")
         keep = LatestN(options.keep_rounds) if options.keep_rounds else None
         module = ServerCheckpointAndStateModule(
-            model=task.Net(options.width, options.depth),
+            model=task.build(options.model, options.width, options.depth),
             model_checkpointers=[
                 LatestTorchModuleCheckpointer(server_dir, "global_latest.safetensors", keep=keep),
                 BestLossTorchModuleCheckpointer(server_dir, "global_best.safetensors"),

@@ -1,4 +1,5 @@
-"""The learning task of the example: an MLP on synthetic, non-identically distributed client data."""
+"""The learning task of the example: an MLP (or a small CNN) on synthetic, non-identically distributed
+client data."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from torch import nn
 
 NUM_FEATURES = 32
 NUM_CLASSES = 10
+IMAGE_SHAPE = (3, 32, 32)  # the CNN's inputs: CIFAR-10's shape, flattened in the data
+MODELS = ("mlp", "cnn")
 
 
 class Net(nn.Module):
@@ -26,6 +29,40 @@ class Net(nn.Module):
         return self.layers(x)
 
 
+class CNN(nn.Module):
+    """A small CNN for 3x32x32 images (CIFAR-10's shape): two convolutions with batch norm, then two
+    linear layers; about 4.3 MB of fp32 weights, and batch-norm buffers beside them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        channels, height, width = IMAGE_SHAPE
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * (height // 4) * (width // 4), 256), nn.ReLU(), nn.Linear(256, NUM_CLASSES)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x.view(-1, *IMAGE_SHAPE)))
+
+
+def build(model: str, width: int, depth: int) -> nn.Module:
+    """The run's model: ``"mlp"`` (``Net(width, depth)``) or ``"cnn"`` (:class:`CNN`; width and depth unused)."""
+    if model == "cnn":
+        return CNN()
+    if model == "mlp":
+        return Net(width, depth)
+    raise ValueError(f"unknown model {model!r}: expected one of {MODELS}")
+
+
+def num_features(model: str) -> int:
+    """The length of a sample's feature vector for ``model`` (an image, flattened, for the CNN)."""
+    channels, height, width = IMAGE_SHAPE
+    return channels * height * width if model == "cnn" else NUM_FEATURES
+
+
 def width_for(megabytes: float, depth: int = 2) -> int:
     """The width at which ``Net(width, depth)`` holds about ``megabytes`` MB (10**6 bytes) of fp32 tensors."""
     parameters = megabytes * 1e6 / 4
@@ -39,16 +76,18 @@ def model_bytes(model: nn.Module) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
 
 
-def client_data(partition: int, seed: int, samples: int = 320) -> tuple[torch.Tensor, torch.Tensor]:
-    """A client's samples: shared class means, a skewed label mix and an input shift per client."""
+def client_data(
+    partition: int, seed: int, features: int = NUM_FEATURES, samples: int = 320
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's samples of ``features`` values: shared class means, a skewed label mix and an input
+    shift per client."""
     shared = torch.Generator().manual_seed(seed)
-    class_means = torch.randn(NUM_CLASSES, NUM_FEATURES, generator=shared) * 2.0
+    class_means = torch.randn(NUM_CLASSES, features, generator=shared) * 2.0
     own = torch.Generator().manual_seed(seed * 100_003 + partition + 1)
     label_mix = torch.softmax(torch.randn(NUM_CLASSES, generator=own) * 2.0, 0)  # skewed: a few classes dominate
     labels = torch.multinomial(label_mix, samples, replacement=True, generator=own)
-    shift = torch.randn(NUM_FEATURES, generator=own) * 0.5
-    features = class_means[labels] + torch.randn(samples, NUM_FEATURES, generator=own) + shift
-    return features, labels
+    shift = torch.randn(features, generator=own) * 0.5
+    return class_means[labels] + torch.randn(samples, features, generator=own) + shift, labels
 
 
 def split(data: tuple[torch.Tensor, torch.Tensor], validation: float = 0.2) -> tuple[tuple, tuple]:

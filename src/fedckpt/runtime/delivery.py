@@ -110,7 +110,7 @@ class Delivery:
                 if self._transport.route(pool, index, batch.staged) is Route.CHANNEL:
                     try:
                         client = self._transport.channel(pool, index)
-                        numbers = self._transport.numbers(pool, index, len(group))
+                        numbers = self._transport.numbers(pool, index, [record.request.key for record in group])
                     except (ChannelClosed, OSError):  # it died (its channel and counter went with it)
                         self._inflight.lost(group)
                         died.append((index, None))

@@ -59,6 +59,27 @@ def meet_in_actor(_actor: Any, name: str, rendezvous: Any, passes: int = 0) -> N
     set_hook(name, meet)
 
 
+_releases: dict[str, threading.Event] = {}
+
+
+def hold_key_in_actor(_actor: Any, name: str, key: str) -> None:
+    """Arrivals at point ``name`` (in a writer's event loop) for ``key`` wait until
+    :func:`release_in_actor`; those for other keys go on. Run as :func:`hold_in_actor` is."""
+    release = _releases[name] = threading.Event()
+
+    async def hold(**details: Any) -> None:
+        if details.get("key") == key:
+            await asyncio.to_thread(release.wait)
+
+    set_hook(name, hold)
+
+
+def release_in_actor(_actor: Any, name: str) -> None:
+    """End :func:`hold_key_in_actor`'s hold of point ``name``."""
+    set_hook(name, None)
+    _releases.pop(name).set()
+
+
 async def _wait_for_good(**_details: Any) -> None:
     await asyncio.Event().wait()
 

@@ -10,8 +10,13 @@ takes numbers from the same counter for saves that reach it through Ray calls.
 The file also holds the writer's *quiet mark*: the counter's value at a moment when every save
 numbered up to it had arrived and was written, with no error held and no lost save awaited. While
 the mark equals the counter, a wait for saves issued before it has nothing to wait for, and callers
-on the node skip the round trip to the writer (a client restoring its state a round after saving
-it, typically). Any new save moves the counter past the mark.
+on the node skip the round trip to the writer. Any new save moves the counter past the mark.
+
+The same holds per *bucket* of keys (a hash of the key picks one of ``BUCKETS``): the saves of the
+bucket's keys numbered so far, and the writer's mark of those that arrived while none of the
+bucket's keys had a save pending or an error held. A wait for some keys skips the round trip when
+each key's bucket is quiet, though the writer is busy with other keys: a Flower client restoring
+its state a round after saving it, while the writer writes other clients' saves.
 
 The file is named ``fedckpt-<writer pid>-seq-<id>``, so the sweep of a dead process's staging
 segments removes it too.
@@ -25,15 +30,31 @@ import mmap
 import os
 import struct
 import uuid
+import zlib
 from collections.abc import Iterator
 
 from fedckpt.runtime.staging import PREFIX, SHM_DIR, create_file, reserve
 from fedckpt.storage.atomic import hold_as_owner
 
 _NUMBER = struct.Struct("<Q")
-_COUNTER, _QUIET_MARK = 0, _NUMBER.size  # offsets in the file
-_SIZE = 2 * _NUMBER.size
+BUCKETS = 4096
+_COUNTER, _QUIET_MARK, _READY = 0, _NUMBER.size, 2 * _NUMBER.size  # offsets in the file
+_BUCKETS_AT = 3 * _NUMBER.size  # then per bucket: saves numbered, the writer's quiet mark
+_SIZE = _BUCKETS_AT + BUCKETS * 2 * _NUMBER.size
 _NEVER = (1 << 64) - 1  # a mark no counter reaches: a new incarnation is not quiet until it says so
+
+
+def bucket_of(key: str) -> int:
+    """The bucket of ``key``: the same in every process (``hash()`` is salted per process)."""
+    return zlib.crc32(key.encode()) % BUCKETS
+
+
+def _taken_at(bucket: int) -> int:
+    return _BUCKETS_AT + bucket * 2 * _NUMBER.size
+
+
+def _mark_at(bucket: int) -> int:
+    return _taken_at(bucket) + _NUMBER.size
 
 
 class SequenceCounter:
@@ -60,11 +81,15 @@ class SequenceCounter:
     def create(cls, directory: str = SHM_DIR) -> SequenceCounter:
         return cls(os.path.join(directory, f"{PREFIX}{os.getpid()}-seq-{uuid.uuid4().hex}"), create=True)
 
-    def take(self, count: int = 1) -> int:
-        """Reserve ``count`` consecutive numbers; returns the first."""
+    def take(self, keys: list[str]) -> int:
+        """Reserve a number for each save of ``keys`` (consecutive; returns the first), counting it in
+        its key's bucket."""
         with self._locked():
             (last,) = _NUMBER.unpack_from(self._map, _COUNTER)
-            _NUMBER.pack_into(self._map, _COUNTER, last + count)
+            _NUMBER.pack_into(self._map, _COUNTER, last + len(keys))
+            for key in keys:
+                at = _taken_at(bucket_of(key))
+                _NUMBER.pack_into(self._map, at, _NUMBER.unpack_from(self._map, at)[0] + 1)
         return last + 1
 
     def mark_quiet(self, arrived: int) -> None:
@@ -74,6 +99,36 @@ class SequenceCounter:
             (last,) = _NUMBER.unpack_from(self._map, _COUNTER)
             if last == arrived:
                 _NUMBER.pack_into(self._map, _QUIET_MARK, last)
+
+    def mark_ready(self) -> None:
+        """(Writer) Recovered, with no lost save awaited: bucket marks may now say a bucket is quiet."""
+        with self._locked():
+            _NUMBER.pack_into(self._map, _READY, 1)
+
+    def mark_bucket_quiet(self, bucket: int, arrived: int) -> None:
+        """(Writer) No key of ``bucket`` has a save pending or an error held, and ``arrived`` saves of
+        its keys reached the writer: if that is every number taken for them, mark the bucket quiet."""
+        with self._locked():
+            if _NUMBER.unpack_from(self._map, _taken_at(bucket))[0] == arrived:
+                _NUMBER.pack_into(self._map, _mark_at(bucket), arrived)
+
+    def unmark_bucket(self, bucket: int) -> None:
+        """(Writer) A key of ``bucket`` has something to wait for that took no number (an error held for
+        it, a lost save awaited): the bucket is not quiet until marked again."""
+        with self._locked():
+            _NUMBER.pack_into(self._map, _mark_at(bucket), _NEVER)
+
+    def keys_quiet(self, keys: list[str]) -> bool:
+        """(Caller) Whether every save of ``keys`` numbered so far is written with no error held (their
+        buckets are quiet: other keys of a bucket only make it look busy)."""
+        with self._locked():
+            if _NUMBER.unpack_from(self._map, _READY)[0] != 1:
+                return False
+            for bucket in {bucket_of(key) for key in keys}:
+                taken = _NUMBER.unpack_from(self._map, _taken_at(bucket))[0]
+                if taken != _NUMBER.unpack_from(self._map, _mark_at(bucket))[0]:
+                    return False
+        return True
 
     def quiet(self) -> bool:
         """(Caller) Whether every save numbered so far is written and nothing is held or awaited."""

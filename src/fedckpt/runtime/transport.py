@@ -118,11 +118,12 @@ class Transport:
         if pool.infos[index].counter_path is not None:
             self._counter(pool, index)
 
-    def numbers(self, pool: WriterPool, index: int, count: int) -> Iterator[tuple[int, int]]:
-        """``count`` sequences from the counter of writer ``index`` (on this node). Every save posted
-        takes one, a save sent again too (it keeps its own sequence): the writer counts arrivals by them."""
-        first = self._counter(pool, index).take(count)
-        return iter([(pool.infos[index].epoch, number) for number in range(first, first + count)])
+    def numbers(self, pool: WriterPool, index: int, keys: list[str]) -> Iterator[tuple[int, int]]:
+        """A sequence from the counter of writer ``index`` (on this node) for each save of ``keys``. Every
+        save posted takes one, a save sent again too (it keeps its own sequence): the writer counts
+        arrivals by them, overall and per bucket of keys."""
+        first = self._counter(pool, index).take(keys)
+        return iter([(pool.infos[index].epoch, number) for number in range(first, first + len(keys))])
 
     def _counter(self, pool: WriterPool, index: int) -> SequenceCounter:
         info = pool.infos[index]
@@ -266,8 +267,10 @@ class Transport:
         """Wait until writer ``index`` wrote every save of ``keys`` (None: all) issued before now,
         by any process; returns (and clears) their errors."""
         if self.route(pool, index) is Route.CHANNEL:
-            if pool.infos[index].counter_path is not None and self._counter(pool, index).quiet():
-                return {}  # every save numbered so far is written, and no error is held
+            if pool.infos[index].counter_path is not None:
+                counter = self._counter(pool, index)
+                if counter.quiet() or (keys is not None and counter.keys_quiet(keys)):
+                    return {}  # every save (of the keys) numbered so far is written, and no error is held
             return self.channel(pool, index).call(partial(WaitCall, keys=keys), timeout)
         return ray.get(pool.handles[index].flush.remote(keys), timeout=timeout)
 

@@ -40,12 +40,13 @@ from fedckpt.runtime.messages import (
     WriterInfo,
     WriterStats,
 )
+from fedckpt.runtime.sequence import bucket_of
 from fedckpt.runtime.staging import PREFIX, SHM_DIR, shared_memory_available
 from fedckpt.runtime.writer.io import SaveIO, transportable
 from fedckpt.runtime.writer.metrics import WriterMetrics
 from fedckpt.runtime.writer.node_writer import NodeWriters
 from fedckpt.runtime.writer.process import fedckpt_version, run_as_batch_work, shared_counter, wait_for_job_end
-from fedckpt.runtime.writer.queue import KeyQueue, QueuedSave
+from fedckpt.runtime.writer.queue import KeyQueue, KeyQueues, QueuedSave
 from fedckpt.runtime.writer.recovery import LostSaves
 
 log = logging.getLogger("fedckpt.writer")
@@ -74,8 +75,9 @@ class CheckpointWriter:
         self.counter = shared_counter() if local else None
         local = self.counter is not None  # else callers on this node use Ray calls
         self.arrived = 0  # saves that took a number from this incarnation's counter and reached it
+        self.arrived_in: dict[int, int] = {}  # the same, per bucket of keys (fedckpt.runtime.sequence)
         self.waits_answered = 0
-        self.keys: dict[str, KeyQueue] = {}
+        self.keys = KeyQueues()
         self.saves_by_id: dict[str, QueuedSave] = {}  # queued or being written
         self.recent: OrderedDict[str, SaveDone] = OrderedDict()
         self.metrics = WriterMetrics(shape.namespace, str(index))
@@ -136,6 +138,7 @@ class CheckpointWriter:
             log.warning("fedckpt: %s could not ask the node writers for its predecessor's saves: %s", self.name, error)
         finally:
             self._recovered.set()
+            self._open_bucket_marks()
             self._mark_if_quiet()
 
     async def _ready(self) -> None:
@@ -166,8 +169,8 @@ class CheckpointWriter:
 
     def _on_channel_message(self, message: Any, connection: channel.ServerConnection) -> Any:
         if isinstance(message, Enqueue):
-            self.arrived += len(message.requests)  # each took a number from the counter
             for request in message.requests:
+                self._arrived(request.key)  # each took a number from the counter
                 self._enqueue(request, message.payload, connection)
             return None
         if isinstance(message, WaitCall):
@@ -182,18 +185,24 @@ class CheckpointWriter:
 
     async def enqueue(self, request: SaveRequest, payload: Payload) -> Ack:
         """Queue a save and acknowledge at once (Ray calls: callers on other nodes)."""
-        number = self._take_number()  # every arrival takes one, so the quiet mark stays exact
+        number = self._take_number(request.key)  # every arrival takes one, so the quiet marks stay exact
         if request.sequence is None:
             request = replace(request, sequence=(self.epoch, number))
         return self._enqueue(request, payload, None)
 
-    def _take_number(self) -> int:
-        """A number of this incarnation's counter, taken by the writer itself (an arrival)."""
-        self.arrived += 1
+    def _take_number(self, key: str) -> int:
+        """A number of this incarnation's counter for a save of ``key``, taken by the writer itself (an arrival)."""
+        self._arrived(key)
         if self.counter is not None:
-            return self.counter.take()
+            return self.counter.take([key])
         self.number += 1
         return self.number
+
+    def _arrived(self, key: str) -> None:
+        """A save numbered from this incarnation's counter reached it."""
+        self.arrived += 1
+        bucket = bucket_of(key)
+        self.arrived_in[bucket] = self.arrived_in.get(bucket, 0) + 1
 
     def _enqueue(self, request: SaveRequest, payload: Payload, notify: channel.ServerConnection | None) -> Ack:
         """Queue a save; ``notify`` hears when it left memory. A save already queued or finished
@@ -203,7 +212,7 @@ class CheckpointWriter:
         if known is not None:
             return known
         if request.sequence is None:  # from a ticket whose Ray enqueue had not been answered
-            request = replace(request, sequence=(self.epoch, self._take_number()))
+            request = replace(request, sequence=(self.epoch, self._take_number(request.key)))
         sequence: tuple[int, int] = tuple(request.sequence)  # type: ignore[assignment,arg-type]
         if sequence[0] != self.epoch:  # numbered by an earlier incarnation, which lost it
             self.metrics.resent()
@@ -253,6 +262,7 @@ class CheckpointWriter:
     def _hold_error(self, key: str, error: BaseException) -> None:
         """Report ``error`` to the next flush or wait of ``key`` (from any process)."""
         self.keys.setdefault(key, KeyQueue()).error = error
+        self._unmark(key)  # no number was taken for it: its bucket's mark would still say quiet
 
     async def wait_saved(self, save_id: str, key: str, sequence: tuple[int, int], writer_epoch: int) -> SaveDone:
         """Wait until one save left memory: saved, superseded, failed or abandoned.
@@ -270,6 +280,7 @@ class CheckpointWriter:
         sequence = tuple(sequence)  # type: ignore[assignment]
         if writer_epoch != self.epoch:
             self.lost.expect(key, sequence)
+            self._unmark(key)  # a wait for the key waits for the save to be sent again
         return SaveDone(sequence, Outcome.UNKNOWN, save_id=save_id)
 
     async def wait_key(self, key: str) -> BaseException | None:
@@ -293,6 +304,7 @@ class CheckpointWriter:
                 errors[key] = error
                 if not state.pending():
                     del self.keys[key]
+                    self._mark_bucket_if_quiet(key)
         self._mark_if_quiet()
         return errors
 
@@ -300,6 +312,29 @@ class CheckpointWriter:
         """Set the counter's quiet mark if nothing is pending, held or awaited (see fedckpt.runtime.sequence)."""
         if self.counter is not None and self._recovered.is_set() and not self.keys and self.lost.count() == 0:
             self.counter.mark_quiet(self.arrived)
+
+    def _mark_bucket_if_quiet(self, key: str) -> None:
+        """``key`` left the queues: mark its bucket quiet if no key of it is queued, held or awaited."""
+        bucket = bucket_of(key)
+        if self.counter is None or not self._recovered.is_set() or bucket in self.keys.per_bucket:
+            return
+        awaited = self.lost.keys()  # saves of an earlier incarnation, to be sent again
+        if any(bucket_of(key) == bucket for key in awaited):
+            return
+        self.counter.mark_bucket_quiet(bucket, self.arrived_in.get(bucket, 0))
+
+    def _unmark(self, key: str) -> None:
+        if self.counter is not None:
+            self.counter.unmark_bucket(bucket_of(key))
+
+    def _open_bucket_marks(self) -> None:
+        """Recovered: the buckets of what the predecessor left (queued again, or awaited) stay unmarked
+        until it is done; every other bucket is quiet while nothing of it is numbered."""
+        if self.counter is None:
+            return
+        for key in set(self.keys) | self.lost.keys():
+            self._unmark(key)
+        self.counter.mark_ready()
 
     async def stop(self) -> None:
         """Finish every queued save, then end this actor (it is not restarted)."""
@@ -377,6 +412,7 @@ class CheckpointWriter:
         # Forget idle keys without an error to report: a long run touches many keys.
         if state.error is None and self.keys.get(key) is state:
             del self.keys[key]
+            self._mark_bucket_if_quiet(key)
         self._mark_if_quiet()
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedckpt.runtime.messages import Payload, SaveRequest
+from fedckpt.runtime.sequence import bucket_of
 
 
 @dataclass(eq=False)
@@ -60,3 +61,30 @@ class KeyQueue:
         """The error to report (each is reported once)."""
         error, self.error = self.error, None
         return error
+
+
+class KeyQueues(dict[str, KeyQueue]):
+    """A writer's queues by key, counting the keys of each bucket (:mod:`fedckpt.runtime.sequence`):
+    a bucket with no key here has nothing pending and no error held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_bucket: dict[int, int] = {}
+
+    def __setitem__(self, key: str, queue: KeyQueue) -> None:
+        if key not in self:
+            bucket = bucket_of(key)
+            self.per_bucket[bucket] = self.per_bucket.get(bucket, 0) + 1
+        super().__setitem__(key, queue)
+
+    def setdefault(self, key: str, default: KeyQueue) -> KeyQueue:  # type: ignore[override]
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        bucket = bucket_of(key)
+        self.per_bucket[bucket] -= 1
+        if not self.per_bucket[bucket]:
+            del self.per_bucket[bucket]
