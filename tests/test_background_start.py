@@ -162,3 +162,20 @@ def test_saves_past_the_held_bytes_cap_wait_for_the_start(tmp_path):
         "second waits while the start is held: True",
         f"both: {float(3 << 16)} {float(3 << 16)}",
     ], result.stdout
+
+
+def test_priming_pays_the_first_saves_one_time_costs_in_memory(tmp_path):
+    """What a client's warm-up thread runs while its first round trains: the modules a first save and
+    load import on first use are imported, and nothing is written anywhere."""
+    script = textwrap.dedent("""
+        import sys
+        from fedckpt.runtime.priming import prime_serialization
+        first_use = ["fedckpt.storage.posix", "torch.utils.serialization.config"]
+        before = [name in sys.modules for name in first_use]
+        prime_serialization()
+        print(before, [name in sys.modules for name in first_use])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[0] == "[False, False] [True, True]"
+    assert list(tmp_path.iterdir()) == []

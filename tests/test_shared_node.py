@@ -19,7 +19,7 @@ from conftest import make_model
 from safetensors.torch import load_file
 
 from fedckpt.runtime.sequence import SequenceCounter
-from fedckpt.runtime.staging import StagingArena, StagingFull, remove_orphans
+from fedckpt.runtime.staging import SEGMENT_GRANULARITY, StagingArena, StagingFull, remove_orphans
 from fedckpt.snapshot import snapshot_module
 from fedckpt.storage import manifest
 from fedckpt.storage.checksum import checksum_of, file_matches
@@ -270,6 +270,27 @@ def test_no_inode_left_for_a_segment_or_a_counter_file_is_staging_full(tmpfs_wit
     finally:
         arena.close()
     assert not [name for name in os.listdir(directory) if name.startswith("fedckpt-")]
+
+
+def test_segments_made_ready_ahead_serve_the_first_saves_and_stop_where_there_is_no_room(tmpfs_without_inodes):
+    """A warm-up makes free segments of the smallest size ahead; the first small saves take them (no new
+    memory mapped). Without an inode left it makes none and raises nothing: the saves find out."""
+    directory, fillers = tmpfs_without_inodes
+    arena = StagingArena(8 << 20, directory=str(directory))
+    try:
+        arena.make_ready(2)  # no inode left
+        assert arena.total_bytes() == 0
+        for filler in fillers[:2]:
+            os.remove(filler)
+        arena.make_ready(2)
+        ready = set(arena._free)
+        assert len(ready) == 2 and arena.total_bytes() == 2 * SEGMENT_GRANULARITY
+        first, second = arena.acquire(300_000), arena.acquire(300_000)
+        assert {first, second} == ready
+        arena.make_ready(2)  # both busy, no inode left for a third
+        assert arena.total_bytes() == 2 * SEGMENT_GRANULARITY
+    finally:
+        arena.close()
 
 
 SAVE_WITHOUT_INODES = """

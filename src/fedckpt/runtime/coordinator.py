@@ -40,6 +40,9 @@ from fedckpt.snapshot import Snapshot
 
 log = logging.getLogger("fedckpt")
 
+# Staging segments a warm-up makes ahead: a Flower client's first model save and state save.
+STAGING_SEGMENTS_AHEAD = 2
+
 # The completion thread's sends wait this long for a Ray answer; past it the watcher sends them again.
 COMPLETION_SEND_SECONDS = 5.0
 
@@ -107,16 +110,18 @@ class Coordinator:
         self.pool()
 
     def warm_up(self) -> None:
-        """Join the pool, connect to the homes on this node and start this node's writers if a home
-        runs elsewhere: what this process's first saves would wait for."""
+        """Join the pool, connect to the homes on this node, make staging segments ready and start this
+        node's writers if a home runs elsewhere: what this process's first saves would wait for."""
         pool = self.pool()
         assert pool is not None
         routes = {index: self._transport.route(pool, index) for index in range(pool.size)}
         for index, route in routes.items():
             if route is Route.CHANNEL:
                 self._transport.connect(pool, index)
-        if self._transport.arena is not None and Route.RAY in routes.values():
-            pool.ensure_node_writers(self._transport.node())
+        if self._transport.arena is not None:
+            self._transport.arena.make_ready(STAGING_SEGMENTS_AHEAD)
+            if Route.RAY in routes.values():
+                pool.ensure_node_writers(self._transport.node())
         self._watcher.wake()  # it watches the new channels
 
     def _leave_stopped_pool(self, pool: WriterPool) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import ray
 
-from fedckpt.runtime import overlap_hooks, preemption, ray_session, threads
+from fedckpt.runtime import overlap_hooks, preemption, priming, ray_session, threads
 from fedckpt.runtime.coordinator import Coordinator
 from fedckpt.runtime.settings import Settings
 from fedckpt.storage.base import set_default_storage_options
@@ -148,9 +148,10 @@ _warming_up: threading.Thread | None = None
 
 
 def warm_up_in_background() -> None:
-    """In a process already connected to Ray (a Flower ClientApp worker), join the writer pool and open
-    the channels to this node's writers on a background thread, once: the process's first save, after
-    a round of training, then need not wait for them. Does nothing without Ray (it never starts Ray)."""
+    """In a process already connected to Ray (a Flower ClientApp worker), join the writer pool, open
+    the channels to this node's writers and pay the first save's and load's one-time costs
+    (:mod:`fedckpt.runtime.priming`) on a background thread, once: the process's first save, after a
+    round of training, then need not wait for them. Does nothing without Ray (it never starts Ray)."""
     global _warming_up
     if not ray.is_initialized():
         return
@@ -163,6 +164,7 @@ def warm_up_in_background() -> None:
 def _warm_up() -> None:
     try:
         coordinator().warm_up()
+        priming.prime_serialization()
     except Exception as error:  # the first save tries again, and raises
         log.debug("fedckpt: warming up in the background failed: %s", error)
 

@@ -185,6 +185,16 @@ class StagingArena:
             self._busy.add(segment)
             return segment
 
+    def make_ready(self, count: int) -> None:
+        """Have ``count`` free segments of the smallest size ready (a process's first small saves then
+        map no memory); none is made when ``/dev/shm`` has no room for it."""
+        with self._lock:
+            while len(self._free) < count and self.total_bytes() + SEGMENT_GRANULARITY <= self.max_bytes:
+                try:
+                    self._free.append(self._create(SEGMENT_GRANULARITY // 2))
+                except StagingFull:
+                    return
+
     def has_free(self, nbytes: int) -> bool:
         return any(segment.size >= nbytes for segment in self._free)
 

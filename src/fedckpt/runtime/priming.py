@@ -1,0 +1,40 @@
+"""The one-time costs of a process's first save and load, paid ahead on a background thread.
+
+A fresh process's first checkpoint calls run code nothing has run yet: torch's serialization
+modules and their config (built from source), pickle's lookup of each torch class's slots, torch's
+loader, and fedckpt's own snapshot paths. Together that is tens of milliseconds, which a Flower
+client's first round would otherwise block for. The warm-up thread
+(:func:`fedckpt.runtime.lifecycle.warm_up_in_background`) runs them on a tiny model and a state
+like an optimizer's, while the round trains. Only per-architecture work is left to the first save
+of a real model.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import torch
+from torch import nn
+
+from fedckpt.snapshot import snapshot_module, snapshot_state, snapshot_torch_module
+from fedckpt.storage.base import storage_for
+
+
+def prime_serialization() -> None:
+    """Save and load a tiny model and optimizer state the ways fedckpt and its users do, in memory,
+    and import the local storage backend (imported on first use)."""
+    storage_for(os.getcwd()).exists(os.getcwd())
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for parameter in model.parameters():  # the state an optimizer step leaves, without a step
+        optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
+    state = {"server_round": 1, "optimizer": optimizer.state_dict()}
+    snapshot_torch_module(model)
+    snapshot_module(model)
+    snapshot_state(state)
+    for saved, weights_only in ((model, False), (state, True)):
+        buffer = io.BytesIO()
+        torch.save(saved, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=weights_only)
