@@ -90,3 +90,28 @@ def test_ci_runs_the_readme_test_command_and_the_oldest_flower_environment():
     ]
     assert command in ci.splitlines()
     assert f"-c {OLDEST_FLOWER.name}" in ci
+
+
+def test_the_wheel_carries_its_license_its_type_hints_and_the_one_version(tmp_path):
+    """Built as pip builds it: an SPDX license expression with the LICENSE file, ``py.typed`` (PEP 561),
+    and the version the package reports (fedckpt/_version.py is its only source)."""
+    import subprocess
+    import zipfile
+
+    import fedckpt
+
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = tmp_path.glob("fedckpt-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        (metadata,) = [name for name in names if name.endswith(".dist-info/METADATA")]
+        fields = archive.read(metadata).decode().split("\n\n")[0].splitlines()
+    assert "fedckpt/py.typed" in names
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
+    assert "License-Expression: Apache-2.0" in fields
+    assert f"Version: {fedckpt.__version__}" in fields
+    assert (ROOT / "CHANGELOG.md").read_text().count(f"## {fedckpt.__version__}") == 1
