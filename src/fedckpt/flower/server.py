@@ -152,7 +152,6 @@ class ServerCheckpoints:
 
         Every save, of the server and of the clients, is flushed before this returns or raises.
         """
-        lifecycle.start_writers_when_ray_is_up()  # so the clients' first saves need not wait for it
         try:
             return self._run(
                 strategy, grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
@@ -187,8 +186,9 @@ class ServerCheckpoints:
         configured = strategy_state.configuration(strategy)  # what the rounds reassign is the strategy's state
         history = Result()  # by true round number, the restored rounds' included: saved with each round
         with self.blocked.measure("open"):
-            saved = self._saved_state()
+            saved = self._saved_state()  # before the pool starts: no pool, no pending save to ask about
             self.module.resume_best_scores()
+        lifecycle.start_writers_when_ray_is_up()  # so the clients' first saves need not wait for it
         if saved is not None:
             arrays = self._restore(saved, strategy, history)
         restored = {field: dict(getattr(history, field)) for field in HISTORY_FIELDS}
