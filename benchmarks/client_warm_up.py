@@ -1,14 +1,17 @@
-"""A Flower client's first round in a fresh worker process against its second: blocked time with and
-without the background warm-up (joining the writer pool, connecting to this node's writers, making
-staging segments ready and paying the first save's and load's one-time costs while it trains).
+"""A Flower client's first round in a fresh worker process against a later one (its third): blocked
+time with and without the background warm-up (joining the writer pool, connecting to this node's
+writers, making staging segments ready and paying the first save's and load's one-time costs while
+it trains).
 
     .venv/bin/python benchmarks/client_warm_up.py [--repeats 6]
 
-Each run is a new Ray actor (a fresh process, as Flower's ClientApp actors are) that runs two rounds
-of one client: each builds ``ClientCheckpoints``, restores, "trains" for 0.5 s, and saves the
-pre-aggregation model (``.pt``), its state and the post-aggregation model; the driver created the
-pool first, as a ServerApp does. With and without the warm-up, interleaved (the order alternates);
-medians, and the first round as a multiple of the second.
+Each run is a new Ray actor (a fresh process, as Flower's ClientApp actors are) that runs three
+rounds of one client (the second makes the state's cached template, see
+``fedckpt.storage.formats.torch_records``; the third is a round as every later one). Each round
+builds ``ClientCheckpoints``, restores, "trains" for 0.5 s, and saves the pre-aggregation model
+(``.pt``), its state and the post-aggregation model, then waits 0.2 s (the server's aggregation);
+the driver created the pool first, as a ServerApp does. With and without the warm-up, interleaved
+(the order alternates); medians, and the first round as a multiple of the third.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "flower_simu
 
 @ray.remote(num_cpus=1)
 class FreshClientProcess:
-    def two_rounds(self, directory: str, warm_up: bool) -> tuple[float, float]:
-        """Blocked seconds of a client's first round in this process, and of its second."""
+    def rounds(self, directory: str, warm_up: bool) -> list[dict[str, float]]:
+        """Blocked seconds of a client's first three rounds in this process, by activity."""
         sys.path.insert(0, EXAMPLE)
         from fedckpt import LatestTorchModuleCheckpointer
         from fedckpt.flower import ClientCheckpoints
@@ -44,7 +47,7 @@ class FreshClientProcess:
         if not warm_up:
             lifecycle.warm_up_in_background = lambda: None
         blocked = []
-        for server_round in (1, 2):
+        for server_round in (1, 2, 3):
             checkpoints = ClientCheckpoints(
                 directory,
                 pre_aggregation=[LatestTorchModuleCheckpointer(directory, "pre.pt")],
@@ -60,8 +63,9 @@ class FreshClientProcess:
             checkpoints.after_local_training(model, 0.5, {}, server_round=server_round)
             checkpoints.save_state(server_round, optimizer, local_steps=server_round)
             checkpoints.after_receiving_global_model(model, 0.4, {}, server_round=server_round)
-            blocked.append(checkpoints.blocked_seconds)
-        return blocked[0], blocked[1]
+            blocked.append(dict(checkpoints.blocked.by_activity))
+            time.sleep(0.2)  # the server aggregates and the other clients run before the next round
+        return blocked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,24 +76,28 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     fedckpt.init()  # the ServerApp's pool
-    first: dict[bool, list[float]] = {True: [], False: []}
-    second: dict[bool, list[float]] = {True: [], False: []}
+    rounds: dict[bool, list[list[dict[str, float]]]] = {True: [], False: []}
     with tempfile.TemporaryDirectory() as root:
         for repeat in range(args.repeats):
             for warm_up in (True, False) if repeat % 2 == 0 else (False, True):
                 process = FreshClientProcess.remote()
                 directory = os.path.join(root, f"{repeat}-{warm_up}")
-                rounds = ray.get(process.two_rounds.remote(directory, warm_up))
-                first[warm_up].append(rounds[0])
-                second[warm_up].append(rounds[1])
+                rounds[warm_up].append(ray.get(process.rounds.remote(directory, warm_up)))
                 ray.kill(process)
+                first, _, later = (sum(blocked.values()) * 1000 for blocked in rounds[warm_up][-1])
                 print(f"[{repeat + 1}/{args.repeats}] warm-up {'on' if warm_up else 'off'}: first round "
-                      f"{rounds[0] * 1000:.1f} ms, second {rounds[1] * 1000:.1f} ms", file=sys.stderr)  # fmt: skip
+                      f"{first:.1f} ms, third {later:.1f} ms", file=sys.stderr)  # fmt: skip
         fedckpt.flush()
     for warm_up in (True, False):
-        one, two = statistics.median(first[warm_up]), statistics.median(second[warm_up])
-        print(f"warm-up {'on ' if warm_up else 'off'}: first round {one * 1000:.1f} ms, second {two * 1000:.1f} ms, "
-              f"first/second {one / two:.2f}x (medians of {args.repeats})")  # fmt: skip
+        one, two = (statistics.median(sum(run[index].values()) for run in rounds[warm_up]) for index in (0, 2))
+        activities = sorted(rounds[warm_up][0][0])
+        split = ", ".join(
+            f"{activity} {statistics.median(run[0].get(activity, 0) for run in rounds[warm_up]) * 1000:.2f}/"
+            f"{statistics.median(run[2].get(activity, 0) for run in rounds[warm_up]) * 1000:.2f}"
+            for activity in activities
+        )
+        print(f"warm-up {'on ' if warm_up else 'off'}: first round {one * 1000:.1f} ms, third {two * 1000:.1f} ms, "
+              f"first/third {one / two:.2f}x (medians of {args.repeats}); ms first/third: {split}")  # fmt: skip
     fedckpt.shutdown()
     ray.shutdown()
     return 0
