@@ -6,7 +6,9 @@
 #   env.txt (versions, GPU), tests.log, junit.xml, bench.log, gpu/gpu.json, gpu/gpu.txt
 #
 # Before calling it: build the Ray bundle on the machine with network, from the project root
-# (/work/shared/gpu/bundle.sh, see /work/shared/gpu/README.md), then run this with carry [".devbundle"]:
+# with the packages fedckpt needs that the GPU image lacks (see /work/shared/gpu/README.md),
+#   /work/shared/gpu/bundle.sh isal==1.9.1
+# then run this with carry [".devbundle"]:
 #   bash benchmarks/gpu_device_run.sh
 # Dry run without a GPU (no bundle needed; the CUDA tests are skipped and the benchmark says why it cannot run):
 #   OUT=/tmp/gpu-dry PYTHON=.venv/bin/python bash benchmarks/gpu_device_run.sh
@@ -22,7 +24,7 @@ mkdir -p "$OUT/gpu"
 if [ -f .devbundle/site.tar.xz ]; then
   mkdir -p /tmp/site && tar xJf .devbundle/site.tar.xz -C /tmp/site
 elif ! "$PYTHON" -c "import ray" 2>/dev/null; then
-  echo "no .devbundle/site.tar.xz and no Ray: build it with /work/shared/gpu/bundle.sh and carry .devbundle" >&2
+  echo "no .devbundle/site.tar.xz and no Ray: build it with /work/shared/gpu/bundle.sh isal==1.9.1 and carry .devbundle" >&2
   exit 3
 fi
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0

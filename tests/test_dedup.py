@@ -23,7 +23,8 @@ from fedckpt.cli import main as fedckpt_cli
 from fedckpt.runtime import lifecycle
 from fedckpt.snapshot import snapshot_state
 from fedckpt.storage import manifest
-from fedckpt.storage.formats.torch_zip import write_state_file
+from fedckpt.storage.formats import STATE, torch_zip
+from fedckpt.storage.formats.laid_out import lay_out, write_laid_out
 
 
 def linked_bytes() -> int:
@@ -63,6 +64,23 @@ def test_every_clients_copy_of_one_global_model_is_written_once(runtime, tmp_pat
     assert_same_tensors(clients[1].load_state_dict(), newer.state_dict())
     for checkpointer in clients[2:]:  # the shared file was never written into
         assert_same_tensors(load_file(checkpointer.checkpoint_path), model.state_dict())
+
+
+def test_every_clients_pt_copy_of_one_global_model_is_written_once_and_loads_with_torch(runtime, tmp_path):
+    """Under FL4Health's ``.pt`` names too: the files are what ``torch.save(model)`` writes, laid out the
+    same for every client, so nine of ten are links; each loads with ``torch.load`` and verifies."""
+    model = unique_model(width=256)
+    clients = [LatestTorchModuleCheckpointer(str(tmp_path / f"client_{i}"), "post.pt") for i in range(10)]
+    linked_before = linked_bytes()
+    for checkpointer in clients:
+        checkpointer.maybe_checkpoint(model, 0.5, {})
+        checkpointer.flush()
+    assert len({os.stat(checkpointer.checkpoint_path).st_ino for checkpointer in clients}) == 1
+    assert linked_bytes() - linked_before == 9 * os.path.getsize(clients[0].checkpoint_path)
+    assert fedckpt_cli(["verify", str(tmp_path)]) == 0
+    loaded = torch.load(clients[9].checkpoint_path, weights_only=False)
+    assert type(loaded) is type(model)
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
 
 
 def test_a_servers_latest_and_best_share_one_file(runtime, tmp_path):
@@ -150,8 +168,8 @@ def test_identical_content_on_another_file_system_is_written(runtime, tmp_path):
 
 def test_state_files_hold_torch_saves_records_and_equal_states_give_equal_files(runtime, tmp_path):
     """A state file is a valid zip (every CRC-32 checks) of the records torch.save writes, its version and
-    a serialization id; torch.load reads it, mapped or not. Equal states give byte-identical files (two
-    files: states are not linked), and another value another serialization id."""
+    a serialization id; torch.load reads it, mapped or not. Equal states give byte-identical files (so
+    the second is a link to the first), and another value another serialization id."""
     state = {"round": 3, "x": torch.arange(1000), "y": torch.randn(7, 3)}
     checkpointer = PerRoundStateCheckpointer(tmp_path)
     checkpointer.save_checkpoint("one.pt", state)
@@ -161,7 +179,7 @@ def test_state_files_hold_torch_saves_records_and_equal_states_give_equal_files(
     with open(tmp_path / "reference.pt", "wb") as file:  # a file object: torch names the archive "archive"
         torch.save(state, file)
     assert (tmp_path / "one.pt").read_bytes() == (tmp_path / "two.pt").read_bytes()
-    assert not os.path.samefile(tmp_path / "one.pt", tmp_path / "two.pt")
+    assert os.path.samefile(tmp_path / "one.pt", tmp_path / "two.pt")
     ours, reference = zip_records(tmp_path / "one.pt"), zip_records(tmp_path / "reference.pt")
     assert list(ours) == list(reference)  # the same records in the same order
     assert {name: data for name, data in ours.items() if not name.endswith("serialization_id")} == {
@@ -188,20 +206,25 @@ def zip_records(path) -> dict[str, bytes]:
         return {info.filename: archive.read(info) for info in archive.infolist()}
 
 
-def test_large_records_are_written_as_zip64_and_load(tmp_path, monkeypatch):
-    """Records past the zip size limit (4 GiB; lowered here so the test stays small) get zip64 headers,
-    and the file still checks and loads, mapped or not."""
-    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 1 << 10)
-    state = {"round": 1, "big": torch.arange(4096, dtype=torch.float64)}
+def test_large_records_and_offsets_are_written_as_zip64_and_load(tmp_path, monkeypatch):
+    """Records and offsets past the zip limit (2 GiB; lowered here so the test stays small) get zip64
+    fields, and the directory past it zip64's end records; the file still checks and loads, mapped or not."""
+    monkeypatch.setattr(torch_zip, "ZIP64_LIMIT", 1 << 10)
+    state = {"round": 1, "big": torch.arange(4096, dtype=torch.float64), "after": torch.ones(300)}
     snapshot = snapshot_state(state)
     data = np.empty(snapshot.nbytes, dtype=np.uint8)
     snapshot.copy_into(data)
-    write_state_file(snapshot.layout, memoryview(data), str(tmp_path / "s.pt"))
+    write_laid_out(lay_out(STATE, snapshot.layout, memoryview(data)), str(tmp_path / "s.pt"))
+    raw = (tmp_path / "s.pt").read_bytes()
     with zipfile.ZipFile(tmp_path / "s.pt") as archive:
-        assert archive.getinfo("archive/data/0").file_size > zipfile.ZIP64_LIMIT
+        infos = {info.filename: info for info in archive.infolist()}
+    assert infos["archive/data/0"].file_size > torch_zip.ZIP64_LIMIT
+    assert infos["archive/data/1"].header_offset > torch_zip.ZIP64_LIMIT
+    assert b"PK\x06\x06" in raw[-200:] and b"PK\x06\x07" in raw[-200:]  # zip64's end record and locator
     assert set(zip_records(tmp_path / "s.pt")) >= {"archive/data.pkl", "archive/data/0", "archive/version"}
     for mmap in (False, True):
-        assert torch.equal(torch.load(tmp_path / "s.pt", weights_only=False, mmap=mmap)["big"], state["big"])
+        loaded = torch.load(tmp_path / "s.pt", weights_only=False, mmap=mmap)
+        assert torch.equal(loaded["big"], state["big"]) and torch.equal(loaded["after"], state["after"])
 
 
 def test_a_writer_process_never_imports_torch(runtime, tmp_path):

@@ -56,7 +56,7 @@ def test_the_torch_floor_is_the_torch_that_runs_the_tests():
 
 def test_the_core_leaves_flower_and_rich_to_their_extras():
     core = sorted(requirement.name for requirement in CORE)
-    assert core == ["fsspec", "numpy", "ray", "safetensors", "torch", "xxhash"]
+    assert core == ["fsspec", "isal", "numpy", "ray", "safetensors", "torch", "xxhash"]
     assert [str(requirement) for requirement in EXTRAS["bench"]] == ["rich>=13"]
     flower = named(EXTRAS["flower"], "flwr")
     assert flower.extras == {"simulation"}  # Flower's Ray pin comes with it

@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedckpt.snapshot import snapshot_state
+from fedckpt.storage.formats import STATE
 from fedckpt.storage.formats import torch_records as state_records
+from fedckpt.storage.formats.laid_out import lay_out, write_laid_out
 from fedckpt.storage.formats.torch_records import _RecordCollector, describe
-from fedckpt.storage.formats.torch_zip import write_state_file
 
 
 def fresh_records(state) -> list[tuple[str, bytes]]:
@@ -140,7 +141,7 @@ def test_a_state_of_the_same_structure_reuses_its_pickle_and_loads_back(tmp_path
     assert len(state_records._cache) == 1  # reused: same structure, other values
     data = np.empty(snapshot.nbytes, dtype=np.uint8)
     snapshot.copy_into(data)
-    write_state_file(snapshot.layout, memoryview(data), str(tmp_path / "s.pt"))
+    write_laid_out(lay_out(STATE, snapshot.layout, memoryview(data)), str(tmp_path / "s.pt"))
     loaded = torch.load(tmp_path / "s.pt", weights_only=False)
     assert torch.equal(loaded["optimizer"]["state"][0]["momentum_buffer"], torch.full((4,), 2.0))
 

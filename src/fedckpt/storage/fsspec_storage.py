@@ -39,12 +39,9 @@ from fedckpt import _compat, retention
 from fedckpt.errors import CorruptCheckpointError
 from fedckpt.storage import s3_store, s3_upload
 from fedckpt.storage.base import Persisted, RoundVersion, SaveTarget, Storage, T, VerifyReport, VersionListing
-from fedckpt.storage.checksum import RunningChecksum, checksum_of
+from fedckpt.storage.checksum import RunningChecksum
 from fedckpt.storage.dedup import ContentIndex
-from fedckpt.storage.direct import FrontToBackFile
-from fedckpt.storage.formats import MODULE
-from fedckpt.storage.formats.safetensors_file import safetensors_header
-from fedckpt.storage.formats.torch_zip import write_state_records
+from fedckpt.storage.formats.laid_out import lay_out
 from fedckpt.storage.manifest import ManifestEntry
 from fedckpt.storage.object_file import ObjectFile
 from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, Location
@@ -75,23 +72,6 @@ def close_sessions() -> None:
 # Keys whose leftovers this process already looked for (once per key and process).
 _cleaned: set[str] = set()
 _cleaned_lock = threading.Lock()
-
-
-class FilePieces(FrontToBackFile):
-    """What a file writer (zipfile) writes, kept as the pieces it wrote, hashed and counted: record
-    data stays a view of the staging memory, so nothing is copied before the upload."""
-
-    def __init__(self) -> None:
-        self.pieces: list[memoryview] = []
-        self.checksum = RunningChecksum()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self.checksum.update(view)
-        self.pieces.append(view)
-        self.size += len(view)
-        return len(view)
 
 
 def version_name(name: str, sequence: tuple[int, int]) -> str:
@@ -149,17 +129,11 @@ class FsspecStorage(Storage):
         url = f"{control}/{obj}"
         linked = False
         try:
-            if target.kind == MODULE:
-                header = safetensors_header(target.layout)
-                checksum, size = checksum_of(header, data), len(header) + len(data)
-                linked = content_index is not None and self._copy_identical(content_index, checksum, url)
-                if not linked:
-                    self._upload_pieces(url, [memoryview(header), data])
-            else:
-                written = FilePieces()
-                write_state_records(target.layout, data, written)
-                checksum, size = written.checksum.value(), written.size
-                self._upload_pieces(url, written.pieces)
+            file = lay_out(target.kind, target.layout, data)
+            checksum, size = file.checksum, file.size
+            linked = content_index is not None and self._copy_identical(content_index, checksum, url)
+            if not linked:
+                self._upload_pieces(url, file.pieces)
             entry = ManifestEntry(
                 name=name, format=target.kind, sequence=tuple(target.sequence), score=target.score,
                 score_name=target.score_name, bytes=size, checksum=checksum, saved_at=time.time(),
@@ -180,7 +154,7 @@ class FsspecStorage(Storage):
         if not committed:
             self._remove(url)
             return None
-        if content_index is not None and target.kind == MODULE:
+        if content_index is not None:
             content_index.record(checksum, target.path)
         try:
             self._clean_leftovers_once(target.path, entry)

@@ -15,11 +15,9 @@ from fedckpt import retention
 from fedckpt.storage import manifest
 from fedckpt.storage.atomic import claim_temp, discard_temp, fsync_path, publish, remove_quietly, write_durable_temp
 from fedckpt.storage.base import Persisted, RoundVersion, SaveTarget, Storage, T, VerifyReport, VersionListing
-from fedckpt.storage.checksum import checksum_of, file_matches
+from fedckpt.storage.checksum import file_matches
 from fedckpt.storage.dedup import ContentIndex, link_identical
-from fedckpt.storage.formats import MODULE
-from fedckpt.storage.formats.safetensors_file import safetensors_header, write_module_file
-from fedckpt.storage.formats.torch_zip import write_state_file
+from fedckpt.storage.formats.laid_out import lay_out, write_laid_out
 from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, Location, temp_path
 
 
@@ -145,7 +143,7 @@ def persist_checkpoint(
     """Write a snapshot (its ``layout`` and staged ``data``) atomically and durably at ``path``,
     and record it in the manifest.
 
-    A model file's checksum is computed before it is written, and names its content: if
+    The file's checksum is computed before it is written, and names its content: if
     ``content_index`` knows a checkpoint with that content, the new version is a hard link to it.
     Returns None, leaving the checkpoint untouched, when the version on disk has this sequence or a
     newer one (a re-sent save of a restarted writer must never replace a newer checkpoint, nor be
@@ -154,30 +152,28 @@ def persist_checkpoint(
     """
     path = Location.of(path).local_path("fedckpt.storage.posix.persist_checkpoint")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    if kind != MODULE:
-        temp, checksum = write_durable_temp(path, lambda target: write_state_file(layout, data, target))
-        return _publish(path, kind, temp, checksum, sequence, score, score_name, writer_name, False, version_fields)
-    header = safetensors_header(layout)
-    checksum = checksum_of(header, data)
+    file = lay_out(kind, layout, data)
     if content_index is None:
-        temp, _ = write_durable_temp(path, lambda target: write_module_file(header, data, target))
-        return _publish(path, kind, temp, checksum, sequence, score, score_name, writer_name, False, version_fields)
-    with content_index.writing(checksum) as candidate:
+        temp, _ = write_durable_temp(path, lambda target: write_laid_out(file, target))
+        return _publish(
+            path, kind, temp, file.checksum, sequence, score, score_name, writer_name, False, version_fields
+        )
+    with content_index.writing(file.checksum) as candidate:
         linked = False
 
         def write(temp: str) -> None:
             nonlocal linked
-            linked = candidate is not None and link_identical(candidate, checksum, temp)
+            linked = candidate is not None and link_identical(candidate, file.checksum, temp)
             if not linked:
                 claim_temp(temp)
-                write_module_file(header, data, temp)
+                write_laid_out(file, temp)
 
         temp, _ = write_durable_temp(path, write, claim=False)
         persisted = _publish(
-            path, kind, temp, checksum, sequence, score, score_name, writer_name, linked, version_fields
+            path, kind, temp, file.checksum, sequence, score, score_name, writer_name, linked, version_fields
         )
         if persisted is not None:
-            content_index.record(checksum, path)
+            content_index.record(file.checksum, path)
     return persisted
 
 

@@ -7,7 +7,7 @@ import json
 import struct
 from typing import Any, NamedTuple
 
-from fedckpt.storage.direct import BLOCK, HashingFile
+from fedckpt.storage.direct import BLOCK
 from fedckpt.storage.formats import METADATA_KEY, MODULE_FORMAT_VERSION
 
 # torch dtype name -> safetensors dtype code, for every dtype a model checkpoint can hold.
@@ -63,16 +63,7 @@ def safetensors_header(layout: dict[str, Any]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def write_module_file(header: bytes, data: memoryview, path: str) -> None:
-    """Write a module snapshot as one safetensors file: ``header`` (:func:`safetensors_header`),
-    then the data region as staged.
-
-    The staged data is already in safetensors order, so this is one sequential write. The caller
-    knows the file's checksum already (it is the checksum of ``header`` and ``data``).
-    """
-    out = HashingFile(path, checksum=False)
-    try:
-        out.write(header)
-        out.write(data)
-    finally:
-        out.close()
+def module_file_pieces(layout: dict[str, Any], data: memoryview) -> list[memoryview]:
+    """A module snapshot's safetensors file, in pieces: its header (:func:`safetensors_header`), then
+    the data region as staged (already in safetensors order)."""
+    return [memoryview(safetensors_header(layout)), data]

@@ -1,14 +1,18 @@
-"""The state format: the records of torch.save's pickling, in torch's zip layout, written by hand."""
+"""The state format: the records of torch.save's pickling, in torch's zip layout, laid out by hand.
+
+Laid out here rather than by :mod:`zipfile` so that the whole file, and so its checksum, is known
+before anything is written: a file identical to one already stored is then linked, not written
+again (every client's ``.pt`` copy of one global model). Each record's CRC-32 comes from ISA-L
+(about 12 GB/s on one core, against 2 GB/s for zlib's, which zipfile uses).
+"""
 
 from __future__ import annotations
 
 import struct
-import zipfile
 from typing import Any
 
 import xxhash
-
-from fedckpt.storage.direct import HashingFile
+from isal import isal_zlib
 
 # What torch's zip writer adds after the records of torch.save's pickling, and how it lays them out.
 TORCH_ARCHIVE = "archive/"  # the directory torch names the records in when saving to a file object
@@ -16,44 +20,78 @@ TORCH_FORMAT_VERSION = b"3\n"
 TORCH_RECORD_ALIGNMENT = 64  # record data starts on this boundary (torch.load(mmap=True) relies on it)
 _PADDING_FIELD = 0x4246  # torch pads a record's local header with an extra field of this id ("FB")
 
+# The zip format's numbers (PKWARE's APPNOTE), as zipfile writes them.
+ZIP64_LIMIT = (1 << 31) - 1  # sizes and offsets past this get zip64 fields (zipfile's limit)
+_VERSION, _ZIP64_VERSION = 20, 45
+_MADE_BY_UNIX = 3 << 8
+_DOS_DATE_1980 = (1 << 5) | 1  # 1980-01-01, the earliest date a zip holds: equal states, equal files
+_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+_CENTRAL_HEADER = struct.Struct("<IHHHHHHIIIHHHHHII")
+_END = struct.Struct("<IHHHHIIH")
+_ZIP64_END = struct.Struct("<IQHHIIQQQQ")
+_ZIP64_LOCATOR = struct.Struct("<IIQI")
+_MAX_32, _MAX_16 = 0xFFFFFFFF, 0xFFFF
 
-def write_state_file(layout: dict[str, Any], data: memoryview, path: str) -> str:
-    """Write the records collected from torch's own pickling in torch's zip format; return its checksum.
+
+def state_file_pieces(layout: dict[str, Any], data: memoryview) -> list[memoryview]:
+    """The state file's bytes, in pieces (record data stays a view of the staged ``data``).
 
     Each record is stored uncompressed with its CRC-32, its data aligned as torch aligns it, then the
-    ``version`` and ``.data/serialization_id`` records torch's writer ends with. The file is written
-    front to back (data descriptors instead of seeking back), so it is hashed as it is written.
-    Buffered, unlike model files: a state is read back soon (a Flower client restores it at the start
-    of its next round), and from the page cache that read is a memory copy, not a disk read.
+    ``version`` and ``.data/serialization_id`` records torch's writer ends with, then the central
+    directory. The same records always give the same bytes.
     """
-    out = HashingFile(path, direct=False)
-    try:
-        write_state_records(layout, data, out)
-    finally:
-        checksum = out.close()
-    assert checksum is not None
-    return checksum
-
-
-def write_state_records(layout: dict[str, Any], data: memoryview, out: Any) -> None:
-    """The state file's bytes, front to back, into ``out`` (anything with ``write`` and ``tell``)."""
     records = [(name, data[begin:end]) for name, begin, end in layout["records"]]
     records += [("version", memoryview(TORCH_FORMAT_VERSION)), (".data/serialization_id", _serialization_id(records))]
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, record in records:
-            _write_record(archive, out, TORCH_ARCHIVE + name, record)
+    pieces: list[memoryview] = []
+    central: list[bytes] = []
+    offset = 0
+    for name, record in records:
+        encoded = (TORCH_ARCHIVE + name).encode()
+        crc = isal_zlib.crc32(record)
+        header = _local_header(encoded, len(record), crc, offset)
+        central.append(_central_header(encoded, len(record), crc, offset))
+        pieces += [memoryview(header), record]
+        offset += len(header) + len(record)
+    directory = b"".join(central)
+    pieces.append(memoryview(directory + _end_records(len(records), len(directory), offset)))
+    return pieces
 
 
-def _write_record(archive: zipfile.ZipFile, out: Any, name: str, record: memoryview) -> None:
-    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-    info.file_size = len(record)
-    zip64 = len(record) > zipfile.ZIP64_LIMIT
-    # The local header: 30 bytes, the name, the padding field (4 bytes + padding), zipfile's zip64 field.
-    data_start = out.tell() + 30 + len(name.encode()) + 4 + (20 if zip64 else 0)
+def _local_header(name: bytes, size: int, crc: int, offset: int) -> bytes:
+    zip64 = size > ZIP64_LIMIT
+    extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+    data_start = offset + _LOCAL_HEADER.size + len(name) + len(extra) + 4
     padding = -data_start % TORCH_RECORD_ALIGNMENT
-    info.extra = struct.pack("<HH", _PADDING_FIELD, padding) + bytes(padding)
-    with archive.open(info, "w", force_zip64=zip64) as entry:
-        entry.write(record)
+    extra += struct.pack("<HH", _PADDING_FIELD, padding) + bytes(padding)
+    stored = _MAX_32 if zip64 else size
+    version = _ZIP64_VERSION if zip64 else _VERSION
+    fields = (0x04034B50, version, 0, 0, 0, _DOS_DATE_1980, crc, stored, stored, len(name), len(extra))
+    return _LOCAL_HEADER.pack(*fields) + name + extra
+
+
+def _central_header(name: bytes, size: int, crc: int, offset: int) -> bytes:
+    # A zip64 field holds, in this order, only the values that do not fit their 32-bit field.
+    large = [value for value in (size, size, offset) if value > ZIP64_LIMIT]
+    extra = struct.pack(f"<HH{len(large)}Q", 1, 8 * len(large), *large) if large else b""
+    stored = _MAX_32 if size > ZIP64_LIMIT else size
+    version = _ZIP64_VERSION if large else _VERSION
+    at = _MAX_32 if offset > ZIP64_LIMIT else offset
+    fields = (0x02014B50, _MADE_BY_UNIX | version, version, 0, 0, 0, _DOS_DATE_1980, crc, stored, stored,
+              len(name), len(extra), 0, 0, 0, 0, at)  # fmt: skip
+    return _CENTRAL_HEADER.pack(*fields) + name + extra
+
+
+def _end_records(count: int, size: int, offset: int) -> bytes:
+    """The end of central directory record, after zip64's end record and locator where needed."""
+    zip64 = count > _MAX_16 or size > ZIP64_LIMIT or offset > ZIP64_LIMIT
+    if not zip64:
+        return _END.pack(0x06054B50, 0, 0, count, count, size, offset, 0)
+    zip64_end = _ZIP64_END.pack(0x06064B50, _ZIP64_END.size - 12, _MADE_BY_UNIX | _ZIP64_VERSION, _ZIP64_VERSION,
+                                0, 0, count, count, size, offset)  # fmt: skip
+    locator = _ZIP64_LOCATOR.pack(0x07064B50, 0, offset + size, 1)
+    end = _END.pack(0x06054B50, 0, 0, min(count, _MAX_16), min(count, _MAX_16), min(size, _MAX_32),
+                    min(offset, _MAX_32), 0)  # fmt: skip
+    return zip64_end + locator + end
 
 
 def _serialization_id(records: list[tuple[str, memoryview]]) -> memoryview:
