@@ -34,6 +34,7 @@ from fedckpt.skeleton import EXTRA_TENSOR_PREFIX, SKELETON_TENSOR_TAG
 from fedckpt.storage import formats
 from fedckpt.storage.base import storage_for
 from fedckpt.storage.formats.safetensors_file import SAFETENSORS_CODES
+from fedckpt.storage.small_state import load_small_state
 
 Source = str | BinaryIO  # a local file's path, or a seekable binary file of a version (an object store's)
 Device = str | torch.device | None  # where a load puts the tensors (None: where they were saved, or the CPU)
@@ -248,7 +249,13 @@ def read_state(source: Source, mmap: bool = False, map_location: Any = None) -> 
     if not isinstance(source, str):  # torch reads each record into its storage with readinto
         return torch.load(source, weights_only=False, map_location=map_location)
     path = source
-    if mmap or os.path.getsize(path) < MAPPED_READ_MIN_BYTES:
+    small = os.path.getsize(path) < MAPPED_READ_MIN_BYTES
+    if small and not mmap and map_location is None:
+        try:
+            return load_small_state(path)
+        except Exception:  # NeedsTorchLoad, or a damaged file: torch.load gives the error users know
+            pass
+    if mmap or small:
         return torch.load(path, weights_only=False, mmap=mmap, map_location=map_location)
     return copy.deepcopy(torch.load(path, weights_only=False, mmap=True, map_location=map_location))
 
