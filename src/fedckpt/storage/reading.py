@@ -31,7 +31,11 @@ import torch
 from torch import nn
 
 from fedckpt.skeleton import EXTRA_TENSOR_PREFIX, SKELETON_TENSOR_TAG
-from fedckpt.storage import formats
+
+# posix, the local backend, comes with the loaders rather than with a first load: importing it reads
+# files, and each read waits again for the GIL behind whatever else the process runs (with Flower
+# starting its simulation beside a ServerApp, a server's first look for its state took 0.1 s, not 1 ms).
+from fedckpt.storage import formats, posix  # noqa: F401
 from fedckpt.storage.base import storage_for
 from fedckpt.storage.formats.safetensors_file import SAFETENSORS_CODES
 from fedckpt.storage.small_state import load_small_state
