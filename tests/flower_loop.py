@@ -54,7 +54,7 @@ class RecordingStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         self.calls.append(("aggregate_evaluate", server_round))
-        return MetricRecord({"loss": 1.0 / server_round})
+        return MetricRecord({"eval_loss": 1.0 / server_round})
 
     def summary(self) -> None:
         self.calls.append(("summary",))
@@ -73,7 +73,7 @@ class CentralEvaluation:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         self.calls.append(("evaluate_fn", server_round, value_of(arrays)))
-        return MetricRecord({"loss": float(server_round), "accuracy": 0.5})
+        return MetricRecord({"eval_loss": float(server_round), "accuracy": 0.5})
 
 
 class NoClientsGrid(Grid):

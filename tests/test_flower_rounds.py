@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 from flower_loop import CentralEvaluation, NoClientsGrid, RecordingStrategy, arrays_of, value_of
+from flwr.app import MetricRecord
 from flwr.serverapp.strategy import Result
 from torch import nn
 
@@ -18,6 +19,7 @@ from fedckpt import (
     ServerCheckpointAndStateModule,
 )
 from fedckpt import _compat as compat
+from fedckpt.errors import ScoreError
 from fedckpt.flower import ServerCheckpoints
 from fedckpt.storage.reading import read_state_dict
 
@@ -127,3 +129,42 @@ def test_a_strategy_that_overrides_start_is_run_by_flowers_loop_with_a_warning(r
         server_checkpoints(tmp_path).start(strategy, NoClientsGrid(), arrays_of(0), num_rounds=1)
     assert "OwnLoop overrides Strategy.start" in caplog.text
     assert strategy.rounds("configure_train") == [1]
+
+
+class ReportsUnder(RecordingStrategy):
+    """Reports its federated evaluation under ``names`` (round -> metric names; none: no evaluation)."""
+
+    def __init__(self, names: dict[int, list[str]]) -> None:
+        super().__init__()
+        self.names = names
+
+    def aggregate_evaluate(self, server_round, replies):
+        super().aggregate_evaluate(server_round, replies)
+        names = self.names.get(server_round, [])
+        return MetricRecord({name: 1.0 / server_round for name in names}) if names else None
+
+
+def test_a_loss_key_the_evaluation_never_reports_is_an_error_naming_what_it_reports(runtime, tmp_path):
+    """Flower's templates report ``eval_loss``, the default; an app that names its loss otherwise is
+    told so at its first evaluated round, before anything of that round is saved."""
+    checkpoints = server_checkpoints(tmp_path)
+    strategy = ReportsUnder({1: ["loss", "accuracy"]})
+    with pytest.raises(ScoreError, match=r"loss_key='eval_loss'.*round 1's evaluation reported 'accuracy', 'loss'"):
+        checkpoints.start(strategy, NoClientsGrid(), arrays_of(0), num_rounds=2)
+    assert not (tmp_path / "server_state.pt").exists() and not (tmp_path / "latest.safetensors").exists()
+
+
+def test_rounds_without_evaluation_have_no_loss_and_are_not_an_error(runtime, tmp_path, caplog):
+    """Round 1 is not evaluated, round 2 reports the loss, round 3 reports something else only: the
+    best model is round 2's, every round is checkpointed, and the two rounds without it are logged."""
+    checkpoints = server_checkpoints(tmp_path)
+    strategy = ReportsUnder({2: ["eval_loss"], 3: ["accuracy"]})
+    with caplog.at_level(logging.WARNING, logger="fedckpt"):
+        checkpoints.start(strategy, NoClientsGrid(), arrays_of(0), num_rounds=3)
+    assert saved_state(tmp_path)["server_round"] == 3
+    assert checkpointed_value(tmp_path, "best.safetensors") == 20
+    assert checkpointed_value(tmp_path, "latest.safetensors") == 30
+    assert [record.getMessage() for record in caplog.records if "reported no" in record.getMessage()] == [
+        "Round 1 reported no 'eval_loss' metric: the global model's loss is NaN",
+        "Round 3 reported no 'eval_loss' metric: the global model's loss is NaN",
+    ]

@@ -41,6 +41,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedckpt import _compat
+from fedckpt.errors import ScoreError
 from fedckpt.flower import strategy_state
 from fedckpt.flower.rounds import CheckpointedRounds, EvaluateFn, RoundOutcome
 from fedckpt.flower.timing import BlockedTime
@@ -61,7 +62,10 @@ class ServerCheckpoints:
         module: the server's model checkpointers and state checkpointer (one is required).
         state_name: file name of the server state in the state checkpointer's directory.
         loss_key: the metric used as the loss of the global model: taken from the centralized
-            evaluation if it reports it, else from the aggregated federated evaluation.
+            evaluation if it reports it, else from the aggregated federated evaluation. The default is
+            what Flower's app templates report. If the first evaluated round reports other metrics
+            only, that is a :class:`~fedckpt.errors.ScoreError` naming them, raised before anything of
+            the round is saved; a round without evaluation has a NaN loss (best-loss checkpointers skip it).
         clients_dir: where the clients' directories are (the server state's directory may be it). Given
             this, each round records how many clients trained in it, and a round is complete only once
             that many client states of it are kept below ``clients_dir``.
@@ -77,7 +81,7 @@ class ServerCheckpoints:
         self,
         module: ServerCheckpointAndStateModule,
         state_name: str = "server_state.pt",
-        loss_key: str = "loss",
+        loss_key: str = "eval_loss",
         *,
         clients_dir: str | None = None,
         client_state: str = CLIENT_STATE,
@@ -87,6 +91,7 @@ class ServerCheckpoints:
         self.module = module
         self.state_name = state_name
         self.loss_key = loss_key
+        self._loss_received = False  # a round without it is then a round without evaluation, not an error
         self.resumed_from_round = 0
         self.saves_written = 0
         self.bytes_written = 0
@@ -239,7 +244,16 @@ class ServerCheckpoints:
         server_round = outcome.server_round
         metrics = {**_scalars(outcome.evaluate_metrics), **_scalars(outcome.central_metrics)}
         loss = metrics.get(self.loss_key, math.nan)  # NaN: best-loss checkpointers skip, latest ones save
-        if self.loss_key not in metrics:
+        if self.loss_key in metrics:
+            self._loss_received = True
+        elif metrics and not self._loss_received:  # evaluated, under other names: a wrong loss_key
+            raise ScoreError(
+                f"ServerCheckpoints(loss_key={self.loss_key!r}): round {server_round}'s evaluation reported "
+                f"{', '.join(repr(name) for name in sorted(metrics))} but no {self.loss_key!r}. Pass the metric "
+                "your evaluation names the loss as loss_key (Flower's templates report 'eval_loss'). Nothing of "
+                "this round was saved; earlier rounds are kept."
+            )
+        else:
             log.warning("Round %s reported no %r metric: the global model's loss is NaN", server_round, self.loss_key)
         state_dict = dict(outcome.arrays.to_torch_state_dict())
         self.module.maybe_checkpoint(state_dict, loss, metrics, server_round=server_round)
