@@ -18,6 +18,10 @@ from fedckpt.runtime.writer import retention_step
 from fedckpt.runtime.writer.process import lower_priority
 from fedckpt.runtime.writer.queue import QueuedSave
 from fedckpt.runtime.writer.staged import CallerDied, StagedBytes
+
+# posix (the local backend: zip layout, ISA-L, direct I/O) is imported as the writer starts, before
+# the first round's saves arrive, not by the first write while the callers' first round runs.
+from fedckpt.storage import posix  # noqa: F401
 from fedckpt.storage.base import Persisted, SaveTarget, storage_for
 from fedckpt.storage.dedup import ContentIndex
 
