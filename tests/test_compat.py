@@ -31,6 +31,7 @@ from torch import nn
 
 import fedckpt
 from fedckpt import _compat
+from fedckpt.storage.small_state import load_small_state
 
 CANARIES: dict[str, str] = {}  # private name -> the test that guards it
 
@@ -320,6 +321,21 @@ def test_tensor_serialization_metadata_is_empty_for_a_plain_tensor_only():
     assert not _compat.tensor_serialization_metadata(torch.zeros(2))
     assert _compat.tensor_serialization_metadata(conjugate)
     assert _compat.tensor_serialization_metadata(negative)
+
+
+@canary("torch._utils._validate_loaded_sparse_tensors")
+def test_validate_loaded_sparse_tensors_rejects_a_sparse_tensor_rebuilt_out_of_bounds(tmp_path):
+    """torch queues the sparse tensors it rebuilds while unpickling, and this checks them (with torch's
+    invariant checks on): a small state file with an index past its tensor's size fails to load, as
+    with torch.load."""
+    broken = torch.sparse_coo_tensor(torch.tensor([[5]]), torch.tensor([1.0]), (2,), check_invariants=False)
+    torch.save({"x": broken}, tmp_path / "s.pt")
+    with torch.sparse.check_sparse_tensor_invariants(), pytest.raises(RuntimeError, match="out of bounds|index"):
+        torch.load(tmp_path / "s.pt", weights_only=False)
+    with torch.sparse.check_sparse_tensor_invariants(), pytest.raises(RuntimeError, match="out of bounds|index"):
+        load_small_state(str(tmp_path / "s.pt"))
+    torch.save({"x": torch.sparse_coo_tensor(torch.tensor([[1]]), torch.tensor([1.0]), (2,))}, tmp_path / "s.pt")
+    assert load_small_state(str(tmp_path / "s.pt"))["x"].to_dense().tolist() == [0.0, 1.0]
 
 
 def _pickled_state(module: nn.Module) -> dict[str, Any]:

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from fedckpt import _compat
+
 # torch.load's renames of modules a pickle may name (torch.serialization's load_module_mapping).
 _MODULE_RENAMES = {"torch.tensor": "torch._tensor"}
 _LOCAL_HEADER_SIZE = 30
@@ -45,7 +47,7 @@ def load_small_state(path: str) -> Any:
     begin, end = records[pickled]
     unpickler = _StateUnpickler(io.BytesIO(raw[begin:end]), raw, records, archive)
     state = unpickler.load()
-    torch._utils._validate_loaded_sparse_tensors()
+    _compat.validate_loaded_sparse_tensors()
     return state
 
 
@@ -110,7 +112,7 @@ class _StateUnpickler(pickle.Unpickler):
         if key not in self._storages:
             dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
             begin, end = self._records[f"{self._archive}data/{key}"]
-            nbytes = numel * torch._utils._element_size(dtype)
+            nbytes = numel * dtype.itemsize
             if end - begin != nbytes:
                 raise NeedsTorchLoad(f"record data/{key} holds {end - begin} bytes, not {nbytes}")
             if nbytes:  # the tensor holds a reference to the buffer: the bytes stay while it lives
