@@ -2,7 +2,7 @@
 hard-linked to that version instead of written again.
 
 The typical cases: every client's post-aggregation checkpoint of one global model, or a server's
-latest and best. A writer hashes a model file's bytes (header and staged data) before writing, so
+latest and best. A writer hashes a checkpoint file's bytes (laid out from the staged data) before writing, so
 the hash names the file's content; the :class:`ContentIndex` names a published checkpoint that had
 that content. The index may be stale, and a file beside another checkpoint may have been changed or
 planted: :func:`link_identical` links a candidate only if it is this user's file and its bytes hash to

@@ -35,20 +35,7 @@ def _address(view: memoryview) -> int:
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else 0
 
 
-class FrontToBackFile:
-    """A file written front to back: all a zip writer asks besides ``write`` is where it is."""
-
-    size = 0
-
-    def tell(self) -> int:
-        """Bytes written so far. There is no ``seek``: zipfile then writes front to back."""
-        return self.size
-
-    def flush(self) -> None:
-        pass
-
-
-class HashingFile(FrontToBackFile):
+class HashingFile:
     """A new binary file written front to back; ``close()`` returns the checksum of what was written
     (None with ``checksum=False``, for bytes whose checksum is known already)."""
 
@@ -69,8 +56,8 @@ class HashingFile(FrontToBackFile):
         self.failed: OSError | None = None
 
     def write(self, data: Any) -> int:
-        """Append ``data``. After a failed write (disk full, I/O error) later writes are dropped: a zip
-        writer writes its central directory while unwinding from the error, and must not fail again there."""
+        """Append ``data``. After a failed write (disk full, I/O error) later writes are dropped: the
+        first error is the one raised."""
         view = memoryview(data).cast("B")
         if self.failed is not None:
             return len(view)
