@@ -8,6 +8,8 @@
   runs Flower's own ``Strategy.start`` rounds, checkpoints the global model and the server state
   after each, resumes a run from its last durable round, and flushes every save before ``main()``
   returns (Flower shuts Ray down right after).
+- :func:`run_checkpoint_dir`: the run config's ``checkpoint-dir``, checked to be absolute (or a URL),
+  and :func:`client_checkpoint_dir`: a client's directory below it.
 
 fedckpt joins the Ray instance Flower starts; its writer actors are created at the first save.
 Flower is an optional dependency: ``pip install 'fedckpt[flower]'``.
@@ -17,7 +19,7 @@ from fedckpt._extras import require
 
 require("flwr", extra="flower", part="fedckpt.flower")
 
-from fedckpt.flower.client import ClientCheckpoints, client_checkpoint_dir  # noqa: E402
+from fedckpt.flower.client import ClientCheckpoints, client_checkpoint_dir, run_checkpoint_dir  # noqa: E402
 from fedckpt.flower.server import ServerCheckpoints  # noqa: E402
 
-__all__ = ["ClientCheckpoints", "ServerCheckpoints", "client_checkpoint_dir"]
+__all__ = ["ClientCheckpoints", "ServerCheckpoints", "client_checkpoint_dir", "run_checkpoint_dir"]

@@ -18,6 +18,7 @@ through Ray with every message, and on a local disk that costs more than reading
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,28 @@ ROUND_KEY = "server_round"
 # With a context, states up to this size are also kept in ``context.state`` (larger ones cost Flower
 # more to carry with every message than any storage takes to read them back).
 CONTEXT_STATE_MAX_BYTES = 1 << 20
+
+
+def run_checkpoint_dir(context: Any, key: str = "checkpoint-dir") -> str:
+    """The checkpoint directory in the run config (``context.run_config[key]``), ``~`` expanded.
+
+    Raises ``ValueError`` if the key is missing, or names a relative path: under ``flwr run`` the
+    apps run in the SuperLink's processes, whose working directory is not the one ``flwr run`` was
+    typed in, so a relative path would put the checkpoints somewhere nobody looks for them (and a
+    run started from another directory would not resume). URLs (``s3://bucket/run``) pass as given.
+    """
+    if key not in context.run_config:
+        raise ValueError(f"the run config has no {key!r}: add it to [tool.flwr.app.config] in the app's pyproject.toml")
+    configured = str(context.run_config[key])
+    if Location.of(configured).is_url:
+        return configured
+    expanded = os.path.expanduser(configured)
+    if not os.path.isabs(expanded):
+        raise ValueError(
+            f"run config {key}={configured!r} is a relative path: give an absolute path (or ~/..., or "
+            "a URL); the apps do not run in the directory flwr run was started from"
+        )
+    return expanded
 
 
 def client_checkpoint_dir(root: str | Path, context: Any) -> str:

@@ -1,0 +1,1 @@
+"""fedckpt's Flower App: FedAvg on synthetic data, with checkpoints that resume the run after a crash."""
