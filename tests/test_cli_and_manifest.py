@@ -85,6 +85,20 @@ def test_ls_and_verify_import_neither_ray_nor_torch(runtime, tmp_path):
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_help_is_plain_text_naming_every_command_and_no_repository_file():
+    """``fedckpt --help`` and ``fedckpt bench --help`` as a pip user reads them: no reST markup, and no
+    path into fedckpt's source repository given as if it were installed."""
+    for argv in (["fedckpt", "--help"], ["fedckpt", "bench", "--help"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "fedckpt.cli", *argv[1:]], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        assert "``" not in result.stdout and ":func:" not in result.stdout and ":class:" not in result.stdout
+        assert "benchmarks/README.md" not in result.stdout
+    top = subprocess.run([sys.executable, "-m", "fedckpt.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert all(command in top.stdout for command in ("ls", "verify", "status", "bench"))
+
+
 def test_verify_on_a_non_directory_is_a_clear_error(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "nope")]) == 2
     assert "is not a directory" in capsys.readouterr().err

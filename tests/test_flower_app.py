@@ -192,3 +192,21 @@ def test_flwr_run_killed_mid_run_resumes_from_its_last_durable_round(flwr, tmp_p
     assert durable_round(directory) == 8
     assert client_state_rounds(directory) == {f"client_{i}": {7, 8} for i in range(3)}
     assert fedckpt_cli(["verify", str(directory)]) == 0
+
+
+def test_run_checkpoint_dir_expands_home_passes_urls_and_names_what_is_wrong():
+    from flwr.app import Context, RecordDict
+
+    from fedckpt.flower import run_checkpoint_dir
+
+    def context(run_config):
+        return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config)
+
+    assert run_checkpoint_dir(context({"checkpoint-dir": "~/ckpt"})) == os.path.expanduser("~/ckpt")
+    assert run_checkpoint_dir(context({"checkpoint-dir": "/data/run-7"})) == "/data/run-7"
+    assert run_checkpoint_dir(context({"checkpoint-dir": "s3://bucket/run-7"})) == "s3://bucket/run-7"
+    assert run_checkpoint_dir(context({"out": "/data/x"}), key="out") == "/data/x"
+    with pytest.raises(ValueError, match=r"checkpoint-dir='ckpt' is a relative path"):
+        run_checkpoint_dir(context({"checkpoint-dir": "ckpt"}))
+    with pytest.raises(ValueError, match=r"no 'checkpoint-dir'.*\[tool.flwr.app.config\]"):
+        run_checkpoint_dir(context({}))

@@ -93,10 +93,17 @@ def command_verify(directory: str) -> int:
     return 1 if report.problems else 0
 
 
+DESCRIPTION = "fedckpt's checkpoints from a shell: list, verify, watch the writers, benchmark."
+EPILOG = (
+    "ls and verify import neither torch nor Ray. bench needs pip install 'fedckpt[bench]' (rich); the "
+    "other commands print plain tables without it. fedckpt COMMAND --help gives a command's options."
+)
+
+
 def build_parser(describe_bench_cases: bool = True) -> argparse.ArgumentParser:
     """The command line; ``describe_bench_cases=False`` leaves the case names out of ``bench``'s
     help, which would import torch (``ls`` and ``verify`` start without it)."""
-    parser = argparse.ArgumentParser(prog="fedckpt", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fedckpt", description=DESCRIPTION, epilog=EPILOG)
     commands = parser.add_subparsers(dest="command", required=True)
     ls = commands.add_parser("ls", help="list checkpoints with their manifest data")
     ls.add_argument("directory")
@@ -115,8 +122,9 @@ def build_parser(describe_bench_cases: bool = True) -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="time fedckpt beside torch.save, a hand-rolled async save and dcp.async_save on the same model",
-        description="Blocking time, time until durable and persist throughput of each save method, per case; "
-        "see benchmarks/README.md.",
+        description="Blocking time, time until durable and persist throughput of each save method, per case, "
+        "as medians with ratios against torch.save measured in the same run. fedckpt's scripts in benchmarks/ "
+        "(in its source repository) measure whole Flower runs.",
     )
     bench.add_argument("--cases", nargs="+", metavar="NAME", help=_cases_help() if describe_bench_cases else None)
     bench.add_argument(

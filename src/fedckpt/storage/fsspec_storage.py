@@ -15,7 +15,7 @@ An object store has no rename, so a version is never written where a reader look
 
 On S3 the conditional writes are checked first (:mod:`~fedckpt.storage.s3_store`): a store that
 ignores them is an error, unless the ``conditional_writes=False`` storage option accepts the weaker
-order (see docs/storage.md).
+order (see docs/object-storage.md).
 """
 
 from __future__ import annotations
