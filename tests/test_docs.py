@@ -59,7 +59,7 @@ def test_the_programs_marked_runnable_run_as_written_twice(tmp_path):
     """Each marked block, as a fresh program, twice in one directory (the resume example goes on
     from its first run the second time)."""
     blocks = runnable_blocks()
-    assert blocks, f"no block marked {RUNNABLE!r}"
+    assert {page.name for page, _ in blocks} >= {"README.md", "quickstart.md", "resume.md"}, blocks
     for index, (page, code) in enumerate(blocks):
         directory = tmp_path / str(index)
         directory.mkdir()
@@ -71,6 +71,18 @@ def test_the_programs_marked_runnable_run_as_written_twice(tmp_path):
             )
             assert run.returncode == 0, f"{page.relative_to(ROOT)}: {run.stderr[-3000:]}"
             outputs.append(run.stdout)
+        if "restored round" in code:  # the quickstart: its state load sees the save just made
+            assert all("restored round 3" in output for output in outputs), outputs
         if "epoch" in code:
             assert outputs[0].split() == ["epoch", "0", "saved", "epoch", "1", "saved", "epoch", "2", "saved"]
             assert outputs[1].split() == ["epoch", "3", "saved", "epoch", "4", "saved", "epoch", "5", "saved"]
+
+
+def test_the_api_reference_builds_from_the_docstrings_without_a_warning(tmp_path):
+    """``docs/api``: Sphinx's autodoc over the public API, every warning an error."""
+    sphinx = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(ROOT / "docs" / "api")]
+    build = subprocess.run([*sphinx, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-5000:]
+    flower = (tmp_path / "flower.html").read_text()
+    assert "run_checkpoint_dir" in flower and "ClientCheckpoints" in flower
+    assert "ClientStateCheckpointer" in (tmp_path / "fl4health.html").read_text()
