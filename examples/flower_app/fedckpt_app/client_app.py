@@ -7,6 +7,8 @@ checkpoints are opened in every handler: the state saved last round comes back f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -30,48 +32,57 @@ def open_checkpoints(context: Context) -> ClientCheckpoints:
     )
 
 
-def received_model(msg: Message, context: Context, device: torch.device) -> torch.nn.Module:
-    """The global model from the server's message, on ``device``."""
+@dataclass
+class RoundInputs:
+    """What a handler starts from: the round, this client's checkpoints, the global model and the data."""
+
+    server_round: int
+    checkpoints: ClientCheckpoints
+    model: torch.nn.Module
+    train_data: tuple[torch.Tensor, torch.Tensor]
+    val_data: tuple[torch.Tensor, torch.Tensor]
+
+
+def round_inputs(msg: Message, context: Context) -> RoundInputs:
+    """The server's round and global model, and this partition's data, on the GPU the client was given
+    (if any)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = task.make_model(int(context.run_config["model-width"]))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return model.to(device)
-
-
-def local_data(context: Context, device: torch.device) -> tuple[tuple, tuple]:
     train_data, val_data = task.load_data(int(context.node_config["partition-id"]))
-    return tuple(t.to(device) for t in train_data), tuple(t.to(device) for t in val_data)
+    return RoundInputs(
+        server_round=int(msg.content["config"]["server-round"]),
+        checkpoints=open_checkpoints(context),
+        model=model.to(device),
+        train_data=(train_data[0].to(device), train_data[1].to(device)),
+        val_data=(val_data[0].to(device), val_data[1].to(device)),
+    )
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local SGD with momentum restored from the previous round; checkpoints after training."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    server_round = int(msg.content["config"]["server-round"])
-    checkpoints = open_checkpoints(context)
-    model = received_model(msg, context, device)
+    inputs = round_inputs(msg, context)
+    model, checkpoints = inputs.model, inputs.checkpoints
     optimizer = torch.optim.SGD(model.parameters(), lr=float(context.run_config["lr"]), momentum=0.9)
-    checkpoints.restore_state(server_round, optimizer)  # None in the first round: nothing to restore
-    train_data, val_data = local_data(context, device)
-    train_loss = task.train(
-        model, optimizer, train_data, int(context.run_config["local-steps"]), int(context.run_config["batch-size"])
-    )
-    val_loss, val_accuracy = task.evaluate(model, val_data)
-    checkpoints.after_local_training(model, val_loss, {"val_accuracy": val_accuracy}, server_round=server_round)
-    checkpoints.save_state(server_round, optimizer)  # returns after a copy; written in the background
-    metrics = MetricRecord({"train_loss": train_loss, "num-examples": len(train_data[1])})
-    arrays = ArrayRecord(model.state_dict())
+    checkpoints.restore_state(inputs.server_round, optimizer)  # None in the first round: nothing to restore
+    steps, batch_size = int(context.run_config["local-steps"]), int(context.run_config["batch-size"])
+    train_loss = task.train(model, optimizer, inputs.train_data, steps, batch_size)
+    val_loss, val_accuracy = task.evaluate(model, inputs.val_data)
+    checkpoints.after_local_training(model, val_loss, {"val_accuracy": val_accuracy}, server_round=inputs.server_round)
+    checkpoints.save_state(inputs.server_round, optimizer)  # returns after a copy; written in the background
+    metrics = MetricRecord({"train_loss": train_loss, "num-examples": len(inputs.train_data[1])})
+    arrays = ArrayRecord({name: tensor.cpu() for name, tensor in model.state_dict().items()})
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The global model's loss and accuracy on local validation data; its post-aggregation checkpoint."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    server_round = int(msg.content["config"]["server-round"])
-    checkpoints = open_checkpoints(context)
-    model = received_model(msg, context, device)
-    _, val_data = local_data(context, device)
-    loss, accuracy = task.evaluate(model, val_data)
-    checkpoints.after_receiving_global_model(model, loss, {"eval_acc": accuracy}, server_round=server_round)
-    metrics = MetricRecord({"eval_loss": loss, "eval_acc": accuracy, "num-examples": len(val_data[1])})
+    inputs = round_inputs(msg, context)
+    loss, accuracy = task.evaluate(inputs.model, inputs.val_data)
+    inputs.checkpoints.after_receiving_global_model(
+        inputs.model, loss, {"eval_acc": accuracy}, server_round=inputs.server_round
+    )
+    metrics = MetricRecord({"eval_loss": loss, "eval_acc": accuracy, "num-examples": len(inputs.val_data[1])})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
