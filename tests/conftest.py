@@ -24,6 +24,12 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path.name == "test_multinode.py")  # stable: keeps the order otherwise
 
 
+def pytest_runtest_setup(item):
+    """A CUDA test selected (``-m cuda``) on a machine without a GPU fails, saying so: never a silent skip."""
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        pytest.fail("this test needs a CUDA GPU: run pytest -m cuda on a machine with one", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def ray_instance():
     ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)

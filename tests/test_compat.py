@@ -400,10 +400,7 @@ def test_torch_save_records_under_skip_data_name_each_storage_with_its_size():
     assert named.records == expected  # the same data.pkl; each storage named, in order, with its size
 
 
-needs_cuda = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: this canary runs on the GPU host"),
-]
+needs_cuda = pytest.mark.cuda  # outside the default run (pytest -m cuda on the GPU host)
 
 
 def _register(address: int, nbytes: int) -> int:
@@ -418,8 +415,7 @@ def _unregister(address: int) -> int:
     return _on_own_thread(functools.partial(_compat.cuda_host_unregister, address))
 
 
-@needs_cuda[0]
-@needs_cuda[1]
+@needs_cuda
 @canary("torch.cuda.cudart().cudaHostRegister")
 def test_cuda_host_register_makes_a_mapping_take_asynchronous_copies():
     import mmap
@@ -441,8 +437,7 @@ def test_cuda_host_register_makes_a_mapping_take_asynchronous_copies():
         assert _unregister(address) == 0
 
 
-@needs_cuda[0]
-@needs_cuda[1]
+@needs_cuda
 @canary("torch.cuda.cudart().cudaHostUnregister")
 def test_cuda_host_unregister_undoes_a_registration_once():
     import mmap
