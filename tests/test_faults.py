@@ -354,6 +354,32 @@ while True:
 """
 
 
+SIGTERM_AFTER_BACKGROUND_START = """
+import os, signal, sys, torch, fedckpt
+def on_sigterm(signum, frame):
+    print("user handler ran", flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, on_sigterm)
+states = fedckpt.PerRoundStateCheckpointer({directory!r})
+states.save_checkpoint("state.pt", {{"counter": 1, "x": torch.ones(4)}})  # held: Ray joins in the background
+fedckpt.flush()  # that thread has connected, and the pool is up
+os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_sigterm_after_ray_was_joined_in_the_background_runs_the_programs_handler(runtime, tmp_path):
+    """Ray's core worker, created off the main thread by the background start, installs a C++ handler
+    for SIGTERM that aborts the process; the program's handler (behind fedckpt's flush) must stay."""
+    script = SIGTERM_AFTER_BACKGROUND_START.format(directory=str(tmp_path))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 143 and "user handler ran" in done.stdout, (done.returncode, done.stderr[-3000:])
+    # Ray's handler dumps a stack ("*** SIGTERM received ...") before handing on, and aborts the process
+    # if that takes more than its alarm allows (a busy machine): it must not be the one that runs.
+    assert "SIGTERM received" not in done.stderr, done.stderr[-3000:]
+    assert counter_on_disk(str(tmp_path / "state.pt")) == 1
+
+
 @pytest.mark.parametrize("user_handler", [False, True], ids=["default-handler", "user-handler"])
 def test_sigterm_mid_save_flushes_every_acknowledged_save_then_exits_as_it_would_have(runtime, tmp_path, user_handler):
     """Preemption (Slurm, Kubernetes): SIGTERM to a training loop that saves as fast as it can. Every

@@ -60,8 +60,8 @@ def test_the_core_leaves_flower_and_rich_to_their_extras():
     assert [str(requirement) for requirement in EXTRAS["bench"]] == ["rich>=13"]
     flower = named(EXTRAS["flower"], "flwr")
     assert flower.extras == {"simulation"}  # Flower's Ray pin comes with it
-    # The tests cover Flower and the benchmarks: the README's test command installs both.
-    assert named(EXTRAS["test"], "fedckpt").extras == {"flower", "bench"}
+    # The tests cover Flower, the benchmarks and the API reference: the README's test command installs all three.
+    assert named(EXTRAS["test"], "fedckpt").extras == {"flower", "bench", "docs"}
 
 
 def test_the_flower_and_ray_floors_are_those_of_cis_oldest_flower_environment():

@@ -178,8 +178,9 @@ class Coordinator:
             failed = self._background_start.take_failures({request.key for request in requests})
             if failed:
                 raise CheckpointError.naming("An earlier save failed, so this save was not started", failed)
+            if not self._connected():  # the save will be held: hooks first, so that the background
+                self._exit_hooks()  # start's ray.init finds (and keeps) fedckpt's SIGTERM handler
             if self._background_start.hold(requests, snapshot, self._connected):
-                self._exit_hooks()
                 return
             self._background_start.wait()  # held saves go first
             self._save_now(requests, snapshot, overlap)
