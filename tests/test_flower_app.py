@@ -18,7 +18,7 @@ from test_flower_simulation import durable_round
 from fedckpt.cli import main as fedckpt_cli
 
 APP = Path(__file__).resolve().parent.parent / "examples" / "flower_app"
-SUPERLINK_CONTROL_PORT = 39093  # the local SuperLink's, fixed by Flower
+SUPERLINK_PORTS = (39091, 39093)  # the local SuperLink's (1.42 serves every API on 39091), fixed by Flower
 SIMULATION = "--federation-config", "num-supernodes=3 client-resources-num-cpus=1"
 
 
@@ -78,8 +78,12 @@ class Flwr:
 
     def __init__(self, home: Path) -> None:
         self.home = home
+        # Without coverage's subprocess measurement: when Flower adds the app's directory to sys.path,
+        # coverage re-scans it and drops every module imported meanwhile, by any thread, from
+        # sys.modules; the SuperLink's server thread then fails to import the ServerApp (KeyError).
+        measured = {"COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START"}
         self.env = {
-            **os.environ,
+            **{name: value for name, value in os.environ.items() if name not in measured},
             "FLWR_HOME": str(home),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             # The app's dependencies are this environment's (else the SuperLink installs them per run).
@@ -120,9 +124,10 @@ class Flwr:
 
 @pytest.fixture
 def flwr(tmp_path):
-    with socket.socket() as probe:  # flwr run would hand the runs to that SuperLink, not start its own
-        if probe.connect_ex(("127.0.0.1", SUPERLINK_CONTROL_PORT)) == 0:
-            pytest.fail(f"a Flower SuperLink already listens on 127.0.0.1:{SUPERLINK_CONTROL_PORT}: stop it first")
+    for port in SUPERLINK_PORTS:  # flwr run would hand the runs to that SuperLink, not start its own
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(f"a Flower SuperLink (or another server) listens on 127.0.0.1:{port}: stop it first")
     cli = Flwr(tmp_path / "flwr-home")
     yield cli
     cli.stop_superlink()
