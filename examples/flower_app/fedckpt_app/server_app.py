@@ -27,8 +27,11 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` rounds in all: a resumed run runs only those not yet done."""
-    server_dir = f"{run_checkpoint_dir(context)}/server"
+    root = run_checkpoint_dir(context)
+    server_dir = f"{root}/server"
+    torch.manual_seed(0)  # the same initial model in every run: a resumed run replaces it by its own
     model = task.make_model(int(context.run_config["model-width"]))
+    initial = ArrayRecord(model.state_dict())
     module = ServerCheckpointAndStateModule(
         model=model,
         model_checkpointers=[
@@ -37,11 +40,9 @@ def main(grid: Grid, context: Context) -> None:
         ],
         state_checkpointer=PerRoundStateCheckpointer(server_dir),
     )
-    checkpoints = ServerCheckpoints(module)
-    torch.manual_seed(0)  # the same initial model in every run: a resumed run replaces it by its own
-    initial = ArrayRecord(task.make_model(int(context.run_config["model-width"])).state_dict())
     rounds = int(context.run_config["num-server-rounds"])
+    checkpoints = ServerCheckpoints(module)
     checkpoints.start(FedAvg(), grid, initial, rounds)
     earlier = checkpoints.resumed_from_round  # rounds an earlier run on this directory had done
     ran = f"rounds {earlier + 1}-{rounds}" if earlier < rounds else "no round (raise num-server-rounds for more)"
-    log(INFO, f"fedckpt: ran {ran}, after {earlier} done before; checkpoints in {run_checkpoint_dir(context)}")
+    log(INFO, f"fedckpt: ran {ran}, after {earlier} done before; checkpoints in {root}")
