@@ -1,7 +1,6 @@
 """examples/flower_app through Flower's own entry point: ``flwr run .`` on the local SuperLink that
 Flower 1.42 starts by itself (on 127.0.0.1), in a temporary ``FLWR_HOME``, stopped at the end."""
 
-import contextlib
 import json
 import os
 import signal
@@ -18,59 +17,26 @@ from test_flower_simulation import durable_round
 from fedckpt.cli import main as fedckpt_cli
 
 APP = Path(__file__).resolve().parent.parent / "examples" / "flower_app"
-SUPERLINK_PORTS = (39091, 39093)  # the local SuperLink's (1.42 serves every API on 39091), fixed by Flower
+sys.path.insert(0, str(APP))
+from compare import (  # noqa: E402  (the app's comparison script finds and stops the local SuperLink)
+    SUPERLINK_PORTS,
+    command_line,
+    descendants,
+    flwr_environment,
+    local_superlink,
+    signal_and_wait,
+    stop_local_superlink,
+)
+
 SIMULATION = "--federation-config", "num-supernodes=3 client-resources-num-cpus=1"
+# Without coverage's subprocess measurement: when Flower adds the app's directory to sys.path,
+# coverage re-scans it and drops every module imported meanwhile, by any thread, from sys.modules;
+# the SuperLink's server thread then fails to import the ServerApp (KeyError).
+UNMEASURED = {"COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START"}
 
 
-def proc_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command's name (state first, parent second); None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-
-
-def command_line(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return cmdline.read().replace(b"\0", b" ").decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
-
-
-def running_processes() -> dict[int, int]:
-    """Every running process (zombies left out), with its parent."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        fields = proc_stat(int(entry)) if entry.isdigit() else None
-        if fields is not None and fields[0] != "Z":
-            found[int(entry)] = int(fields[1])
-    return found
-
-
-def descendants(root: int) -> list[int]:
-    parents = running_processes()
-    tree, added = {root}, True
-    while added:
-        children = {pid for pid, parent in parents.items() if parent in tree} - tree
-        tree |= children
-        added = bool(children)
-    return sorted(tree - {root})
-
-
-def kill_and_wait(pids: list[int], sig: int, timeout: float) -> list[int]:
-    """Send ``sig`` to ``pids``; the ones still running after ``timeout`` seconds."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-    deadline = time.monotonic() + timeout
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling the processes' exit, bounded by the deadline
-        running = running_processes()
-        alive = [pid for pid in alive if pid in running]
-    return alive
+def unmeasured(env: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in env.items() if name not in UNMEASURED}
 
 
 class Flwr:
@@ -78,18 +44,7 @@ class Flwr:
 
     def __init__(self, home: Path) -> None:
         self.home = home
-        # Without coverage's subprocess measurement: when Flower adds the app's directory to sys.path,
-        # coverage re-scans it and drops every module imported meanwhile, by any thread, from
-        # sys.modules; the SuperLink's server thread then fails to import the ServerApp (KeyError).
-        measured = {"COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START"}
-        self.env = {
-            **{name: value for name, value in os.environ.items() if name not in measured},
-            "FLWR_HOME": str(home),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            # The app's dependencies are this environment's (else the SuperLink installs them per run).
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        }
+        self.env = unmeasured(flwr_environment(home))
 
     def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         completed = subprocess.run(
@@ -108,18 +63,10 @@ class Flwr:
         return listed["runs"][0]["status"]
 
     def superlink(self) -> int | None:
-        """The local SuperLink of this ``FLWR_HOME`` (``flwr run`` starts it detached)."""
-        database = f"--database {self.home / 'local-superlink' / 'state.db'}"
-        return next((pid for pid in running_processes() if "flower-superlink" in command_line(pid)
-                     and database in command_line(pid)), None)  # fmt: skip
+        return local_superlink(self.home)
 
     def stop_superlink(self) -> None:
-        superlink = self.superlink()
-        if superlink is None:
-            return
-        tree = [superlink, *descendants(superlink)]
-        left = kill_and_wait(tree, signal.SIGTERM, 20)
-        assert not kill_and_wait(left, signal.SIGKILL, 10), f"the local SuperLink's processes survived: {left}"
+        assert not stop_local_superlink(self.home), "the local SuperLink's processes survived"
 
 
 @pytest.fixture
@@ -187,7 +134,7 @@ def test_flwr_run_killed_mid_run_resumes_from_its_last_durable_round(flwr, tmp_p
     assert superlink is not None
     simulation = [pid for pid in descendants(superlink) if "flwr-simulation" in command_line(pid)]
     assert len(simulation) == 1, [command_line(pid) for pid in descendants(superlink)]
-    assert not kill_and_wait([*simulation, *descendants(simulation[0])], signal.SIGKILL, 30)
+    assert not signal_and_wait([*simulation, *descendants(simulation[0])], signal.SIGKILL, 30)
     killed_at = durable_round(directory)
     assert killed_at < 8, "the run finished before it was killed"
 
@@ -215,3 +162,53 @@ def test_run_checkpoint_dir_expands_home_passes_urls_and_names_what_is_wrong():
         run_checkpoint_dir(context({"checkpoint-dir": "ckpt"}))
     with pytest.raises(ValueError, match=r"no 'checkpoint-dir'.*\[tool.flwr.app.config\]"):
         run_checkpoint_dir(context({}))
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_compare_measures_the_app_with_sync_saves_and_with_fedckpt_then_stops_its_superlink():
+    """The README's main job, small: ``compare.py`` runs the app through ``flwr run`` in both modes."""
+    assert not any(listening(port) for port in SUPERLINK_PORTS)
+    completed = subprocess.run(
+        [sys.executable, str(APP / "compare.py"), "--repeats", "1", "--num-supernodes", "2",
+         "--num-server-rounds", "2"],
+        env=unmeasured(dict(os.environ)), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    lines = completed.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert (summary["num_clients"], summary["num_rounds"], summary["repeats"]) == (2, 2, 1)
+    for mode in ("sync", "fedckpt"):
+        figures = summary[mode]
+        # Round 2 restores the state saved in round 1; every round saves the clients' and the server's.
+        assert {"client restore", "client save_state", "client post_aggregation", "server end_of_round"} <= set(
+            figures["blocked_by_activity"]
+        ), figures
+        parts = figures["blocked_by_activity"].values()  # each rounded to 0.1 ms, as the total is
+        assert figures["blocked_seconds"] == pytest.approx(sum(parts), abs=1e-4 * len(parts)) and sum(parts) > 0
+        assert figures["wall_seconds"] > figures["blocked_seconds"]
+    # Per client and round: its state and the global model, and its first trained model; per round, the
+    # server's latest model and state. (fedckpt's server also keeps its best model.)
+    assert summary["sync"]["checkpoints_written"] >= 2 * 2 * 2 + 2 + 2 * 2
+    assert summary["fedckpt"]["checkpoints_written"] > 0
+    fedckpt, sync = summary["fedckpt"]["blocked_seconds"], summary["sync"]["blocked_seconds"]
+    assert summary["blocked_ratio"] == round(fedckpt / sync, 3)
+    assert any(line.startswith("blocked (restores included)") for line in lines)
+    assert not any(listening(port) for port in SUPERLINK_PORTS), "compare.py left the local SuperLink running"
+
+
+def test_a_checkpointing_other_than_fedckpt_or_sync_is_an_error_naming_it():
+    from flwr.app import Context, RecordDict
+
+    from fedckpt_app.client_app import checkpointing
+
+    def context(run_config):
+        return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config)
+
+    assert checkpointing(context({"checkpointing": "sync"})) == "sync"
+    assert checkpointing(context({})) == "fedckpt"
+    with pytest.raises(ValueError, match=r"checkpointing='torch' in the run config: expected one of \('fedckpt'"):
+        checkpointing(context({"checkpointing": "torch"}))

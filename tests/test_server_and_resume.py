@@ -108,6 +108,39 @@ def test_a_new_best_loss_checkpointer_resumes_the_bar_from_disk(runtime, tmp_pat
     assert LatestTorchModuleCheckpointer(str(tmp_path), "best.safetensors").resume_best_score() is None
 
 
+def test_client_checkpoints_rebuilt_every_round_keep_the_best_model_and_read_its_score_only_to_save(runtime, tmp_path):
+    """A ClientApp builds its ClientCheckpoints anew in every handler: the best-loss bar comes back
+    from storage on the first pre-aggregation save, and an evaluate handler, which saves only the
+    post-aggregation checkpoint, never reads the pre-aggregation one."""
+    directory = str(tmp_path / "client_0")
+
+    def checkpoints() -> ClientCheckpoints:
+        return ClientCheckpoints(
+            directory,
+            pre_aggregation=BestLossTorchModuleCheckpointer(directory, "pre_best.pt"),
+            post_aggregation=LatestTorchModuleCheckpointer(directory, "post_latest.pt"),
+        )
+
+    checkpoints().after_local_training(make_model(1), 0.5, {}, server_round=1)
+    evaluate = checkpoints()
+    evaluate.after_receiving_global_model(make_model(2), 0.6, {}, server_round=1)
+    assert evaluate.module.pre_aggregation[0].best_score is None  # not read: this handler does not save it
+    assert "pre_aggregation" not in evaluate.blocked.by_activity
+    worse = checkpoints()
+    worse.after_local_training(make_model(3), 0.7, {}, server_round=2)  # reads the bar 0.5: no save
+    assert worse.module.pre_aggregation[0].best_score == 0.5
+    better = checkpoints()
+    better.after_local_training(make_model(4), 0.4, {}, server_round=3)
+    fedckpt.flush()
+    assert_same_tensors(
+        torch.load(f"{directory}/pre_best.pt", weights_only=False).state_dict(), make_model(4).state_dict()
+    )
+    assert_same_tensors(
+        torch.load(f"{directory}/post_latest.pt", weights_only=False).state_dict(), make_model(2).state_dict()
+    )
+    assert better.module.pre_aggregation[0].best_score == 0.4
+
+
 def test_client_state_slots_restore_the_newest_earlier_round(runtime, tmp_path):
     def optimizer_with_momentum(value):
         parameter = torch.nn.Parameter(torch.zeros(4))
@@ -136,8 +169,10 @@ def test_client_state_slots_restore_the_newest_earlier_round(runtime, tmp_path):
     restored = optimizer_with_momentum(0)
     ClientCheckpoints(directory).restore_state(4, restored)
     assert torch.equal(momentum(restored), torch.full((4,), 33.0))
-    assert ClientCheckpoints(directory).restore_state(3)["server_round"] == 2  # round 2 was kept
-    assert ClientCheckpoints(directory).blocked_seconds > 0
+    kept = ClientCheckpoints(directory)
+    assert kept.blocked_seconds == 0  # opening reads nothing
+    assert kept.restore_state(3)["server_round"] == 2  # round 2 was kept
+    assert kept.blocked_seconds == kept.blocked.by_activity["restore"] > 0
 
 
 def test_client_state_slots_record_their_round_and_older_slots_are_still_read(runtime, tmp_path, capsys):

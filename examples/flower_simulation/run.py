@@ -33,17 +33,19 @@ os.environ.setdefault("RAY_ADDRESS", "local")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # keep Ray's future default, silence its notice
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, APP_DIR)  # Ray workers inherit it (Flower passes it on)
+# The Flower App's comparison of fedckpt with sync: the medians and the table.
+sys.path.insert(1, os.path.join(os.path.dirname(APP_DIR), "flower_app"))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
+from compare import comparison, comparison_table  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
@@ -313,60 +315,6 @@ def run_in_subprocess(argv: list[str]) -> dict:
     if completed.returncode != 0:
         raise RuntimeError(f"run.py {' '.join(argv)} failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def comparison(runs: dict[str, list[dict]]) -> dict:
-    """Medians (and every run's figure) per mode, and fedckpt's as ratios of sync's."""
-    modes = {}
-    for mode, mode_runs in runs.items():
-        activities = sorted({name for run in mode_runs for name in run["blocked_by_activity"]})
-        modes[mode] = {
-            "blocked_seconds": statistics.median(run["blocked_seconds"] for run in mode_runs),
-            "wall_seconds": statistics.median(run["wall_seconds"] for run in mode_runs),
-            "blocked_runs": [run["blocked_seconds"] for run in mode_runs],
-            "wall_runs": [run["wall_seconds"] for run in mode_runs],
-            "blocked_by_activity": {
-                name: round(statistics.median(run["blocked_by_activity"].get(name, 0.0) for run in mode_runs), 4)
-                for name in activities
-            },
-            "checkpoints_written": mode_runs[-1]["checkpoints_written"],
-            "checkpoint_bytes": mode_runs[-1]["checkpoint_bytes"],
-        }
-    fedckpt, sync = modes["fedckpt"], modes["sync"]
-    first = runs["fedckpt"][0]
-    return {
-        "compare": True,
-        "blocked_ratio": round(fedckpt["blocked_seconds"] / sync["blocked_seconds"], 3),
-        "wall_ratio": round(fedckpt["wall_seconds"] / sync["wall_seconds"], 4),
-        "repeats": len(runs["fedckpt"]),
-        "num_clients": first["num_clients"],
-        "num_rounds": first["num_rounds"],
-        "model_bytes": first["model_bytes"],
-        **modes,
-    }
-
-
-def comparison_table(summary: dict) -> str:
-    """The medians side by side, with each activity's share of the blocked time."""
-    sync, fedckpt = summary["sync"], summary["fedckpt"]
-    lines = [
-        f"{summary['num_clients']} clients, {summary['num_rounds']} rounds, {summary['model_bytes'] / 1e3:.0f} KB "
-        f"model: medians of {summary['repeats']} runs each, alternating",
-        f"{'':28}{'sync (torch.save)':>20}{'fedckpt':>14}{'fedckpt/sync':>14}",
-    ]
-
-    def row(label: str, a: float, b: float, unit: str = "s") -> str:
-        ratio = f"{b / a:.2f}x" if a > 0 else "-"
-        return f"{label:28}{a:>18.3f} {unit}{b:>12.3f} {unit}{ratio:>14}"
-
-    lines.append(row("blocked (restores included)", sync["blocked_seconds"], fedckpt["blocked_seconds"]))
-    for name in sorted({*sync["blocked_by_activity"], *fedckpt["blocked_by_activity"]}):
-        lines.append(
-            row(f"  {name}", sync["blocked_by_activity"].get(name, 0.0), fedckpt["blocked_by_activity"].get(name, 0.0))
-        )
-    lines.append(row("wall", sync["wall_seconds"], fedckpt["wall_seconds"]))
-    lines.append(f"{'checkpoints written':28}{sync['checkpoints_written']:>20}{fedckpt['checkpoints_written']:>14}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,13 +105,14 @@ class CheckpointAndStateModule(ABC):
         log.info("State checkpointer is defined but no state checkpoint exists.")
         return None
 
-    def resume_best_scores(self) -> None:
-        """Let each best-score checkpointer compare against the checkpoint it already has on disk.
+    def resume_best_scores(self, checkpointers: Sequence[TorchModuleCheckpointer] | None = None) -> None:
+        """Let each best-score checkpointer (of ``checkpointers``; default: all of this module's)
+        compare against the checkpoint it already has on disk.
 
         For code that builds its checkpointers anew in every process or run (a Flower ClientApp
         each round, a resumed server): without it a fresh checkpointer's first score always saves.
         """
-        for checkpointer in self.model_checkpointers_in_use():
+        for checkpointer in self.model_checkpointers_in_use() if checkpointers is None else checkpointers:
             if isinstance(checkpointer, FunctionTorchModuleCheckpointer):
                 checkpointer.resume_best_score()
 

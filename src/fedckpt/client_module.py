@@ -67,12 +67,15 @@ class ClientCheckpointAndStateModule(CheckpointAndStateModule):
     ) -> None:
         """Run the checkpointers of ``mode``; the model is snapshotted once for all that save.
         ``server_round``: the round their retention policies keep the save as."""
-        mode = parse_mode(mode)
-        checkpointers = self.pre_aggregation if mode == CheckpointMode.PRE_AGGREGATION else self.post_aggregation
+        checkpointers = self.checkpointers_of(mode)
         if checkpointers is None:
             log.info("No %s checkpoint specified. Skipping.", mode.value)
             return
         checkpoint_model(checkpointers, model, loss, metrics, server_round)
+
+    def checkpointers_of(self, mode: CheckpointMode) -> list[TorchModuleCheckpointer] | None:
+        """The pre- or post-aggregation checkpointers (None if none were given)."""
+        return self.pre_aggregation if parse_mode(mode) == CheckpointMode.PRE_AGGREGATION else self.post_aggregation
 
     def model_checkpointers_in_use(self) -> list[TorchModuleCheckpointer]:
         return [*(self.pre_aggregation or ()), *(self.post_aggregation or ())]

@@ -17,14 +17,18 @@ from fedckpt import BestLossTorchModuleCheckpointer, LatestTorchModuleCheckpoint
 from fedckpt.flower import ClientCheckpoints, client_checkpoint_dir, run_checkpoint_dir
 
 from fedckpt_app import task
+from fedckpt_app.sync_checkpoints import SyncClientCheckpoints
 
 app = ClientApp()
+CHECKPOINTING = ("fedckpt", "sync")  # the run config's checkpointing: fedckpt, or compare.py's baseline
 
 
-def open_checkpoints(context: Context) -> ClientCheckpoints:
+def open_checkpoints(context: Context) -> ClientCheckpoints | SyncClientCheckpoints:
     """This client's checkpoints, under ``<checkpoint-dir>/clients/client_<partition-id>``: the best
     locally trained model (by validation loss), the latest global model it received, and its state."""
     directory = client_checkpoint_dir(f"{run_checkpoint_dir(context)}/clients", context)
+    if checkpointing(context) == "sync":
+        return SyncClientCheckpoints(directory)
     return ClientCheckpoints(
         directory,
         pre_aggregation=BestLossTorchModuleCheckpointer(directory, "pre_aggregation_best.pt"),
@@ -32,12 +36,29 @@ def open_checkpoints(context: Context) -> ClientCheckpoints:
     )
 
 
+def checkpointing(context: Context) -> str:
+    """The run config's ``checkpointing``: a ValueError names any other value."""
+    mode = str(context.run_config.get("checkpointing", "fedckpt"))
+    if mode not in CHECKPOINTING:
+        raise ValueError(f"checkpointing={mode!r} in the run config: expected one of {CHECKPOINTING}")
+    return mode
+
+
+def blocked_metrics(checkpoints: ClientCheckpoints | SyncClientCheckpoints) -> dict[str, float]:
+    """The time this handler waited on its checkpoints, in all and by call (``restore``, ``save_state``,
+    ...), as metrics the ServerApp adds up over clients (``compare.py`` reports them)."""
+    by_activity = {f"blocked-{activity}-s": seconds for activity, seconds in checkpoints.blocked.by_activity.items()}
+    # fedckpt's writers count the checkpoints they write; the baseline's clients count their own.
+    saves = {"checkpoint-saves": checkpoints.saves} if isinstance(checkpoints, SyncClientCheckpoints) else {}
+    return {"blocked-s": checkpoints.blocked.seconds, **by_activity, **saves}
+
+
 @dataclass
 class RoundInputs:
     """What a handler starts from: the round, this client's checkpoints, the global model and the data."""
 
     server_round: int
-    checkpoints: ClientCheckpoints
+    checkpoints: ClientCheckpoints | SyncClientCheckpoints
     model: torch.nn.Module
     train_data: tuple[torch.Tensor, torch.Tensor]
     val_data: tuple[torch.Tensor, torch.Tensor]
@@ -71,7 +92,9 @@ def train(msg: Message, context: Context) -> Message:
     val_loss, val_accuracy = task.evaluate(model, inputs.val_data)
     checkpoints.after_local_training(model, val_loss, {"val_accuracy": val_accuracy}, server_round=inputs.server_round)
     checkpoints.save_state(inputs.server_round, optimizer)  # returns after a copy; written in the background
-    metrics = MetricRecord({"train_loss": train_loss, "num-examples": len(inputs.train_data[1])})
+    metrics = MetricRecord(
+        {"train_loss": train_loss, "num-examples": len(inputs.train_data[1]), **blocked_metrics(checkpoints)}
+    )
     arrays = ArrayRecord({name: tensor.cpu() for name, tensor in model.state_dict().items()})
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
@@ -84,5 +107,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     inputs.checkpoints.after_receiving_global_model(
         inputs.model, loss, {"eval_acc": accuracy}, server_round=inputs.server_round
     )
-    metrics = MetricRecord({"eval_loss": loss, "eval_acc": accuracy, "num-examples": len(inputs.val_data[1])})
+    metrics = MetricRecord(
+        {"eval_loss": loss, "eval_acc": accuracy, "num-examples": len(inputs.val_data[1]),
+         **blocked_metrics(inputs.checkpoints)}
+    )  # fmt: skip
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

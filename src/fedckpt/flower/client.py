@@ -90,8 +90,10 @@ class ClientCheckpoints:
             restart the run from any complete round.
 
     ``blocked_seconds`` adds up the time the calls below kept the client waiting, and
-    ``blocked.by_activity`` splits it by call (``open``: this constructor, ``restore``, ``save_state``,
-    ``pre_aggregation``, ``post_aggregation``, ``flush``).
+    ``blocked.by_activity`` splits it by call (``restore``, ``save_state``, ``pre_aggregation``,
+    ``post_aggregation``, ``flush``). A best-score checkpointer reads the score of the checkpoint it
+    has on storage (``resume_best_score``) on its first save
+    here, inside that call: a handler that does not save it never reads it.
     """
 
     def __init__(
@@ -113,9 +115,8 @@ class ClientCheckpoints:
         self.context = context
         self.context_state_max_bytes = context_state_max_bytes
         self._rounds: dict[int, int | None] | None = None  # slot -> round of the state in it
+        self._resumed_modes: set[CheckpointMode] = set()
         lifecycle.warm_up_in_background()  # joining the pool overlaps with the round's training
-        with self.blocked.measure("open"):
-            self.module.resume_best_scores()
 
     @property
     def blocked_seconds(self) -> float:
@@ -127,6 +128,7 @@ class ClientCheckpoints:
         """Pre-aggregation checkpoints of the locally trained ``model`` (background save); ``server_round``
         is the round the checkpointers' retention policies keep it as."""
         with self.blocked.measure("pre_aggregation"):
+            self._resume_best_scores(CheckpointMode.PRE_AGGREGATION)
             self.module.maybe_checkpoint(
                 model, loss, metrics, CheckpointMode.PRE_AGGREGATION, server_round=server_round
             )
@@ -137,9 +139,18 @@ class ClientCheckpoints:
         """Post-aggregation checkpoints of the global ``model`` this client received (background save);
         ``server_round`` as for :meth:`after_local_training`."""
         with self.blocked.measure("post_aggregation"):
+            self._resume_best_scores(CheckpointMode.POST_AGGREGATION)
             self.module.maybe_checkpoint(
                 model, loss, metrics, CheckpointMode.POST_AGGREGATION, server_round=server_round
             )
+
+    def _resume_best_scores(self, mode: CheckpointMode) -> None:
+        """Let ``mode``'s best-score checkpointers compare against their checkpoints on storage, on
+        their first use: a handler that never saves them (an evaluate round's pre-aggregation ones)
+        never reads them, and the reads come after training, once earlier saves had time to land."""
+        if mode not in self._resumed_modes:
+            self._resumed_modes.add(mode)
+            self.module.resume_best_scores(self.module.checkpointers_of(mode) or [])
 
     def restore_state(self, server_round: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any] | None:
         """The state saved in the newest earlier round, loaded into ``optimizer``; None if none.
