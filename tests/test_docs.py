@@ -59,7 +59,7 @@ def test_the_programs_marked_runnable_run_as_written_twice(tmp_path):
     """Each marked block, as a fresh program, twice in one directory (the resume example goes on
     from its first run the second time)."""
     blocks = runnable_blocks()
-    assert {page.name for page, _ in blocks} >= {"README.md", "quickstart.md", "resume.md"}, blocks
+    assert {page.name for page, _ in blocks} >= {"README.md", "quickstart.md", "resume.md", "fl4health.md"}, blocks
     for index, (page, code) in enumerate(blocks):
         directory = tmp_path / str(index)
         directory.mkdir()
@@ -73,9 +73,16 @@ def test_the_programs_marked_runnable_run_as_written_twice(tmp_path):
             outputs.append(run.stdout)
         if "restored round" in code:  # the quickstart: its state load sees the save just made
             assert all("restored round 3" in output for output in outputs), outputs
-        if "epoch" in code:
+        if "saved\")" in code:  # the plain PyTorch resume
             assert outputs[0].split() == ["epoch", "0", "saved", "epoch", "1", "saved", "epoch", "2", "saved"]
             assert outputs[1].split() == ["epoch", "3", "saved", "epoch", "4", "saved", "epoch", "5", "saved"]
+        if "ClientStateCheckpointer" in code:  # FL4Health 0.4: the second run restored the first's state
+            assert outputs == ["client steps 1, server round 1\n", "client steps 2, server round 2\n"], outputs
+        if "retention import" in code:  # rounds kept by the policy, the same after a run over the same names
+            assert all(output.startswith("[10, 20, 25, 26, 30, 39, 40, 41]\n") for output in outputs), outputs
+        if "load_state_dict()  # no pickle" in code:
+            loaded = "Sequential ['0.bias', '0.weight', '2.bias', '2.weight'] 3\n"
+            assert outputs == [loaded, loaded], outputs
 
 
 def test_the_api_reference_builds_from_the_docstrings_without_a_warning(tmp_path):
