@@ -73,7 +73,7 @@ def test_the_programs_marked_runnable_run_as_written_twice(tmp_path):
             outputs.append(run.stdout)
         if "restored round" in code:  # the quickstart: its state load sees the save just made
             assert all("restored round 3" in output for output in outputs), outputs
-        if "saved\")" in code:  # the plain PyTorch resume
+        if 'saved")' in code:  # the plain PyTorch resume
             assert outputs[0].split() == ["epoch", "0", "saved", "epoch", "1", "saved", "epoch", "2", "saved"]
             assert outputs[1].split() == ["epoch", "3", "saved", "epoch", "4", "saved", "epoch", "5", "saved"]
         if "ClientStateCheckpointer" in code:  # FL4Health 0.4: the second run restored the first's state
