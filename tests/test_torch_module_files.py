@@ -52,6 +52,23 @@ def test_new_models_of_one_architecture_reuse_its_pickle_and_load_as_torch_save_
     assert pickled.calls == 1  # the first model only
 
 
+def test_a_primed_architecture_is_never_pickled_by_a_save_and_its_file_loads_equal(runtime, tmp_path, monkeypatch):
+    """``priming.prime_models`` (a ServerApp's start) makes the architecture's pickle ahead: the first
+    save of a model of it, later, pickles nothing."""
+    from fedckpt.runtime import priming
+
+    torch_records._cache.clear()
+    pickled = Pickled(monkeypatch)
+    priming.prime_models([make_model(0)])
+    assert pickled.calls == 1
+    model = make_model(1)
+    checkpointer = LatestTorchModuleCheckpointer(str(tmp_path), "global.pt")
+    checkpointer.maybe_checkpoint(model, 0.0, {})
+    checkpointer.flush()
+    assert pickled.calls == 1  # the save reused the primed pickle
+    assert_same_tensors(torch.load(tmp_path / "global.pt", weights_only=False).state_dict(), model.state_dict())
+
+
 def test_models_the_cache_cannot_describe_are_pickled_in_full_and_saved_right(runtime, tmp_path, monkeypatch):
     """Tied weights, a non-persistent buffer, a frozen layer, another dtype: each file holds its own model."""
     torch_records._cache.clear()

@@ -193,7 +193,8 @@ class ServerCheckpoints:
         with self.blocked.measure("open"):
             saved = self._saved_state()  # before the pool starts: no pool, no pending save to ask about
             self.module.resume_best_scores()
-        lifecycle.start_writers_when_ray_is_up()  # so the clients' first saves need not wait for it
+        # So that the clients' first saves need not wait for the pool, nor the first round for pickling.
+        lifecycle.start_writers_when_ray_is_up(models=[] if self.module.model is None else [self.module.model])
         if saved is not None:
             arrays = self._restore(saved, strategy, history)
         restored = {field: dict(getattr(history, field)) for field in HISTORY_FIELDS}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -14,6 +14,9 @@ from fedckpt.runtime import overlap_hooks, preemption, priming, ray_session, thr
 from fedckpt.runtime.coordinator import Coordinator
 from fedckpt.runtime.settings import Settings
 from fedckpt.storage.base import set_default_storage_options
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger("fedckpt")
 
@@ -123,12 +126,14 @@ def coordinator() -> Coordinator:
 RAY_UP_CHECK_SECONDS = 0.02
 
 
-def start_writers_when_ray_is_up(within: float = 300.0) -> threading.Thread:
-    """Create the writer pool in the background as soon as this process is connected to Ray.
+def start_writers_when_ray_is_up(within: float = 300.0, models: Sequence[nn.Module] = ()) -> threading.Thread:
+    """Create the writer pool in the background as soon as this process is connected to Ray, then
+    pay the first save's one-time costs (:mod:`fedckpt.runtime.priming`), ``models``' own included.
 
     For a Flower ServerApp: its ``main()`` starts before the simulation starts Ray, and without
-    this the first client to save would wait for the writers to start. Gives up after ``within``
-    seconds, or at exit; a save creates the pool itself anyway.
+    this the first client to save would wait for the writers to start, and the server's first round
+    for its first save's pickling. Gives up after ``within`` seconds, or at exit; a save creates the
+    pool itself anyway.
     """
 
     def start() -> None:
@@ -140,6 +145,11 @@ def start_writers_when_ray_is_up(within: float = 300.0) -> threading.Thread:
             coordinator().start_writers()
         except Exception as error:  # the first save will try again and raise
             log.warning("fedckpt: starting the writer pool in the background failed: %s", error)
+        try:
+            priming.prime_serialization()
+            priming.prime_models(models)
+        except Exception as error:  # the first save pays these costs itself, and raises if it fails
+            log.debug("fedckpt: priming the first save failed: %s", error)
 
     return threads.start("fedckpt-start-writers", start)
 
