@@ -4,7 +4,6 @@ Flower 1.42 starts by itself (on 127.0.0.1), in a temporary ``FLWR_HOME``, stopp
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from compare import (  # noqa: E402  (the app's comparison script finds and stop
     command_line,
     descendants,
     flwr_environment,
+    listening,
     local_superlink,
     signal_and_wait,
     stop_local_superlink,
@@ -72,9 +72,8 @@ class Flwr:
 @pytest.fixture
 def flwr(tmp_path):
     for port in SUPERLINK_PORTS:  # flwr run would hand the runs to that SuperLink, not start its own
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                pytest.fail(f"a Flower SuperLink (or another server) listens on 127.0.0.1:{port}: stop it first")
+        if listening(port):
+            pytest.fail(f"a Flower SuperLink (or another server) listens on 127.0.0.1:{port}: stop it first")
     cli = Flwr(tmp_path / "flwr-home")
     yield cli
     cli.stop_superlink()
@@ -162,11 +161,6 @@ def test_run_checkpoint_dir_expands_home_passes_urls_and_names_what_is_wrong():
         run_checkpoint_dir(context({"checkpoint-dir": "ckpt"}))
     with pytest.raises(ValueError, match=r"no 'checkpoint-dir'.*\[tool.flwr.app.config\]"):
         run_checkpoint_dir(context({}))
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_compare_measures_the_app_with_sync_saves_and_with_fedckpt_then_stops_its_superlink():

@@ -112,12 +112,17 @@ def stop_local_superlink(flwr_home: Path) -> list[int]:
     return signal_and_wait(left, signal.SIGKILL, 10)
 
 
+def listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port``."""
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 def no_superlink_listening() -> None:
     """``flwr run`` would hand the runs to a SuperLink already listening, not start one of its own."""
     for port in SUPERLINK_PORTS:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                raise SystemExit(f"a Flower SuperLink (or another server) listens on 127.0.0.1:{port}: stop it first")
+        if listening(port):
+            raise SystemExit(f"a Flower SuperLink (or another server) listens on 127.0.0.1:{port}: stop it first")
 
 
 @contextlib.contextmanager
