@@ -101,6 +101,35 @@ def test_ray_binds_loopback_starts_a_local_node_on_127_0_0_1():
     assert out.strip().splitlines()[-1] == "['127.0.0.1'] 127.0.0.1"
 
 
+@canary("ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER")
+def test_ray_failure_signal_handler_off_leaves_sigterm_to_the_program(ray_instance):
+    """A ``ray.init`` off the main thread, as fedckpt's background start makes it (joining a running
+    instance): a SIGTERM right after it runs the program's Python handler, not Ray's C++ one (which
+    aborts the process)."""
+    result = python(
+        """
+        import signal, threading
+        import ray
+        from fedckpt import _compat
+
+        signal.signal(signal.SIGTERM, lambda signum, frame: print("program's handler ran", flush=True))
+
+        def connect():
+            with _compat.ray_failure_signal_handler_off():
+                ray.init(include_dashboard=False, log_to_driver=False)
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # Ray's handler would abort here
+
+        thread = threading.Thread(target=connect)
+        thread.start()
+        thread.join()
+        ray.shutdown()
+        """,
+        {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
+    )
+    assert result.returncode == 0 and "program's handler ran" in result.stdout, result.stderr[-3000:]
+    assert "SIGTERM received" not in result.stderr
+
+
 @canary("ray.runtime_context.RuntimeContext.worker")
 def test_in_ray_worker_process_tells_tasks_and_actors_from_the_driver(ray_instance):
     @ray.remote(num_cpus=0)

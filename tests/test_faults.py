@@ -354,12 +354,15 @@ while True:
 """
 
 
-SIGTERM_AFTER_BACKGROUND_START = """
-import os, signal, sys, torch, fedckpt
+SIGTERM_AROUND_BACKGROUND_START = """
+import os, signal, sys, threading, torch, fedckpt
+from fedckpt.runtime import failpoints
 def on_sigterm(signum, frame):
     print("user handler ran", flush=True)
     sys.exit(143)
 signal.signal(signal.SIGTERM, on_sigterm)
+if {during_ray_init!r}:  # to the thread in ray.init, once its core worker is up: delivered before pthread_kill returns
+    failpoints.set_hook("ray_session.connected", lambda: signal.pthread_kill(threading.get_ident(), signal.SIGTERM))
 states = fedckpt.PerRoundStateCheckpointer({directory!r})
 states.save_checkpoint("state.pt", {{"counter": 1, "x": torch.ones(4)}})  # held: Ray joins in the background
 fedckpt.flush()  # that thread has connected, and the pool is up
@@ -367,10 +370,12 @@ os.kill(os.getpid(), signal.SIGTERM)
 """
 
 
-def test_sigterm_after_ray_was_joined_in_the_background_runs_the_programs_handler(runtime, tmp_path):
-    """Ray's core worker, created off the main thread by the background start, installs a C++ handler
-    for SIGTERM that aborts the process; the program's handler (behind fedckpt's flush) must stay."""
-    script = SIGTERM_AFTER_BACKGROUND_START.format(directory=str(tmp_path))
+@pytest.mark.parametrize("during_ray_init", [True, False], ids=["during-ray-init", "after-ray-init"])
+def test_sigterm_around_the_background_join_of_ray_runs_the_programs_handler(runtime, tmp_path, during_ray_init):
+    """Ray's core worker, created off the main thread by the background start, would install a C++
+    handler for SIGTERM that aborts the process (status -6): the program's handler (behind fedckpt's
+    flush) must run whether the signal comes while Ray connects or later, and the held save is kept."""
+    script = SIGTERM_AROUND_BACKGROUND_START.format(directory=str(tmp_path), during_ray_init=during_ray_init)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 143 and "user handler ran" in done.stdout, (done.returncode, done.stderr[-3000:])

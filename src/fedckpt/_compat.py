@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 PRIVATE_NAMES: dict[str, str] = {
     # name (as the library spells it) -> the library's distribution
     "ray._private.ray_constants.ENABLE_RAY_CLUSTER": "ray",
+    "ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "ray",
     "ray.runtime_context.RuntimeContext.worker": "ray",
     "ray._private.state.jobs": "ray",
     "ray.experimental.internal_kv._internal_kv_get": "ray",
@@ -82,6 +83,28 @@ def ray_binds_loopback() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = previous
+
+
+@contextlib.contextmanager
+def ray_failure_signal_handler_off() -> Iterator[None]:
+    """Within this block, ``ray.init`` does not install Ray's C++ failure-signal handler in this process.
+
+    That handler (Abseil's) takes SIGTERM as well as crash signals: a SIGTERM while it is in place
+    prints a stack and aborts the process (status -6), and the program's handler, with fedckpt's
+    flush of acknowledged saves, never runs. On the main thread ``ray.init`` sets a Python handler
+    over it, but only once the core worker is up; off it (fedckpt's background start) nothing does.
+    Ray reads ``ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER`` when it creates the core worker;
+    the public switch, the environment variable of that name, is read when Ray is imported, usually
+    before fedckpt runs. Checked against Ray 2.55.1.
+    """
+    from ray._private import ray_constants
+
+    previous = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    try:
+        yield
+    finally:
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = previous
 
 
 def in_ray_worker_process() -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 import ray
 
 from fedckpt import _compat
+from fedckpt.runtime import failpoints
 
 log = logging.getLogger("fedckpt")
 
@@ -42,6 +43,7 @@ def ensure_ray() -> bool:
             ray.init(address=address, include_dashboard=False)
         else:
             _start_local_on_loopback()
+        failpoints.reach("ray_session.connected")
     return True
 
 
