@@ -7,6 +7,11 @@ import subprocess
 import sys
 import textwrap
 
+import torch
+from conftest import make_model
+
+from fedckpt.runtime.priming import prime_models, prime_serialization
+
 PREAMBLE = """
 import os, sys, threading, atexit
 import ray, torch, fedckpt
@@ -176,3 +181,14 @@ def test_priming_pays_the_first_saves_one_time_costs_in_memory(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split("\n")[0] == "[False, False] [True, True]"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_priming_leaves_torchs_random_number_generator_as_it_was():
+    """The warm-up primes on a background thread while the program builds its models: torch's
+    generator is shared by every thread, so a draw there would change what a seeded program builds
+    (a model made after ``torch.manual_seed(2)`` would differ from run to run)."""
+    model = make_model(1)
+    before = torch.get_rng_state()
+    prime_serialization()
+    prime_models([model])
+    assert torch.equal(torch.get_rng_state(), before)

@@ -156,7 +156,9 @@ class Coordinator:
                     lost.append(request.key)
             self._transport.release(batch.staged)
         self._pool = None
-        self._watcher.stop(wait=0.0)  # it watched the lost instance; a new pool starts a new one
+        # It watched the lost instance, and may be in a Ray call: it must be out of it before the
+        # ray.init that may follow (a Ray call racing ray.init crashes the process). Its calls time out.
+        self._watcher.stop()
         self._transport.close_channels()
         if lost:
             raise CheckpointError(

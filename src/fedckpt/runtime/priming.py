@@ -5,8 +5,9 @@ modules and their config (built from source), pickle's lookup of each torch clas
 loader, and fedckpt's own snapshot paths. Together that is tens of milliseconds, which a Flower
 client's first round would otherwise block for. The warm-up thread
 (:func:`fedckpt.runtime.lifecycle.warm_up_in_background`) runs them on a tiny model and a state
-like an optimizer's, while the round trains. Only per-architecture work is left to the first save
-of a real model.
+like an optimizer's, while the round trains, without touching torch's random number generator (a
+seeded program gets the same models with or without it). Only per-architecture work is left to the
+first save of a real model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from fedckpt.snapshot import snapshot_module, snapshot_state, snapshot_torch_module
 from fedckpt.storage.base import storage_for
@@ -26,7 +28,12 @@ def prime_serialization() -> None:
     """Save and load a tiny model and optimizer state the ways fedckpt and its users do, in memory,
     and import the local storage backend (imported on first use)."""
     storage_for(os.getcwd()).exists(os.getcwd())
-    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    # Built without drawing from torch's random number generator, which is shared by every thread: a
+    # default-initialized layer here would change the models a seeded program builds meanwhile.
+    model = nn.Sequential(skip_init(nn.Linear, 2, 2), nn.ReLU())
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for parameter in model.parameters():  # the state an optimizer step leaves, without a step
         optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
