@@ -311,7 +311,12 @@ def test_a_flower_run_sent_sigterm_mid_round_has_every_acknowledged_client_save_
     assert fedckpt_cli(["verify", str(checkpoints)]) == 0
 
 
-@pytest.mark.parametrize("strategy", ["fedadam", "dp-fedadam", "fedprox"])
+# dp-fedadam holds all the state the others do (FedAdam's moments, inside a wrapper) and the RNG
+# besides: the default run has it; the plain ones (3 runs of a simulation each) are in -m slow.
+@pytest.mark.parametrize(
+    "strategy",
+    [pytest.param("fedadam", marks=pytest.mark.slow), "dp-fedadam", pytest.param("fedprox", marks=pytest.mark.slow)],
+)
 def test_a_resumed_run_of_a_stateful_strategy_ends_on_the_model_of_an_uninterrupted_one(tmp_path, strategy):
     """FedAdam's moments, also inside a differential-privacy wrapper, and the server's RNG (the DP
     noise) are part of the server state: a run killed after round 2 and resumed ends on the global
