@@ -104,20 +104,26 @@ def test_ray_binds_loopback_starts_a_local_node_on_127_0_0_1():
 @canary("ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER")
 def test_ray_failure_signal_handler_off_leaves_sigterm_to_the_program(ray_instance):
     """A ``ray.init`` off the main thread, as fedckpt's background start makes it (joining a running
-    instance): a SIGTERM right after it runs the program's Python handler, not Ray's C++ one (which
-    aborts the process)."""
+    instance): where Ray has the switch (2.55.1), a SIGTERM right after ``ray.init``, still inside the
+    block, runs the program's Python handler, not Ray's C++ one (which aborts the process). Where it
+    has not (2.51.1), fedckpt puts SIGTERM's action back after the block: a SIGTERM then runs it too."""
     result = python(
         """
         import signal, threading
         import ray
         from fedckpt import _compat
+        from fedckpt.runtime.preemption import keeping_sigterm_handler
 
         signal.signal(signal.SIGTERM, lambda signum, frame: print("program's handler ran", flush=True))
 
         def connect():
-            with _compat.ray_failure_signal_handler_off():
+            with keeping_sigterm_handler(), _compat.ray_failure_signal_handler_off() as switched:
                 ray.init(include_dashboard=False, log_to_driver=False)
-            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # Ray's handler would abort here
+                print("switched:", switched, flush=True)
+                if switched:  # Ray's handler, had it been installed, would abort here
+                    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+            if not switched:
+                signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
 
         thread = threading.Thread(target=connect)
         thread.start()
@@ -128,6 +134,8 @@ def test_ray_failure_signal_handler_off_leaves_sigterm_to_the_program(ray_instan
     )
     assert result.returncode == 0 and "program's handler ran" in result.stdout, result.stderr[-3000:]
     assert "SIGTERM received" not in result.stderr
+    has_switch = tuple(int(part) for part in version("ray").split(".")[:2]) >= (2, 55)
+    assert f"switched: {has_switch}" in result.stdout, result.stdout
 
 
 @canary("ray.runtime_context.RuntimeContext.worker")

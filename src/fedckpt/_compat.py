@@ -86,8 +86,10 @@ def ray_binds_loopback() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def ray_failure_signal_handler_off() -> Iterator[None]:
-    """Within this block, ``ray.init`` does not install Ray's C++ failure-signal handler in this process.
+def ray_failure_signal_handler_off() -> Iterator[bool]:
+    """Within this block, ``ray.init`` does not install Ray's C++ failure-signal handler in this
+    process; yields whether this Ray has the switch (2.55.1 has, 2.51.1 has not: there the block
+    changes nothing).
 
     That handler (Abseil's) takes SIGTERM as well as crash signals: a SIGTERM while it is in place
     prints a stack and aborts the process (status -6), and the program's handler, with fedckpt's
@@ -95,16 +97,20 @@ def ray_failure_signal_handler_off() -> Iterator[None]:
     over it, but only once the core worker is up; off it (fedckpt's background start) nothing does.
     Ray reads ``ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER`` when it creates the core worker;
     the public switch, the environment variable of that name, is read when Ray is imported, usually
-    before fedckpt runs. Checked against Ray 2.55.1.
+    before fedckpt runs. Checked against Ray 2.55.1 and 2.51.1.
     """
     from ray._private import ray_constants
 
-    previous = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
-    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    switch = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
+    if not hasattr(ray_constants, switch):
+        yield False
+        return
+    previous = getattr(ray_constants, switch)
+    setattr(ray_constants, switch, True)
     try:
-        yield
+        yield True
     finally:
-        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = previous
+        setattr(ray_constants, switch, previous)
 
 
 def in_ray_worker_process() -> bool:

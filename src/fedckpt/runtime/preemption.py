@@ -14,6 +14,8 @@ thread: in Ray's worker processes SIGTERM belongs to Ray, and the driver's flush
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import os
 import signal
@@ -47,18 +49,49 @@ def keeping_sigterm_handler() -> Iterator[None]:
 
     Ray's core worker installs a C++ failure-signal handler that also takes SIGTERM, and aborts the
     process (status -6) instead of running the program's handler; off the main thread (the
-    background start) it stays in place. It is not installed at all, so that a SIGTERM at any moment,
-    ``ray.init`` included, runs the program's handler: Ray's native crash stacks are what this costs
-    in a driver that fedckpt connects (a program that wants them calls ``ray.init`` itself first).
-    On the main thread, Ray also sets a Python handler: the one before is set again.
+    background start) it stays in place. Where Ray has the switch (2.55), it is not installed at all,
+    so that a SIGTERM at any moment, ``ray.init`` included, runs the program's handler: Ray's native
+    crash stacks are what this costs in a driver that fedckpt connects (a program that wants them
+    calls ``ray.init`` itself first). Where it has not (2.51), the process's action for SIGTERM is put
+    back through ``sigaction`` after ``ray.init`` (Python's handler table never changed), and a
+    SIGTERM during ``ray.init`` off the main thread still aborts. On the main thread, Ray also sets a
+    Python handler: the one before is set again.
     """
-    handler = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if on_main_thread else None
+    action = None if on_main_thread else _sigterm_action()
     try:
         with _compat.ray_failure_signal_handler_off():
             yield
     finally:
         if handler is not None:
             signal.signal(signal.SIGTERM, handler)
+        if action is not None:
+            _set_sigterm_action(action)
+
+
+# glibc's struct sigaction is 152 bytes on x86_64 and aarch64: kept as opaque bytes, read and set back.
+_SIGACTION_BYTES = 512
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _sigterm_action() -> ctypes.Array[ctypes.c_char]:
+    """The process's current action for SIGTERM (its C-level handler, mask and flags)."""
+    action = ctypes.create_string_buffer(_SIGACTION_BYTES)
+    if _libc().sigaction(signal.SIGTERM, None, action) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"sigaction(SIGTERM) could not be read: {os.strerror(error)}")
+    return action
+
+
+def _set_sigterm_action(action: ctypes.Array[ctypes.c_char]) -> None:
+    if _libc().sigaction(signal.SIGTERM, action, None) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"sigaction(SIGTERM) could not be set back: {os.strerror(error)}")
 
 
 def install(grace_seconds: float) -> None:
