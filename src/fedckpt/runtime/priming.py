@@ -38,8 +38,7 @@ def prime_serialization() -> None:
     for parameter in model.parameters():  # the state an optimizer step leaves, without a step
         optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
     state = {"server_round": 1, "optimizer": optimizer.state_dict()}
-    snapshot_torch_module(model)
-    snapshot_module(model)
+    prime_models([model])
     snapshot_state(state)
     for saved, weights_only in ((model, False), (state, True)):
         buffer = io.BytesIO()
