@@ -74,6 +74,12 @@ class S3Server:
         _wait_until_listening(self.port, up=True)
 
     def stop(self) -> None:
+        import s3fs
+
+        from fedckpt import _compat
+
+        # The helpers' session, closed while fsspec's event loop runs (not by s3fs's finalizer at exit).
+        _compat.close_s3_session(s3fs.S3FileSystem(**self.options()))
         if self.server is not None:
             self.server.stop()
             self.server = None

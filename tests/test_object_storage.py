@@ -355,3 +355,21 @@ def test_an_upload_cut_off_by_a_crash_is_listed_by_verify_and_aborted_by_the_nex
     fedckpt.flush()
     report = storage.verify(s3_dir)
     assert report.checked == 1 and report.problems == [] and report.leftovers == []
+
+
+def test_shutdown_closes_the_object_store_sessions_it_opened_and_a_later_save_opens_new_ones(s3_dir, s3_server):
+    """fedckpt.shutdown() unregisters the exit handler that would close them: it closes them itself,
+    while fsspec's event loop runs, rather than leave them to s3fs's finalizers at interpreter exit."""
+    state = PerRoundStateCheckpointer(s3_dir)
+    state.save_checkpoint("state.pt", {"round": 1}, server_round=1)
+    assert state.load_checkpoint("state.pt")["round"] == 1  # read by this process, through its session
+    file_system = storage_for(s3_dir, s3_server.options()).fs
+    client = file_system.s3
+    assert client._endpoint.http_session._sessions  # aiobotocore's connection pools, open
+
+    fedckpt.shutdown()
+    assert file_system._s3 is None and not client._endpoint.http_session._sessions
+
+    fedckpt.init(storage_options=s3_server.options())
+    state.save_checkpoint("state.pt", {"round": 2}, server_round=2)
+    assert state.load_checkpoint("state.pt")["round"] == 2 and file_system.s3 is not client

@@ -13,7 +13,7 @@ import ray
 from fedckpt.runtime import overlap_hooks, preemption, priming, ray_session, threads
 from fedckpt.runtime.coordinator import Coordinator
 from fedckpt.runtime.settings import Settings
-from fedckpt.storage.base import set_default_storage_options
+from fedckpt.storage.base import close_file_systems, set_default_storage_options
 
 if TYPE_CHECKING:
     from torch import nn
@@ -225,19 +225,22 @@ def shutdown() -> None:
     """Flush, stop the writer pool, and stop Ray if fedckpt started it.
 
     Call it from the program that owns the run (a script, a ServerApp), not from a client that
-    shares the pool with others: a later save anywhere starts a new pool.
+    shares the pool with others: a later save anywhere starts a new pool. The object-store sessions
+    this process opened are closed too (a later save or load opens new ones).
     """
     global _coordinator
     with _lock:
         instance, _coordinator = _coordinator, None
     overlap_hooks.remove_all()
     if instance is None:
+        close_file_systems()
         return
     try:
         if ray.is_initialized() or instance.pool_starting:
             instance.flush()  # waits for a pool starting in the background first
             instance.stop_writers()
     finally:
-        instance.forget()
+        instance.forget()  # unregisters the exit handler, which would have closed the sessions
+        close_file_systems()  # now, while fsspec's event loop runs: not from s3fs's finalizers at exit
         if instance.started_ray and ray.is_initialized():
             ray_session.unwrapped_shutdown()  # everything is flushed already
