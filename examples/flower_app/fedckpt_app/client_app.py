@@ -44,10 +44,16 @@ def checkpointing(context: Context) -> str:
     return mode
 
 
+# The calls either kind of checkpoints measures its blocked time in.
+ACTIVITIES = ("restore", "pre_aggregation", "post_aggregation", "save_state", "flush", "end_of_round")
+
+
 def blocked_metrics(checkpoints: ClientCheckpoints | SyncClientCheckpoints) -> dict[str, float]:
     """The time this handler waited on its checkpoints, in all and by call (``restore``, ``save_state``,
     ...), as metrics the ServerApp adds up over clients (``compare.py`` reports them)."""
-    by_activity = {f"blocked-{activity}-s": seconds for activity, seconds in checkpoints.blocked.by_activity.items()}
+    # Every reply carries the same keys (Flower aggregates only equal MetricRecords), zero where unused.
+    measured = {**dict.fromkeys(ACTIVITIES, 0.0), **checkpoints.blocked.by_activity}
+    by_activity = {f"blocked-{activity}-s": seconds for activity, seconds in measured.items()}
     # fedckpt's writers count the checkpoints they write; the baseline's clients count their own.
     saves = {"checkpoint-saves": checkpoints.saves} if isinstance(checkpoints, SyncClientCheckpoints) else {}
     return {"blocked-s": checkpoints.blocked.seconds, **by_activity, **saves}
