@@ -293,6 +293,29 @@ def test_segments_made_ready_ahead_serve_the_first_saves_and_stop_where_there_is
         arena.close()
 
 
+def test_segments_kept_ready_are_made_again_in_the_background_once_saves_take_them(tmp_path):
+    """From a warm-up on, the arena keeps small segments free: saves take them without mapping memory,
+    and a background thread makes the next ones (a save that maps a new segment waits milliseconds)."""
+    arena = StagingArena(16 << 20, directory=str(tmp_path))
+    try:
+        arena.keep_ready(2)
+        ready = set(arena._free)
+        assert len(ready) == 2
+        taken = {arena.acquire(300_000), arena.acquire(300_000)}
+        assert taken == ready  # the saves took the segments made ahead
+        assert arena.wait_ready(2, timeout=60)  # made again, off the savers' path
+        remade = set(arena._free)
+        assert len(remade) == 2 and not remade & taken
+        assert arena.acquire(300_000) in remade
+        refiller = arena._refiller
+        assert refiller is not None and refiller.is_alive()
+    finally:
+        arena.close()
+    refiller.join(30)
+    assert not refiller.is_alive()  # closing the arena ends its thread
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("fedckpt-")]
+
+
 SAVE_WITHOUT_INODES = """
 import errno, os, sys, warnings
 import ray, torch, fedckpt

@@ -40,7 +40,7 @@ from fedckpt.snapshot import Snapshot
 
 log = logging.getLogger("fedckpt")
 
-# Staging segments a warm-up makes ahead: a Flower client's first model save and state save.
+# Small staging segments kept free ahead from the warm-up on: a Flower client's model save and state save.
 STAGING_SEGMENTS_AHEAD = 2
 
 # The completion thread's sends wait this long for a Ray answer; past it the watcher sends them again.
@@ -119,7 +119,7 @@ class Coordinator:
             if route is Route.CHANNEL:
                 self._transport.connect(pool, index)
         if self._transport.arena is not None:
-            self._transport.arena.make_ready(STAGING_SEGMENTS_AHEAD)
+            self._transport.arena.keep_ready(STAGING_SEGMENTS_AHEAD)
             if Route.RAY in routes.values():
                 pool.ensure_node_writers(self._transport.node())
         self._watcher.wake()  # it watches the new channels

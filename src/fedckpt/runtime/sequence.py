@@ -31,7 +31,6 @@ import os
 import struct
 import uuid
 import zlib
-from collections.abc import Iterator
 
 from fedckpt.runtime.staging import PREFIX, SHM_DIR, create_file, reserve
 from fedckpt.storage.atomic import hold_as_owner
@@ -57,12 +56,27 @@ def _mark_at(bucket: int) -> int:
     return _taken_at(bucket) + _NUMBER.size
 
 
+class _FileLock:
+    """The counter file's lock, shared by every process of the node (``lockf``); a plain context
+    manager: it is taken on every save."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc_info: object) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+
 class SequenceCounter:
     """The counter file of one writer incarnation, mapped."""
 
     def __init__(self, path: str, create: bool = False) -> None:
         self.path = path
         self._fd = create_file(path) if create else os.open(path, os.O_RDWR)  # no room to create: StagingFull
+        self._lock = _FileLock(self._fd)
         try:
             if create:
                 hold_as_owner(self._fd)  # the writer's lock: the file is swept once it is gone
@@ -84,7 +98,7 @@ class SequenceCounter:
     def take(self, keys: list[str]) -> int:
         """Reserve a number for each save of ``keys`` (consecutive; returns the first), counting it in
         its key's bucket."""
-        with self._locked():
+        with self._lock:
             (last,) = _NUMBER.unpack_from(self._map, _COUNTER)
             _NUMBER.pack_into(self._map, _COUNTER, last + len(keys))
             for key in keys:
@@ -95,33 +109,33 @@ class SequenceCounter:
     def mark_quiet(self, arrived: int) -> None:
         """(Writer) Nothing is pending, held or awaited, and ``arrived`` saves numbered from this
         counter reached the writer: if that is every number taken, set the quiet mark."""
-        with self._locked():
+        with self._lock:
             (last,) = _NUMBER.unpack_from(self._map, _COUNTER)
             if last == arrived:
                 _NUMBER.pack_into(self._map, _QUIET_MARK, last)
 
     def mark_ready(self) -> None:
         """(Writer) Recovered, with no lost save awaited: bucket marks may now say a bucket is quiet."""
-        with self._locked():
+        with self._lock:
             _NUMBER.pack_into(self._map, _READY, 1)
 
     def mark_bucket_quiet(self, bucket: int, arrived: int) -> None:
         """(Writer) No key of ``bucket`` has a save pending or an error held, and ``arrived`` saves of
         its keys reached the writer: if that is every number taken for them, mark the bucket quiet."""
-        with self._locked():
+        with self._lock:
             if _NUMBER.unpack_from(self._map, _taken_at(bucket))[0] == arrived:
                 _NUMBER.pack_into(self._map, _mark_at(bucket), arrived)
 
     def unmark_bucket(self, bucket: int) -> None:
         """(Writer) A key of ``bucket`` has something to wait for that took no number (an error held for
         it, a lost save awaited): the bucket is not quiet until marked again."""
-        with self._locked():
+        with self._lock:
             _NUMBER.pack_into(self._map, _mark_at(bucket), _NEVER)
 
     def keys_quiet(self, keys: list[str]) -> bool:
         """(Caller) Whether every save of ``keys`` numbered so far is written with no error held (their
         buckets are quiet: other keys of a bucket only make it look busy)."""
-        with self._locked():
+        with self._lock:
             if _NUMBER.unpack_from(self._map, _READY)[0] != 1:
                 return False
             for bucket in {bucket_of(key) for key in keys}:
@@ -132,17 +146,9 @@ class SequenceCounter:
 
     def quiet(self) -> bool:
         """(Caller) Whether every save numbered so far is written and nothing is held or awaited."""
-        with self._locked():
+        with self._lock:
             counter, mark = _NUMBER.unpack_from(self._map, _COUNTER)[0], _NUMBER.unpack_from(self._map, _QUIET_MARK)[0]
         return counter == mark
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
     def close(self, remove: bool = False) -> None:
         with contextlib.suppress(BufferError, ValueError):

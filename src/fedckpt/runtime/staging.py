@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedckpt.runtime import threads
 from fedckpt.storage.atomic import hold_as_owner, owner_alive
 
 log = logging.getLogger("fedckpt")
@@ -47,9 +48,18 @@ class Segment:
     array: np.ndarray = field(init=False)  # a uint8 view of the whole mapping
     # Run before the mapping goes (its registration with CUDA is undone there: runtime/cuda.py).
     before_close: list[Callable[[], None]] = field(default_factory=list)
+    marked_used: float = field(default_factory=time.monotonic)  # when its file's mtime was last set
 
     def __post_init__(self) -> None:
         self.array = np.frombuffer(self.buffer, dtype=np.uint8)
+
+    def mark_used(self) -> None:
+        """Set the file's mtime, its last use (see SEGMENT_GRACE_SECONDS); at most once a second,
+        which the grace period leaves room for: small saves reuse a segment many times a second."""
+        now = time.monotonic()
+        if now - self.marked_used >= USE_MARK_SECONDS:
+            os.utime(self.path)
+            self.marked_used = now
 
     def close(self) -> None:
         finalizers, self.before_close = self.before_close, []
@@ -84,6 +94,7 @@ def creator_pid(path: str) -> int | None:
 # A segment whose creator died is kept this long after its last use: a save its creator sent just
 # before dying may still be on its way to the writer, which maps the segment when the save arrives.
 SEGMENT_GRACE_SECONDS = 30.0
+USE_MARK_SECONDS = 1.0  # how stale a segment's mtime may be as a mark of its last use
 
 
 def remove_orphans(
@@ -155,6 +166,11 @@ class StagingArena:
         self._free: list[Segment] = []
         self._busy: set[Segment] = set()
         self._lock = threading.Lock()
+        self._made_ready = threading.Condition(self._lock)
+        self._ready_target = 0  # small segments kept free ahead (keep_ready), refilled in the background
+        self._refill = threading.Event()
+        self._refiller: threading.Thread | None = None
+        self._closed = False
         remove_orphans(directory)
 
     def total_bytes(self) -> int:
@@ -170,7 +186,7 @@ class StagingArena:
             if fitting:
                 segment = min(fitting, key=lambda candidate: candidate.size)
                 self._free.remove(segment)
-                os.utime(segment.path)  # its last use: see SEGMENT_GRACE_SECONDS
+                segment.mark_used()
             else:
                 while self._free and self.total_bytes() + nbytes > self.max_bytes:
                     self._free.pop(0).close()
@@ -183,17 +199,57 @@ class StagingArena:
                             raise
                         self._free.pop(0).close()  # room for this one, then try again
             self._busy.add(segment)
+            if self._ready_count() < self._ready_target:
+                self._refill.set()  # the next small save finds one ready, made off the caller's path
             return segment
 
     def make_ready(self, count: int) -> None:
         """Have ``count`` free segments of the smallest size ready (a process's first small saves then
-        map no memory); none is made when ``/dev/shm`` has no room for it."""
-        with self._lock:
-            while len(self._free) < count and self.total_bytes() + SEGMENT_GRANULARITY <= self.max_bytes:
-                try:
-                    self._free.append(self._create(SEGMENT_GRANULARITY // 2))
-                except StagingFull:
+        map no memory); none is made when ``/dev/shm`` has no room for it. Each is made outside the
+        lock: saves meanwhile take and release segments without waiting for it."""
+        while True:
+            with self._lock:
+                if self._closed or self._ready_count() >= count:
                     return
+                if self.total_bytes() + SEGMENT_GRANULARITY > self.max_bytes:
+                    return
+            try:
+                segment = self._create(SEGMENT_GRANULARITY // 2)
+            except StagingFull:
+                return
+            with self._lock:
+                if self._closed or self.total_bytes() + segment.size > self.max_bytes:
+                    segment.close()
+                    return
+                self._free.append(segment)
+                self._made_ready.notify_all()
+
+    def wait_ready(self, count: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until ``count`` small segments are free; whether they are."""
+        with self._made_ready:
+            return self._made_ready.wait_for(lambda: self._ready_count() >= count, timeout)
+
+    def keep_ready(self, count: int) -> None:
+        """:meth:`make_ready` now, and from then on whenever a save takes one of those segments: a
+        background thread makes the next one while the caller goes on (a Flower client's saves then
+        map no memory even when the writer falls behind and more of them are in flight)."""
+        self.make_ready(count)
+        with self._lock:
+            self._ready_target = count
+            if self._refiller is None and not self._closed:
+                threads.wake_on_stop(self._refill.set)
+                self._refiller = threads.start("fedckpt-staging", self._refill_loop)
+
+    def _refill_loop(self) -> None:
+        while True:
+            self._refill.wait()
+            self._refill.clear()
+            if self._closed or threads.stopping.is_set():
+                return
+            self.make_ready(self._ready_target)
+
+    def _ready_count(self) -> int:
+        return sum(1 for segment in self._free if segment.size == SEGMENT_GRANULARITY)
 
     def has_free(self, nbytes: int) -> bool:
         return any(segment.size >= nbytes for segment in self._free)
@@ -203,12 +259,15 @@ class StagingArena:
         with self._lock:
             self._busy.discard(segment)
             self._free.append(segment)
+            self._made_ready.notify_all()
             while self._free and self.total_bytes() > self.max_bytes:
                 self._free.pop(0).close()
 
     def close(self) -> None:
         """Unmap and remove every segment (busy ones too: call after a flush)."""
         with self._lock:
+            self._closed = True
+            self._refill.set()  # its thread returns
             for segment in [*self._free, *self._busy]:
                 segment.close()
             self._free.clear()

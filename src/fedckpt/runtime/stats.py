@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 
@@ -53,20 +52,11 @@ class StatsRecorder:
             for name, amount in amounts.items():
                 self._values[name] += amount
 
-    @contextmanager
-    def timed(self, name: str) -> Iterator[None]:
+    def timed(self, name: str) -> _Timed:
         """Add the time spent in the block to ``name`` (``blocked_seconds`` or ``waited_seconds``);
         a block inside another timed block of the same thread counts once (a module's save calls a
         checkpointer's, which calls the coordinator's)."""
-        depth = getattr(self._depth, name, 0)
-        setattr(self._depth, name, depth + 1)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            setattr(self._depth, name, depth)
-            if depth == 0:
-                self.add(**{name: time.perf_counter() - start})
+        return _Timed(self, name)
 
     def snapshot(self) -> ProcessStats:
         pending_saves, pending_bytes, unknown = self.pending()
@@ -85,3 +75,24 @@ recorder = StatsRecorder()
 def stats() -> ProcessStats:
     """This process's save counters since it started: saves, bytes by transport, time blocked and waited."""
     return recorder.snapshot()
+
+
+class _Timed:
+    """:meth:`StatsRecorder.timed`'s block: a plain context manager (every save enters a few)."""
+
+    def __init__(self, recorder: StatsRecorder, name: str) -> None:
+        self._recorder = recorder
+        self._name = name
+        self._depth = 0
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        depths = self._recorder._depth
+        self._depth = getattr(depths, self._name, 0)
+        setattr(depths, self._name, self._depth + 1)
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc_info: object) -> None:
+        setattr(self._recorder._depth, self._name, self._depth)
+        if self._depth == 0:
+            self._recorder.add(**{self._name: time.perf_counter() - self._start})

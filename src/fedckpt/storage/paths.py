@@ -11,6 +11,7 @@ manifest, its lock, temp files) refuses URLs with :meth:`Location.local_path`: j
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import re
@@ -26,6 +27,7 @@ TEMP_SUFFIX = ".tmp"
 
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
 _LOCAL_PROTOCOLS = ("file", "local")  # fsspec's names for local files: the path after them is a local path
+_PATHS_CACHED = 4096  # paths and names remembered by the caches below (a run has a bounded set)
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,17 @@ class Location:
         """The location ``where`` names (``file://`` and ``local://`` URLs are local paths)."""
         if isinstance(where, Location):
             return where
-        text = os.fspath(where)
+        return _location_of(os.fspath(where))
+
+    @staticmethod
+    def _parse(text: str) -> Location:
         match = _URL.match(text)
         if match is None:
-            return cls("", os.path.normpath(text))
+            return Location("", os.path.normpath(text))
         protocol, rest = match.group(1).lower(), match.group(2)
         if protocol in _LOCAL_PROTOCOLS:
-            return cls("", os.path.normpath(rest))
-        return cls(protocol, posixpath.normpath(rest).lstrip("/"))
+            return Location("", os.path.normpath(rest))
+        return Location(protocol, posixpath.normpath(rest).lstrip("/"))
 
     @property
     def is_url(self) -> bool:
@@ -108,8 +113,24 @@ class Location:
         return self.path
 
 
+@functools.lru_cache(maxsize=_PATHS_CACHED)
+def _location_of(text: str) -> Location:
+    """:meth:`Location.of` of a string: pure (normalising a relative path does not look at the
+    working directory), and asked on every save and load."""
+    return Location._parse(text)
+
+
+# Every save and load computes these; each is a pure function of its arguments and the working
+# directory (a relative path is made absolute against it), which is therefore part of the cache key.
+
+
 def checkpoint_key(path: str | os.PathLike[str]) -> str:
     """The runtime's key of a checkpoint: its absolute, normalised path, or its normalised URL."""
+    return _checkpoint_key(os.fspath(path), os.getcwd())
+
+
+@functools.lru_cache(maxsize=_PATHS_CACHED)
+def _checkpoint_key(path: str, cwd: str) -> str:
     return Location.of(path).key
 
 
@@ -117,6 +138,11 @@ def checkpoint_path_in(directory: str | os.PathLike[str], name: str) -> str:
     """``directory/name``, or a ``ValueError`` naming what is wrong with ``name``."""
     if not isinstance(name, str):
         raise TypeError(f"A checkpoint name must be a string, got {type(name).__name__}")
+    return _checkpoint_path_in(os.fspath(directory), name, os.getcwd())
+
+
+@functools.lru_cache(maxsize=_PATHS_CACHED)
+def _checkpoint_path_in(directory: str, name: str, cwd: str) -> str:
     if name == "" or name.strip() == "":
         raise ValueError("A checkpoint name must not be empty")
     if "\x00" in name:
