@@ -11,6 +11,8 @@ import torch
 from conftest import assert_same_tensors, make_model
 from flwr.app import ArrayRecord
 from flwr.common import ndarrays_to_parameters
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fedckpt
 from fedckpt import (
@@ -198,6 +200,52 @@ def test_client_state_slots_record_their_round_and_older_slots_are_still_read(ru
     assert plain.saved_round("client_state.0.pt") is None
     assert ClientCheckpoints(by_hand).restore_state(6)["steps"] == 50
     assert ClientCheckpoints(by_hand).restore_state(5)["steps"] == 40
+
+
+ROUND_EVENTS = ("takes part", "skips", "crashes after saving")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(ROUND_EVENTS), min_size=1, max_size=10))
+def test_client_state_slots_restore_the_newest_earlier_state_whatever_rounds_a_client_takes_part_in(
+    runtime, tmp_path_factory, events
+):
+    """Whichever rounds a client skips, and whichever round runs again after a crash, a restore returns
+    the state saved last in the newest earlier round, and a round run again starts where it started."""
+    directory = str(tmp_path_factory.mktemp("client"))
+    saved: dict[int, int] = {}  # round -> the steps of the state saved last in it
+
+    def expected(server_round):
+        earlier = [r for r in saved if r < server_round]
+        return saved[max(earlier)] if earlier else None
+
+    for server_round, event in enumerate(events, start=1):
+        if event == "skips":
+            continue
+        handler = ClientCheckpoints(directory)  # one train handler: restore, train, save
+        restored = handler.restore_state(server_round)
+        assert (restored and restored["steps"]) == expected(server_round)
+        handler.save_state(server_round, steps=server_round * 10)
+        saved[server_round] = server_round * 10
+        if event == "crashes after saving":  # the run resumes at this round: it runs again
+            again = ClientCheckpoints(directory)
+            restored = again.restore_state(server_round)
+            assert (restored and restored["steps"]) == expected(server_round)
+            again.save_state(server_round, steps=server_round * 10 + 1)
+            saved[server_round] = server_round * 10 + 1
+    fedckpt.flush()
+
+
+def test_a_client_in_every_round_keeps_each_rounds_state_in_the_slot_of_its_parity(runtime, tmp_path):
+    """The layout a restore reads first: the previous round's state in the slot of that round's parity."""
+    directory = tmp_path / "client_0"
+    for server_round in range(1, 6):
+        handler = ClientCheckpoints(str(directory))
+        assert (handler.restore_state(server_round) or {}).get("server_round") == (server_round - 1 or None)
+        handler.save_state(server_round, _optimizer_with_momentum(server_round))
+    fedckpt.flush()
+    slots = {slot: torch.load(directory / f"client_state.{slot}.pt", weights_only=False) for slot in (0, 1)}
+    assert {slot: state["server_round"] for slot, state in slots.items()} == {0: 4, 1: 5}
 
 
 @pytest.mark.parametrize("numel", [16, 1 << 20])  # 64 B and 4 MB: read in full, and mapped then copied

@@ -7,7 +7,9 @@ checkpoints on disk, and restores the client's state from the state file the pre
 
 State is kept in two slots that saves alternate between. A restore takes the newest state from a
 round *before* the current one, so a round that a crash interrupted, and that runs again after a
-resume, starts from the same state as the first time.
+resume, starts from the same state as the first time. A save goes to the slot of its round's
+parity unless that slot holds the state to keep: a client that takes part in every round then
+finds the previous round's state in the slot of that round's parity, and reads only that file.
 
 Optionally (given the handler's ``context``), a small state is also kept in ``context.state``,
 which Flower holds in memory across the rounds of a run: a restore then costs a few copies and
@@ -42,6 +44,13 @@ ROUND_KEY = "server_round"
 # With a context, states up to this size are also kept in ``context.state`` (larger ones cost Flower
 # more to carry with every message than any storage takes to read them back).
 CONTEXT_STATE_MAX_BYTES = 1 << 20
+
+
+def _slot_for(server_round: int, keep: int | None) -> int:
+    """The slot a save of ``server_round`` goes to: the one of the round's parity, unless it holds the
+    state to keep."""
+    parity = SLOTS[server_round % 2]
+    return parity if parity != keep else SLOTS[1 - parity]
 
 
 def run_checkpoint_dir(context: Any, key: str = "checkpoint-dir") -> str:
@@ -115,6 +124,7 @@ class ClientCheckpoints:
         self.context = context
         self.context_state_max_bytes = context_state_max_bytes
         self._rounds: dict[int, int | None] | None = None  # slot -> round of the state in it
+        self._restored: tuple[int, int] | None = None  # (server round, slot) a restore read from
         self._resumed_modes: set[CheckpointMode] = set()
         lifecycle.warm_up_in_background()  # joining the pool overlaps with the round's training
 
@@ -168,11 +178,14 @@ class ClientCheckpoints:
                 assert self.module.state_checkpointer is not None
                 state = self.module.state_checkpointer.load_checkpoint(self.kept_state_name, server_round=kept)
             else:
-                slot = self._slot_to_restore(server_round)
-                if slot is None:
-                    return None
-                assert self.module.state_checkpointer is not None
-                state = self.module.state_checkpointer.load_checkpoint(self._slot_name(slot), wait=False)
+                state = self._previous_round_state(server_round)
+                if state is None:
+                    slot = self._slot_to_restore(server_round)
+                    if slot is None:
+                        return None
+                    assert self.module.state_checkpointer is not None
+                    state = self.module.state_checkpointer.load_checkpoint(self._slot_name(slot), wait=False)
+                    self._restored = (server_round, slot)
             if optimizer is not None and "optimizer" in state:
                 optimizer.load_state_dict(state["optimizer"])
         return state
@@ -188,9 +201,7 @@ class ClientCheckpoints:
                 slot = SLOTS[0]
                 self.module.state_checkpointer.save_checkpoint(self.kept_state_name, state, server_round=server_round)
             else:
-                kept = self._kept_in_context(server_round)
-                keep = kept if kept is not None else self._slot_to_restore(server_round)
-                slot = next(s for s in SLOTS if s != keep)
+                slot = _slot_for(server_round, keep=self._slot_to_keep(server_round))
                 self.module.state_checkpointer.save_checkpoint(self._slot_name(slot), state, server_round=server_round)
             if self._rounds is not None:
                 self._rounds[slot] = server_round
@@ -215,6 +226,34 @@ class ClientCheckpoints:
         assert self.module.state_checkpointer is not None
         earlier = [r for r in self.module.state_checkpointer.versions(self.kept_state_name) if r < server_round]
         return max(earlier, default=None)
+
+    def _previous_round_state(self, server_round: int) -> dict[str, Any] | None:
+        """The state of round ``server_round - 1`` from the slot of that round's parity (after its
+        pending saves), if it holds that round: the newest earlier round there can be, found without
+        reading either slot's manifest entry. None otherwise (the client skipped that round, or the
+        slots are laid out otherwise): the entries decide."""
+        if server_round <= 1:
+            return None
+        slot = (server_round - 1) % len(SLOTS)
+        assert self.module.state_checkpointer is not None
+        try:
+            state = self.module.state_checkpointer.load_checkpoint(self._slot_name(slot))
+        except FileNotFoundError:
+            return None
+        if not isinstance(state, dict) or state.get(ROUND_KEY) != server_round - 1:
+            return None
+        self._restored = (server_round, slot)
+        return state
+
+    def _slot_to_keep(self, server_round: int) -> int | None:
+        """The slot a save of ``server_round`` must not overwrite: the one holding the state a restore
+        of that round takes (a round run again after a crash restores it again)."""
+        kept = self._kept_in_context(server_round)
+        if kept is not None:
+            return kept
+        if self._restored is not None and self._restored[0] == server_round:
+            return self._restored[1]
+        return self._slot_to_restore(server_round)
 
     def _slot_name(self, slot: int) -> str:
         return f"{self.state_name}.{slot}.pt"
