@@ -183,6 +183,21 @@ def test_priming_pays_the_first_saves_one_time_costs_in_memory(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_priming_costs_a_process_that_never_trains_no_optimizer_machinery(tmp_path):
+    """A ServerApp primes at its start, while Flower starts the clients on the same cores: building a
+    torch optimizer there would import torch._dynamo (about a second of CPU) for a process that never
+    steps one. The primed state is an optimizer's state dict all the same."""
+    script = textwrap.dedent("""
+        import sys
+        from fedckpt.runtime.priming import prime_serialization
+        prime_serialization()
+        print("torch._dynamo" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False"], done.stdout
+
+
 def test_priming_leaves_torchs_random_number_generator_as_it_was():
     """The warm-up primes on a background thread while the program builds its models: torch's
     generator is shared by every thread, so a draw there would change what a seeded program builds

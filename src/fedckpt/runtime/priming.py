@@ -18,7 +18,6 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.nn.utils import skip_init
 
 from fedckpt.snapshot import snapshot_module, snapshot_state, snapshot_torch_module
 from fedckpt.storage.base import storage_for
@@ -28,16 +27,16 @@ def prime_serialization() -> None:
     """Save and load a tiny model and optimizer state the ways fedckpt and its users do, in memory,
     and import the local storage backend (imported on first use)."""
     storage_for(os.getcwd()).exists(os.getcwd())
-    # Built without drawing from torch's random number generator, which is shared by every thread: a
-    # default-initialized layer here would change the models a seeded program builds meanwhile.
-    model = nn.Sequential(skip_init(nn.Linear, 2, 2), nn.ReLU())
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.zero_()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for parameter in model.parameters():  # the state an optimizer step leaves, without a step
-        optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
-    state = {"server_round": 1, "optimizer": optimizer.state_dict()}
+    model = nn.Sequential(_zero_linear(2, 2), nn.ReLU())
+    # An optimizer's state dict, built by hand: constructing a torch optimizer imports torch._dynamo
+    # (about a second of CPU), which a process that never trains (a ServerApp) would pay for nothing.
+    state = {
+        "server_round": 1,
+        "optimizer": {
+            "state": {index: {"momentum_buffer": torch.zeros_like(p)} for index, p in enumerate(model.parameters())},
+            "param_groups": [{"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "params": [0, 1]}],
+        },
+    }
     prime_models([model])
     snapshot_state(state)
     for saved, weights_only in ((model, False), (state, True)):
@@ -45,6 +44,19 @@ def prime_serialization() -> None:
         torch.save(saved, buffer)
         buffer.seek(0)
         torch.load(buffer, weights_only=weights_only)
+
+
+def _zero_linear(in_features: int, out_features: int) -> nn.Linear:
+    """A ``Linear`` with zero weights, made without torch's random number generator (shared by every
+    thread: a default-initialized layer here would change the models a seeded program builds
+    meanwhile) and without ``skip_init`` (whose meta-device path imports torch._prims, a few
+    hundred milliseconds)."""
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = in_features, out_features
+    layer.weight = nn.Parameter(torch.zeros(out_features, in_features))
+    layer.bias = nn.Parameter(torch.zeros(out_features))
+    return layer
 
 
 def prime_models(models: Iterable[nn.Module]) -> None:
