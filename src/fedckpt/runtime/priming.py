@@ -49,8 +49,8 @@ def prime_serialization() -> None:
 def _zero_linear(in_features: int, out_features: int) -> nn.Linear:
     """A ``Linear`` with zero weights, made without torch's random number generator (shared by every
     thread: a default-initialized layer here would change the models a seeded program builds
-    meanwhile) and without ``skip_init`` (whose meta-device path imports torch._prims, a few
-    hundred milliseconds)."""
+    meanwhile) and without ``skip_init``, whose meta-device path costs a few hundred milliseconds
+    of CPU on first use."""
     layer = nn.Linear.__new__(nn.Linear)
     nn.Module.__init__(layer)
     layer.in_features, layer.out_features = in_features, out_features
