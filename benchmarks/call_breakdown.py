@@ -1,0 +1,106 @@
+"""Where the main job's blocked time goes: each checkpoint call split into fedckpt's steps.
+
+    .venv/bin/python benchmarks/call_breakdown.py                 # 2 runs of each mode (~1.5 min)
+    .venv/bin/python benchmarks/call_breakdown.py --repeats 4 --json breakdown.json
+
+Runs the Flower App of the README's main job (``examples/flower_app``, through ``flwr run``) with
+``FEDCKPT_CALL_TRACE`` set (:mod:`fedckpt.flower.call_trace`), fedckpt and the synchronous baseline
+interleaved, and prints per call (restore, pre-/post-aggregation save, state save, the server's end
+of round): its mean and median wall time, its mean CPU time, and the mean wall and CPU time of each
+step it ran (a step includes the steps it calls). Wall minus CPU is time the caller was not running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "flower_app"))
+import compare  # noqa: E402
+
+from fedckpt.flower.call_trace import TRACE_ENV, read_calls  # noqa: E402
+
+
+def breakdown(calls: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per activity: calls, mean and median wall, mean CPU, and each step's mean wall and CPU per call."""
+    by_activity: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+    for call in calls:
+        by_activity[call["activity"]].append(call)
+    summary = {}
+    for activity, group in sorted(by_activity.items()):
+        steps: defaultdict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for call in group:
+            for name, (wall, cpu, _) in call["steps"].items():
+                steps[name][0] += wall
+                steps[name][1] += cpu
+        count = len(group)
+        summary[activity] = {
+            "calls": count,
+            "wall_mean_ms": 1e3 * statistics.mean(call["wall"] for call in group),
+            "wall_median_ms": 1e3 * statistics.median(call["wall"] for call in group),
+            "cpu_mean_ms": 1e3 * statistics.mean(call["cpu"] for call in group),
+            "steps": {
+                name: {"wall_ms": 1e3 * wall / count, "cpu_ms": 1e3 * cpu / count}
+                for name, (wall, cpu) in sorted(steps.items(), key=lambda item: -item[1][0])
+            },
+        }
+    return summary
+
+
+def table(mode: str, summary: dict[str, dict[str, Any]]) -> Table:
+    result = Table(title=f"{mode}: per call (ms)", title_justify="left")
+    for column in ("call / step", "calls", "wall mean", "wall median", "CPU mean"):
+        result.add_column(column, justify="left" if column == "call / step" else "right")
+    for activity, figures in summary.items():
+        result.add_row(
+            f"[bold]{activity}", str(figures["calls"]), f"{figures['wall_mean_ms']:.3f}",
+            f"{figures['wall_median_ms']:.3f}", f"{figures['cpu_mean_ms']:.3f}",
+        )  # fmt: skip
+        for name, step in figures["steps"].items():
+            result.add_row(f"  {name}", "", f"{step['wall_ms']:.3f}", "", f"{step['cpu_ms']:.3f}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = compare.argument_parser()
+    parser.description = __doc__
+    parser.set_defaults(repeats=2)
+    parser.add_argument("--json", default=None, help="write the breakdown of each mode here")
+    args = parser.parse_args(argv)
+    console = Console()
+    runs: list[tuple[str, float, float]] = []  # mode, start, end: a call belongs to the run it came in
+    with tempfile.TemporaryDirectory(prefix="fedckpt-calls-") as traces:
+        os.environ[TRACE_ENV] = traces  # before the SuperLink starts: its simulations inherit it
+        try:
+            with compare.flower_home() as home:
+                for repeat in range(args.repeats):
+                    for mode in compare.MODES if repeat % 2 == 0 else tuple(reversed(compare.MODES)):
+                        console.print(f"run {repeat + 1}/{args.repeats}: {mode} ...")
+                        start = time.time()
+                        compare.run_app(home, mode, home.parent / f"{mode}-{repeat}", args)
+                        runs.append((mode, start, time.time()))
+        finally:
+            os.environ.pop(TRACE_ENV, None)
+        calls = read_calls(traces)
+    result = {}
+    for mode in compare.MODES:
+        spans = [(start, end) for run_mode, start, end in runs if run_mode == mode]
+        result[mode] = breakdown([call for call in calls if any(start <= call["at"] <= end for start, end in spans)])
+        console.print(table(mode, result[mode]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
