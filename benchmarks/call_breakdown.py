@@ -82,13 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedckpt-calls-") as traces:
         os.environ[TRACE_ENV] = traces  # before the SuperLink starts: its simulations inherit it
         try:
-            with compare.flower_home() as home:
-                for repeat in range(args.repeats):
-                    for mode in compare.MODES if repeat % 2 == 0 else tuple(reversed(compare.MODES)):
-                        console.print(f"run {repeat + 1}/{args.repeats}: {mode} ...")
-                        start = time.time()
-                        compare.run_app(home, mode, home.parent / f"{mode}-{repeat}", args)
-                        runs.append((mode, start, time.time()))
+            started = time.time()
+            for mode, _ in compare.interleaved_runs(args):
+                runs.append((mode, started, time.time()))
+                started = time.time()
         finally:
             os.environ.pop(TRACE_ENV, None)
         calls = read_calls(traces)

@@ -42,7 +42,7 @@ def test_each_call_is_traced_with_the_steps_it_ran_and_their_times(tmp_path):
     traces.mkdir()
     done = run_client(str(tmp_path / "client"), str(traces))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.splitlines()[-2:] == ["steps wrapped: True", "restored round 1"], done.stdout
+    assert {"steps wrapped: True", "restored round 1"} <= set(done.stdout.splitlines()), done.stdout
     calls = {call["activity"]: call for call in read_calls(str(traces))}
     assert set(calls) == {"post_aggregation", "save_state", "restore"}
     expected_steps = {
@@ -62,4 +62,5 @@ def test_without_the_variable_no_step_is_wrapped(tmp_path):
     """Tracing costs nothing unless asked for: fedckpt's functions stay as they are."""
     done = run_client(str(tmp_path / "client"), None)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.splitlines()[-2:] == ["steps wrapped: False", "restored round 1"], done.stdout
+    # Ray's log lines may follow the program's own on stdout.
+    assert {"steps wrapped: False", "restored round 1"} <= set(done.stdout.splitlines()), done.stdout

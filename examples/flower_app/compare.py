@@ -223,19 +223,26 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def compare(args: argparse.Namespace) -> dict:
-    """The runs ``args`` ask for, with their progress and the table printed; the summary."""
+def interleaved_runs(args: argparse.Namespace) -> Iterator[tuple[str, dict]]:
+    """The runs ``args`` ask for, the modes alternating (the order reverses every repeat), each
+    ``(mode, summary)`` as it completes, with its progress printed."""
     if args.repeats < 1 or args.num_supernodes < 2 or args.num_server_rounds < 1:
         raise SystemExit("--repeats and --num-server-rounds must be at least 1, --num-supernodes at least 2 (FedAvg's)")
-    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     with flower_home() as home:
         for repeat in range(args.repeats):
             for mode in MODES if repeat % 2 == 0 else tuple(reversed(MODES)):
                 print(f"run {repeat + 1}/{args.repeats}: {mode} ...", end=" ", flush=True)
                 started = time.perf_counter()
                 run = run_app(home, mode, home.parent / f"{mode}-{repeat}", args)
-                runs[mode].append(run)
                 print(f"{time.perf_counter() - started:.0f} s, blocked {run['blocked_seconds']:.3f} s", flush=True)
+                yield mode, run
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """The runs ``args`` ask for, with their progress and the table printed; the summary."""
+    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    for mode, run in interleaved_runs(args):
+        runs[mode].append(run)
     summary = comparison(runs)
     print(comparison_table(summary), flush=True)
     return summary

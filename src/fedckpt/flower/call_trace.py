@@ -21,7 +21,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 TRACE_ENV = "FEDCKPT_CALL_TRACE"
@@ -61,11 +61,6 @@ class StepTime:
     runs: int = 0
 
 
-@dataclass
-class _Call:
-    steps: defaultdict[str, StepTime] = field(default_factory=lambda: defaultdict(StepTime))
-
-
 _current = threading.local()
 _install_lock = threading.Lock()
 _installed = False
@@ -79,14 +74,14 @@ def trace_directory() -> str | None:
 def _timed_step(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(function)
     def step(*args: Any, **kwargs: Any) -> Any:
-        call: _Call | None = getattr(_current, "call", None)
-        if call is None:
+        steps: defaultdict[str, StepTime] | None = getattr(_current, "steps", None)
+        if steps is None:
             return function(*args, **kwargs)
         wall, cpu = time.perf_counter(), time.thread_time()
         try:
             return function(*args, **kwargs)
         finally:
-            taken = call.steps[name]
+            taken = steps[name]
             taken.wall += time.perf_counter() - wall
             taken.cpu += time.thread_time() - cpu
             taken.runs += 1
@@ -116,19 +111,19 @@ class CallTrace:
         install()
         self.directory = directory
         self.activity = activity
-        self.call = _Call()
-        _current.call = self.call
+        self.steps: defaultdict[str, StepTime] = defaultdict(StepTime)
+        _current.steps = self.steps
         self.wall, self.cpu = time.perf_counter(), time.thread_time()
 
     def end(self) -> None:
         wall, cpu = time.perf_counter() - self.wall, time.thread_time() - self.cpu
-        _current.call = None
+        _current.steps = None
         line = {
             "activity": self.activity,
             "wall": wall,
             "cpu": cpu,
             "at": time.time(),
-            "steps": {name: [step.wall, step.cpu, step.runs] for name, step in self.call.steps.items()},
+            "steps": {name: [step.wall, step.cpu, step.runs] for name, step in self.steps.items()},
         }
         with open(os.path.join(self.directory, f"calls-{os.getpid()}.jsonl"), "a") as file:
             file.write(json.dumps(line) + "\n")

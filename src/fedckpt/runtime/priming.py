@@ -28,13 +28,14 @@ def prime_serialization() -> None:
     and import the local storage backend (imported on first use)."""
     storage_for(os.getcwd()).exists(os.getcwd())
     model = nn.Sequential(_zero_linear(2, 2), nn.ReLU())
+    parameters = list(model.parameters())
     # An optimizer's state dict, built by hand: constructing a torch optimizer imports torch._dynamo
     # (about a second of CPU), which a process that never trains (a ServerApp) would pay for nothing.
     state = {
         "server_round": 1,
         "optimizer": {
-            "state": {index: {"momentum_buffer": torch.zeros_like(p)} for index, p in enumerate(model.parameters())},
-            "param_groups": [{"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "params": [0, 1]}],
+            "state": {index: {"momentum_buffer": torch.zeros_like(p)} for index, p in enumerate(parameters)},
+            "param_groups": [{"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "params": list(range(len(parameters)))}],
         },
     }
     prime_models([model])
