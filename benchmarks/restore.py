@@ -5,6 +5,8 @@
 
 For SGD states of several sizes (the momentum of an MLP), times, interleaved, medians:
 
+* FL4Health's synchronous restore, the baseline: ``torch.load`` of a ``torch.save`` file of the same
+  state, and ``optimizer.load_state_dict``;
 * ``ClientCheckpoints.restore_state`` from the state file, a round after the save (it is durable
   by then): a fresh ``ClientCheckpoints`` without a context, as after a restart: the check for
   pending saves, reading both slots (mapped) to find the newest, and copying it out;
@@ -48,10 +50,10 @@ def optimizer_of(megabytes: float) -> torch.optim.Optimizer:
 
 
 def one_round(directory: str, context: Context, optimizer: torch.optim.Optimizer, server_round: int,
-              file_first: bool) -> dict[str, float]:  # fmt: skip
+              first: int) -> dict[str, float]:  # fmt: skip
     """Save the state of ``server_round`` and let it become durable, then restore it in the next round
-    from the file and from the context, in the order given; and time what keeping it in the context
-    added to the save."""
+    with ``torch.load``, from the file and from the context, in turns starting with ``first``; and time
+    what keeping it in the context added to the save."""
     everything = 1 << 40
     checkpoints = ClientCheckpoints(directory, context=context, context_state_max_bytes=everything)
     checkpoints.save_state(server_round, optimizer, steps=server_round)
@@ -61,10 +63,16 @@ def one_round(directory: str, context: Context, optimizer: torch.optim.Optimizer
     start = time.perf_counter()
     context_state.keep(context, state, server_round, slot)  # again, timed: what it adds to save_state
     timings = {"keep": time.perf_counter() - start}
-    for source in ("file", "context") if file_first else ("context", "file"):
+    sync_path = os.path.join(directory, "sync_state.pt")
+    torch.save(state, sync_path)
+    sources = ("torch.load", "file", "context")
+    for source in sources[first:] + sources[:first]:
         checkpoints = ClientCheckpoints(directory, context=context if source == "context" else None)
         start = time.perf_counter()
-        checkpoints.restore_state(server_round + 1, optimizer)
+        if source == "torch.load":  # the checkpoints above left unused: each source pays the same to build them
+            optimizer.load_state_dict(torch.load(sync_path, weights_only=False)["optimizer"])
+        else:
+            checkpoints.restore_state(server_round + 1, optimizer)
         timings[source] = time.perf_counter() - start
     start = time.perf_counter()
     ray.get(ray.put(context))  # how Flower's simulation hands the context to a ClientApp actor and back
@@ -75,7 +83,7 @@ def one_round(directory: str, context: Context, optimizer: torch.optim.Optimizer
 def measure(megabytes: float, repeats: int, directory: str) -> dict[str, float]:
     optimizer = optimizer_of(megabytes)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    rounds = [one_round(directory, context, optimizer, repeat + 1, repeat % 2 == 0) for repeat in range(repeats)]
+    rounds = [one_round(directory, context, optimizer, repeat + 1, repeat % 3) for repeat in range(repeats)]
     return {name: statistics.median(timings[name] for timings in rounds) for name in rounds[0]}
 
 
@@ -86,15 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=140)
     table = Table(title=f"Restoring a client's SGD state, medians of {args.repeats} (ms)")
-    for column in ("state MB", "from the file", "from the context", "+ keeping it", "+ Flower carrying it",
-                   "context total / file"):  # fmt: skip
+    for column in ("state MB", "torch.load", "from the file", "file / torch.load", "from the context",
+                   "+ keeping it", "+ Flower carrying it", "context total / file"):  # fmt: skip
         table.add_column(column, justify="right")
     with tempfile.TemporaryDirectory() as directory:
         fedckpt.init()
         for megabytes in args.mb:
             result = measure(megabytes, args.repeats, directory)
             total = result["context"] + result["keep"] + result["ship"]
-            table.add_row(f"{megabytes:g}", f"{result['file'] * 1e3:.2f}", f"{result['context'] * 1e3:.2f}",
+            table.add_row(f"{megabytes:g}", f"{result['torch.load'] * 1e3:.2f}", f"{result['file'] * 1e3:.2f}",
+                          f"{result['file'] / result['torch.load']:.2f}x", f"{result['context'] * 1e3:.2f}",
                           f"{result['keep'] * 1e3:.2f}", f"{result['ship'] * 1e3:.2f}",
                           f"{total / result['file']:.2f}x")  # fmt: skip
         fedckpt.shutdown()

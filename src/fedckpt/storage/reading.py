@@ -38,6 +38,7 @@ from fedckpt.skeleton import EXTRA_TENSOR_PREFIX, SKELETON_TENSOR_TAG
 from fedckpt.storage import formats, posix  # noqa: F401
 from fedckpt.storage.base import storage_for
 from fedckpt.storage.formats.safetensors_file import SAFETENSORS_CODES
+from fedckpt.storage.host_memory import copy_to_host, host_bytes
 from fedckpt.storage.small_state import load_small_state
 
 Source = str | BinaryIO  # a local file's path, or a seekable binary file of a version (an object store's)
@@ -120,7 +121,7 @@ def _file_tensors(file: BinaryIO, header: dict[str, Any], data_start: int) -> di
     from an object store's file all in one read (:meth:`ObjectFile.read_views`)."""
     tensors, views = {}, []
     for span in _tensor_spans(header):
-        raw = torch.empty(span.stop - span.begin, dtype=torch.uint8)
+        raw = host_bytes(span.stop - span.begin)
         views.append(memoryview(raw.numpy()))
         tensors[span.name] = raw.view(span.dtype).reshape(span.shape)
     read_views = getattr(file, "read_views", None)
@@ -237,6 +238,7 @@ def read_module(source: Source, device: Device = None) -> nn.Module:
 
 # A state file this large is read mapped, then copied out: one copy from the page cache, where a
 # full read has torch also check every record's CRC-32 (twice as slow at 100 MB, benchmarks/restore.py).
+# The copies land on huge pages (storage/host_memory.py).
 MAPPED_READ_MIN_BYTES = 1 << 20
 
 
@@ -261,6 +263,8 @@ def read_state(source: Source, mmap: bool = False, map_location: Any = None) -> 
             pass
     if mmap or small:
         return torch.load(path, weights_only=False, mmap=mmap, map_location=map_location)
+    if map_location is None:  # mapped, then each storage copied out into memory of its own
+        return torch.load(path, weights_only=False, mmap=True, map_location=copy_to_host)
     return copy.deepcopy(torch.load(path, weights_only=False, mmap=True, map_location=map_location))
 
 
