@@ -126,3 +126,66 @@ def test_a_model_changed_in_place_after_its_save_is_saved_as_it_was(runtime, tmp
                 parameter.add_(1.0)
         checkpointer.flush()
         assert_same_tensors(torch.load(tmp_path / "model.pt", weights_only=False).state_dict(), expected)
+
+
+def test_a_pt_models_large_records_go_to_disk_from_staging_on_block_boundaries(tmp_path, monkeypatch):
+    """A ``.pt`` model's tensors are laid out on block boundaries in staging and in the file, and the
+    writer sends them to disk from the staged bytes with O_DIRECT, as a safetensors file's; a state's
+    file stays buffered (it is read back next round). Either loads as torch.save's would."""
+    import fcntl
+    import mmap
+    import os
+
+    import numpy as np
+    from test_direct_io import filesystem_of
+
+    from fedckpt.snapshot import snapshot_state, snapshot_torch_module
+    from fedckpt.storage import direct
+    from fedckpt.storage.formats.laid_out import lay_out, write_laid_out
+    from fedckpt.storage.formats.torch_zip import BLOCK_ALIGNED_RECORD_BYTES
+
+    model = nn.Sequential(nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 7))  # 360 KB, 1.2 KB, 8.4 KB, 28 B
+    writes = []
+    real_write = os.write
+
+    def recording_write(fd, data):
+        view = memoryview(data)
+        writes.append((int(np.frombuffer(view, np.uint8).ctypes.data), len(view), fd))
+        writes[-1] += (bool(os.O_DIRECT & fcntl.fcntl(fd, fcntl.F_GETFL)),)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(direct.os, "write", recording_write)
+    for name, snapshot, direct_expected in (
+        ("model.pt", snapshot_torch_module(model), True),
+        ("state.pt", snapshot_state({"weight": model[0].weight.detach(), "round": 2}), False),
+    ):
+        staged = mmap.mmap(-1, snapshot.nbytes)  # page-aligned, as a staging segment
+        buffer = np.frombuffer(staged, dtype=np.uint8)
+        snapshot.copy_into(buffer)
+        large = [
+            (begin, end) for _, begin, end in snapshot.layout["records"] if end - begin >= BLOCK_ALIGNED_RECORD_BYTES
+        ]
+        assert large and all(begin % direct.BLOCK == 0 for begin, _ in large)
+        file = lay_out(snapshot.kind, snapshot.layout, memoryview(staged))
+        assert file.direct is direct_expected
+        writes.clear()
+        path = tmp_path / name
+        write_laid_out(file, str(path))
+        loaded = torch.load(path, weights_only=False)
+        assert torch.equal(loaded[0].weight if name == "model.pt" else loaded["weight"], model[0].weight)
+        assert torch.load(path, weights_only=False, mmap=True) is not None
+        with zipfile.ZipFile(path) as archive:
+            assert archive.testzip() is None
+            weight = next(info for info in archive.infolist() if info.file_size == 300 * 300 * 4)
+        with open(path, "rb") as raw:
+            raw.seek(weight.header_offset + 26)
+            name_length, extra_length = np.frombuffer(raw.read(4), dtype="<u2")
+        assert (weight.header_offset + 30 + name_length + extra_length) % direct.BLOCK == 0
+        if direct_expected and filesystem_of(str(tmp_path)) in ("ext4", "xfs", "btrfs"):
+            base = int(buffer.ctypes.data)
+            from_staging = sum(
+                size for address, size, _, flag in writes if flag and base <= address < base + len(buffer)
+            )
+            assert from_staging >= sum(end - begin for begin, end in large) // direct.BLOCK * direct.BLOCK
+        if not direct_expected:
+            assert not any(flag for *_, flag in writes)

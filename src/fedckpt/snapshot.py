@@ -27,14 +27,17 @@ from torch import nn
 
 from fedckpt import _compat
 from fedckpt.skeleton import skeleton_of, structure_key
+from fedckpt.storage.direct import BLOCK
 from fedckpt.storage.formats import MODULE, STATE
 from fedckpt.storage.formats.safetensors_file import SAFETENSORS_CODES, TensorInfo, data_section
 from fedckpt.storage.formats.torch_records import module_records, state_records
+from fedckpt.storage.formats.torch_zip import BLOCK_ALIGNED_RECORD_BYTES
 
 log = logging.getLogger("fedckpt")
 
 # A source's bytes, flat uint8: a view of host memory, or a tensor over the memory of a CUDA device.
 ByteView = np.ndarray | torch.Tensor
+_ZEROS = np.zeros(BLOCK, dtype=np.uint8)  # what pads a staged record to a block boundary
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Snapshot:
 
     ``layout`` travels to the writer: for a module, ``tensors`` (the file's
     ``TensorEntry`` list, :mod:`fedckpt.storage.formats.safetensors_file`) and the pickled
-    ``skeleton``; for a state, ``records`` (name, begin, end).
+    ``skeleton``; for a state (or a ``.pt`` model), ``records`` (name, begin, end) and ``direct``.
     """
 
     kind: str
@@ -302,14 +305,21 @@ def snapshot_torch_module(model: nn.Module) -> Snapshot:
     except Exception as error:
         message = str(error) if isinstance(error, TypeError) else f"{type(error).__name__}: {error}"
         raise TypeError(f"The model of type {type(model).__name__} cannot be saved: {message}") from error
-    return _records_snapshot(collected)
+    return _records_snapshot(collected, model=True)
 
 
-def _records_snapshot(collected: list) -> Snapshot:
+def _records_snapshot(collected: list, model: bool = False) -> Snapshot:
+    """The records staged back to back, a large one from a block boundary, as in the file
+    (:mod:`fedckpt.storage.formats.torch_zip`). A model's file is written past the page cache (a
+    state's is read back next round, so it stays there)."""
     records, sources, offset = [], [], 0
     for name, view in collected:
         size = nbytes_of(view)
+        padding = -offset % BLOCK if size >= BLOCK_ALIGNED_RECORD_BYTES else 0
+        if padding:
+            sources.append(_ZEROS[:padding])
+            offset += padding
         records.append((name, offset, offset + size))
         sources.append(view)
         offset += size
-    return Snapshot(STATE, offset, sources, {"records": records})
+    return Snapshot(STATE, offset, sources, {"records": records, "direct": model})

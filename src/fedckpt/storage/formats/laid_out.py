@@ -21,13 +21,14 @@ class LaidOut(NamedTuple):
     pieces: list[memoryview]
     size: int
     checksum: str  # what the manifest records: the checksum of the whole file
-    direct: bool  # written past the page cache (model files); states are read back soon, so buffered
+    direct: bool  # written past the page cache (model files, either format); states are read back soon
 
 
 def lay_out(kind: str, layout: dict[str, Any], data: memoryview) -> LaidOut:
     """The file a snapshot of ``kind`` (``module`` or ``state``) with this ``layout`` and staged ``data`` makes."""
     pieces = module_file_pieces(layout, data) if kind == MODULE else state_file_pieces(layout, data)
-    return LaidOut(pieces, sum(len(piece) for piece in pieces), checksum_of(*pieces), kind == MODULE)
+    direct = kind == MODULE or layout.get("direct", False)
+    return LaidOut(pieces, sum(len(piece) for piece in pieces), checksum_of(*pieces), direct)
 
 
 def write_laid_out(file: LaidOut, path: str) -> None:

@@ -14,10 +14,15 @@ from typing import Any
 import xxhash
 from isal import isal_zlib
 
+from fedckpt.storage.direct import BLOCK
+
 # What torch's zip writer adds after the records of torch.save's pickling, and how it lays them out.
 TORCH_ARCHIVE = "archive/"  # the directory torch names the records in when saving to a file object
 TORCH_FORMAT_VERSION = b"3\n"
 TORCH_RECORD_ALIGNMENT = 64  # record data starts on this boundary (torch.load(mmap=True) relies on it)
+# A record this large starts on a block boundary instead, in the file as in staging (snapshot.py):
+# the writer then sends it to disk as it is (direct I/O). torch's reader takes any padding.
+BLOCK_ALIGNED_RECORD_BYTES = 64 << 10
 _PADDING_FIELD = 0x4246  # torch pads a record's local header with an extra field of this id ("FB")
 
 # The zip format's numbers (PKWARE's APPNOTE), as zipfile writes them.
@@ -36,18 +41,22 @@ _MAX_32, _MAX_16 = 0xFFFFFFFF, 0xFFFF
 def state_file_pieces(layout: dict[str, Any], data: memoryview) -> list[memoryview]:
     """The state file's bytes, in pieces (record data stays a view of the staged ``data``).
 
-    Each record is stored uncompressed with its CRC-32, its data aligned as torch aligns it, then the
-    ``version`` and ``.data/serialization_id`` records torch's writer ends with, then the central
-    directory. The same records always give the same bytes.
+    Each record is stored uncompressed with its CRC-32, its data aligned as torch aligns it (a large
+    record's on a block), then the ``version`` and ``.data/serialization_id`` records torch's writer
+    ends with, then the central directory. The same records always give the same bytes.
     """
     records = [(name, data[begin:end]) for name, begin, end in layout["records"]]
-    records += [("version", memoryview(TORCH_FORMAT_VERSION)), (".data/serialization_id", _serialization_id(records))]
+    crcs = [isal_zlib.crc32(record) for _, record in records]
+    records += [
+        ("version", memoryview(TORCH_FORMAT_VERSION)),
+        (".data/serialization_id", _serialization_id(records, crcs)),
+    ]
+    crcs += [isal_zlib.crc32(record) for _, record in records[len(crcs) :]]
     pieces: list[memoryview] = []
     central: list[bytes] = []
     offset = 0
-    for name, record in records:
+    for (name, record), crc in zip(records, crcs, strict=True):
         encoded = (TORCH_ARCHIVE + name).encode()
-        crc = isal_zlib.crc32(record)
         header = _local_header(encoded, len(record), crc, offset)
         central.append(_central_header(encoded, len(record), crc, offset))
         pieces += [memoryview(header), record]
@@ -61,7 +70,7 @@ def _local_header(name: bytes, size: int, crc: int, offset: int) -> bytes:
     zip64 = size > ZIP64_LIMIT
     extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
     data_start = offset + _LOCAL_HEADER.size + len(name) + len(extra) + 4
-    padding = -data_start % TORCH_RECORD_ALIGNMENT
+    padding = -data_start % (BLOCK if size >= BLOCK_ALIGNED_RECORD_BYTES else TORCH_RECORD_ALIGNMENT)
     extra += struct.pack("<HH", _PADDING_FIELD, padding) + bytes(padding)
     stored = _MAX_32 if zip64 else size
     version = _ZIP64_VERSION if zip64 else _VERSION
@@ -94,10 +103,11 @@ def _end_records(count: int, size: int, offset: int) -> bytes:
     return zip64_end + locator + end
 
 
-def _serialization_id(records: list[tuple[str, memoryview]]) -> memoryview:
-    """A 40-digit id of the records' content, in the form torch's writer gives it: equal states, equal files."""
+def _serialization_id(records: list[tuple[str, memoryview]], crcs: list[int]) -> memoryview:
+    """A 40-digit id in the form torch's writer gives it, from the records' names, sizes and CRC-32s
+    (torch's combines the names' hashes and the CRC-32s): equal states, equal files, and no second
+    pass over the bytes."""
     digest = xxhash.xxh3_128()
-    for name, record in records:
-        digest.update(name.encode())
-        digest.update(record)
+    for (name, record), crc in zip(records, crcs, strict=True):
+        digest.update(f"{name}\0{len(record)}\0{crc}\0".encode())
     return memoryview(f"{digest.intdigest():040d}".encode())
