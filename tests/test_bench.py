@@ -1,6 +1,7 @@
 """``fedckpt bench`` end to end on tiny cases, in-process, on the session's Ray instance."""
 
 import json
+import os
 
 import pytest
 import ray
@@ -8,7 +9,7 @@ import torch
 
 import fedckpt
 from fedckpt.bench import cases, runner
-from fedckpt.bench.measure import burst_size, percentile, raw_write_fsync
+from fedckpt.bench.measure import burst_size, percentile, process_cpu_seconds, raw_write_fsync
 from fedckpt.bench.methods import SAVE_METHODS, Fedckpt
 from fedckpt.cli import main
 
@@ -32,6 +33,7 @@ def test_bench_save_case_reports_every_method(ray_instance, tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "tiny:" in printed and "blocking p50 ms" in printed and "raw write+fsync MiB/s" in printed
+    assert "CPU s/GiB" in printed
 
     report = json.loads(out.read_text())
     (case,) = report["cases"]
@@ -43,6 +45,9 @@ def test_bench_save_case_reports_every_method(ray_instance, tmp_path, capsys):
         assert entry["blocking_p50_s"] > 0
         durable = entry["method"] not in ("floor", "torch.save")
         assert (entry["persist_mib_s"] is not None) == durable
+        assert (entry["persist_cpu_s_per_gib"] is not None) == durable
+        if durable:
+            assert entry["burst_cpu_s"] > 0
         assert (entry["durable_p50_s"] is not None) == durable
     by_name = {entry["method"]: entry for entry in case["methods"]}
     assert by_name["floor"]["vs_floor"] == pytest.approx(1.0)
@@ -115,3 +120,15 @@ def test_bench_against_s3_leaves_nothing_in_the_working_directory(s3_server, tmp
     assert "fedckpt MiB/s" in completed.stdout
     assert list(work.iterdir()) == []
     assert [path for path in tmp_path.rglob("*") if "s3:" in str(path)] == []
+
+
+def test_fedckpts_cpu_includes_its_writers_on_this_node(ray_instance, tmp_path):
+    method = Fedckpt(str(tmp_path))
+    method.wait(method.save(torch.nn.Linear(64, 64), 1))
+    pids = method.helper_pids()
+    assert pids and os.getpid() not in pids
+    for pid in pids:  # live processes, each a writer actor
+        with open(f"/proc/{pid}/cmdline") as cmdline:
+            assert "CheckpointWriter" in cmdline.read()
+    assert all(process_cpu_seconds(pid) > 0 for pid in pids)
+    method.close()

@@ -84,13 +84,32 @@ def warm_up(method: SaveMethod, saved: nn.Module | dict) -> None:
         method.wait(method.save(saved, 0))
 
 
-def time_burst(method: SaveMethod, model: nn.Module | dict, saves: int) -> float:
-    """Seconds from issuing ``saves`` back-to-back saves to distinct targets until all of them are durable."""
+@dataclass(frozen=True)
+class BurstTime:
+    """A burst of saves: seconds until all were durable, and the CPU seconds spent meanwhile by this
+    process (every thread) and the method's helper processes (fedckpt's writers on this node)."""
+
+    seconds: float
+    cpu_seconds: float
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds a process (all its threads) has used (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_burst(method: SaveMethod, model: nn.Module | dict, saves: int) -> BurstTime:
+    """``saves`` back-to-back saves to distinct targets, from the first until all of them are durable."""
+    helpers = method.helper_pids()
+    cpu = time.process_time() + sum(process_cpu_seconds(pid) for pid in helpers)
     start = time.perf_counter()
     handles = [method.save(model, slot) for slot in range(1, saves + 1)]
     for handle in handles:
         method.wait(handle)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return BurstTime(seconds, time.process_time() + sum(process_cpu_seconds(pid) for pid in helpers) - cpu)
 
 
 def raw_write_fsync(path: str, buffer: memoryview | bytes, times: int) -> float:

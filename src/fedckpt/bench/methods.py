@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import ray
 import torch
 from torch import nn
 
 from fedckpt.checkpointers import LatestTorchModuleCheckpointer
+from fedckpt.runtime import lifecycle
 from fedckpt.state import PerRoundStateCheckpointer
 
 
@@ -95,6 +97,10 @@ class SaveMethod(ABC):
     def close(self) -> None:
         """Release what ``prepare`` or the saves set up."""
         return None
+
+    def helper_pids(self) -> list[int]:
+        """Other processes that do this method's work (their CPU time counts as its own)."""
+        return []
 
     def path(self, slot: int, suffix: str = ".pt") -> str:
         return os.path.join(self.directory, f"slot{slot}{suffix}")
@@ -203,6 +209,11 @@ class Fedckpt(SaveMethod):
 
     def wait(self, handle: LatestTorchModuleCheckpointer | PerRoundStateCheckpointer) -> None:
         handle.flush()
+
+    def helper_pids(self) -> list[int]:
+        """The writers on this node (their processes write the files)."""
+        node = ray.get_runtime_context().get_node_id()
+        return sorted({stats.pid for stats in lifecycle.coordinator().writer_stats() if stats.node_id == node})
 
     def close(self) -> None:
         for checkpointer in self.checkpointers.values():

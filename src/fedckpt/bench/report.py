@@ -24,6 +24,8 @@ def summarize_save_case(case: dict[str, Any]) -> None:
         burst_bytes = case["bytes"] * case["burst_saves"]
         entry["persist_mib_s"] = burst_bytes / MIB / entry["burst_s"] if entry.get("burst_s") else None
         entry["raw_write_mib_s"] = burst_bytes / MIB / entry["raw_write_s"] if entry.get("raw_write_s") else None
+        cpu = entry.get("burst_cpu_s")
+        entry["persist_cpu_s_per_gib"] = cpu / (burst_bytes / (1 << 30)) if cpu is not None else None
     floor = _p50_of(case, "floor")
     torch_save = _p50_of(case, "torch.save")
     for entry in case["methods"]:
@@ -68,6 +70,10 @@ def _rate(value: float | None) -> str:
     return DASH if value is None else f"{value:.0f}"
 
 
+def _seconds(value: float | None) -> str:
+    return DASH if value is None else f"{value:.2f}"
+
+
 NOTES = {
     "floor": "memory copy only",
     "torch.save": "page cache, not durable",
@@ -87,17 +93,18 @@ def save_table(case: dict[str, Any]) -> Table:
         f"{case['repeats']} saves per method",
         caption=f"blocking/durable: one save at a time, the model mutated in between. ×floor, ×torch.save: "
         f"blocking p50 over theirs. persist: {case['burst_saves']} back-to-back saves to distinct files until all "
-        f"durable; raw write: os.write of the same bytes + fsync, right after.",
+        f"durable, and the CPU it took (this process and fedckpt's writers; not the kernel's writeback threads); "
+        f"raw write: os.write of the same bytes + fsync, right after.",
     )
     columns = ("method", "blocking p50 ms", "blocking p99 ms", "×floor", "×torch.save", "durable p50 ms",
-               "persist MiB/s", "raw write+fsync MiB/s", "note")  # fmt: skip
+               "persist MiB/s", "CPU s/GiB", "raw write+fsync MiB/s", "note")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column in ("method", "note") else "right")
     for entry in case["methods"]:
         table.add_row(
             entry["method"], _ms(entry["blocking_p50_s"]), _ms(entry["blocking_p99_s"]), _ratio(entry["vs_floor"]),
             _ratio(entry["vs_torch_save"]), _ms(entry["durable_p50_s"]), _rate(entry["persist_mib_s"]),
-            _rate(entry["raw_write_mib_s"]), _note(entry),
+            _seconds(entry["persist_cpu_s_per_gib"]), _rate(entry["raw_write_mib_s"]), _note(entry),
         )  # fmt: skip
     return table
 

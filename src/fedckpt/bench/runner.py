@@ -120,7 +120,7 @@ def _run_save_case(case: Case, repeats: int, directory: str, progress: Progress)
         if is_state and not method_type.saves_states:
             continue
         entry: dict[str, Any] = {"method": method_type.name, "blocking_s": [], "durable_s": [], "burst_s": None,
-                                 "raw_write_s": None, "error": None}  # fmt: skip
+                                 "burst_cpu_s": None, "raw_write_s": None, "error": None}  # fmt: skip
         method: SaveMethod | None = None
         try:
             method_dir = os.path.join(directory, _slug(method_type.name))
@@ -146,7 +146,8 @@ def _run_save_case(case: Case, repeats: int, directory: str, progress: Progress)
             entry["blocking_s"], entry["durable_s"] = samples.blocking_s, samples.durable_s
             if method is not None and entry["error"] is None and method.reaches_storage:
                 try:
-                    entry["burst_s"] = time_burst(method, saved, saves)
+                    burst = time_burst(method, saved, saves)
+                    entry["burst_s"], entry["burst_cpu_s"] = burst.seconds, burst.cpu_seconds
                     # The disk's own rate for the same bytes, measured right after, so both see the same disk state.
                     raw_path = os.path.join(method.directory, "raw-write.bin")
                     entry["raw_write_s"] = raw_write_fsync(raw_path, host.buffer, saves)
@@ -230,7 +231,7 @@ def _slug(name: str) -> str:
 def default_console() -> Console:
     console = Console()
     # A redirected stdout would get rich's default 80 columns, which folds the tables.
-    return console if console.is_terminal else Console(width=180)
+    return console if console.is_terminal else Console(width=200)
 
 
 def _meta(names: list[str], repeats: int, quick: bool, workdir: str) -> dict[str, Any]:
