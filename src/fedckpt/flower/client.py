@@ -15,7 +15,7 @@ Optionally (given the handler's ``context``), a small state is also kept in ``co
 which Flower holds in memory across the rounds of a run: a restore then costs a few copies and
 reads the file only after a restart. Off by default: Flower's simulation carries the context
 through Ray with every message, and on a local disk that costs more than reading the file back
-(``benchmarks/restore.py``: 3.8x the file at 0.3 MB). It pays where reading back is slow.
+(``benchmarks/restore.py``: 8x the file at 0.3 MB). It pays where reading back is slow.
 """
 
 from __future__ import annotations
