@@ -23,7 +23,6 @@ import time
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_ADDRESS", "local")
 
-import ray  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import track  # noqa: E402
@@ -31,7 +30,7 @@ from rich.table import Table  # noqa: E402
 
 import fedckpt  # noqa: E402
 from fedckpt import LatestTorchModuleCheckpointer  # noqa: E402
-from fedckpt.runtime import lifecycle  # noqa: E402
+from fedckpt.bench.methods import node_writer_pids  # noqa: E402
 
 NAMES = (".pt", ".safetensors")
 
@@ -64,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         for checkpointer in checkpointers.values():  # the first save starts the pool and pickles the structure
             checkpointer.maybe_checkpoint(model, 0.0, {})
             checkpointer.flush()
-        node = ray.get_runtime_context().get_node_id()
-        writers = sorted({stats.pid for stats in lifecycle.coordinator().writer_stats() if stats.node_id == node})
+        writers = node_writer_pids()
         for turn in track(range(2 * args.saves), description="saving", console=Console(stderr=True)):
             name = NAMES[turn % 2] if (turn // 2) % 2 == 0 else NAMES[1 - turn % 2]  # order reversed every pair
             with torch.no_grad():

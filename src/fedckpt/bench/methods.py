@@ -67,6 +67,12 @@ def save_and_fsync(obj: Any, path: str) -> None:
         os.fsync(file.fileno())
 
 
+def node_writer_pids() -> list[int]:
+    """The processes of fedckpt's writers on this node (the pool started)."""
+    node = ray.get_runtime_context().get_node_id()
+    return sorted({stats.pid for stats in lifecycle.coordinator().writer_stats() if stats.node_id == node})
+
+
 class SaveMethod(ABC):
     """One way to save a model. ``save`` is the part the caller waits for; ``wait`` blocks until durable.
 
@@ -212,8 +218,7 @@ class Fedckpt(SaveMethod):
 
     def helper_pids(self) -> list[int]:
         """The writers on this node (their processes write the files)."""
-        node = ray.get_runtime_context().get_node_id()
-        return sorted({stats.pid for stats in lifecycle.coordinator().writer_stats() if stats.node_id == node})
+        return node_writer_pids()
 
     def close(self) -> None:
         for checkpointer in self.checkpointers.values():
