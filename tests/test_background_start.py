@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import torch
-from conftest import make_model
+from conftest import make_model, shared_pool_env
 
 from fedckpt.runtime.priming import prime_models, prime_serialization
 
@@ -207,3 +207,33 @@ def test_priming_leaves_torchs_random_number_generator_as_it_was():
     prime_serialization()
     prime_models([model])
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_server_warmed_up_when_ray_came_up_maps_and_connects_nothing_at_its_first_save(tmp_path, runtime):
+    """A Flower ServerApp starts before Ray and calls ``start_writers_when_ray_is_up``: once Ray is up,
+    the background thread also opens the channel to this node's writer and maps the staging memory,
+    so that the server's first end of round pays for neither."""
+    script = textwrap.dedent(f"""
+        import os
+        import ray, fedckpt
+        from fedckpt import PerRoundStateCheckpointer
+        from fedckpt.runtime import lifecycle
+        warming = lifecycle.start_writers_when_ray_is_up()
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        warming.join(120)
+        transport = lifecycle.coordinator()._transport
+        ready = {{segment.path for segment in transport.arena._free}}
+        channels = len(transport.open_channels())
+        PerRoundStateCheckpointer({str(tmp_path)!r}).save_checkpoint("s.pt", {{"x": torch.ones(1000)}})
+        used = {{segment.path for segment in transport.arena._busy}}
+        fedckpt.flush()
+        print(len(ready), channels, len(used), used <= ready)
+    """)
+    env = {**shared_pool_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    done = subprocess.run([sys.executable, "-c", "import torch\n" + script], capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ready, channels, used, reused = done.stdout.split()[-4:]
+    assert int(ready) >= 2 and int(channels) >= 1, done.stdout
+    assert (used, reused) == ("1", "True"), done.stdout  # the save took a segment mapped ahead
+    assert torch.load(tmp_path / "s.pt")["x"].sum() == 1000

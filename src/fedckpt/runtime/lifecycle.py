@@ -127,13 +127,14 @@ RAY_UP_CHECK_SECONDS = 0.02
 
 
 def start_writers_when_ray_is_up(within: float = 300.0, models: Sequence[nn.Module] = ()) -> threading.Thread:
-    """Create the writer pool in the background as soon as this process is connected to Ray, then
-    pay the first save's one-time costs (:mod:`fedckpt.runtime.priming`), ``models``' own included.
+    """Create the writer pool in the background as soon as this process is connected to Ray, warm
+    this process up as :func:`warm_up_in_background` does (channels open, staging memory mapped),
+    then pay the first save's one-time costs (:mod:`fedckpt.runtime.priming`), ``models``' own included.
 
     For a Flower ServerApp: its ``main()`` starts before the simulation starts Ray, and without
     this the first client to save would wait for the writers to start, and the server's first round
-    for its first save's pickling. Gives up after ``within`` seconds, or at exit; a save creates the
-    pool itself anyway.
+    for its channel, its staging memory and its first save's pickling. Gives up after ``within``
+    seconds, or at exit; a save creates the pool itself anyway.
     """
 
     def start() -> None:
@@ -142,7 +143,7 @@ def start_writers_when_ray_is_up(within: float = 300.0, models: Sequence[nn.Modu
             if time.monotonic() > deadline or threads.stopping.wait(RAY_UP_CHECK_SECONDS):
                 return
         try:
-            coordinator().start_writers()
+            coordinator().warm_up()  # creates the pool if no process has yet
         except Exception as error:  # the first save will try again and raise
             log.warning("fedckpt: starting the writer pool in the background failed: %s", error)
         try:
