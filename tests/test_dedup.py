@@ -25,6 +25,7 @@ from fedckpt.snapshot import snapshot_state
 from fedckpt.storage import manifest
 from fedckpt.storage.formats import STATE, torch_zip
 from fedckpt.storage.formats.laid_out import lay_out, write_laid_out
+from fedckpt.storage.paths import Location
 
 
 def linked_bytes() -> int:
@@ -143,6 +144,15 @@ def test_a_candidate_that_changed_since_is_not_linked(runtime, tmp_path):
     c.flush()
     assert not os.path.samefile(b.checkpoint_path, c.checkpoint_path)
     assert_same_tensors(c.load_state_dict(), first.state_dict())
+
+    # Nor one whose manifest entry is no longer an entry: the save writes its own file, and succeeds.
+    d = LatestTorchModuleCheckpointer(str(tmp_path / "d"), "m.safetensors")
+    with open(str(Location.of(c.checkpoint_path).entry), "w") as file:
+        file.write("{not an entry")
+    d.maybe_checkpoint(first, 0.0, {})
+    d.flush()
+    assert not os.path.samefile(c.checkpoint_path, d.checkpoint_path)
+    assert_same_tensors(d.load_state_dict(), first.state_dict())
 
 
 def test_identical_content_on_another_file_system_is_written(runtime, tmp_path):

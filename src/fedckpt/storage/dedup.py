@@ -199,7 +199,8 @@ def link_identical(candidate: str, checksum: str, target: str) -> bool:
     The file is hashed through a descriptor and the link checked to be that same inode, so a file
     swapped in meanwhile is never linked. False (and nothing made) when the candidate changed, is
     gone, fails a check, or cannot be linked (another file system, one without hard links, an object
-    store).
+    store), or when the candidate's manifest entry cannot be read (corrupt, or an I/O error): the save
+    then writes its own file.
 
     Cost: reading and hashing the candidate (XXH3 at about 20 GB/s, from the page cache when it was
     written or linked recently), under its publishing lock, instead of writing and fsyncing a file
@@ -209,7 +210,11 @@ def link_identical(candidate: str, checksum: str, target: str) -> bool:
     if Location.of(candidate).is_url:  # the node's content index names checkpoints on object stores too
         return False
     with manifest.publishing_lock(candidate):
-        entry = manifest.read_entry_locked(candidate)
+        try:
+            entry = manifest.read_entry_locked(candidate)
+        except (OSError, ValueError, TypeError) as error:  # that checkpoint's own loads report it, not this save
+            log.debug("fedckpt: not linking to %s: its manifest entry cannot be read: %s", candidate, error)
+            return False
         if entry is None or entry.checksum != checksum:
             return False
         try:
