@@ -143,6 +143,56 @@ def test_client_checkpoints_rebuilt_every_round_keep_the_best_model_and_read_its
     assert better.module.pre_aggregation[0].best_score == 0.4
 
 
+def test_a_train_handler_reads_its_best_score_while_it_trains_and_a_failed_read_fails_the_save(runtime, tmp_path):
+    """A handler that restores its state trains next: its pre-aggregation checkpointers' scores are read
+    on a background thread from the restore on, and the save after training waits for that read (its
+    error raised there, nothing saved). A latest-model checkpointer has no score to read."""
+    from fedckpt.storage.paths import Location
+
+    directory = str(tmp_path / "client_0")
+
+    def checkpoints() -> ClientCheckpoints:
+        return ClientCheckpoints(
+            directory,
+            pre_aggregation=[
+                BestLossTorchModuleCheckpointer(directory, "pre_best.pt"),
+                LatestTorchModuleCheckpointer(directory, "pre_latest.pt"),
+            ],
+        )
+
+    first = checkpoints()
+    assert first.restore_state(1) is None
+    first.after_local_training(make_model(1), 0.5, {}, server_round=1)
+    first.save_state(1)
+    train = checkpoints()
+    assert train.restore_state(2)["server_round"] == 1
+    reading = train._reading_scores
+    assert reading is not None
+    reading.result(timeout=60)  # done in the background, with no save called
+    assert [checkpointer.best_score for checkpointer in train.module.pre_aggregation] == [0.5, None]
+    train.after_local_training(make_model(2), 0.7, {}, server_round=2)  # worse: only the latest is saved
+    assert train._reading_scores is None
+    fedckpt.flush()
+    assert_same_tensors(
+        torch.load(f"{directory}/pre_best.pt", weights_only=False).state_dict(), make_model(1).state_dict()
+    )
+    assert_same_tensors(
+        torch.load(f"{directory}/pre_latest.pt", weights_only=False).state_dict(), make_model(2).state_dict()
+    )
+
+    entry = str(Location.of(f"{directory}/pre_best.pt").entry)
+    with open(entry, "w") as file:
+        file.write("{not an entry")  # the score cannot be read
+    broken = checkpoints()
+    broken.restore_state(3)  # the restore itself reads no score
+    with pytest.raises(ValueError):
+        broken.after_local_training(make_model(3), 0.1, {}, server_round=3)
+    fedckpt.flush()
+    assert_same_tensors(
+        torch.load(f"{directory}/pre_best.pt", weights_only=False).state_dict(), make_model(1).state_dict()
+    )
+
+
 def test_client_state_slots_restore_the_newest_earlier_round(runtime, tmp_path):
     def optimizer_with_momentum(value):
         parameter = torch.nn.Parameter(torch.zeros(4))

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +31,14 @@ import torch
 from torch import nn
 
 from fedckpt.checkpoint_module import ModelCheckpointers
+from fedckpt.checkpointers import FunctionTorchModuleCheckpointer, LatestTorchModuleCheckpointer
 from fedckpt.client_module import ClientCheckpointAndStateModule
 from fedckpt.flower import context_state
 from fedckpt.flower.timing import BlockedTime
 from fedckpt.modes import CheckpointMode
 from fedckpt.policies import Scalar
 from fedckpt.retention import RetentionPolicy
-from fedckpt.runtime import lifecycle
+from fedckpt.runtime import lifecycle, threads
 from fedckpt.state import PerRoundStateCheckpointer
 from fedckpt.storage.paths import Location
 
@@ -101,8 +104,10 @@ class ClientCheckpoints:
     ``blocked_seconds`` adds up the time the calls below kept the client waiting, and
     ``blocked.by_activity`` splits it by call (``restore``, ``save_state``, ``pre_aggregation``,
     ``post_aggregation``, ``flush``). A best-score checkpointer reads the score of the checkpoint it
-    has on storage (``resume_best_score``) on its first save
-    here, inside that call: a handler that does not save it never reads it.
+    has on storage (``resume_best_score``) before its first save here: a handler that does not save
+    it never reads it. A handler that restores its state trains next, so :meth:`restore_state`
+    starts reading its pre-aggregation checkpointers' scores on a background thread, and the
+    training hides the read; otherwise the first save reads them, inside that call.
     """
 
     def __init__(
@@ -126,6 +131,7 @@ class ClientCheckpoints:
         self._rounds: dict[int, int | None] | None = None  # slot -> round of the state in it
         self._restored: tuple[int, int] | None = None  # (server round, slot) a restore read from
         self._resumed_modes: set[CheckpointMode] = set()
+        self._reading_scores: Future[None] | None = None  # the pre-aggregation scores, read while training
         lifecycle.warm_up_in_background()  # joining the pool overlaps with the round's training
 
     @property
@@ -157,37 +163,65 @@ class ClientCheckpoints:
     def _resume_best_scores(self, mode: CheckpointMode) -> None:
         """Let ``mode``'s best-score checkpointers compare against their checkpoints on storage, on
         their first use: a handler that never saves them (an evaluate round's pre-aggregation ones)
-        never reads them, and the reads come after training, once earlier saves had time to land."""
-        if mode not in self._resumed_modes:
+        never reads them. The read started by :meth:`restore_state` is waited for (its error raised)."""
+        if mode is CheckpointMode.PRE_AGGREGATION and self._reading_scores is not None:
+            reading, self._reading_scores = self._reading_scores, None
+            reading.result()
+        elif mode not in self._resumed_modes:
             self._resumed_modes.add(mode)
-            self.module.resume_best_scores(self.module.checkpointers_of(mode) or [])
+            self.module.resume_best_scores(self._with_scores(mode))
+
+    def _with_scores(self, mode: CheckpointMode) -> list[FunctionTorchModuleCheckpointer]:
+        """``mode``'s checkpointers that compare scores (a latest-model one has none to read)."""
+        return [
+            checkpointer
+            for checkpointer in self.module.checkpointers_of(mode) or []
+            if isinstance(checkpointer, FunctionTorchModuleCheckpointer)
+            and not isinstance(checkpointer, LatestTorchModuleCheckpointer)
+        ]
+
+    def _read_pre_aggregation_scores_in_background(self) -> None:
+        """Start reading the pre-aggregation checkpointers' scores on storage on a background thread (the
+        handler trains meanwhile); :meth:`_resume_best_scores` waits for it. Every save of them issued
+        so far is waited for first, as for a read in the call."""
+        mode = CheckpointMode.PRE_AGGREGATION
+        checkpointers = self._with_scores(mode)
+        if mode in self._resumed_modes or not checkpointers:
+            return
+        self._resumed_modes.add(mode)
+        self._reading_scores = threads.background_calls.submit(partial(self.module.resume_best_scores, checkpointers))
 
     def restore_state(self, server_round: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any] | None:
         """The state saved in the newest earlier round, loaded into ``optimizer``; None if none.
 
         Returns the whole saved dict (``server_round``, ``optimizer`` and the extras given to
-        :meth:`save_state`).
+        :meth:`save_state`). Training comes next: the pre-aggregation checkpointers' scores are read
+        meanwhile, in the background.
         """
         with self.blocked.measure("restore"):
-            if self._kept_in_context(server_round) is not None:
-                state = context_state.restore(self.context)
-            elif self.keep is not None:
-                kept = self._version_to_restore(server_round)
-                if kept is None:
-                    return None
-                assert self.module.state_checkpointer is not None
-                state = self.module.state_checkpointer.load_checkpoint(self.kept_state_name, server_round=kept)
-            else:
-                state = self._previous_round_state(server_round)
-                if state is None:
-                    slot = self._slot_to_restore(server_round)
-                    if slot is None:
-                        return None
-                    assert self.module.state_checkpointer is not None
-                    state = self.module.state_checkpointer.load_checkpoint(self._slot_name(slot), wait=False)
-                    self._restored = (server_round, slot)
-            if optimizer is not None and "optimizer" in state:
+            state = self._saved_state(server_round)
+            if state is not None and optimizer is not None and "optimizer" in state:
                 optimizer.load_state_dict(state["optimizer"])
+            self._read_pre_aggregation_scores_in_background()
+        return state
+
+    def _saved_state(self, server_round: int) -> dict[str, Any] | None:
+        """The state :meth:`restore_state` returns: from the context, the kept versions or the slots."""
+        if self._kept_in_context(server_round) is not None:
+            return context_state.restore(self.context)
+        assert self.module.state_checkpointer is not None
+        if self.keep is not None:
+            kept = self._version_to_restore(server_round)
+            if kept is None:
+                return None
+            return self.module.state_checkpointer.load_checkpoint(self.kept_state_name, server_round=kept)
+        state = self._previous_round_state(server_round)
+        if state is None:
+            slot = self._slot_to_restore(server_round)
+            if slot is None:
+                return None
+            state = self.module.state_checkpointer.load_checkpoint(self._slot_name(slot), wait=False)
+            self._restored = (server_round, slot)
         return state
 
     def save_state(self, server_round: int, optimizer: torch.optim.Optimizer | None = None, **extra: Any) -> None:

@@ -173,6 +173,7 @@ def warm_up_in_background() -> None:
 
 
 def _warm_up() -> None:
+    threads.background_calls.start()  # a handler's first background read then waits for no thread to start
     try:
         coordinator().warm_up()
         priming.prime_serialization()

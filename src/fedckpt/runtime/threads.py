@@ -5,9 +5,14 @@ call while the interpreter shuts down (Ray documents crashes for that)."""
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger("fedckpt")
 
@@ -51,3 +56,52 @@ def stop_all(timeout: float) -> None:
             thread.join(timeout)
             if thread.is_alive():
                 log.warning("fedckpt: background thread %s did not stop within %.0f s", thread.name, timeout)
+
+
+class BackgroundCalls:
+    """One thread that runs short calls off the caller's path, in turn (a Flower client's reads that
+    its training can hide). Submitting is a queue put: the caller never waits for a thread to start
+    or to run. Calls still queued at exit fail with ``RuntimeError``."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the thread now (a process's warm-up does, so that its first call finds it running)."""
+        with self._lock:
+            if self._thread is None:
+                wake_on_stop(self._wake)
+                self._thread = start("fedckpt-background-calls", self._run)
+
+    def submit(self, call: Callable[[], T]) -> Future[T]:
+        """Run ``call`` on the thread; its future holds what it returned or raised."""
+        self.start()
+        future: Future[T] = Future()
+        self._calls.put((call, future))
+        return future
+
+    def _wake(self) -> None:
+        self._calls.put(None)
+
+    def _run(self) -> None:
+        while True:
+            item = self._calls.get()
+            if item is None or stopping.is_set():
+                break
+            call, future = item
+            try:
+                future.set_result(call())
+            except BaseException as error:  # the caller that waits for it raises it
+                future.set_exception(error)
+        while True:  # at exit: what was not run never will be
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[1].set_exception(RuntimeError("fedckpt stopped at exit before this background call ran"))
+
+
+background_calls = BackgroundCalls()
