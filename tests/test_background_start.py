@@ -237,3 +237,23 @@ def test_a_server_warmed_up_when_ray_came_up_maps_and_connects_nothing_at_its_fi
     assert int(ready) >= 2 and int(channels) >= 1, done.stdout
     assert (used, reused) == ("1", "True"), done.stdout  # the save took a segment mapped ahead
     assert torch.load(tmp_path / "s.pt")["x"].sum() == 1000
+
+
+def test_priming_the_server_states_generators_imports_numpy_random_and_changes_no_generator(tmp_path):
+    """The first server state's ``rng()`` would import numpy.random (numpy 2 does so on first use, ~5 ms
+    in the first round's end): the server primes it while the clients start, drawing nothing."""
+    script = textwrap.dedent("""
+        import sys
+        from fedckpt.flower import strategy_state
+        before = "numpy.random" in sys.modules
+        strategy_state.prime_rng()
+        import numpy as np, random, torch
+        np.random.seed(7); random.seed(7); torch.manual_seed(7)
+        first = (np.random.rand(), random.random(), torch.rand(1).item())
+        np.random.seed(7); random.seed(7); torch.manual_seed(7)
+        strategy_state.prime_rng()
+        print(before, "numpy.random" in sys.modules, first == (np.random.rand(), random.random(), torch.rand(1).item()))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "True", "True"], done.stdout

@@ -46,7 +46,7 @@ from fedckpt.flower import strategy_state
 from fedckpt.flower.rounds import CheckpointedRounds, EvaluateFn, RoundOutcome
 from fedckpt.flower.timing import BlockedTime
 from fedckpt.round_table import CLIENT_STATE, RoundRow, complete_rounds, drop_rounds_after, round_table
-from fedckpt.runtime import lifecycle
+from fedckpt.runtime import lifecycle, threads
 from fedckpt.server_module import ServerCheckpointAndStateModule
 from fedckpt.state import StateSnapshot
 
@@ -195,6 +195,7 @@ class ServerCheckpoints:
             self.module.resume_best_scores()
         # So that the clients' first saves need not wait for the pool, nor the first round for pickling.
         lifecycle.start_writers_when_ray_is_up(models=[] if self.module.model is None else [self.module.model])
+        threads.background_calls.submit(strategy_state.prime_rng)  # not in the first round's end
         if saved is not None:
             arrays = self._restore(saved, strategy, history)
         restored = {field: dict(getattr(history, field)) for field in HISTORY_FIELDS}
