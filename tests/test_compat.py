@@ -375,6 +375,57 @@ def test_validate_loaded_sparse_tensors_rejects_a_sparse_tensor_rebuilt_out_of_b
     assert load_small_state(str(tmp_path / "s.pt"))["x"].to_dense().tolist() == [0.0, 1.0]
 
 
+@canary("torch._utils._rebuild_tensor_v2 (rebuild_host_tensor's copy of it)")
+def test_rebuild_host_tensor_rebuilds_what_torchs_rebuild_does(tmp_path):
+    """fedckpt's small-state loader rebuilds each tensor with its copy of torch's ``_rebuild_tensor_v2``
+    (without the per-tensor fake-mode lookup): from the arguments a pickle of each kind of tensor
+    passes, both give the same tensor over the same memory, and the loader gives what torch.load does."""
+    base = torch.arange(24.0).reshape(4, 6)
+    complex_values = torch.arange(6.0).view(3, 2).contiguous().view(torch.complex64)
+    tensors = {
+        "plain": torch.arange(5, dtype=torch.int16),
+        "offset_and_stride": base[1:, ::2],
+        "transposed": base.t(),
+        "trainable": nn.Parameter(torch.ones(3)).data.requires_grad_(True),
+        "conjugate": complex_values.conj(),
+        "negative": torch.arange(4.0).view(torch.complex64).conj().imag,  # its own storage: one type per storage
+        "bf16": torch.ones(2, 2, dtype=torch.bfloat16),
+        "empty": torch.zeros(0, 3),
+    }
+    for name, tensor in tensors.items():
+        rebuild, arguments = tensor.__reduce_ex__(2)
+        assert rebuild is torch._utils._rebuild_tensor_v2, name
+        ours, torchs = _compat.rebuild_host_tensor(*arguments), rebuild(*arguments)
+        assert (ours.dtype, ours.shape, ours.stride(), ours.storage_offset()) == (
+            torchs.dtype, torchs.shape, torchs.stride(), torchs.storage_offset()
+        ), name  # fmt: skip
+        assert (ours.requires_grad, ours.is_conj(), ours.is_neg(), ours._backward_hooks) == (
+            torchs.requires_grad, torchs.is_conj(), torchs.is_neg(), torchs._backward_hooks
+        ), name  # fmt: skip
+        assert ours.untyped_storage().data_ptr() == torchs.untyped_storage().data_ptr(), name
+        assert torch.equal(ours.resolve_conj().resolve_neg(), torchs.resolve_conj().resolve_neg()), name
+    torch.save(tensors, tmp_path / "s.pt")
+    loaded, expected = load_small_state(str(tmp_path / "s.pt")), torch.load(tmp_path / "s.pt", weights_only=False)
+    for name, tensor in expected.items():
+        got = loaded[name]
+        assert (got.dtype, got.shape, got.stride(), got.requires_grad, got.is_conj(), got.is_neg()) == (
+            tensor.dtype, tensor.shape, tensor.stride(), tensor.requires_grad, tensor.is_conj(), tensor.is_neg()
+        ), name  # fmt: skip
+        assert torch.equal(got.resolve_conj().resolve_neg(), tensor.resolve_conj().resolve_neg()), name
+
+
+@canary("torch._guards.detect_fake_mode")
+def test_fake_mode_active_only_inside_a_fake_tensor_mode():
+    """Inside a fake-tensor mode the small-state loader leaves each tensor to torch's own rebuild
+    (which gives it its fake device); outside, it asks once per load."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert not _compat.fake_mode_active()
+    with FakeTensorMode():
+        assert _compat.fake_mode_active()
+    assert not _compat.fake_mode_active()
+
+
 def _pickled_state(module: nn.Module) -> dict[str, Any]:
     state: dict[str, Any] = module.__getstate__()
     return state

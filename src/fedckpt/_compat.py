@@ -50,6 +50,8 @@ PRIVATE_NAMES: dict[str, str] = {
     "torch.UntypedStorage._cdata": "torch",
     "torch._utils.get_tensor_metadata": "torch",
     "torch._utils._validate_loaded_sparse_tensors": "torch",
+    "torch._utils._rebuild_tensor_v2 (rebuild_host_tensor's copy of it)": "torch",
+    "torch._guards.detect_fake_mode": "torch",
     "torch.nn.Module._parameters": "torch",
     "torch.nn.Module._buffers": "torch",
     "torch.nn.Module._modules": "torch",
@@ -295,6 +297,34 @@ def validate_loaded_sparse_tensors() -> None:
     queues them while unpickling). fedckpt's own loader of small state files ends the same way.
     Checked against torch 2.13.0."""
     sys.modules["torch._utils"]._validate_loaded_sparse_tensors()
+
+
+def fake_mode_active() -> bool:
+    """Whether a torch fake-tensor mode is active (tracing, ``torch.compile``): tensors unpickled
+    then must learn their fake device, as torch's ``_rebuild_tensor_v2`` does for each. Checked
+    against torch 2.13.0."""
+    return sys.modules["torch._guards"].detect_fake_mode(None) is not None
+
+
+def rebuild_host_tensor(
+    storage: Any,
+    storage_offset: int,
+    size: Any,
+    stride: Any,
+    requires_grad: bool,
+    backward_hooks: Any,
+    metadata: Any = None,
+) -> torch.Tensor:
+    """torch's ``_rebuild_tensor_v2`` (what a pickle of a tensor calls) for a load with no fake mode
+    active (:func:`fake_mode_active`, asked once per load): the same tensor, without looking for a
+    fake mode per tensor, which is half of its cost. Checked against torch 2.13.0."""
+    utils = sys.modules["torch._utils"]
+    tensor = utils._rebuild_tensor(storage, storage_offset, size, stride)
+    tensor.requires_grad = requires_grad
+    if metadata:
+        utils.set_tensor_metadata(tensor, metadata)
+    tensor._backward_hooks = backward_hooks
+    return tensor
 
 
 # The instance attributes in which nn.Module keeps its parameters, buffers and children (ordered

@@ -95,8 +95,11 @@ class _StateUnpickler(pickle.Unpickler):
         self._records = records
         self._archive = archive
         self._storages: dict[str, torch.storage.TypedStorage] = {}
+        self._fake_mode = _compat.fake_mode_active()  # asked once, not per tensor as torch.load does
 
     def find_class(self, module: str, name: str) -> Any:
+        if name == "_rebuild_tensor_v2" and module == "torch._utils" and not self._fake_mode:
+            return _compat.rebuild_host_tensor
         if "Storage" in name:
             try:
                 return torch.serialization.StorageType(name)
