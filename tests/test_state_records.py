@@ -155,3 +155,21 @@ def test_states_with_objects_are_pickled_every_time():
     tagged = torch.zeros(2)
     tagged.note = "python state"
     assert describe({"x": tagged}) is None
+
+
+def test_a_storages_byte_view_is_its_memory_and_keeps_it_alive():
+    """Records are numpy views of the live storages (no copy), and a view outlives the tensor it was
+    taken from: a snapshot may be copied after the caller dropped its state."""
+    import gc
+
+    tensor = torch.arange(4096, dtype=torch.float32)
+    view = state_records.storage_view(tensor.untyped_storage())
+    assert view.dtype == np.uint8 and view.nbytes == 4 * 4096
+    assert np.shares_memory(view, tensor.numpy())
+    tensor[0] = 7.0  # the view sees the storage's current bytes
+    expected = tensor.numpy().tobytes()
+    del tensor
+    gc.collect()
+    garbage = [torch.full((4096,), -1.0) for _ in range(64)]  # reuses freed memory, were it freed
+    assert view.tobytes() == expected and garbage
+    assert state_records.storage_view(torch.zeros(0).untyped_storage()).nbytes == 0
