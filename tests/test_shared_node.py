@@ -11,6 +11,8 @@ import os
 import stat
 import subprocess
 import sys
+import textwrap
+import threading
 import warnings
 
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 from conftest import make_model
 from safetensors.torch import load_file
 
-from fedckpt.runtime.sequence import SequenceCounter
+from fedckpt.runtime.sequence import SequenceCounter, bucket_of
 from fedckpt.runtime.staging import SEGMENT_GRANULARITY, StagingArena, StagingFull, remove_orphans
 from fedckpt.snapshot import snapshot_module
 from fedckpt.storage import manifest
@@ -361,3 +363,50 @@ def test_a_save_where_dev_shm_has_no_inode_left_goes_through_the_object_store(tm
     assert warned.count("object store") == 1, warned  # once per process
     assert "stats: True 0" in lines, result.stdout
     assert "left: []" in lines, result.stdout
+
+
+def test_the_writers_marks_after_each_save_never_wait_for_the_counters_lock(tmp_path):
+    """The writer runs below training's priority: a writer descheduled inside the counter's lock would
+    stall every caller on the node. So its marks after each save take no lock, while callers' numbers
+    and reads still do (they exclude each other). A mark says quiet only for the count it saw taken."""
+    counter = SequenceCounter.create(str(tmp_path))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import fcntl, os, sys
+            fd = os.open({counter.path!r}, os.O_RDWR)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            print("held", flush=True)
+            sys.stdin.readline()  # hold the lock until the test is done
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        bucket = bucket_of("k")
+        done = threading.Event()
+
+        def writer_marks() -> None:
+            counter.mark_bucket_quiet(bucket, 0)
+            counter.mark_quiet(0)
+            done.set()
+
+        threading.Thread(target=writer_marks, daemon=True).start()
+        assert done.wait(30), "a writer's mark waited for the lock another process holds"
+        taking = threading.Thread(target=counter.take, args=(["k"],), daemon=True)
+        taking.start()
+        taking.join(0.5)
+        assert taking.is_alive()  # a caller's number waits for the lock
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(30)
+    taking.join(30)
+    assert not counter.keys_quiet(["k"]) and not counter.quiet()  # one save numbered, none marked yet
+    counter.mark_bucket_quiet(bucket, 0)  # a stale count marks nothing
+    counter.mark_quiet(0)
+    assert not counter.keys_quiet(["k"]) and not counter.quiet()
+    counter.mark_ready()
+    counter.mark_bucket_quiet(bucket, 1)
+    counter.mark_quiet(1)
+    assert counter.keys_quiet(["k"]) and counter.quiet()
+    counter.close(remove=True)

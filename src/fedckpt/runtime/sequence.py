@@ -18,6 +18,17 @@ bucket's keys had a save pending or an error held. A wait for some keys skips th
 each key's bucket is quiet, though the writer is busy with other keys: a Flower client restoring
 its state a round after saving it, while the writer writes other clients' saves.
 
+Callers take numbers and read the marks under the file's lock. The writer sets a mark after each
+save it finishes *without* taking it: the writer runs at a lower priority than training, and a
+writer descheduled while holding the lock would stall every caller on the node for milliseconds.
+That needs no lock because each field is one aligned 8-byte word that is stored and loaded whole
+(``struct``'s native format copies it with one machine move: single-copy atomic on x86-64 and
+AArch64), and a mark is a count the writer saw taken with nothing pending: a caller that reads a
+mark equal to the count it reads sees every save numbered so far written, and a number taken
+meanwhile only makes the two differ. The writer's rare marks (ready after a restart, a bucket
+unmarked for an error or a lost save) still take the lock, which orders them before the callers'
+next reads.
+
 The file is named ``fedckpt-<writer pid>-seq-<id>``, so the sweep of a dead process's staging
 segments removes it too.
 """
@@ -35,7 +46,7 @@ import zlib
 from fedckpt.runtime.staging import PREFIX, SHM_DIR, create_file, reserve
 from fedckpt.storage.atomic import hold_as_owner
 
-_NUMBER = struct.Struct("<Q")
+_NUMBER = struct.Struct("Q")  # native: one aligned word, stored and loaded whole (see above)
 BUCKETS = 4096
 _COUNTER, _QUIET_MARK, _READY = 0, _NUMBER.size, 2 * _NUMBER.size  # offsets in the file
 _BUCKETS_AT = 3 * _NUMBER.size  # then per bucket: saves numbered, the writer's quiet mark
@@ -108,11 +119,10 @@ class SequenceCounter:
 
     def mark_quiet(self, arrived: int) -> None:
         """(Writer) Nothing is pending, held or awaited, and ``arrived`` saves numbered from this
-        counter reached the writer: if that is every number taken, set the quiet mark."""
-        with self._lock:
-            (last,) = _NUMBER.unpack_from(self._map, _COUNTER)
-            if last == arrived:
-                _NUMBER.pack_into(self._map, _QUIET_MARK, last)
+        counter reached the writer: if that is every number taken, set the quiet mark (no lock: see above)."""
+        (last,) = _NUMBER.unpack_from(self._map, _COUNTER)
+        if last == arrived:
+            _NUMBER.pack_into(self._map, _QUIET_MARK, last)
 
     def mark_ready(self) -> None:
         """(Writer) Recovered, with no lost save awaited: bucket marks may now say a bucket is quiet."""
@@ -121,10 +131,10 @@ class SequenceCounter:
 
     def mark_bucket_quiet(self, bucket: int, arrived: int) -> None:
         """(Writer) No key of ``bucket`` has a save pending or an error held, and ``arrived`` saves of
-        its keys reached the writer: if that is every number taken for them, mark the bucket quiet."""
-        with self._lock:
-            if _NUMBER.unpack_from(self._map, _taken_at(bucket))[0] == arrived:
-                _NUMBER.pack_into(self._map, _mark_at(bucket), arrived)
+        its keys reached the writer: if that is every number taken for them, mark the bucket quiet (no
+        lock: see above)."""
+        if _NUMBER.unpack_from(self._map, _taken_at(bucket))[0] == arrived:
+            _NUMBER.pack_into(self._map, _mark_at(bucket), arrived)
 
     def unmark_bucket(self, bucket: int) -> None:
         """(Writer) A key of ``bucket`` has something to wait for that took no number (an error held for
