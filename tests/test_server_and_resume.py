@@ -23,6 +23,7 @@ from fedckpt import (
 )
 from fedckpt.cli import main as fedckpt_cli
 from fedckpt.flower import ClientCheckpoints
+from fedckpt.flower.client import SLOTS
 from fedckpt.storage import atomic
 from fedckpt.storage.paths import temp_file_owner, temp_path
 from fedckpt.storage.reading import read_state_dict
@@ -191,6 +192,23 @@ def test_a_train_handler_reads_its_best_score_while_it_trains_and_a_failed_read_
     assert_same_tensors(
         torch.load(f"{directory}/pre_best.pt", weights_only=False).state_dict(), make_model(1).state_dict()
     )
+
+
+def test_round_one_restores_nothing_and_reads_nothing(runtime, tmp_path):
+    """Flower numbers rounds from 1: a run's first round has no earlier round to restore, so it reads
+    neither slot, even where an earlier run left states (here with entries no longer readable)."""
+    from fedckpt.storage.paths import Location
+
+    directory = str(tmp_path / "client_0")
+    for server_round in (1, 2):
+        ClientCheckpoints(directory).save_state(server_round, steps=server_round)
+    fedckpt.flush()
+    for slot in SLOTS:
+        with open(str(Location.of(f"{directory}/client_state.{slot}.pt").entry), "w") as file:
+            file.write("{not an entry")
+    assert ClientCheckpoints(directory).restore_state(1) is None
+    with pytest.raises(ValueError):
+        ClientCheckpoints(directory).restore_state(4)  # a later round reads them (round 3's slot is gone)
 
 
 def test_client_state_slots_restore_the_newest_earlier_round(runtime, tmp_path):

@@ -43,6 +43,7 @@ from fedckpt.state import PerRoundStateCheckpointer
 from fedckpt.storage.paths import Location
 
 SLOTS = (0, 1)
+FIRST_ROUND = 1  # Flower's first server round
 ROUND_KEY = "server_round"
 # With a context, states up to this size are also kept in ``context.state`` (larger ones cost Flower
 # more to carry with every message than any storage takes to read them back).
@@ -192,7 +193,8 @@ class ClientCheckpoints:
         self._reading_scores = threads.background_calls.submit(partial(self.module.resume_best_scores, checkpointers))
 
     def restore_state(self, server_round: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any] | None:
-        """The state saved in the newest earlier round, loaded into ``optimizer``; None if none.
+        """The state saved in the newest earlier round, loaded into ``optimizer``; None if none (always
+        in round 1, which has no earlier round).
 
         Returns the whole saved dict (``server_round``, ``optimizer`` and the extras given to
         :meth:`save_state`). Training comes next: the pre-aggregation checkpointers' scores are read
@@ -206,7 +208,10 @@ class ClientCheckpoints:
         return state
 
     def _saved_state(self, server_round: int) -> dict[str, Any] | None:
-        """The state :meth:`restore_state` returns: from the context, the kept versions or the slots."""
+        """The state :meth:`restore_state` returns: from the context, the kept versions or the slots.
+        Flower numbers rounds from 1: the first has no earlier round, and reads nothing."""
+        if server_round <= FIRST_ROUND:
+            return None
         if self._kept_in_context(server_round) is not None:
             return context_state.restore(self.context)
         assert self.module.state_checkpointer is not None
@@ -266,7 +271,7 @@ class ClientCheckpoints:
         pending saves), if it holds that round: the newest earlier round there can be, found without
         reading either slot's manifest entry. None otherwise (the client skipped that round, or the
         slots are laid out otherwise): the entries decide."""
-        if server_round <= 1:
+        if server_round <= FIRST_ROUND:
             return None
         slot = (server_round - 1) % len(SLOTS)
         assert self.module.state_checkpointer is not None
