@@ -359,22 +359,21 @@ _FOREIGN_LOGGED: set[str] = set()
 
 
 def _tensor_key(tensor: torch.Tensor, storages: dict[int, int], found: list[torch.UntypedStorage]) -> tuple | None:
-    device = tensor.device.type
-    if device not in ("cpu", "cuda") and device not in _FOREIGN_LOGGED:
-        _FOREIGN_LOGGED.add(device)
+    device = tensor.device
+    kind = device.type
+    if kind not in ("cpu", "cuda") and kind not in _FOREIGN_LOGGED:
+        _FOREIGN_LOGGED.add(kind)
         log.warning(
             "fedckpt: a state holds tensors on %s: torch.save's own pickling copies them to the CPU (.cpu(), "
             "blocking); only CUDA tensors are copied straight into staging memory",
-            device,
+            kind,
         )
     if (
-        tensor.layout != torch.strided
-        or device not in ("cpu", "cuda")
+        kind not in ("cpu", "cuda")
+        or tensor.layout != torch.strided
         or tensor.is_quantized
-        or tensor.is_conj()
-        or tensor.is_neg()
         or tensor.__getstate__()  # Python attributes: torch pickles them with it, as __getstate__ gives them
-        or _compat.tensor_serialization_metadata(tensor)
+        or _compat.tensor_serialization_metadata(tensor)  # its conjugate and negative bits, among others
     ):
         return None
     storage = tensor.untyped_storage()
@@ -385,5 +384,5 @@ def _tensor_key(tensor: torch.Tensor, storages: dict[int, int], found: list[torc
         found.append(storage)
     return (
         tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor.requires_grad,
-        number, storage.nbytes(), storage.device,  # the device is in data.pkl (its location tag)
+        number, storage.nbytes(), device,  # the device is in data.pkl (its location tag)
     )  # fmt: skip
