@@ -58,3 +58,60 @@ def test_a_program_that_saves_and_exits_normally_exits_0_fifty_times_in_a_row(s3
         run_once(s3_server, tmp_path, index)
         if index % 10 == 9:
             print(f"{index + 1}/{LONG_RUNS} runs exited 0", file=sys.stderr, flush=True)
+
+
+def test_background_calls_run_in_turn_raise_to_their_waiter_and_fail_at_exit_if_never_run():
+    """fedckpt's background-call thread (a Flower client's best-score read while it trains) runs calls
+    in the order submitted; a call's error is raised to whoever waits for it; at exit, calls it never
+    ran fail instead of leaving their waiters hanging."""
+    script = textwrap.dedent("""
+        import threading
+        from fedckpt.runtime import threads
+
+        calls = threads.BackgroundCalls()
+        order, release, running = [], threading.Event(), threading.Event()
+
+        def blocked():
+            running.set()
+            release.wait(60)
+            order.append("first")
+
+        def fails():
+            raise ValueError("a read failed")
+
+        first = calls.submit(blocked)
+        second = calls.submit(lambda: order.append("second") or 2)
+        third = calls.submit(fails)
+        release.set()
+        print(first.result(60), second.result(60), order)
+        try:
+            third.result(60)
+        except ValueError as error:
+            print("raised:", error)
+        release.clear()
+        running.clear()
+        held = calls.submit(blocked)
+        never = [calls.submit(lambda: order.append("never")) for _ in range(2)]
+        running.wait(60)  # the thread is inside the held call when the exit comes
+        stopper = threading.Thread(target=threads.stop_all, args=(60,))
+        stopper.start()
+        threads.stopping.wait(60)
+        release.set()
+        stopper.join(60)
+        held.result(60)
+        for future in never:
+            try:
+                future.result(60)
+            except RuntimeError as error:
+                print("never ran:", error)
+        print(order)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [
+        "None 2 ['first', 'second']",
+        "raised: a read failed",
+        "never ran: fedckpt stopped at exit before this background call ran",
+        "never ran: fedckpt stopped at exit before this background call ran",
+        "['first', 'second', 'first']",
+    ], done.stdout

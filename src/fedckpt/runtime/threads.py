@@ -95,13 +95,13 @@ class BackgroundCalls:
                 future.set_result(call())
             except BaseException as error:  # the caller that waits for it raises it
                 future.set_exception(error)
-        while True:  # at exit: what was not run never will be
+        while item is not None or not self._calls.empty():  # at exit: what was not run never will be
+            if item is not None:
+                item[1].set_exception(RuntimeError("fedckpt stopped at exit before this background call ran"))
             try:
                 item = self._calls.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
-                item[1].set_exception(RuntimeError("fedckpt stopped at exit before this background call ran"))
 
 
 background_calls = BackgroundCalls()
