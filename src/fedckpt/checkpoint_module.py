@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -81,6 +81,12 @@ def checkpoint_model(
             saver.accepted(request)
 
 
+def with_best_scores(checkpointers: Iterable[TorchModuleCheckpointer]) -> list[FunctionTorchModuleCheckpointer]:
+    """Those of ``checkpointers`` that keep a best score, which a checkpointer built anew reads back
+    from storage (a latest-model checkpointer has none)."""
+    return [c for c in checkpointers if isinstance(c, FunctionTorchModuleCheckpointer) and c.has_best_score]
+
+
 class CheckpointAndStateModule(ABC):
     """Base of the client and server modules: state saves and loads, best-score resumption, flush."""
 
@@ -112,9 +118,9 @@ class CheckpointAndStateModule(ABC):
         For code that builds its checkpointers anew in every process or run (a Flower ClientApp
         each round, a resumed server): without it a fresh checkpointer's first score always saves.
         """
-        for checkpointer in self.model_checkpointers_in_use() if checkpointers is None else checkpointers:
-            if isinstance(checkpointer, FunctionTorchModuleCheckpointer):
-                checkpointer.resume_best_score()
+        chosen = self.model_checkpointers_in_use() if checkpointers is None else checkpointers
+        for checkpointer in with_best_scores(chosen):
+            checkpointer.resume_best_score()
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every save of this module's checkpointers is durable; raise if one failed."""

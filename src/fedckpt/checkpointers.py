@@ -13,7 +13,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -231,6 +231,8 @@ class TorchModuleCheckpointer(ABC):
 class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
     """Saves when ``checkpoint_score_function(loss, metrics)`` is at least as good as the best so far."""
 
+    has_best_score: ClassVar[bool] = True  # a bar that a checkpointer built anew reads back from storage
+
     def __init__(
         self,
         checkpoint_dir: str,
@@ -316,6 +318,8 @@ class FunctionTorchModuleCheckpointer(TorchModuleCheckpointer):
 
 class LatestTorchModuleCheckpointer(FunctionTorchModuleCheckpointer):
     """Saves the model on every call."""
+
+    has_best_score: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -15,7 +15,7 @@ Optionally (given the handler's ``context``), a small state is also kept in ``co
 which Flower holds in memory across the rounds of a run: a restore then costs a few copies and
 reads the file only after a restart. Off by default: Flower's simulation carries the context
 through Ray with every message, and on a local disk that costs more than reading the file back
-(``benchmarks/restore.py``: 8x the file at 0.3 MB). It pays where reading back is slow.
+(``benchmarks/restore.py``: 7x the file at 0.3 MB). It pays where reading back is slow.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedckpt.checkpoint_module import ModelCheckpointers
-from fedckpt.checkpointers import FunctionTorchModuleCheckpointer, LatestTorchModuleCheckpointer
+from fedckpt.checkpoint_module import ModelCheckpointers, with_best_scores
 from fedckpt.client_module import ClientCheckpointAndStateModule
 from fedckpt.flower import context_state
 from fedckpt.flower.timing import BlockedTime
@@ -170,23 +169,14 @@ class ClientCheckpoints:
             reading.result()
         elif mode not in self._resumed_modes:
             self._resumed_modes.add(mode)
-            self.module.resume_best_scores(self._with_scores(mode))
-
-    def _with_scores(self, mode: CheckpointMode) -> list[FunctionTorchModuleCheckpointer]:
-        """``mode``'s checkpointers that compare scores (a latest-model one has none to read)."""
-        return [
-            checkpointer
-            for checkpointer in self.module.checkpointers_of(mode) or []
-            if isinstance(checkpointer, FunctionTorchModuleCheckpointer)
-            and not isinstance(checkpointer, LatestTorchModuleCheckpointer)
-        ]
+            self.module.resume_best_scores(self.module.checkpointers_of(mode) or [])
 
     def _read_pre_aggregation_scores_in_background(self) -> None:
         """Start reading the pre-aggregation checkpointers' scores on storage on a background thread (the
         handler trains meanwhile); :meth:`_resume_best_scores` waits for it. Every save of them issued
         so far is waited for first, as for a read in the call."""
         mode = CheckpointMode.PRE_AGGREGATION
-        checkpointers = self._with_scores(mode)
+        checkpointers = with_best_scores(self.module.checkpointers_of(mode) or [])
         if mode in self._resumed_modes or not checkpointers:
             return
         self._resumed_modes.add(mode)
@@ -267,12 +257,10 @@ class ClientCheckpoints:
         return max(earlier, default=None)
 
     def _previous_round_state(self, server_round: int) -> dict[str, Any] | None:
-        """The state of round ``server_round - 1`` from the slot of that round's parity (after its
-        pending saves), if it holds that round: the newest earlier round there can be, found without
-        reading either slot's manifest entry. None otherwise (the client skipped that round, or the
-        slots are laid out otherwise): the entries decide."""
-        if server_round <= FIRST_ROUND:
-            return None
+        """The state of round ``server_round - 1`` (``server_round`` is after the first) from the slot
+        of that round's parity (after its pending saves), if it holds that round: the newest earlier
+        round there can be, found without reading either slot's manifest entry. None otherwise (the
+        client skipped that round, or the slots are laid out otherwise): the entries decide."""
         slot = (server_round - 1) % len(SLOTS)
         assert self.module.state_checkpointer is not None
         try:
