@@ -7,7 +7,10 @@ Runs the Flower App of the README's main job (``examples/flower_app``, through `
 ``FEDCKPT_CALL_TRACE`` set (:mod:`fedckpt.flower.call_trace`), fedckpt and the synchronous baseline
 interleaved, and prints per call (restore, pre-/post-aggregation save, state save, the server's end
 of round): its mean and median wall time, its mean CPU time, and the mean wall and CPU time of each
-step it ran (a step includes the steps it calls). Wall minus CPU is time the caller was not running.
+step it ran (a step includes the steps it calls). Wall minus CPU is time the caller was not running:
+``waits`` is how often per call it slept (a lock, an answer), ``preempted`` how often the scheduler
+gave its CPU to another thread (on 2 busy cores, mostly to the nice-0 processes of Flower and Ray:
+Ray runs its workers, the clients included, at nice 15).
 """
 
 from __future__ import annotations
@@ -38,20 +41,27 @@ def breakdown(calls: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         by_activity[call["activity"]].append(call)
     summary = {}
     for activity, group in sorted(by_activity.items()):
-        steps: defaultdict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        steps: defaultdict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0, 0])
         for call in group:
-            for name, (wall, cpu, _) in call["steps"].items():
-                steps[name][0] += wall
-                steps[name][1] += cpu
+            for name, (wall, cpu, _, waits, preempted) in call["steps"].items():
+                for index, figure in enumerate((wall, cpu, waits, preempted)):
+                    steps[name][index] += figure
         count = len(group)
         summary[activity] = {
             "calls": count,
             "wall_mean_ms": 1e3 * statistics.mean(call["wall"] for call in group),
             "wall_median_ms": 1e3 * statistics.median(call["wall"] for call in group),
             "cpu_mean_ms": 1e3 * statistics.mean(call["cpu"] for call in group),
+            "waits": statistics.mean(call["waits"] for call in group),
+            "preempted": statistics.mean(call["preempted"] for call in group),
             "steps": {
-                name: {"wall_ms": 1e3 * wall / count, "cpu_ms": 1e3 * cpu / count}
-                for name, (wall, cpu) in sorted(steps.items(), key=lambda item: -item[1][0])
+                name: {
+                    "wall_ms": 1e3 * wall / count,
+                    "cpu_ms": 1e3 * cpu / count,
+                    "waits": waits / count,
+                    "preempted": preempted / count,
+                }
+                for name, (wall, cpu, waits, preempted) in sorted(steps.items(), key=lambda item: -item[1][0])
             },
         }
     return summary
@@ -59,15 +69,24 @@ def breakdown(calls: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def table(mode: str, summary: dict[str, dict[str, Any]]) -> Table:
     result = Table(title=f"{mode}: per call (ms)", title_justify="left")
-    for column in ("call / step", "calls", "wall mean", "wall median", "CPU mean"):
+    for column in ("call / step", "calls", "wall mean", "wall median", "CPU mean", "waits", "preempted"):
         result.add_column(column, justify="left" if column == "call / step" else "right")
     for activity, figures in summary.items():
         result.add_row(
             f"[bold]{activity}", str(figures["calls"]), f"{figures['wall_mean_ms']:.3f}",
-            f"{figures['wall_median_ms']:.3f}", f"{figures['cpu_mean_ms']:.3f}",
+            f"{figures['wall_median_ms']:.3f}", f"{figures['cpu_mean_ms']:.3f}", f"{figures['waits']:.2f}",
+            f"{figures['preempted']:.2f}",
         )  # fmt: skip
         for name, step in figures["steps"].items():
-            result.add_row(f"  {name}", "", f"{step['wall_ms']:.3f}", "", f"{step['cpu_ms']:.3f}")
+            result.add_row(
+                f"  {name}",
+                "",
+                f"{step['wall_ms']:.3f}",
+                "",
+                f"{step['cpu_ms']:.3f}",
+                f"{step['waits']:.2f}",
+                f"{step['preempted']:.2f}",
+            )
     return result
 
 

@@ -1,5 +1,5 @@
 """``FEDCKPT_CALL_TRACE``: a Flower client's checkpoint calls, each split into fedckpt's steps with
-their wall and CPU time (what ``benchmarks/call_breakdown.py`` tabulates)."""
+their wall and CPU time and context switches (what ``benchmarks/call_breakdown.py`` tabulates)."""
 
 import os
 import subprocess
@@ -53,9 +53,11 @@ def test_each_call_is_traced_with_the_steps_it_ran_and_their_times(tmp_path):
     for activity, steps in expected_steps.items():
         call = calls[activity]
         assert steps <= set(call["steps"]), (activity, sorted(call["steps"]))
-        for name, (wall, cpu, runs) in call["steps"].items():
+        for name, (wall, cpu, runs, waits, preempted) in call["steps"].items():
             assert runs >= 1 and 0 < wall <= call["wall"], (activity, name, wall, call["wall"])
             assert 0 <= cpu <= call["cpu"] + 1e-3, (activity, name, cpu, call["cpu"])  # thread_time's granularity
+            # The thread's context switches within the step are among the call's.
+            assert 0 <= waits <= call["waits"] and 0 <= preempted <= call["preempted"], (activity, name, call)
 
 
 def test_without_the_variable_no_step_is_wrapped(tmp_path):

@@ -5,6 +5,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -437,8 +438,9 @@ def test_a_read_of_a_key_whose_bucket_is_quiet_asks_nothing_while_its_writer_is_
     assert checkpointer.load_checkpoint(busy)["v"] == 1
 
 
-def test_writers_run_as_batch_work(runtime, tmp_path):
-    """Every thread of a writer is SCHED_BATCH: a writer woken by a save does not preempt training."""
+def test_writers_run_on_idle_cpu_time(runtime, tmp_path):
+    """Every thread of a writer, its I/O threads started by the save included, is SCHED_IDLE: a
+    writer woken by a save does not preempt training, nor share the CPU with it."""
     PerRoundStateCheckpointer(tmp_path).save_checkpoint("s.pt", {"v": 1})
     fedckpt.flush()
 
@@ -447,7 +449,9 @@ def test_writers_run_as_batch_work(runtime, tmp_path):
 
     for writer in lifecycle.coordinator().writers():
         threads = ray.get(writer.__ray_call__.remote(policies))
-        assert len(threads) > 1 and set(threads.values()) == {os.SCHED_BATCH}, threads
+        assert len(threads) > 1 and set(threads.values()) == {os.SCHED_IDLE}, threads
+        names = ray.get(writer.__ray_call__.remote(lambda _: [t.name for t in threading.enumerate()]))
+        assert any(name.startswith("fedckpt-io") for name in names), names
 
 
 def test_an_interrupt_during_the_staging_copy_leaves_nothing_behind(runtime, tmp_path):

@@ -1,11 +1,13 @@
 """Where a checkpoint call's time goes: each timed call (:class:`fedckpt.flower.timing.BlockedTime`)
-split into the fedckpt steps it ran, with wall and CPU time, one JSON line per call.
+split into the fedckpt steps it ran, with wall and CPU time and the thread's context switches, one
+JSON line per call.
 
 On when ``FEDCKPT_CALL_TRACE`` names a directory, in every process that inherits it (a Flower
 simulation's ClientApp workers and ServerApp included): each process appends to
 ``<dir>/calls-<pid>.jsonl``. ``benchmarks/call_breakdown.py`` runs the main job's Flower App that
 way and prints the table. A step's time includes the steps it calls; the difference between a
-call's wall and CPU time is time the thread was not running (descheduled, or waiting).
+call's wall and CPU time is time the thread was not running: ``waits`` counts the times it slept
+(a lock, an answer), ``preempted`` the times the scheduler gave its CPU to another thread.
 
 Tracing wraps the functions in :data:`STEPS` once per process, at the first timed call; a wrapped
 function outside a timed call costs one thread-local lookup.
@@ -13,10 +15,12 @@ function outside a timed call costs one thread-local lookup.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
 import os
+import resource
 import threading
 import time
 from collections import defaultdict
@@ -59,6 +63,14 @@ class StepTime:
     wall: float = 0.0
     cpu: float = 0.0
     runs: int = 0
+    waits: int = 0  # voluntary context switches: the thread slept (a lock, an answer, I/O)
+    preempted: int = 0  # involuntary ones: the scheduler gave its CPU to another thread
+
+
+def _switches() -> tuple[int, int]:
+    """This thread's voluntary and involuntary context switches so far."""
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    return usage.ru_nvcsw, usage.ru_nivcsw
 
 
 _current = threading.local()
@@ -77,7 +89,7 @@ def _timed_step(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
         steps: defaultdict[str, StepTime] | None = getattr(_current, "steps", None)
         if steps is None:
             return function(*args, **kwargs)
-        wall, cpu = time.perf_counter(), time.thread_time()
+        wall, cpu, (waits, preempted) = time.perf_counter(), time.thread_time(), _switches()
         try:
             return function(*args, **kwargs)
         finally:
@@ -85,6 +97,9 @@ def _timed_step(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
             taken.wall += time.perf_counter() - wall
             taken.cpu += time.thread_time() - cpu
             taken.runs += 1
+            waits_after, preempted_after = _switches()
+            taken.waits += waits_after - waits
+            taken.preempted += preempted_after - preempted
 
     return step
 
@@ -113,17 +128,20 @@ class CallTrace:
         self.activity = activity
         self.steps: defaultdict[str, StepTime] = defaultdict(StepTime)
         _current.steps = self.steps
-        self.wall, self.cpu = time.perf_counter(), time.thread_time()
+        self.wall, self.cpu, self.switches = time.perf_counter(), time.thread_time(), _switches()
 
     def end(self) -> None:
         wall, cpu = time.perf_counter() - self.wall, time.thread_time() - self.cpu
+        (waits, preempted), (waits_before, preempted_before) = _switches(), self.switches
         _current.steps = None
         line = {
             "activity": self.activity,
             "wall": wall,
             "cpu": cpu,
+            "waits": waits - waits_before,
+            "preempted": preempted - preempted_before,
             "at": time.time(),
-            "steps": {name: [step.wall, step.cpu, step.runs] for name, step in self.steps.items()},
+            "steps": {name: dataclasses.astuple(step) for name, step in self.steps.items()},
         }
         with open(os.path.join(self.directory, f"calls-{os.getpid()}.jsonl"), "a") as file:
             file.write(json.dumps(line) + "\n")

@@ -45,7 +45,7 @@ from fedckpt.runtime.staging import PREFIX, SHM_DIR, shared_memory_available
 from fedckpt.runtime.writer.io import SaveIO, transportable
 from fedckpt.runtime.writer.metrics import WriterMetrics
 from fedckpt.runtime.writer.node_writer import NodeWriters
-from fedckpt.runtime.writer.process import fedckpt_version, run_as_batch_work, shared_counter, wait_for_job_end
+from fedckpt.runtime.writer.process import fedckpt_version, run_as_background_work, shared_counter, wait_for_job_end
 from fedckpt.runtime.writer.queue import KeyQueue, KeyQueues, QueuedSave
 from fedckpt.runtime.writer.recovery import LostSaves
 
@@ -61,7 +61,7 @@ class CheckpointWriter:
     """Ray actor body; see :func:`writer_actor_class` for the options it runs with."""
 
     def __init__(self, index: int, shape: PoolShape) -> None:
-        run_as_batch_work()
+        run_as_background_work()
         self.shape = shape
         self.version = fedckpt_version()
         self._watching_job: asyncio.Task | None = None

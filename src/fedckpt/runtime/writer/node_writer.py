@@ -24,7 +24,7 @@ from fedckpt.runtime.shards import shard_of
 from fedckpt.runtime.staging import PREFIX, SHM_DIR
 from fedckpt.runtime.writer.io import SaveIO, WriteOutcome, transportable
 from fedckpt.runtime.writer.metrics import WriterMetrics
-from fedckpt.runtime.writer.process import actor_options, run_as_batch_work, wait_for_job_end
+from fedckpt.runtime.writer.process import actor_options, run_as_background_work, wait_for_job_end
 from fedckpt.runtime.writer.queue import QueuedSave
 from fedckpt.storage.base import storage_for
 
@@ -51,7 +51,7 @@ class NodeWriter:
     """Ray actor body; see :func:`node_writer_actor_class` for the options it runs with."""
 
     def __init__(self, node_id: str, index: int, shape: PoolShape) -> None:
-        run_as_batch_work()
+        run_as_background_work()
         self.node_id = ray.get_runtime_context().get_node_id()
         assert self.node_id == node_id, f"node writer for {node_id} started on {self.node_id}"
         self.shape = shape

@@ -18,17 +18,25 @@ from fedckpt.runtime.writer.incarnation import CLOCK_OFFSET_FILE_ENV
 log = logging.getLogger("fedckpt.writer")
 
 
-def run_as_batch_work() -> None:
-    """Every thread of this process (Linux): the scheduler does not let a writer woken by a save
-    preempt the training that sent it; it still gets its fair share of the CPU."""
-    with contextlib.suppress(OSError, AttributeError):
-        for thread_id in os.listdir("/proc/self/task"):
-            os.sched_setscheduler(int(thread_id), os.SCHED_BATCH, os.sched_param(0))
+def run_as_background_work() -> None:
+    """Every thread of this process, and those it starts later (Linux): ``SCHED_IDLE``, so that the
+    writer runs on CPU time training leaves over, and never preempts a caller in a save.
+
+    Ray starts its workers at nice 15, training's included, so a writer niced further still shared
+    the CPU with training at about 1:2.4 (nice 19's weight against nice 15's), and its wake-ups cut
+    into callers' saves. Where ``SCHED_IDLE`` is refused, ``SCHED_BATCH``: no wake-up preemption."""
+    for policy in (os.SCHED_IDLE, os.SCHED_BATCH):
+        try:
+            for thread_id in os.listdir("/proc/self/task"):
+                os.sched_setscheduler(int(thread_id), policy, os.sched_param(0))
+        except (OSError, AttributeError):
+            continue
+        return
 
 
 def lower_priority() -> None:
-    """Run background I/O at a lower CPU priority (Linux: per thread), so that on a busy node
-    training and this actor's own answers come first."""
+    """Run background I/O at a lower CPU priority (Linux: per thread), for where the policy of
+    :func:`run_as_background_work` is ``SCHED_BATCH``."""
     with contextlib.suppress(OSError):
         os.nice(10)
 
