@@ -79,7 +79,9 @@ def actor_options(namespace: str, name: str) -> dict[str, Any]:
 
 
 def _writer_env() -> dict[str, str]:
-    env = {"FEDCKPT_WRITER_PROCESS": "1"}
+    # Ray's workers start at nice 15 (RayConfig's worker_niceness), training's included: the writer's
+    # own start (imports, connecting) runs below them, until it switches to run_as_background_work.
+    env = {"FEDCKPT_WRITER_PROCESS": "1", "RAY_worker_niceness": "19"}
     if CLOCK_OFFSET_FILE_ENV in os.environ:  # fault injection (tests): a node whose clock is off
         env[CLOCK_OFFSET_FILE_ENV] = os.environ[CLOCK_OFFSET_FILE_ENV]
     return env
