@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from fedckpt.storage import manifest
-from fedckpt.storage.atomic import claim_temp, discard_temp
+from fedckpt.storage.atomic import claim_temp, discard_temp, read_small_file, write_small_file
 from fedckpt.storage.checksum import checksum_of_file
 from fedckpt.storage.paths import Location
 
@@ -95,9 +95,8 @@ class ContentIndex:
             with self._lock:
                 return self._memory.get(checksum)
         try:
-            with open(self._entry(checksum), encoding="utf-8") as file:
-                return file.read() or None
-        except OSError:
+            return read_small_file(self._entry(checksum)).decode() or None
+        except (OSError, UnicodeDecodeError):
             return None
 
     def record(self, checksum: str, path: str) -> None:
@@ -112,8 +111,7 @@ class ContentIndex:
         entry = self._entry(checksum)
         temp = f"{entry}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
-            with open(temp, "w", encoding="utf-8") as file:
-                file.write(path)
+            write_small_file(temp, path.encode(), os.O_CREAT | os.O_TRUNC)
             os.replace(temp, entry)
         except OSError:  # a full tmpfs: deduplication is an optimization, never a failure
             with contextlib.suppress(OSError):

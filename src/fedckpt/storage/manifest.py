@@ -31,7 +31,15 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from fedckpt.storage.atomic import fsync_path, publish, remove_quietly, write_durable_temp
+from fedckpt.storage.atomic import (
+    fsync_path,
+    make_directory,
+    publish,
+    read_small_file,
+    remove_quietly,
+    write_durable_temp,
+    write_small_file,
+)
 from fedckpt.storage.checksum import file_matches
 from fedckpt.storage.paths import CONTROL_DIR, ENTRY_SUFFIX, Location
 
@@ -91,11 +99,7 @@ def entry_location(checkpoint_path: str) -> str:
 
 
 def _write_json(path: str, text: str) -> str:
-    def write(temp: str) -> None:
-        with open(temp, "w", encoding="utf-8") as file:
-            file.write(text)
-
-    return write_durable_temp(path, write)[0]
+    return write_durable_temp(path, lambda temp: write_small_file(temp, text.encode()))[0]
 
 
 def stage_entry(checkpoint_path: str, entry: ManifestEntry) -> str:
@@ -140,7 +144,7 @@ def publishing_lock(checkpoint_path: str, reading: bool = False) -> Iterator[Non
     # publishing a checkpoint while another links to it) take a lock of this process first.
     with _THREAD_LOCKS[hash(lock) % len(_THREAD_LOCKS)]:
         try:
-            os.makedirs(os.path.dirname(lock), exist_ok=True)
+            make_directory(os.path.dirname(lock))
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:  # a read-only copy of the checkpoints: nobody publishes there
             yield
@@ -221,8 +225,7 @@ def read_entry_locked(checkpoint_path: str) -> ManifestEntry | None:
 
 
 def _read_text(path: str) -> str:
-    with open(path, encoding="utf-8") as file:
-        return file.read()
+    return read_small_file(path).decode()
 
 
 def iter_entries(root: str) -> Iterator[tuple[str, ManifestEntry]]:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import random
 import re
 import socket
-import uuid
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -174,7 +174,12 @@ def entry_path(checkpoint_path: str) -> str:
 
 def temp_owner() -> str:
     """``<host>-<pid>`` of this process: the part of a temp file's name that tells whose it is."""
-    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+    return f"{_host_name()}-{os.getpid()}"
+
+
+@functools.cache
+def _host_name() -> str:
+    return socket.gethostname().replace(".", "_")
 
 
 def temp_path(final_path: str) -> str:
@@ -186,7 +191,9 @@ def temp_path(final_path: str) -> str:
     """
     final = Location.of(final_path)
     final.local_path("fedckpt.storage.paths.temp_path")
-    name = f"{final.name}.{temp_owner()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+    # 48 random bits from the random module, without a system call (unlike uuid4): enough among one
+    # process's temp files. The module reseeds itself in a forked child.
+    name = f"{final.name}.{temp_owner()}.{random.getrandbits(48):012x}{TEMP_SUFFIX}"
     return str(final.control_dir.join(TEMP_DIR, name))
 
 

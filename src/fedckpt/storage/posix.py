@@ -13,7 +13,15 @@ from typing import Any, BinaryIO
 
 from fedckpt import retention
 from fedckpt.storage import manifest
-from fedckpt.storage.atomic import claim_temp, discard_temp, fsync_path, publish, remove_quietly, write_durable_temp
+from fedckpt.storage.atomic import (
+    claim_temp,
+    discard_temp,
+    fsync_path,
+    make_directory,
+    publish,
+    remove_quietly,
+    write_durable_temp,
+)
 from fedckpt.storage.base import Persisted, RoundVersion, SaveTarget, Storage, T, VerifyReport, VersionListing
 from fedckpt.storage.checksum import file_matches
 from fedckpt.storage.dedup import ContentIndex, link_identical
@@ -32,7 +40,7 @@ class PosixStorage(Storage):
 
     def make_version(self, path: str, sequence: tuple[int, int], version_path: str, freed_bytes: int) -> bool:
         temp = temp_path(version_path)
-        os.makedirs(os.path.dirname(temp), exist_ok=True)
+        make_directory(os.path.dirname(temp))
         with manifest.publishing_lock(path):  # the link names exactly the version its entry records
             entry = manifest.read_entry_locked(path)
             if entry is None or tuple(entry.sequence) != tuple(sequence):
@@ -151,7 +159,7 @@ def persist_checkpoint(
     those the fsspec backend).
     """
     path = Location.of(path).local_path("fedckpt.storage.posix.persist_checkpoint")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    make_directory(os.path.dirname(path))
     file = lay_out(kind, layout, data)
     if content_index is None:
         temp, _ = write_durable_temp(path, lambda target: write_laid_out(file, target))
