@@ -48,7 +48,7 @@ def test_each_call_is_traced_with_the_steps_it_ran_and_their_times(tmp_path):
     expected_steps = {
         "post_aggregation": {"snapshot_model", "Coordinator.save"},
         "save_state": {"PerRoundStateCheckpointer.snapshot_checkpoint", "Coordinator.save"},
-        "restore": {"read_checkpoint", "Optimizer.load_state_dict"},
+        "restore": {"read_state_checkpoint", "Optimizer.load_state_dict"},
     }
     for activity, steps in expected_steps.items():
         call = calls[activity]

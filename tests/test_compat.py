@@ -426,6 +426,32 @@ def test_fake_mode_active_only_inside_a_fake_tensor_mode():
     assert not _compat.fake_mode_active()
 
 
+@canary("torch._C._len_torch_dispatch_stack")
+def test_a_fake_mode_is_on_the_dispatch_stack():
+    """fake_mode_active's shortcut: with nothing on the dispatch stack there is no fake mode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert torch._C._len_torch_dispatch_stack() == 0
+    with FakeTensorMode():
+        assert torch._C._len_torch_dispatch_stack() >= 1
+        assert _compat.fake_mode_active()
+    assert torch._C._len_torch_dispatch_stack() == 0
+
+
+@canary("torch._guards.TracingContext.try_get")
+def test_a_tracing_contexts_fake_mode_is_seen_with_an_empty_dispatch_stack():
+    """Dynamo's tracing context carries its fake mode without pushing it: the shortcut asks it too."""
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert TracingContext.try_get() is None
+    with tracing(TracingContext(FakeTensorMode())):
+        assert torch._C._len_torch_dispatch_stack() == 0
+        assert TracingContext.try_get() is not None
+        assert _compat.fake_mode_active()
+    assert not _compat.fake_mode_active()
+
+
 def _pickled_state(module: nn.Module) -> dict[str, Any]:
     state: dict[str, Any] = module.__getstate__()
     return state

@@ -160,8 +160,8 @@ class PerRoundStateCheckpointer:
             path = self.kept_rounds.path_of(path, server_round, self.storage_options)
         log.info("Loading state from checkpoint at %s", path)
         try:
-            return reading.read_checkpoint(
-                path, self.storage_options, lambda source, _: reading.read_state(source, mmap, map_location)
+            return reading.read_state_checkpoint(
+                path, self.storage_options, lambda source: reading.read_state(source, mmap, map_location)
             )
         except FileNotFoundError:
             raise FileNotFoundError(f"No state checkpoint at {path}") from None

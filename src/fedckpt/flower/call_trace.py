@@ -42,6 +42,7 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("fedckpt.state", "PerRoundStateCheckpointer.snapshot_checkpoint"),
     ("fedckpt.state", "PerRoundStateCheckpointer.save_snapshot"),
     ("fedckpt.storage.reading", "read_checkpoint"),
+    ("fedckpt.storage.reading", "read_state_checkpoint"),
     ("fedckpt.runtime.coordinator", "Coordinator.save"),
     ("fedckpt.runtime.coordinator", "Coordinator.flush"),
     ("fedckpt.runtime.coordinator", "Coordinator._take_in"),

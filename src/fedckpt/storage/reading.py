@@ -71,6 +71,16 @@ def read_checkpoint(path: str, storage_options: Mapping[str, Any] | None, read: 
     return storage.read_current(path, read_version)
 
 
+def read_state_checkpoint(path: str, storage_options: Mapping[str, Any] | None, read: Callable[[Source], T]) -> T:
+    """:func:`read_checkpoint` for a state, which is a torch zip file whatever its name: its format is
+    not looked up (a local file's first bytes: an open and a read, on every restore)."""
+    storage = storage_for(path, storage_options)
+    local = storage.local_path(path)
+    if local is not None:
+        return read(local)
+    return storage.read_current(path, lambda _entry, file: read(file))
+
+
 # safetensors dtype code -> torch dtype, for every code fedckpt writes.
 _DTYPES = {code: getattr(torch, name) for name, code in SAFETENSORS_CODES.items() if hasattr(torch, name)}
 

@@ -52,15 +52,18 @@ def load_small_state(path: str) -> Any:
 
 
 def _read_all(path: str) -> bytearray:
-    with open(path, "rb", buffering=0) as file:
-        raw = bytearray(os.fstat(file.fileno()).st_size)
+    fd = os.open(path, os.O_RDONLY)  # not open(): its file object costs more than the read, here
+    try:
+        raw = bytearray(os.fstat(fd).st_size)
         with memoryview(raw) as view:
             done = 0
             while done < len(raw):
-                count = file.readinto(view[done:])
+                count = os.readv(fd, [view[done:]])
                 if not count:
                     raise NeedsTorchLoad(f"{path}: shorter than its size")
                 done += count
+    finally:
+        os.close(fd)
     return raw
 
 
