@@ -45,8 +45,9 @@ def read_small_file(path: str) -> bytes:
 
 
 def write_small_file(path: str, data: bytes, flags: int = os.O_TRUNC) -> None:
-    """Write ``data`` as the whole of file ``path`` (``flags``: ``os.O_CREAT | os.O_EXCL`` for a new
-    one; by default an existing one, emptied first)."""
+    """Write ``data`` as the whole of file ``path``, with none of ``open()``'s set-up. ``flags`` are
+    added to ``os.O_WRONLY``: by default the file exists and is emptied first (``os.O_CREAT`` makes
+    it where it does not)."""
     fd = os.open(path, os.O_WRONLY | flags, 0o644)
     try:
         view = memoryview(data)
