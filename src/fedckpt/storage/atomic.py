@@ -9,6 +9,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -21,14 +22,15 @@ _swept_dirs: set[str] = set()  # temp directories this process already cleaned
 
 
 def make_directory(path: str) -> None:
-    """``os.makedirs(path, exist_ok=True)``, in one system call where it exists (a writer's every save
-    after a checkpoint's first). A file by that name is left to fail the open that follows."""
+    """``os.makedirs(path, exist_ok=True)``, in one system call where the directory exists (a writer's
+    every save after a checkpoint's first): a ``FileExistsError`` where a file has its name."""
     try:
-        os.mkdir(path)
-    except FileExistsError:
-        return
+        if stat.S_ISDIR(os.stat(path).st_mode):
+            return
     except FileNotFoundError:
         os.makedirs(path, exist_ok=True)
+        return
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
 
 
 def read_small_file(path: str) -> bytes:
