@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "flower_app"))
 import compare  # noqa: E402
 
-from fedckpt.flower.call_trace import TRACE_ENV, read_calls  # noqa: E402
+from fedckpt.flower.call_trace import TRACE_ENV, StepTime, read_calls  # noqa: E402
 
 
 def breakdown(calls: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -41,11 +42,12 @@ def breakdown(calls: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         by_activity[call["activity"]].append(call)
     summary = {}
     for activity, group in sorted(by_activity.items()):
-        steps: defaultdict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0, 0])
+        steps: defaultdict[str, StepTime] = defaultdict(StepTime)
         for call in group:
-            for name, (wall, cpu, _, waits, preempted) in call["steps"].items():
-                for index, figure in enumerate((wall, cpu, waits, preempted)):
-                    steps[name][index] += figure
+            for name, figures in call["steps"].items():
+                steps[name] = StepTime(
+                    *(mine + theirs for mine, theirs in zip(astuple(steps[name]), figures, strict=True))
+                )
         count = len(group)
         summary[activity] = {
             "calls": count,
@@ -56,12 +58,12 @@ def breakdown(calls: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "preempted": statistics.mean(call["preempted"] for call in group),
             "steps": {
                 name: {
-                    "wall_ms": 1e3 * wall / count,
-                    "cpu_ms": 1e3 * cpu / count,
-                    "waits": waits / count,
-                    "preempted": preempted / count,
+                    "wall_ms": 1e3 * step.wall / count,
+                    "cpu_ms": 1e3 * step.cpu / count,
+                    "waits": step.waits / count,
+                    "preempted": step.preempted / count,
                 }
-                for name, (wall, cpu, waits, preempted) in sorted(steps.items(), key=lambda item: -item[1][0])
+                for name, step in sorted(steps.items(), key=lambda item: -item[1].wall)
             },
         }
     return summary

@@ -59,26 +59,33 @@ def read_checkpoint(path: str, storage_options: Mapping[str, Any] | None, read: 
     """``read(source, format)`` of checkpoint ``path``'s current version, its format one of ``module``,
     ``state`` or ``unknown``. ``FileNotFoundError`` if it has none. On an object store ``read`` may
     run again, on a newer version, if the one it was reading was deleted under it."""
-    storage = storage_for(path, storage_options)
-    local = storage.local_path(path)
-    if local is not None:
-        return read(local, formats.file_format(local))
 
     def read_version(entry: Any, file: BinaryIO) -> T:
         assert entry is not None  # a version on an object store is always named by its entry
         return read(file, entry.format)
 
-    return storage.read_current(path, read_version)
+    return _read_current(path, storage_options, lambda local: read(local, formats.file_format(local)), read_version)
 
 
 def read_state_checkpoint(path: str, storage_options: Mapping[str, Any] | None, read: Callable[[Source], T]) -> T:
     """:func:`read_checkpoint` for a state, which is a torch zip file whatever its name: its format is
     not looked up (a local file's first bytes: an open and a read, on every restore)."""
+    return _read_current(path, storage_options, read, lambda _entry, file: read(file))
+
+
+def _read_current(
+    path: str,
+    storage_options: Mapping[str, Any] | None,
+    read_local: Callable[[str], T],
+    read_version: Callable[[Any, BinaryIO], T],
+) -> T:
+    """``read_local`` of a local file's path, else ``read_version`` of the object store's current
+    version (its entry and an open file)."""
     storage = storage_for(path, storage_options)
     local = storage.local_path(path)
     if local is not None:
-        return read(local)
-    return storage.read_current(path, lambda _entry, file: read(file))
+        return read_local(local)
+    return storage.read_current(path, read_version)
 
 
 # safetensors dtype code -> torch dtype, for every code fedckpt writes.

@@ -28,7 +28,8 @@ def run_as_background_work() -> None:
     for policy in (os.SCHED_IDLE, os.SCHED_BATCH):
         try:
             for thread_id in os.listdir("/proc/self/task"):
-                os.sched_setscheduler(int(thread_id), policy, os.sched_param(0))
+                with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                    os.sched_setscheduler(int(thread_id), policy, os.sched_param(0))
         except (OSError, AttributeError):
             continue
         return
