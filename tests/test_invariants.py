@@ -268,6 +268,46 @@ def test_failed_save_raises_at_next_call_flush_and_load_then_recovers(runtime, t
     assert before.keys() == recovered.state_dict().keys()
 
 
+def writer_waits_answered() -> int:
+    return sum(stats.waits_answered for stats in lifecycle.coordinator().writer_stats())
+
+
+def test_a_load_of_a_written_state_asks_no_writer_and_still_sees_a_newer_save(runtime, tmp_path):
+    """A restore a round after its save: the counters show every save of its key written, so the
+    load reads at once; a save issued after that is still waited for."""
+    checkpointer = PerRoundStateCheckpointer(tmp_path)
+    checkpointer.save_checkpoint("state.pt", {"round": 1, "w": torch.ones(4)})
+    checkpointer.flush()
+    waits, waited = writer_waits_answered(), fedckpt.stats().waited_seconds
+    for _ in range(3):
+        assert checkpointer.load_checkpoint("state.pt")["round"] == 1
+    assert writer_waits_answered() == waits
+    assert fedckpt.stats().waited_seconds == waited
+
+    checkpointer.save_checkpoint("state.pt", {"round": 2, "w": torch.full((4,), 2.0)})
+    state = checkpointer.load_checkpoint("state.pt")  # read-your-writes: the pending save first
+    assert state["round"] == 2 and torch.all(state["w"] == 2.0)
+
+
+def test_a_load_raises_a_failure_whose_notice_came_in_before_it(runtime, tmp_path):
+    directory = tmp_path / "checkpoints"
+    checkpointer = PerRoundStateCheckpointer(str(directory))
+    checkpointer.save_checkpoint("state.pt", {"round": 1})
+    checkpointer.flush()
+    shutil.rmtree(directory)
+    directory.write_text("a file where the checkpoint directory was")
+    coordinator = lifecycle.coordinator()
+    failed_before = sum(stats.failed for stats in coordinator.writer_stats())
+    checkpointer.save_checkpoint("state.pt", {"round": 2})
+    deadline = time.monotonic() + 60
+    while sum(stats.failed for stats in coordinator.writer_stats()) == failed_before:
+        assert time.monotonic() < deadline, "the save into a file-for-a-directory never failed"
+        time.sleep(0.01)
+    with pytest.raises(CheckpointError, match="state.pt") as raised:
+        checkpointer.load_checkpoint("state.pt")
+    assert isinstance(raised.value.__cause__, OSError)
+
+
 def test_failure_does_not_touch_the_last_good_version(runtime, tmp_path):
     checkpointer = PerRoundStateCheckpointer(tmp_path)
     checkpointer.save_checkpoint("state.pt", {"round": 1})

@@ -317,7 +317,35 @@ class Coordinator:
 
     def wait_readable(self, *keys: str) -> None:
         """Block until every save of ``keys`` issued before now (from any process) is on disk."""
-        self.flush(keys)
+        if not self._readable_now(keys):
+            self.flush(keys)
+
+    def _readable_now(self, keys: tuple[str, ...]) -> bool:
+        """Whether :meth:`wait_readable` has nothing to wait for or report, known without a flush (a
+        Flower client's restore, a round after its save): this process's saves of ``keys`` are all
+        durable (after taking in the notices that arrived), and the counters of their homes on this
+        node show every save of them numbered so far written, with no error held."""
+        pool = self._pool
+        if (
+            pool is None
+            or pool.stopped is not None
+            or pool.generation != ray_session.generation
+            or not ray.is_initialized()
+            or self._background_start.busy
+            or self._completions.busy
+        ):
+            return False
+        try:
+            self._take_in()
+        except WriterGone:
+            return False
+        selected = set(keys)
+        if not self._inflight.settled(selected):
+            return False
+        homes: defaultdict[int, list[str]] = defaultdict(list)
+        for key in selected:
+            homes[pool.owner_of(key)].append(key)
+        return all(self._transport.written(pool, index, group) for index, group in homes.items())
 
     def flush(self, keys: Iterable[str] | None = None, timeout: float | None = None) -> None:
         """Wait until saves issued before now are on storage: of ``keys``, or every one, by any

@@ -256,6 +256,13 @@ class InflightSaves:
         with self._lock:
             return [r for r in self._records.values() if keys is None or r.key in keys]
 
+    def settled(self, keys: set[str]) -> bool:
+        """Whether every save of ``keys`` this process made is finished, with no failure unreported."""
+        with self._lock:
+            return not any(key in self._failed for key in keys) and not any(
+                record.key in keys for record in self._records.values()
+            )
+
     def lost_records(self, writer: int | None = None) -> list[SaveRecord]:
         """Saves lost with their writer (of ``writer``, or any), to send again."""
         with self._lock:

@@ -267,12 +267,18 @@ class Transport:
         """Wait until writer ``index`` wrote every save of ``keys`` (None: all) issued before now,
         by any process; returns (and clears) their errors."""
         if self.route(pool, index) is Route.CHANNEL:
-            if pool.infos[index].counter_path is not None:
-                counter = self._counter(pool, index)
-                if counter.quiet() or (keys is not None and counter.keys_quiet(keys)):
-                    return {}  # every save (of the keys) numbered so far is written, and no error is held
+            if self.written(pool, index, keys):
+                return {}
             return self.channel(pool, index).call(partial(WaitCall, keys=keys), timeout)
         return ray.get(pool.handles[index].flush.remote(keys), timeout=timeout)
+
+    def written(self, pool: WriterPool, index: int, keys: list[str] | None) -> bool:
+        """Whether writer ``index``, on this node, wrote every save (of ``keys``) numbered so far and
+        holds no error: its counter says so without a round trip (False: ask the writer)."""
+        if pool.infos[index].counter_path is None or self.route(pool, index) is not Route.CHANNEL:
+            return False
+        counter = self._counter(pool, index)
+        return counter.quiet() or (keys is not None and counter.keys_quiet(keys))
 
     def close_channels(self) -> None:
         """Close every channel (the pool is gone, or Ray was replaced: so may be this node's id)."""
