@@ -11,6 +11,13 @@ step it ran (a step includes the steps it calls). Wall minus CPU is time the cal
 ``waits`` is how often per call it slept (a lock, an answer), ``preempted`` how often the scheduler
 gave its CPU to another thread (on 2 busy cores, mostly to the nice-0 processes of Flower and Ray:
 Ray runs its workers, the clients included, at nice 15).
+
+A last table gives each call's total wall time in both modes, and what fedckpt's would be if its
+runtime cost nothing beyond the copy into staging: each save's ``Coordinator.save`` less its
+``Transport.stage``, and a restore's ``wait_until_readable``, taken out. What is left is the
+snapshot (the pickled structure and the byte views), the copy, the restore's read and
+``load_state_dict``, the server's round commit, and the preemptions that come with them: the least
+this design can block for, however lean its bookkeeping.
 """
 
 from __future__ import annotations
@@ -92,6 +99,48 @@ def table(mode: str, summary: dict[str, dict[str, Any]]) -> Table:
     return result
 
 
+# What each call would cost if fedckpt's runtime cost only the copy: steps taken out of a call's wall
+# time (less the step kept inside them).
+RUNTIME_STEPS = {"Coordinator.save": "Transport.stage", "wait_until_readable": None}
+
+
+def runtime_free(figures: dict[str, Any]) -> float:
+    """A call's mean wall time (ms) less its runtime steps but the copy (see RUNTIME_STEPS)."""
+    steps = figures["steps"]
+    wall = figures["wall_mean_ms"]
+    for step, kept in RUNTIME_STEPS.items():
+        if step in steps:
+            wall -= steps[step]["wall_ms"] - (steps[kept]["wall_ms"] if kept in steps else 0.0)
+    return wall
+
+
+def floor_table(fedckpt: dict[str, dict[str, Any]], sync: dict[str, dict[str, Any]]) -> Table:
+    """Each call's total wall time (ms, over every call of the runs) in both modes, and fedckpt's with
+    a runtime that cost only its copy."""
+    result = Table(title="total wall time per call (ms): fedckpt with a runtime that costs only the copy",
+                   title_justify="left")  # fmt: skip
+    for column in ("call", "sync", "fedckpt", "fedckpt / sync", "runtime free", "runtime free / sync"):
+        result.add_column(column, justify="left" if column == "call" else "right")
+    totals = [0.0, 0.0, 0.0]
+    for activity in sorted(fedckpt.keys() | sync.keys()):
+        mine, theirs = fedckpt.get(activity), sync.get(activity)
+        row = [
+            theirs["wall_mean_ms"] * theirs["calls"] if theirs else 0.0,
+            mine["wall_mean_ms"] * mine["calls"] if mine else 0.0,
+            runtime_free(mine) * mine["calls"] if mine else 0.0,
+        ]
+        totals = [total + value for total, value in zip(totals, row, strict=True)]
+        result.add_row(activity, *(f"{value:.1f}" for value in row[:2]), ratio(row[1], row[0]), f"{row[2]:.1f}",
+                       ratio(row[2], row[0]))  # fmt: skip
+    result.add_row("[bold]all", *(f"{value:.1f}" for value in totals[:2]), ratio(totals[1], totals[0]),
+                   f"{totals[2]:.1f}", ratio(totals[2], totals[0]))  # fmt: skip
+    return result
+
+
+def ratio(value: float, baseline: float) -> str:
+    return f"{value / baseline:.2f}x" if baseline else "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = compare.argument_parser()
     parser.description = __doc__
@@ -115,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         spans = [(start, end) for run_mode, start, end in runs if run_mode == mode]
         result[mode] = breakdown([call for call in calls if any(start <= call["at"] <= end for start, end in spans)])
         console.print(table(mode, result[mode]))
+    console.print(floor_table(result["fedckpt"], result["sync"]))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
