@@ -7,6 +7,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -224,6 +225,18 @@ def test_a_script_that_exits_without_flush_loses_nothing(tmp_path):
 # 5. No silent loss: errors surface, and saving recovers -------------------------------------------
 
 
+def save_and_wait_until_it_failed(save: Callable[[], None]) -> None:
+    """Make a save that will fail (its directory is a file), and poll the writers' counters (another
+    process's view: no call of this process's) until a writer counted it failed."""
+    coordinator = lifecycle.coordinator()
+    failed_before = sum(stats.failed for stats in coordinator.writer_stats())
+    save()
+    deadline = time.monotonic() + 60
+    while sum(stats.failed for stats in coordinator.writer_stats()) == failed_before:
+        assert time.monotonic() < deadline, "the save into a file-for-a-directory never failed"
+        time.sleep(0.01)
+
+
 def test_failed_save_raises_at_next_call_flush_and_load_then_recovers(runtime, tmp_path):
     directory = tmp_path / "checkpoints"
     checkpointer = LatestTorchModuleCheckpointer(str(directory), "model.pt")
@@ -236,13 +249,7 @@ def test_failed_save_raises_at_next_call_flush_and_load_then_recovers(runtime, t
     directory.write_text("a file where the checkpoint directory was")
 
     # Next call: the background failure of the first save surfaces there (once it has happened).
-    coordinator = lifecycle.coordinator()
-    failed_before = sum(stats.failed for stats in coordinator.writer_stats())
-    checkpointer.maybe_checkpoint(make_model(2), 0.0, {})
-    deadline = time.monotonic() + 60
-    while sum(stats.failed for stats in coordinator.writer_stats()) == failed_before:
-        assert time.monotonic() < deadline, "the save into a file-for-a-directory never failed"
-        time.sleep(0.01)
+    save_and_wait_until_it_failed(lambda: checkpointer.maybe_checkpoint(make_model(2), 0.0, {}))
     with pytest.raises(CheckpointError, match="model.pt") as raised:
         checkpointer.maybe_checkpoint(make_model(3), 0.0, {})
     assert isinstance(raised.value.__cause__, OSError)
@@ -289,20 +296,14 @@ def test_a_load_of_a_written_state_asks_no_writer_and_still_sees_a_newer_save(ru
     assert state["round"] == 2 and torch.all(state["w"] == 2.0)
 
 
-def test_a_load_raises_a_failure_whose_notice_came_in_before_it(runtime, tmp_path):
+def test_a_load_after_a_save_failed_in_the_background_raises_its_error(runtime, tmp_path):
     directory = tmp_path / "checkpoints"
     checkpointer = PerRoundStateCheckpointer(str(directory))
     checkpointer.save_checkpoint("state.pt", {"round": 1})
     checkpointer.flush()
     shutil.rmtree(directory)
     directory.write_text("a file where the checkpoint directory was")
-    coordinator = lifecycle.coordinator()
-    failed_before = sum(stats.failed for stats in coordinator.writer_stats())
-    checkpointer.save_checkpoint("state.pt", {"round": 2})
-    deadline = time.monotonic() + 60
-    while sum(stats.failed for stats in coordinator.writer_stats()) == failed_before:
-        assert time.monotonic() < deadline, "the save into a file-for-a-directory never failed"
-        time.sleep(0.01)
+    save_and_wait_until_it_failed(lambda: checkpointer.save_checkpoint("state.pt", {"round": 2}))
     with pytest.raises(CheckpointError, match="state.pt") as raised:
         checkpointer.load_checkpoint("state.pt")
     assert isinstance(raised.value.__cause__, OSError)

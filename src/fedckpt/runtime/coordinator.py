@@ -16,7 +16,6 @@ import atexit
 import logging
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterable
 from functools import partial
 from typing import Any
@@ -77,9 +76,8 @@ class Coordinator:
 
     def pool(self, create: bool = True) -> WriterPool | None:
         """The writer pool; created (or joined) on first use. With ``create=False``, None if there is none."""
-        pool = self._pool
-        current = pool is not None and pool.stopped is None and pool.generation == ray_session.generation
-        if current and ray.is_initialized():
+        pool = self._current_pool()
+        if pool is not None:
             return pool
         with self._pool_lock:
             if self._pool is not None and self._pool.stopped is not None:
@@ -99,6 +97,12 @@ class Coordinator:
                     self._watcher.start()
                     self._exit_hooks()  # again after any ray.init: it runs before Ray's own exit hook
             return self._pool
+
+    def _current_pool(self) -> WriterPool | None:
+        """The pool joined, if it is still the one to use: not stopped, and of the Ray instance there is now."""
+        pool = self._pool
+        current = pool is not None and pool.stopped is None and pool.generation == ray_session.generation
+        return pool if current and ray.is_initialized() else None
 
     def writers(self, create: bool = True) -> list[Any] | None:
         """The writer actors' handles (None without a pool and ``create=False``)."""
@@ -325,27 +329,16 @@ class Coordinator:
         Flower client's restore, a round after its save): this process's saves of ``keys`` are all
         durable (after taking in the notices that arrived), and the counters of their homes on this
         node show every save of them numbered so far written, with no error held."""
-        pool = self._pool
-        if (
-            pool is None
-            or pool.stopped is not None
-            or pool.generation != ray_session.generation
-            or not ray.is_initialized()
-            or self._background_start.busy
-            or self._completions.busy
-        ):
+        pool = self._current_pool()
+        if pool is None or self._background_start.busy or self._completions.busy:
             return False
         try:
             self._take_in()
         except WriterGone:
             return False
-        selected = set(keys)
-        if not self._inflight.settled(selected):
+        if not self._inflight.settled(set(keys)):
             return False
-        homes: defaultdict[int, list[str]] = defaultdict(list)
-        for key in selected:
-            homes[pool.owner_of(key)].append(key)
-        return all(self._transport.written(pool, index, group) for index, group in homes.items())
+        return all(self._transport.written(pool, index, group) for index, group in pool.keys_by_home(keys).items())
 
     def flush(self, keys: Iterable[str] | None = None, timeout: float | None = None) -> None:
         """Wait until saves issued before now are on storage: of ``keys``, or every one, by any
@@ -403,12 +396,9 @@ class Coordinator:
     ) -> dict[str, BaseException]:
         self._take_in()
         self._delivery.resend_lost(None, deadline)  # a writer must hold a save to wait for it
-        if selected is None:
-            groups: dict[int, list[str] | None] = dict.fromkeys(range(pool.size))
-        else:
-            groups = defaultdict(list)
-            for key in sorted(selected):
-                groups[pool.owner_of(key)].append(key)  # type: ignore[union-attr]
+        groups: dict[int, list[str] | None] = (
+            dict.fromkeys(range(pool.size)) if selected is None else dict(pool.keys_by_home(selected))
+        )
         errors: dict[str, BaseException] = {}
         for index, group in groups.items():  # every process's saves issued before now
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 import ray
@@ -63,6 +64,13 @@ class WriterPool:
 
     def owner_of(self, key: str) -> int:
         return shard_of(key, self.size)
+
+    def keys_by_home(self, keys: Iterable[str]) -> dict[int, list[str]]:
+        """``keys`` grouped by the index of their home, each group sorted."""
+        homes: dict[int, list[str]] = {}
+        for key in sorted(keys):
+            homes.setdefault(self.owner_of(key), []).append(key)
+        return homes
 
     @classmethod
     def create(cls, settings: Settings) -> WriterPool:
